@@ -1,0 +1,47 @@
+"""lorafair: exact, factored server-side aggregation for federated LoRA fine-tuning.
+
+The whole API: the aggregators in :mod:`lorafair.aggregate`, the diagnostics in
+:mod:`lorafair.metrics`, the types and errors below. Property-testing helpers live in
+:mod:`lorafair.testing` (needs the ``test`` extra for its Hypothesis strategies).
+"""
+
+from lorafair.aggregate import fedit, ffa_lora, flexlora, flora
+from lorafair.errors import (
+    DeviceMismatchError,
+    DtypeMismatchError,
+    EmptyClientsError,
+    FrozenAMismatchError,
+    InvalidWeightsError,
+    LayerKeyError,
+    LoRAFairError,
+    LoRAShapeError,
+    NonFiniteError,
+)
+from lorafair.metrics import BiasReport, aggregation_bias, ideal_update
+from lorafair.types import ClientFactors, Clients, LoRAFactors, Weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BiasReport",
+    "ClientFactors",
+    "Clients",
+    "DeviceMismatchError",
+    "DtypeMismatchError",
+    "EmptyClientsError",
+    "FrozenAMismatchError",
+    "InvalidWeightsError",
+    "LayerKeyError",
+    "LoRAFactors",
+    "LoRAFairError",
+    "LoRAShapeError",
+    "NonFiniteError",
+    "Weights",
+    "__version__",
+    "aggregation_bias",
+    "fedit",
+    "ffa_lora",
+    "flexlora",
+    "flora",
+    "ideal_update",
+]

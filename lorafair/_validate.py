@@ -1,0 +1,265 @@
+"""Boundary validation: each public entry point calls :func:`prepare` once; inner code trusts it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lorafair.errors import (
+    DeviceMismatchError,
+    DtypeMismatchError,
+    EmptyClientsError,
+    InvalidWeightsError,
+    LayerKeyError,
+    LoRAShapeError,
+    NonFiniteError,
+)
+from lorafair.types import ClientFactors, LoRAFactors
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One validated layer: the K clients' factors, all 2-D, finite, same dtype and device."""
+
+    name: str
+    As: tuple[Tensor, ...]
+    Bs: tuple[Tensor, ...]
+
+    @property
+    def d_in(self) -> int:
+        return int(self.As[0].shape[1])
+
+    @property
+    def d_out(self) -> int:
+        return int(self.Bs[0].shape[0])
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return tuple(int(a.shape[0]) for a in self.As)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.As[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.As[0].device
+
+    @property
+    def shape_key(self) -> tuple[object, ...]:
+        """Layers with equal keys can be stacked and solved in one batched computation."""
+        return (self.d_out, self.d_in, self.ranks, self.dtype, self.device)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Validated input: layers in the first client's key order and normalised weights."""
+
+    layers: dict[str, Layer]
+    weights: tuple[float, ...]
+
+    @property
+    def n_clients(self) -> int:
+        return len(self.weights)
+
+
+def normalise_weights(weights: Sequence[float] | None, n_clients: int) -> tuple[float, ...]:
+    """Return ``p_k = w_k / Σ w_j`` as Python floats; ``None`` gives ``1 / K`` each."""
+    if weights is None:
+        return tuple(1.0 / n_clients for _ in range(n_clients))
+    source: object = weights
+    if isinstance(source, Tensor):  # accepted too: a 1-D tensor of weights
+        source = source.detach().reshape(-1).cpu().tolist()
+    try:
+        values = [float(w) for w in source]  # type: ignore[attr-defined]
+    except (TypeError, ValueError) as err:
+        raise InvalidWeightsError(f"weights must be a sequence of numbers: {err}") from None
+    if len(values) != n_clients:
+        raise InvalidWeightsError(f"got {len(values)} weights for {n_clients} clients")
+    for k, w in enumerate(values):
+        if not math.isfinite(w):
+            raise InvalidWeightsError(f"weight of client {k} is {w}; weights must be finite")
+        if w < 0:
+            raise InvalidWeightsError(f"weight of client {k} is {w}; weights must be >= 0")
+    total = math.fsum(values)
+    if total <= 0:
+        raise InvalidWeightsError("all weights are zero; at least one must be positive")
+    return tuple(w / total for w in values)
+
+
+def _as_pair(value: object, name: str, k: int) -> tuple[Tensor, Tensor]:
+    if isinstance(value, Tensor) or not isinstance(value, Sequence) or len(value) != 2:
+        raise LoRAShapeError(
+            f"layer {name!r}: client {k} must give a pair (A, B) of tensors, "
+            f"got {type(value).__name__}"
+        )
+    A, B = value[0], value[1]
+    for label, t in (("A", A), ("B", B)):
+        if not isinstance(t, Tensor):
+            raise LoRAShapeError(
+                f"layer {name!r}: client {k} has {label} of type {type(t).__name__}, "
+                "expected a torch.Tensor"
+            )
+    return A, B
+
+
+def _check_layer(name: str, As: list[Tensor], Bs: list[Tensor], *, equal_ranks: bool) -> None:
+    A0, B0 = As[0], Bs[0]
+    for k, (A, B) in enumerate(zip(As, Bs, strict=True)):
+        for label, t in (("A", A), ("B", B)):
+            if t.ndim != 2:
+                raise LoRAShapeError(
+                    f"layer {name!r}: client {k} has {label} of shape {tuple(t.shape)}; "
+                    f"{label} must be 2-D ({'(r, d_in)' if label == 'A' else '(d_out, r)'})"
+                )
+            if t.dtype not in _FLOAT_DTYPES:
+                raise DtypeMismatchError(
+                    f"layer {name!r}: client {k} has {label} of dtype {t.dtype}; "
+                    "expected float16, bfloat16, float32 or float64"
+                )
+            if t.dtype != A0.dtype:
+                raise DtypeMismatchError(
+                    f"layer {name!r}: client {k} has {label} of dtype {t.dtype} "
+                    f"but client 0 has A of dtype {A0.dtype}"
+                )
+            if t.device != A0.device:
+                raise DeviceMismatchError(
+                    f"layer {name!r}: client {k} has {label} on {t.device} "
+                    f"but client 0 has A on {A0.device}"
+                )
+        if A.shape[0] != B.shape[1]:
+            raise LoRAShapeError(
+                f"layer {name!r}: client {k} has A of shape {tuple(A.shape)} and B of shape "
+                f"{tuple(B.shape)}; A.shape[0] (rank) must equal B.shape[1]"
+            )
+        if A.shape[0] == 0:
+            raise LoRAShapeError(f"layer {name!r}: client {k} has rank 0")
+        if A.shape[1] != A0.shape[1]:
+            raise LoRAShapeError(
+                f"layer {name!r}: client {k} has A of shape {tuple(A.shape)} but client 0 has "
+                f"{tuple(A0.shape)} (d_in differs)"
+            )
+        if B.shape[0] != B0.shape[0]:
+            raise LoRAShapeError(
+                f"layer {name!r}: client {k} has B of shape {tuple(B.shape)} but client 0 has "
+                f"{tuple(B0.shape)} (d_out differs)"
+            )
+        if equal_ranks and A.shape[0] != A0.shape[0]:
+            raise LoRAShapeError(
+                f"layer {name!r}: client {k} has A of shape {tuple(A.shape)} but client 0 has "
+                f"{tuple(A0.shape)}; this aggregator needs equal ranks"
+            )
+
+
+def _check_finite(layers: Mapping[str, Layer]) -> None:
+    """One device-side reduction per layer and a single host sync for the whole input."""
+    flags = []
+    owners: list[tuple[str, int, str]] = []
+    for name, layer in layers.items():
+        for k, (A, B) in enumerate(zip(layer.As, layer.Bs, strict=True)):
+            flags.append(torch.isfinite(A).all())
+            owners.append((name, k, "A"))
+            flags.append(torch.isfinite(B).all())
+            owners.append((name, k, "B"))
+    if not flags:
+        return
+    by_device: dict[torch.device, list[int]] = {}
+    for i, f in enumerate(flags):
+        by_device.setdefault(f.device, []).append(i)
+    ok = [True] * len(flags)
+    for idx in by_device.values():
+        values = torch.stack([flags[i] for i in idx]).cpu().tolist()
+        for i, v in zip(idx, values, strict=True):
+            ok[i] = bool(v)
+    for i, good in enumerate(ok):
+        if not good:
+            name, k, label = owners[i]
+            raise NonFiniteError(f"layer {name!r}: client {k} has NaN or Inf in {label}")
+
+
+def prepare(
+    clients: Sequence[ClientFactors],
+    weights: Sequence[float] | None,
+    *,
+    equal_ranks: bool,
+) -> Prepared:
+    """Validate clients and weights once at the API boundary.
+
+    Checks: at least one client with at least one layer; every client has the same layer names
+    (the first missing or extra one is named); each factor is a 2-D floating tensor, finite;
+    within a layer all factors share dtype and device, ``A_k.shape[0] == B_k.shape[1]``, and
+    ``d_in``/``d_out`` agree across clients (and ranks too when ``equal_ranks``); weights as in
+    :func:`normalise_weights`. Nothing is copied or mutated.
+    """
+    if isinstance(clients, Mapping):
+        raise EmptyClientsError(
+            "clients must be a sequence of per-client mappings, got a single mapping; "
+            "wrap one client as [client]"
+        )
+    clients = list(clients)
+    if not clients:
+        raise EmptyClientsError("no clients to aggregate")
+    for k, c in enumerate(clients):
+        if not isinstance(c, Mapping):
+            raise LayerKeyError(
+                f"client {k} must be a mapping of layer name to (A, B), got {type(c).__name__}"
+            )
+    names = list(clients[0].keys())
+    if not names:
+        raise EmptyClientsError("client 0 has no layers")
+    reference = set(names)
+    for k, c in enumerate(clients[1:], start=1):
+        keys = set(c.keys())
+        if keys != reference:
+            missing = [n for n in names if n not in keys]
+            if missing:
+                raise LayerKeyError(f"client {k} is missing layer {missing[0]!r} (client 0 has it)")
+            extra = sorted(str(n) for n in keys - reference)
+            raise LayerKeyError(f"client {k} has layer {extra[0]!r} that client 0 does not have")
+    p = normalise_weights(weights, len(clients))
+    layers: dict[str, Layer] = {}
+    for name in names:
+        pairs = [_as_pair(c[name], name, k) for k, c in enumerate(clients)]
+        As = [a for a, _ in pairs]
+        Bs = [b for _, b in pairs]
+        _check_layer(name, As, Bs, equal_ranks=equal_ranks)
+        layers[name] = Layer(name, tuple(As), tuple(Bs))
+    _check_finite(layers)
+    return Prepared(layers, p)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every narrower float is accumulated in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def weighted_sum(tensors: Sequence[Tensor], p: Sequence[float], dtype: torch.dtype) -> Tensor:
+    """``Σ p_k T_k`` accumulated in ``dtype`` (a fresh tensor; inputs untouched)."""
+    acc = tensors[0].to(dtype) * p[0]
+    for t, w in zip(tensors[1:], p[1:], strict=True):
+        acc.add_(t.to(dtype), alpha=w)
+    return acc
+
+
+def stacked(layer: Layer, p: Sequence[float], dtype: torch.dtype) -> LoRAFactors:
+    """FLoRA's stacking: ``A_s = cat_k(p_k A_k)`` (Σr_k, d_in), ``B_s = cat_k(B_k)`` (d_out, Σr_k).
+
+    ``B_s @ A_s = Σ p_k B_k A_k = ΔW`` exactly, so every factored identity for ΔW starts here.
+    """
+    A_s = torch.cat([a.to(dtype) * w for a, w in zip(layer.As, p, strict=True)], dim=0)
+    B_s = torch.cat([b.to(dtype) for b in layer.Bs], dim=1)
+    return LoRAFactors(A_s, B_s)
+
+
+def group_by_shape(layers: Sequence[Layer]) -> list[list[Layer]]:
+    """Group layers whose factors have identical shapes, dtype and device (first-seen order)."""
+    groups: dict[tuple[object, ...], list[Layer]] = {}
+    for layer in layers:
+        groups.setdefault(layer.shape_key, []).append(layer)
+    return list(groups.values())

@@ -1,0 +1,51 @@
+"""Exceptions raised on bad input. All derive from :class:`LoRAFairError`, a ``ValueError``."""
+
+from __future__ import annotations
+
+__all__ = [
+    "DeviceMismatchError",
+    "DtypeMismatchError",
+    "EmptyClientsError",
+    "FrozenAMismatchError",
+    "InvalidWeightsError",
+    "LayerKeyError",
+    "LoRAFairError",
+    "LoRAShapeError",
+    "NonFiniteError",
+]
+
+
+class LoRAFairError(ValueError):
+    """Base class of every error lorafair raises on bad input."""
+
+
+class EmptyClientsError(LoRAFairError):
+    """No clients, or clients with no layers."""
+
+
+class LayerKeyError(LoRAFairError):
+    """Clients (or an aggregated result) do not have the same layer names."""
+
+
+class LoRAShapeError(LoRAFairError):
+    """A factor has the wrong number of dimensions, or shapes disagree within or across clients."""
+
+
+class NonFiniteError(LoRAFairError):
+    """A factor holds NaN or Inf."""
+
+
+class InvalidWeightsError(LoRAFairError):
+    """Client weights are negative, non-finite, all zero, or of the wrong length."""
+
+
+class DeviceMismatchError(LoRAFairError):
+    """Factors of one layer live on different devices."""
+
+
+class DtypeMismatchError(LoRAFairError):
+    """Factors of one layer have different dtypes, or a dtype that is not floating point."""
+
+
+class FrozenAMismatchError(LoRAFairError):
+    """FFA-LoRA was given clients whose ``A`` factors differ (``A`` must be frozen and shared)."""

@@ -1,0 +1,134 @@
+"""Diagnostics: how far an aggregated adapter is from the ideal update ``ΔW = Σ p_k B_k A_k``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from lorafair import _linalg
+from lorafair._validate import Prepared, prepare, stacked
+from lorafair.errors import (
+    DeviceMismatchError,
+    LayerKeyError,
+    LoRAShapeError,
+    NonFiniteError,
+)
+from lorafair.types import LoRAFactors
+
+__all__ = ["BiasReport", "aggregation_bias", "ideal_update"]
+
+_Clients = Sequence[Mapping[str, "LoRAFactors | tuple[Tensor, Tensor]"]]
+
+
+class BiasReport(NamedTuple):
+    """Per-layer agreement of an aggregated ``B @ A`` with the ideal ``ΔW`` (Python floats).
+
+    ``cosine``: ``<BA, ΔW>_F / (‖BA‖_F ‖ΔW‖_F)``, 1.0 if both are zero, 0.0 if exactly one is.
+    ``relative_error``: ``‖BA − ΔW‖_F / ‖ΔW‖_F`` (0.0 if both are zero, ``inf`` if only ΔW is).
+    ``error_norm``: ``‖BA − ΔW‖_F``; ``ideal_norm``: ``‖ΔW‖_F``; ``aggregated_norm``: ``‖BA‖_F``.
+    """
+
+    cosine: float
+    relative_error: float
+    error_norm: float
+    ideal_norm: float
+    aggregated_norm: float
+
+
+def ideal_update(
+    clients: _Clients,
+    weights: Sequence[float] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+) -> dict[str, Tensor]:
+    """The dense ideal update ``ΔW = Σ p_k B_k A_k`` per layer (Eq. 7), for small layers and tests.
+
+    Accumulated in float64 and returned in ``dtype`` (default: the inputs' dtype).
+    Cost: O(d_out d_in Σ r_k) flops and a d_out × d_in buffer per layer — this is the one
+    function in lorafair that forms ΔW; everything else works on the factors.
+    """
+    prep = prepare(clients, weights, equal_ranks=False)
+    out: dict[str, Tensor] = {}
+    for name, layer in prep.layers.items():
+        A_s, B_s = stacked(layer, prep.weights, torch.float64)
+        out[name] = (B_s @ A_s).to(dtype or layer.dtype)
+    return out
+
+
+def _aggregated_pairs(
+    prep: Prepared, aggregated: Mapping[str, LoRAFactors | tuple[Tensor, Tensor]]
+) -> dict[str, tuple[Tensor, Tensor]]:
+    if not isinstance(aggregated, Mapping):
+        raise LayerKeyError("aggregated must be a mapping of layer name to (A, B)")
+    missing = [n for n in prep.layers if n not in aggregated]
+    if missing:
+        raise LayerKeyError(f"aggregated result is missing layer {missing[0]!r}")
+    extra = [n for n in aggregated if n not in prep.layers]
+    if extra:
+        raise LayerKeyError(f"aggregated result has layer {extra[0]!r} that the clients lack")
+    pairs: dict[str, tuple[Tensor, Tensor]] = {}
+    for name, layer in prep.layers.items():
+        value = aggregated[name]
+        if not isinstance(value, Sequence) or len(value) != 2:
+            raise LoRAShapeError(f"layer {name!r}: aggregated value must be a pair (A, B)")
+        A, B = value[0], value[1]
+        if not isinstance(A, Tensor) or not isinstance(B, Tensor) or A.ndim != 2 or B.ndim != 2:
+            raise LoRAShapeError(f"layer {name!r}: aggregated A and B must be 2-D tensors")
+        if A.shape[1] != layer.d_in or B.shape[0] != layer.d_out or A.shape[0] != B.shape[1]:
+            raise LoRAShapeError(
+                f"layer {name!r}: aggregated A {tuple(A.shape)} and B {tuple(B.shape)} do not "
+                f"fit the clients' layer (d_out, d_in) = ({layer.d_out}, {layer.d_in})"
+            )
+        for label, t in (("A", A), ("B", B)):
+            if t.device != layer.device:
+                raise DeviceMismatchError(
+                    f"layer {name!r}: aggregated {label} is on {t.device}, clients on "
+                    f"{layer.device}"
+                )
+            if not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(f"layer {name!r}: aggregated {label} has NaN or Inf")
+        pairs[name] = (A, B)
+    return pairs
+
+
+def aggregation_bias(
+    clients: _Clients,
+    aggregated: Mapping[str, LoRAFactors | tuple[Tensor, Tensor]],
+    weights: Sequence[float] | None = None,
+) -> dict[str, BiasReport]:
+    """Server-side aggregation bias of ``aggregated`` against ``ΔW = Σ p_k B_k A_k``, per layer.
+
+    Factored, in float64, never forming a d_out × d_in matrix: with the stacked factors
+    ``B_s, A_s`` of ΔW, ``<BA, ΔW> = tr((BᵀB_s)(A_s Aᵀ))``; norms come from thin QRs
+    (``‖BA‖ = ‖R_B A‖``) and the error from the QR of ``[B, −B_s]`` applied to ``[A; A_s]``, so a
+    relative error of 1e-12 is resolved rather than lost to cancellation.
+    Cost: O((d_out + d_in)(r + R)²) per layer with R = Σ r_k.
+
+    ``aggregated`` may have any rank (FLoRA's stacked result included) and must hold the
+    clients' layers on their device; see :class:`BiasReport` for zero-norm conventions.
+    """
+    prep = prepare(clients, weights, equal_ranks=False)
+    pairs = _aggregated_pairs(prep, aggregated)
+    out: dict[str, BiasReport] = {}
+    for name, layer in prep.layers.items():
+        A_s, B_s = stacked(layer, prep.weights, torch.float64)
+        A, B = (t.to(torch.float64) for t in pairs[name])
+        ideal = float(_linalg.fro_norm(B_s, A_s))
+        agg = float(_linalg.fro_norm(B, A))
+        err = float(_linalg.fro_norm(torch.cat([B, -B_s], dim=1), torch.cat([A, A_s], dim=0)))
+        if ideal == 0.0 and agg == 0.0:
+            cosine, rel = 1.0, 0.0
+        elif ideal == 0.0:
+            cosine, rel = 0.0, math.inf
+        elif agg == 0.0:
+            cosine, rel = 0.0, err / ideal
+        else:
+            inner = float(_linalg.fro_inner(B, A, B_s, A_s))
+            cosine = max(-1.0, min(1.0, inner / (agg * ideal)))
+            rel = err / ideal
+        out[name] = BiasReport(cosine, rel, err, ideal, agg)
+    return out
