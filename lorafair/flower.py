@@ -1,0 +1,195 @@
+"""A Flower strategy that aggregates peft LoRA adapters with any lorafair aggregator.
+
+Needs the ``flower`` extra (``pip install "lorafair[flower]"``); ``import lorafair`` never
+imports this module or flwr.
+
+Protocol (Flower's Message API, as for ``flwr.serverapp.strategy.FedAvg``): each client replies
+with one ``ArrayRecord`` holding its peft adapter state dict (``get_peft_model_state_dict`` or the
+module state dict; see :mod:`lorafair.interop.peft`) and one ``MetricRecord`` holding its weight
+under ``weighted_by_key`` (``"num-examples"`` by default). The server splits each state dict into
+LoRA factors and other tensors, aggregates the factors with the chosen lorafair function, averages
+the other tensors (FedAvg), and returns one ``ArrayRecord`` in the first reply's key format.
+
+If clients' LoRA ranks or alphas differ, clients should upload factors with peft's scaling folded
+into B (:func:`lorafair.interop.peft.fold_scaling`) and unfold their own scaling from what they
+receive (:func:`~lorafair.interop.peft.unfold_scaling`); the strategy itself is scaling-agnostic.
+Ranks may differ between clients (and the result may have another rank, e.g. FLoRA's Σ r_k):
+replies are validated for identical keys only, never identical shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from logging import INFO
+from typing import Any, Literal
+
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
+from flwr.supercore import log
+
+from lorafair.interop.peft import fedavg_others, from_peft_state_dict, to_peft_state_dict
+from lorafair.metrics import aggregation_bias
+from lorafair.types import LoRAFactors
+
+__all__ = ["LoRAStrategy"]
+
+Aggregator = Callable[..., Mapping[str, LoRAFactors]]
+
+
+def _lora_fair_solver() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
+    """``(lora_fair, solve_residual)`` from :mod:`lorafair.aggregate`, if that build has them."""
+    from lorafair import aggregate
+
+    fair = getattr(aggregate, "lora_fair", None)
+    solve = getattr(aggregate, "solve_residual", None)
+    if fair is None or solve is None:
+        return None
+    return fair, solve
+
+
+class LoRAStrategy(FedAvg):
+    """FedAvg's sampling and metrics, with LoRA factors aggregated by a lorafair function.
+
+    ``aggregator`` is any function of :mod:`lorafair.aggregate` (``fedit``, ``ffa_lora``,
+    ``flora``, ``flexlora``, ``lora_fair``, or your own with the same signature), called as
+    ``aggregator(clients, weights, **options)`` with ``weights`` the replies' ``weighted_by_key``
+    values (normalised to ``p_k = n_k / Σ n_j`` by the aggregator). Non-LoRA tensors are
+    averaged with :func:`~lorafair.interop.peft.fedavg_others` (``nonfloat`` as there).
+
+    :meth:`aggregate_train` returns the aggregated ``ArrayRecord`` and a ``MetricRecord`` with
+    the clients' metrics averaged as FedAvg does, plus, with ``report_bias``, the per-layer
+    cosine ``cos(B A, ΔW)`` of the result to the ideal ``ΔW = Σ p_k B_k A_k`` as
+    ``"bias-cosine/<layer>"``, its minimum ``"bias-cosine-min"`` and mean ``"bias-cosine-mean"``
+    and the largest relative error ``"bias-relative-error-max"`` (factored, float64, via
+    :func:`lorafair.metrics.aggregation_bias`); and, when ``aggregator`` is ``lora_fair``, the
+    solver's ``"solver-iterations-max"`` and ``"solver-converged"`` (fraction of layers), which
+    costs one more residual solve (:func:`lorafair.aggregate.solve_residual`, same options).
+
+    Every other argument is :class:`flwr.serverapp.strategy.FedAvg`'s, keyword-only.
+    """
+
+    def __init__(
+        self,
+        aggregator: Aggregator,
+        *,
+        options: Mapping[str, Any] | None = None,
+        adapter_name: str = "default",
+        nonfloat: Literal["equal", "first"] = "equal",
+        report_bias: bool = True,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
+        train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+        evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+    ) -> None:
+        if not callable(aggregator):
+            raise TypeError(f"aggregator must be callable, got {type(aggregator).__name__}")
+        if nonfloat not in ("equal", "first"):
+            raise ValueError(f"nonfloat must be 'equal' or 'first', got {nonfloat!r}")
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes,
+            weighted_by_key=weighted_by_key,
+            arrayrecord_key=arrayrecord_key,
+            configrecord_key=configrecord_key,
+            train_metrics_aggr_fn=train_metrics_aggr_fn,
+            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+        )
+        self.aggregator = aggregator
+        self.options: dict[str, Any] = dict(options or {})
+        self.adapter_name = adapter_name
+        self.nonfloat: Literal["equal", "first"] = nonfloat
+        self.report_bias = report_bias
+
+    def summary(self) -> None:
+        """Log the configuration (FedAvg's, plus the aggregator and its options)."""
+        name = getattr(self.aggregator, "__name__", repr(self.aggregator))
+        log(INFO, "\t├──> LoRA aggregation: %s %s", name, self.options)
+        super().summary()
+
+    def aggregate_train(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate the replies' adapters with ``self.aggregator``; see the class docstring.
+
+        Replies carrying an error are skipped (and logged), as in FedAvg. Returns
+        ``(None, None)`` when no valid reply is left. Raises ``InconsistentMessageReplies``
+        (Flower's) for replies without exactly one ArrayRecord and one MetricRecord, or with
+        differing keys, and lorafair's errors (naming layer and client) for bad adapters.
+        """
+        replies = list(replies)
+        valid = [msg for msg in replies if not msg.has_error()]
+        log(
+            INFO,
+            "aggregate_train: Received %s results and %s failures",
+            len(valid),
+            len(replies) - len(valid),
+        )
+        for msg in replies:
+            if msg.has_error():
+                log(
+                    INFO,
+                    "\t> Received error in reply from node %d: %s",
+                    msg.metadata.src_node_id,
+                    msg.error.reason,
+                )
+        if not valid:
+            return None, None
+        contents = [msg.content for msg in valid]
+        # Keys and the weight entry only: shapes may differ (heterogeneous ranks).
+        validate_message_reply_consistency(
+            replies=contents, weighted_by_key=self.weighted_by_key, check_arrayrecord=True
+        )
+        state_dicts = [next(iter(c.array_records.values())).to_torch_state_dict() for c in contents]
+        weights = [_weight(c, self.weighted_by_key) for c in contents]
+        splits = [from_peft_state_dict(sd, adapter_name=self.adapter_name) for sd in state_dicts]
+        clients = [s.factors for s in splits]
+        aggregated = dict(self.aggregator(clients, weights, **self.options))
+        others = (
+            fedavg_others([s.others for s in splits], weights, nonfloat=self.nonfloat)
+            if splits[0].others
+            else {}
+        )
+        arrays = ArrayRecord(to_peft_state_dict(aggregated, like=splits[0], others=others))
+
+        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        if self.report_bias:
+            _add_bias_metrics(metrics, aggregation_bias(clients, aggregated, weights))
+        fair = _lora_fair_solver()
+        if fair is not None and self.aggregator is fair[0]:
+            solved = fair[1](clients, weights, **self.options)
+            iterations = [int(s.iterations) for s in solved.values()]
+            converged = [bool(s.converged) for s in solved.values()]
+            metrics["solver-iterations-max"] = max(iterations)
+            metrics["solver-converged"] = sum(converged) / len(converged)
+        return arrays, metrics
+
+
+def _weight(content: RecordDict, key: str) -> float:
+    record = next(iter(content.metric_records.values()))
+    value = record[key]
+    if isinstance(value, list):  # validate_message_reply_consistency rejects this already
+        raise ValueError(f"metric {key!r} must be a single number, got a list")
+    return float(value)
+
+
+def _add_bias_metrics(metrics: MetricRecord, reports: Mapping[str, Any]) -> None:
+    cosines: Sequence[float] = [float(r.cosine) for r in reports.values()]
+    errors = [float(r.relative_error) for r in reports.values()]
+    for name, r in reports.items():
+        metrics[f"bias-cosine/{name}"] = float(r.cosine)
+    metrics["bias-cosine-min"] = min(cosines)
+    metrics["bias-cosine-mean"] = math.fsum(cosines) / len(cosines)
+    metrics["bias-relative-error-max"] = max(errors)
