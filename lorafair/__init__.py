@@ -5,7 +5,15 @@ The whole API: the aggregators in :mod:`lorafair.aggregate`, the diagnostics in
 :mod:`lorafair.testing` (needs the ``test`` extra for its Hypothesis strategies).
 """
 
-from lorafair.aggregate import fedit, ffa_lora, flexlora, flora
+from lorafair.aggregate import (
+    ResidualSolution,
+    fedit,
+    ffa_lora,
+    flexlora,
+    flora,
+    lora_fair,
+    solve_residual,
+)
 from lorafair.errors import (
     DeviceMismatchError,
     DtypeMismatchError,
@@ -17,7 +25,13 @@ from lorafair.errors import (
     LoRAShapeError,
     NonFiniteError,
 )
-from lorafair.metrics import BiasReport, aggregation_bias, ideal_update
+from lorafair.metrics import (
+    BiasReport,
+    FairReport,
+    aggregation_bias,
+    ideal_update,
+    lora_fair_report,
+)
 from lorafair.types import ClientFactors, Clients, LoRAFactors, Weights
 
 __version__ = "0.1.0"
@@ -29,6 +43,7 @@ __all__ = [
     "DeviceMismatchError",
     "DtypeMismatchError",
     "EmptyClientsError",
+    "FairReport",
     "FrozenAMismatchError",
     "InvalidWeightsError",
     "LayerKeyError",
@@ -36,6 +51,7 @@ __all__ = [
     "LoRAFairError",
     "LoRAShapeError",
     "NonFiniteError",
+    "ResidualSolution",
     "Weights",
     "__version__",
     "aggregation_bias",
@@ -44,4 +60,7 @@ __all__ = [
     "flexlora",
     "flora",
     "ideal_update",
+    "lora_fair",
+    "lora_fair_report",
+    "solve_residual",
 ]

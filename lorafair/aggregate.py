@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lorafair import _linalg
+from lorafair._fair import ResidualSolution, lora_fair, solve_residual
 from lorafair._validate import (
     accumulation_dtype,
     group_by_shape,
@@ -28,7 +29,15 @@ from lorafair._validate import (
 from lorafair.errors import FrozenAMismatchError, LoRAFairError
 from lorafair.types import LoRAFactors
 
-__all__ = ["fedit", "ffa_lora", "flexlora", "flora"]
+__all__ = [
+    "ResidualSolution",
+    "fedit",
+    "ffa_lora",
+    "flexlora",
+    "flora",
+    "lora_fair",
+    "solve_residual",
+]
 
 _Clients = Sequence[Mapping[str, "LoRAFactors | tuple[Tensor, Tensor]"]]
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from lorafair import _linalg
+from lorafair._fair import FairReport, lora_fair_report
 from lorafair._validate import Prepared, prepare, stacked
 from lorafair.errors import (
     DeviceMismatchError,
@@ -19,7 +20,7 @@ from lorafair.errors import (
 )
 from lorafair.types import LoRAFactors
 
-__all__ = ["BiasReport", "aggregation_bias", "ideal_update"]
+__all__ = ["BiasReport", "FairReport", "aggregation_bias", "ideal_update", "lora_fair_report"]
 
 _Clients = Sequence[Mapping[str, "LoRAFactors | tuple[Tensor, Tensor]"]]
 

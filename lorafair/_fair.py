@@ -1,0 +1,508 @@
+"""LoRA-FAIR (Eq. 8): the server's residual correction of FedIT, solved exactly and factored.
+
+Public names (re-exported by :mod:`lorafair.aggregate` / :mod:`lorafair.metrics`):
+:func:`lora_fair`, :func:`solve_residual`, :class:`ResidualSolution`,
+:func:`lora_fair_report`, :class:`FairReport`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from lorafair import _linalg, _solve
+from lorafair._validate import Layer, accumulation_dtype, group_by_shape, prepare, weighted_sum
+from lorafair.errors import LayerKeyError, LoRAFairError, LoRAShapeError
+from lorafair.types import LoRAFactors
+
+__all__ = ["FairReport", "ResidualSolution", "lora_fair", "lora_fair_report", "solve_residual"]
+
+_Clients = Sequence[Mapping[str, "LoRAFactors | tuple[Tensor, Tensor]"]]
+Norm = Literal["fro", "fro_squared"]
+Similarity = Literal["flat", "columns"]
+ResidualOn = Literal["B", "A"]
+
+_F64 = torch.float64
+_TIE = 1e-14  # a solver result must beat ΔB = 0 by more than this to be returned
+
+
+class ResidualSolution(NamedTuple):
+    """The solved residual of one layer.
+
+    ``delta``: ``ΔB*`` (d_out, r) for ``residual_on="B"``, ``ΔA*`` (r, d_in) for ``"A"``, in the
+    inputs' dtype. ``objective``: ``1 − cosine + λ·reg(delta)`` at ``delta`` (float64).
+    ``cosine``: the similarity used (``"flat"`` or ``"columns"``) between the corrected product
+    and ``ΔW``, 0.0 where either is zero. ``iterations``: solver iterations of the returned
+    start (0 for closed-form cases). ``converged``: whether that start met ``tol``.
+    """
+
+    delta: Tensor
+    objective: float
+    cosine: float
+    iterations: int
+    converged: bool
+
+
+class FairReport(NamedTuple):
+    """Table 4's columns for one layer, from the clients and an aggregated ``(A', B')``.
+
+    ``b_cosine``: ``cos(B', B̄)``; ``update_cosine``: ``cos(B'A', ΔW)``; ``fedit_cosine``:
+    ``cos(B̄Ā, ΔW)`` (the uncorrected FedIT product); ``delta_b_norm``: ``‖B' − B̄‖_F``;
+    ``delta_a_norm``: ``‖A' − Ā‖_F``. Flattened (Frobenius) cosines in float64; 1.0 when both
+    sides are zero, 0.0 when exactly one is.
+    """
+
+    b_cosine: float
+    update_cosine: float
+    fedit_cosine: float
+    delta_b_norm: float
+    delta_a_norm: float
+
+
+@dataclass(frozen=True)
+class _Options:
+    lam: float
+    norm: Norm
+    similarity: Similarity
+    residual_on: ResidualOn
+    tol: float
+    max_iter: int
+
+
+def _check_options(
+    lam: float, norm: str, similarity: str, residual_on: str, tol: float, max_iter: int
+) -> _Options:
+    try:
+        lam_f = float(lam)
+    except (TypeError, ValueError):
+        raise LoRAFairError(f"lam must be a number, got {lam!r}") from None
+    if not math.isfinite(lam_f) or lam_f < 0:
+        raise LoRAFairError(f"lam must be finite and >= 0, got {lam!r}")
+    if norm not in ("fro", "fro_squared"):
+        raise LoRAFairError(f"norm must be 'fro' or 'fro_squared', got {norm!r}")
+    if similarity not in ("flat", "columns"):
+        raise LoRAFairError(f"similarity must be 'flat' or 'columns', got {similarity!r}")
+    if residual_on not in ("A", "B"):
+        raise LoRAFairError(f"residual_on must be 'B' or 'A', got {residual_on!r}")
+    try:
+        tol_f = float(tol)
+    except (TypeError, ValueError):
+        raise LoRAFairError(f"tol must be a number, got {tol!r}") from None
+    if not math.isfinite(tol_f) or tol_f <= 0:
+        raise LoRAFairError(f"tol must be finite and > 0, got {tol!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise LoRAFairError(f"max_iter must be an int >= 1, got {max_iter!r}")
+    return _Options(lam_f, norm, similarity, residual_on, tol_f, max_iter)  # type: ignore[arg-type]
+
+
+@dataclass
+class _Group:
+    """Same-shaped layers stacked along a leading batch dimension ``L``."""
+
+    names: list[str]
+    dtype: torch.dtype
+    r: int
+    A_acc: Tensor  # (L, r, d_in) FedIT's Ā in the accumulation dtype (zero-padded to r)
+    B_acc: Tensor  # (L, d_out, r) FedIT's B̄ in the accumulation dtype
+    Abar: Tensor  # (L, r, d_in) float64
+    Bbar: Tensor  # (L, d_out, r) float64
+    A_s: Tensor  # (L, Σr_k, d_in) float64, rows p_k A_k
+    B_s: Tensor  # (L, d_out, Σr_k) float64
+
+
+def _pad_rows(t: Tensor, r: int) -> Tensor:
+    return (
+        t
+        if t.shape[-2] == r
+        else torch.cat([t, t.new_zeros(*t.shape[:-2], r - t.shape[-2], t.shape[-1])], dim=-2)
+    )
+
+
+def _build_group(layers: list[Layer], p: Sequence[float]) -> _Group:
+    ranks = layers[0].ranks
+    r = max(ranks)
+    dtype = layers[0].dtype
+    acc = accumulation_dtype(dtype)
+    As = [torch.stack([layer.As[k] for layer in layers]) for k in range(len(p))]
+    Bs = [torch.stack([layer.Bs[k] for layer in layers]) for k in range(len(p))]
+    As_pad = [_pad_rows(a, r) for a in As]
+    Bs_pad = [_pad_rows(b.mT, r).mT for b in Bs]
+    A_acc = weighted_sum(As_pad, p, acc)
+    B_acc = weighted_sum(Bs_pad, p, acc)
+    Abar = weighted_sum(As_pad, p, _F64)
+    Bbar = weighted_sum(Bs_pad, p, _F64)
+    A_s = torch.cat([a.to(_F64) * w for a, w in zip(As, p, strict=True)], dim=-2)
+    B_s = torch.cat([b.to(_F64) for b in Bs], dim=-1)
+    return _Group([layer.name for layer in layers], dtype, r, A_acc, B_acc, Abar, Bbar, A_s, B_s)
+
+
+class _Solved(NamedTuple):
+    delta: Tensor  # float64, (L, d_out, r) or (L, r, d_in)
+    objective: Tensor  # (L,)
+    cosine: Tensor  # (L,)
+    iterations: Tensor  # (L,)
+    converged: Tensor  # (L,)
+
+
+def _pick(f_runs: Tensor, f_zero: Tensor, single: bool) -> tuple[Tensor, Tensor]:
+    """Index of the best start per layer (runs stacked first) and whether ΔB = 0 wins instead."""
+    best = torch.argmin(f_runs, dim=0)
+    f_best = f_runs.gather(0, best[None]).squeeze(0)
+    zero = (f_zero <= f_best + _TIE) | torch.full_like(f_zero, single, dtype=torch.bool)
+    return best, zero
+
+
+def _solve_flat(groups: list[_Group], opts: _Options, single: bool) -> list[_Solved]:
+    """Reduce each group to ``r × 3`` problems, solve all groups sharing ``r`` in one batch."""
+    problems: list[_solve.FlatProblem] = []
+    for grp in groups:
+        w = _linalg.fro_norm(grp.B_s, grp.A_s)
+        if opts.residual_on == "B":
+            G = grp.Abar @ grp.Abar.mT
+            H = grp.B_s @ (grp.A_s @ grp.Abar.mT)
+            base = grp.Bbar
+        else:  # transposed problem: B̄ (Ā + ΔA) ~ ΔW  <=>  (Āᵀ + ΔAᵀ) B̄ᵀ ~ ΔWᵀ
+            G = grp.Bbar.mT @ grp.Bbar
+            H = grp.A_s.mT @ (grp.B_s.mT @ grp.Bbar)
+            base = grp.Abar.mT
+        problems.append(_solve.flat_reduce(G, H, base, w))
+    out: list[_Solved | None] = [None] * len(groups)
+    buckets: dict[tuple[int, torch.device], list[int]] = {}
+    for i, grp in enumerate(groups):
+        buckets.setdefault((grp.r, grp.Abar.device), []).append(i)
+    for idx in buckets.values():
+        parts = [problems[i] for i in idx]
+        empty = parts[0].eta.new_zeros(0)
+        joint = _solve.FlatProblem(
+            torch.cat([q.eta for q in parts]),
+            torch.cat([q.beta for q in parts]),
+            torch.cat([q.mask for q in parts]),
+            torch.cat([q.g for q in parts]),
+            torch.cat([q.w for q in parts]),
+            empty,
+            empty,
+        )
+        x_sol, iters, conv = _flat_minimise(joint, opts, single)
+        cos, dsq = torch.func.vmap(_solve.flat_terms)(x_sol, *joint[:5])
+        obj = 1.0 - cos + _solve.regulariser(dsq, opts.lam, opts.norm)
+        start = 0
+        for i in idx:
+            n = problems[i].eta.shape[0]
+            sl = slice(start, start + n)
+            start += n
+            delta = _solve.flat_delta(problems[i], x_sol[sl])
+            if opts.residual_on == "A":
+                delta = delta.mT
+            out[i] = _Solved(delta, obj[sl], cos[sl], iters[sl], conv[sl])
+    return [s for s in out if s is not None]
+
+
+def _flat_minimise(
+    problem: _solve.FlatProblem, opts: _Options, single: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    beta = problem.beta
+    n = beta.shape[0]
+    x_ls = _solve.flat_lam0(problem)
+    zeros_i = torch.zeros(n, dtype=torch.int64, device=beta.device)
+    if opts.lam == 0.0 or single:
+        x = beta if single else x_ls
+        return x, zeros_i, torch.ones(n, dtype=torch.bool, device=beta.device)
+    starts = [beta, x_ls, 0.5 * (beta + x_ls)]
+    m = len(starts)
+    data = tuple(problem[:5])
+    obj = _solve.batched(_solve.flat_objective(opts.lam, opts.norm), len(data))
+    rep = tuple(t.repeat(m, *([1] * (t.ndim - 1))) for t in data)
+    x0 = torch.cat(starts).reshape(m * n, -1)
+    res = _solve.minimise(obj, rep, x0, tol=opts.tol, max_iter=opts.max_iter)
+    f_runs = res.f.reshape(m, n)
+    f_zero = obj.values(beta.reshape(n, 1, -1), *data).squeeze(1)
+    best, zero = _pick(f_runs, f_zero, single)
+    xs = res.x.reshape(m, n, *beta.shape[1:])
+    rows = torch.arange(n, device=beta.device)
+    x = xs[best, rows]
+    x = torch.where(zero[:, None, None], beta, x)
+    iters = res.iterations.reshape(m, n)
+    conv = res.converged.reshape(m, n)
+    it = torch.where(zero, iters[0], iters[best, rows])
+    cv = torch.where(zero, conv[0], conv[best, rows])
+    return x, it, cv
+
+
+def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Solved:
+    """Per-column cosine: iterate in a basis of at most ``(K + 2) r`` rows (never d_out × d_in)."""
+    n_layers = grp.Abar.shape[0]
+    d_out = grp.Bbar.shape[-2]
+    kr = grp.B_s.shape[-1]
+    r = grp.r
+    left: Tensor | None
+    right: Tensor | None
+    Q: Tensor | None = None
+    if opts.residual_on == "B":
+        # Y = Z Ā with Z = Qᵀ B' in a basis Q ⊇ span(B_s, B̄) plus r spare orthogonal directions.
+        if kr + 2 * r < d_out:
+            pad = grp.B_s.new_zeros(n_layers, d_out, r)
+            Q, _ = torch.linalg.qr(torch.cat([grp.B_s, grp.Bbar, pad], dim=-1))
+            Bq = Q.mT @ grp.B_s
+            Z0 = Q.mT @ grp.Bbar
+        else:  # cost model: d_out <= (K + 2) r, so d_out × d_in is no bigger than the factors
+            Bq = grp.B_s
+            Z0 = grp.Bbar
+        X = Bq @ grp.A_s
+        xn = torch.linalg.vector_norm(X, dim=-2)
+        left, right = None, grp.Abar
+        active = (xn > 0) & (torch.linalg.vector_norm(grp.Abar, dim=-2) > 0)
+        G = grp.Abar @ grp.Abar.mT
+        Z_ls = (Bq @ (grp.A_s @ grp.Abar.mT)) @ torch.linalg.pinv(G, hermitian=True)
+    else:
+        # Y = R_B A' with B̄ = Q_B R_B; column norms of ΔW from a QR of B_s.
+        Q_B, R_B = torch.linalg.qr(grp.Bbar)
+        X = (Q_B.mT @ grp.B_s) @ grp.A_s
+        _, R_s = torch.linalg.qr(grp.B_s, mode="r")
+        xn = torch.linalg.vector_norm(R_s @ grp.A_s, dim=-2)
+        left, right = R_B, None
+        nonzero_b = torch.linalg.matrix_norm(R_B) > 0
+        active = (xn > 0) & nonzero_b[:, None]
+        Z0 = grp.Abar
+        Z_ls = torch.linalg.pinv(R_B) @ X
+    shape = (int(Z0.shape[-2]), int(Z0.shape[-1]))
+    lam, norm = opts.lam, opts.norm
+    extra = tuple(t for t in (left, right) if t is not None)
+    data = (X, xn, active, Z0, *extra)
+    fun = _solve.columns_objective(lam, norm, shape, left is not None, right is not None)
+    obj = _solve.batched(fun, len(data))
+    starts = [Z0, Z_ls, 0.5 * (Z0 + Z_ls)]
+    m = len(starts)
+    rep = tuple(t.repeat(m, *([1] * (t.ndim - 1))) for t in data)
+    x0 = torch.cat(starts).reshape(m * n_layers, -1)
+    if single:
+        iters = torch.zeros(n_layers, dtype=torch.int64, device=X.device)
+        conv = torch.ones(n_layers, dtype=torch.bool, device=X.device)
+        Z = Z0
+    else:
+        res = _solve.minimise(obj, rep, x0, tol=opts.tol, max_iter=opts.max_iter)
+        f_runs = res.f.reshape(m, n_layers)
+        f_zero = obj.values(Z0.reshape(n_layers, 1, -1), *data).squeeze(1)
+        best, zero = _pick(f_runs, f_zero, single)
+        rows = torch.arange(n_layers, device=X.device)
+        Zs = res.x.reshape(m, n_layers, *shape)
+        Z = torch.where(zero[:, None, None], Z0, Zs[best, rows])
+        it = res.iterations.reshape(m, n_layers)
+        cv = res.converged.reshape(m, n_layers)
+        iters = torch.where(zero, it[0], it[best, rows])
+        conv = torch.where(zero, cv[0], cv[best, rows])
+    f_final = obj.values(Z.reshape(n_layers, 1, -1), *data).squeeze(1)
+    diff = Z - Z0
+    reg = _solve.regulariser((diff * diff).sum(dim=(-2, -1)), lam, norm)
+    cos = 1.0 - (f_final - reg)
+    obj_val = f_final
+    delta = diff if Q is None else Q @ diff
+    return _Solved(delta, obj_val, cos, iters, conv)
+
+
+def _run(
+    clients: _Clients, weights: Sequence[float] | None, opts: _Options
+) -> tuple[list[_Group], list[_Solved]]:
+    prep = prepare(clients, weights, equal_ranks=False)
+    single = prep.n_clients == 1
+    groups = [_build_group(g, prep.weights) for g in group_by_shape(list(prep.layers.values()))]
+    if opts.similarity == "flat":
+        solved = _solve_flat(groups, opts, single)
+    else:
+        solved = [_solve_columns(g, opts, single) for g in groups]
+    return groups, solved
+
+
+def _unbatch(
+    clients: _Clients, groups: list[_Group], solved: list[_Solved]
+) -> dict[str, tuple[_Group, _Solved, int]]:
+    where: dict[str, tuple[_Group, _Solved, int]] = {}
+    for grp, sol in zip(groups, solved, strict=True):
+        for i, name in enumerate(grp.names):
+            where[name] = (grp, sol, i)
+    order = list(clients[0].keys())
+    return {name: where[name] for name in order}
+
+
+def solve_residual(
+    clients: _Clients,
+    weights: Sequence[float] | None = None,
+    *,
+    lam: float = 0.01,
+    norm: Norm = "fro",
+    similarity: Similarity = "flat",
+    residual_on: ResidualOn = "B",
+    tol: float = 1e-8,
+    max_iter: int = 500,
+) -> dict[str, ResidualSolution]:
+    """Solve LoRA-FAIR's residual problem (Eq. 8) per layer; see :func:`lora_fair` for the math.
+
+    Returns, per layer, the residual ``ΔB*`` (or ``ΔA*``) with its objective, the achieved
+    cosine, the iteration count and a convergence flag (one host sync for the whole call).
+
+    >>> import torch
+    >>> c0 = {"fc": (torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0], [0.0]]))}
+    >>> c1 = {"fc": (torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0], [1.0]]))}
+    >>> sol = solve_residual([c0, c1], lam=0.0)["fc"]
+    >>> round(sol.cosine, 6)  # λ = 0 reaches the projection bound ‖ΔW Ā⁺Ā‖ / ‖ΔW‖ = 1/√2
+    0.707107
+    """
+    opts = _check_options(lam, norm, similarity, residual_on, tol, max_iter)
+    groups, solved = _run(clients, weights, opts)
+    host = [
+        (
+            s.objective.cpu().tolist(),
+            s.cosine.cpu().tolist(),
+            s.iterations.cpu().tolist(),
+            s.converged.cpu().tolist(),
+        )
+        for s in solved
+    ]
+    out: dict[str, ResidualSolution] = {}
+    index = {id(s): h for s, h in zip(solved, host, strict=True)}
+    for name, (grp, sol, i) in _unbatch(clients, groups, solved).items():
+        obj, cos, it, cv = index[id(sol)]
+        out[name] = ResidualSolution(
+            sol.delta[i].to(grp.dtype), float(obj[i]), float(cos[i]), int(it[i]), bool(cv[i])
+        )
+    return out
+
+
+def lora_fair(
+    clients: _Clients,
+    weights: Sequence[float] | None = None,
+    *,
+    lam: float = 0.01,
+    norm: Norm = "fro",
+    similarity: Similarity = "flat",
+    residual_on: ResidualOn = "B",
+    tol: float = 1e-8,
+    max_iter: int = 500,
+) -> dict[str, LoRAFactors]:
+    """LoRA-FAIR: FedIT's average with the residual correction of Eq. 8, solved to ``tol``.
+
+    Returns ``(Ā, B̄ + ΔB*)`` per layer (``residual_on="A"``: ``(Ā + ΔA*, B̄)``), where
+    ``Ā = Σ p_k A_k``, ``B̄ = Σ p_k B_k``, ``ΔW = Σ p_k B_k A_k`` and
+
+        ΔB* = argmin_ΔB  1 − S(ΔW, (B̄ + ΔB) Ā) + λ·reg(ΔB),
+
+    ``reg = ‖ΔB‖_F`` (``norm="fro"``, the paper) or ``‖ΔB‖_F²`` (``"fro_squared"``, public
+    re-implementations); ``S`` the flattened cosine (``similarity="flat"``, the paper's text)
+    or the mean over the d_in columns of the per-column cosine (``"columns"``, what
+    ``F.cosine_similarity(ΔW, B'Ā, dim=0).mean()`` computes). A cosine with a zero side is 0.
+
+    Method (flat): with ``G = ĀĀᵀ = V diag(g) Vᵀ`` and ``H = ΔW Āᵀ = Σ p_k B_k (A_k Āᵀ)``,
+    ``<ΔW, B'Ā> = <B', H>`` and ``‖B'Ā‖² = Σ g_i ‖(B'V)_i‖²``, so column i of ``B'V`` only
+    matters through its coordinates in ``span((HV)_i, (B̄V)_i)`` plus one orthogonal direction:
+    an exact ``r × 3`` problem per layer, solved for all layers sharing r in one batch by
+    L-BFGS from three starts (FedIT's ``ΔB = 0``, the λ = 0 solution and their midpoint); the
+    best is kept and ``ΔB = 0`` is returned unless beaten, so the result is never worse than
+    FedIT on this objective. λ = 0 is solved in closed form (the cosine-maximising ``B'``
+    closest to ``B̄``, reaching the bound ``‖ΔW Ā⁺Ā‖/‖ΔW‖``). ``"columns"`` iterates in an
+    orthonormal basis of ``span(B_s, B̄)`` plus r spare directions (≤ ``(K+2) r`` rows).
+    ``residual_on="A"`` solves the transposed problem. Clients of different ranks are
+    zero-padded to the largest rank (so ``Ā``, ``B̄`` and the result have that rank). One
+    client: FedIT is exact and ``ΔB* = 0``. ``ΔW = 0``: ``ΔB* = 0``.
+
+    Cost (flat, per layer, r = rank, R = Σ r_k): O((d_out + d_in) R r + d_out R²) flops for
+    ``H``, ``G`` and ``‖ΔW‖`` (a QR of ``B_s``), O(d_out r²) for the eigenbasis and the answer,
+    plus an iteration on 3r numbers; memory O((d_out + d_in) R). Nothing of size d_out × d_in.
+    Reductions in float64; results in the inputs' dtype.
+
+    >>> import torch
+    >>> c0 = {"fc": (torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0], [0.0]]))}
+    >>> c1 = {"fc": (torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0], [1.0]]))}
+    >>> A, B = lora_fair([c0, c1])["fc"]
+    >>> A.shape, B.shape
+    (torch.Size([1, 2]), torch.Size([2, 1]))
+    """
+    opts = _check_options(lam, norm, similarity, residual_on, tol, max_iter)
+    groups, solved = _run(clients, weights, opts)
+    out: dict[str, LoRAFactors] = {}
+    for name, (grp, sol, i) in _unbatch(clients, groups, solved).items():
+        if opts.residual_on == "B":
+            acc = grp.B_acc.dtype
+            B = (grp.B_acc[i] + sol.delta[i].to(acc)).to(grp.dtype)
+            out[name] = LoRAFactors(grp.A_acc[i].to(grp.dtype), B)
+        else:
+            acc = grp.A_acc.dtype
+            A = (grp.A_acc[i] + sol.delta[i].to(acc)).to(grp.dtype)
+            out[name] = LoRAFactors(A, grp.B_acc[i].to(grp.dtype))
+    return out
+
+
+def _cos(inner: float, na: float, nb: float) -> float:
+    if na == 0.0 and nb == 0.0:
+        return 1.0
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return max(-1.0, min(1.0, inner / (na * nb)))
+
+
+def lora_fair_report(
+    clients: _Clients,
+    aggregated: Mapping[str, LoRAFactors | tuple[Tensor, Tensor]],
+    weights: Sequence[float] | None = None,
+) -> dict[str, FairReport]:
+    """Table 4's diagnostics per layer: ``cos(B', B̄)``, ``cos(B'A', ΔW)``, ``‖B' − B̄‖``.
+
+    ``aggregated`` maps every layer to ``(A', B')`` (e.g. :func:`lora_fair`'s output); ``Ā``,
+    ``B̄`` (zero-padded to the largest client rank) and ``ΔW`` come from ``clients``. All
+    factored in float64: O((d_out + d_in) R²) flops per layer, R = Σ r_k + r.
+    """
+    prep = prepare(clients, weights, equal_ranks=False)
+    p = prep.weights
+    names = list(prep.layers)
+    if set(aggregated.keys()) != set(names):
+        missing = [n for n in names if n not in aggregated]
+        if missing:
+            raise LayerKeyError(f"aggregated is missing layer {missing[0]!r}")
+        extra = sorted(str(n) for n in set(aggregated.keys()) - set(names))
+        raise LayerKeyError(f"aggregated has layer {extra[0]!r} that the clients do not have")
+    out: dict[str, FairReport] = {}
+    for name, layer in prep.layers.items():
+        r = max(layer.ranks)
+        pair = aggregated[name]
+        A1, B1 = pair[0], pair[1]
+        if tuple(A1.shape) != (r, layer.d_in) or tuple(B1.shape) != (layer.d_out, r):
+            raise LoRAShapeError(
+                f"layer {name!r}: aggregated A {tuple(A1.shape)} and B {tuple(B1.shape)}; "
+                f"expected ({r}, {layer.d_in}) and ({layer.d_out}, {r})"
+            )
+        dev = layer.device
+        A1 = A1.to(device=dev, dtype=_F64)
+        B1 = B1.to(device=dev, dtype=_F64)
+        Abar = weighted_sum([_pad_rows(a, r) for a in layer.As], p, _F64)
+        Bbar = weighted_sum([_pad_rows(b.mT, r).mT for b in layer.Bs], p, _F64)
+        A_s = torch.cat([a.to(_F64) * w for a, w in zip(layer.As, p, strict=True)], dim=0)
+        B_s = torch.cat([b.to(_F64) for b in layer.Bs], dim=1)
+        vals = (
+            torch.stack(
+                [
+                    (B1 * Bbar).sum(),
+                    torch.linalg.matrix_norm(B1),
+                    torch.linalg.matrix_norm(Bbar),
+                    _linalg.fro_inner(B1, A1, B_s, A_s),
+                    _linalg.fro_norm(B1, A1),
+                    _linalg.fro_norm(B_s, A_s),
+                    _linalg.fro_inner(Bbar, Abar, B_s, A_s),
+                    _linalg.fro_norm(Bbar, Abar),
+                    torch.linalg.matrix_norm(B1 - Bbar),
+                    torch.linalg.matrix_norm(A1 - Abar),
+                ]
+            )
+            .cpu()
+            .tolist()
+        )
+        out[name] = FairReport(
+            _cos(vals[0], vals[1], vals[2]),
+            _cos(vals[3], vals[4], vals[5]),
+            _cos(vals[6], vals[7], vals[5]),
+            vals[8],
+            vals[9],
+        )
+    return out
