@@ -1,0 +1,191 @@
+"""End-to-end runs of ``python -m examples.federated`` with timm (skipped where timm is absent).
+
+CI runs this folder a second time in the examples venv (torch 2.14.1 + torchvision + timm).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+pytest.importorskip("sklearn")
+
+from examples.data import DOMAINNET_DOMAINS  # noqa: E402
+from examples.federated import main  # noqa: E402
+from examples.methods import METHODS  # noqa: E402
+from examples.models import build_pretrained  # noqa: E402
+
+TINY = [
+    "--no-progress",
+    "--threads",
+    "1",
+    "--rounds",
+    "2",
+    "--pretrain-epochs",
+    "1",
+    "--max-train-per-domain",
+    "12",
+    "--max-test-per-domain",
+    "10",
+    "--batch-size",
+    "6",
+]
+
+
+def _finite(obj: object) -> bool:
+    if isinstance(obj, float):
+        return math.isfinite(obj)
+    if isinstance(obj, dict):
+        return all(_finite(v) for v in obj.values())
+    if isinstance(obj, list):
+        return all(_finite(v) for v in obj)
+    return True
+
+
+def test_offline_default_smoke_every_method_both_models(tmp_path: Path) -> None:
+    methods = list(METHODS)
+    paths = main([*TINY, "--out", str(tmp_path), "--methods", ",".join(methods)])
+    for key in ("markdown", "json", "accuracy_plot", "communication_plot"):
+        assert paths[key].is_file()
+        assert paths[key].stat().st_size > 0
+    assert (tmp_path / "log.txt").read_text().count("round 2/2") == 2 * len(methods)
+    data = json.loads(paths["json"].read_text())
+    assert set(data["results"]) == {"vit", "mixer"}
+    for model in ("vit", "mixer"):
+        got = data["results"][model]
+        assert list(got) == methods
+        for m in methods:
+            assert len(got[m]["accuracy"]) == 2
+            assert set(got[m]["final"]) == {
+                "clean",
+                "inverted",
+                "rotated",
+                "noisy",
+                "blurred",
+                "edges",
+                "avg",
+            }
+            assert _finite(got[m])
+            assert all(b > 0 for b in got[m]["bytes_up"] + got[m]["bytes_down"])
+        # communication ordering of the paper's Fig. 7
+        down = {m: got[m]["bytes_down"][0] for m in methods}
+        assert down["ffa_lora"] < down["fedit"] == down["flexlora"] < down["flora"]
+        assert down["lora_fair"] == down["fedit"]
+        diag = got["lora_fair"]["diagnostics"]
+        assert len(diag) == 2
+        for d in diag:
+            assert 0.0 < d["cos_B_prime_A_bar_dW"] <= 1.0 + 1e-9
+            assert d["cos_B_prime_A_bar_dW"] >= d["fedit_cos_B_bar_A_bar_dW"] - 1e-9
+    md = paths["markdown"].read_text()
+    assert "| method | clean | inverted | rotated | noisy | blurred | edges | avg |" in md
+
+
+def test_feature_label_partition_flag(tmp_path: Path) -> None:
+    main(
+        [
+            *TINY,
+            "--out",
+            str(tmp_path),
+            "--models",
+            "mixer",
+            "--methods",
+            "fedit,flora",
+            "--partition",
+            "feature_label",
+            "--clients-per-domain",
+            "2",
+            "--clients-per-round",
+            "5",
+            "--rounds",
+            "1",
+            "--no-plots",
+        ]
+    )
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["config"]["clients_per_round"] == 5
+    log = (tmp_path / "log.txt").read_text()
+    assert "mixer: 12 clients" in log
+    assert _finite(data["results"])
+
+
+def _tiny_vit(**kw: object) -> torch.nn.Module:
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, num_classes=7, **kw
+    )
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_weights_load_from_a_local_file(tmp_path: Path, suffix: str) -> None:
+    torch.manual_seed(0)
+    src = _tiny_vit()
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".pth":
+        torch.save(src.state_dict(), path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(src.state_dict(), str(path))
+    model = build_pretrained(
+        "vit_tiny_patch16_224", num_classes=5, weights=path, depth=1, img_size=32
+    )
+    want = src.state_dict()
+    got = model.state_dict()
+    body = [k for k in want if not k.startswith("head.")]
+    assert body
+    for k in body:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    assert got["head.weight"].shape == (5, 192)  # classifier re-created for the new task
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        build_pretrained("vit_tiny_patch16_224", num_classes=5, weights=tmp_path / "none.pth")
+
+
+def test_real_data_path_end_to_end_on_tiny_tree(tmp_path: Path) -> None:
+    """--setup domainnet: folder loader + --weights + the loop, on a generated 2-class tree."""
+    from test_ex_data import make_tree
+
+    make_tree(tmp_path / "dn", DOMAINNET_DOMAINS, ["ant", "bee"], per_class=3, split_files=True)
+    torch.manual_seed(0)
+    w = tmp_path / "vit.pth"
+    full = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=3)
+    torch.save(full.state_dict(), w)
+    out = tmp_path / "out"
+    methods = "fedit,lora_fair"
+    main(
+        [
+            "--setup",
+            "domainnet",
+            "--data-root",
+            str(tmp_path / "dn"),
+            "--models",
+            "vit",
+            "--vit-name",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            "32",
+            "--weights",
+            str(w),
+            "--methods",
+            methods,
+            "--rounds",
+            "1",
+            "--batch-size",
+            "4",
+            "--rank",
+            "4",
+            "--workers",
+            "0",
+            "--no-progress",
+            "--no-plots",
+            "--out",
+            str(out),
+        ]
+    )
+    data = json.loads((out / "results.json").read_text())
+    final = data["results"]["vit"]["fedit"]["final"]
+    assert set(final) == {*DOMAINNET_DOMAINS, "avg"}
+    assert _finite(data["results"])
