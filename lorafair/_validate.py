@@ -257,6 +257,35 @@ def stacked(layer: Layer, p: Sequence[float], dtype: torch.dtype) -> LoRAFactors
     return LoRAFactors(A_s, B_s)
 
 
+def stacked_batch(layers: Sequence[Layer], p: Sequence[float], dtype: torch.dtype) -> LoRAFactors:
+    """:func:`stacked` for same-shaped layers at once: ``A_s`` (L, R, d_in), ``B_s`` (L, d_out, R).
+
+    Filled in place, so the only allocation is the batch itself (no per-layer temporaries).
+    """
+    first = layers[0]
+    total = sum(first.ranks)
+    A_s = torch.empty(len(layers), total, first.d_in, dtype=dtype, device=first.device)
+    B_s = torch.empty(len(layers), first.d_out, total, dtype=dtype, device=first.device)
+    for i, layer in enumerate(layers):
+        start = 0
+        for A, B, w in zip(layer.As, layer.Bs, p, strict=True):
+            stop = start + A.shape[0]
+            A_s[i, start:stop].copy_(A).mul_(w)
+            B_s[i, :, start:stop].copy_(B)
+            start = stop
+    return LoRAFactors(A_s, B_s)
+
+
+def chunked(layers: Sequence[Layer], bytes_per_layer: int, budget: int) -> list[list[Layer]]:
+    """Split same-shaped layers into batches whose working set stays within ``budget`` bytes.
+
+    Batching amortises per-call overhead; bounding it keeps peak memory at a fixed budget
+    instead of a multiple of all layers' factors (always at least one layer per batch).
+    """
+    size = max(1, budget // max(1, bytes_per_layer))
+    return [list(layers[i : i + size]) for i in range(0, len(layers), size)]
+
+
 def group_by_shape(layers: Sequence[Layer]) -> list[list[Layer]]:
     """Group layers whose factors have identical shapes, dtype and device (first-seen order)."""
     groups: dict[tuple[object, ...], list[Layer]] = {}

@@ -21,9 +21,11 @@ from lorafair import _linalg
 from lorafair._fair import ResidualSolution, lora_fair, solve_residual
 from lorafair._validate import (
     accumulation_dtype,
+    chunked,
     group_by_shape,
     prepare,
     stacked,
+    stacked_batch,
     weighted_sum,
 )
 from lorafair.errors import FrozenAMismatchError, LoRAFairError
@@ -40,6 +42,10 @@ __all__ = [
 ]
 
 _Clients = Sequence[Mapping[str, "LoRAFactors | tuple[Tensor, Tensor]"]]
+
+# Working-set budget of one batched solve: large enough to amortise per-call overhead over
+# many layers, small enough that peak memory does not scale with the number of layers.
+_BATCH_BYTES = 1 << 28
 
 
 def fedit(clients: _Clients, weights: Sequence[float] | None = None) -> dict[str, LoRAFactors]:
@@ -145,9 +151,11 @@ def flexlora(
 
     ``ΔW`` is never formed: with the stacked factors ``B_s`` (d_out, R), ``A_s`` (R, d_in),
     R = Σ r_k, thin QRs ``B_s = Q_b R_b``, ``A_sᵀ = Q_a R_a`` give ``ΔW = Q_b (R_b R_aᵀ) Q_aᵀ`` and
-    only the R × R core is decomposed. Layers of equal shapes are processed as one batch, in
-    float64. Cost: O((d_out + d_in) R² + R³) flops and O((d_out + d_in) R) memory per layer,
-    against O(d_out d_in min(d_out, d_in)) and O(d_out d_in) for a dense SVD.
+    only the R × R core is decomposed. Layers of equal shapes are processed in float64
+    batches whose working set is capped at 256 MiB (at least one layer per batch), so peak
+    memory does not grow with the number of layers. Cost: O((d_out + d_in) R² + R³) flops and
+    O((d_out + d_in) R) memory per layer, against O(d_out d_in min(d_out, d_in)) flops and a
+    d_out × d_in buffer for a dense SVD.
     Download: rank·(d_in + d_out) per layer.
     """
     if split not in ("balanced", "left"):
@@ -158,18 +166,21 @@ def flexlora(
     p = prep.weights
     out: dict[str, LoRAFactors] = {}
     for group in group_by_shape(list(prep.layers.values())):
-        target = rank if rank is not None else max(group[0].ranks)
-        pairs = [stacked(layer, p, torch.float64) for layer in group]
-        A_s = torch.stack([a for a, _ in pairs])
-        B_s = torch.stack([b for _, b in pairs])
-        U, S, Vh = _linalg.truncated_svd(B_s, A_s, target)
-        if split == "balanced":
-            root = S.sqrt()
-            B = U * root.unsqueeze(-2)
-            A = root.unsqueeze(-1) * Vh
-        else:
-            B = U * S.unsqueeze(-2)
-            A = Vh
-        for i, layer in enumerate(group):
-            out[layer.name] = LoRAFactors(A[i].to(layer.dtype), B[i].to(layer.dtype))
+        first = group[0]
+        target = rank if rank is not None else max(first.ranks)
+        # float64 stacked factors plus the two thin-QR bases: about 3 copies of the stack.
+        per_layer = 3 * 8 * (first.d_out + first.d_in) * sum(first.ranks)
+        for batch in chunked(group, per_layer, _BATCH_BYTES):
+            A_s, B_s = stacked_batch(batch, p, torch.float64)
+            U, S, Vh = _linalg.truncated_svd(B_s, A_s, target)
+            del A_s, B_s
+            if split == "balanced":
+                root = S.sqrt()
+                B = U * root.unsqueeze(-2)
+                A = root.unsqueeze(-1) * Vh
+            else:
+                B = U * S.unsqueeze(-2)
+                A = Vh
+            for i, layer in enumerate(batch):
+                out[layer.name] = LoRAFactors(A[i].to(layer.dtype), B[i].to(layer.dtype))
     return {name: out[name] for name in prep.layers}
