@@ -1,8 +1,9 @@
 """Private batched numerics of the LoRA-FAIR residual solve (see :mod:`lorafair._fair`).
 
 Everything here is float64, batched over a leading layer dimension ``L`` and free of host
-syncs except every ``sync_every`` iterations of :func:`lbfgs` (to stop early once every layer
-has converged). Inputs are trusted (validated in :mod:`lorafair._fair`).
+syncs except every ``sync_every`` iterations of :func:`minimise` (every iteration on CPU) to stop
+early once every layer has converged. Objectives come with closed-form gradients and Hessians
+(no ``torch.func``, no autograd). Inputs are trusted (validated in :mod:`lorafair._fair`).
 
 Two reduced problems, both exactly equivalent to the full ``d_out × r`` problem:
 
@@ -97,32 +98,146 @@ def flat_delta(problem: FlatProblem, x: Tensor) -> Tensor:
     return cols @ problem.V.mT
 
 
+def _reg_value(dsq: Tensor, lam: float, norm: Norm) -> Tensor:
+    return regulariser(dsq, lam, norm)
+
+
+def _reg_grad_coef(dsq: Tensor, lam: float, norm: Norm) -> Tensor:
+    """``c`` with ``∇ reg = c · d`` (``d`` the masked difference): ``2λ`` or ``λ/ρ``."""
+    if norm == "fro_squared":
+        return torch.full_like(dsq, 2.0 * lam)
+    big = dsq > _TINY
+    return torch.where(big, lam / _safe_sqrt(dsq), torch.zeros_like(dsq))
+
+
+def _reg_hessian(d: Tensor, dsq: Tensor, diag: Tensor, lam: float, norm: Norm) -> Tensor:
+    """Hessian of ``reg`` in ``x`` (…, N, N), ``d`` (…, N) the difference, ``diag`` its mask.
+
+    ``"fro_squared"``: ``2λ diag(mask)``. ``"fro"`` (``ρ = ‖d‖``): ``λ (diag(mask)/ρ − d dᵀ/ρ³)``,
+    and 0 where ``ρ² ≤ 1e-300`` (matching the clamped square root's zero derivative).
+    """
+    eye = torch.diag_embed(diag)
+    if norm == "fro_squared":
+        return (2.0 * lam) * eye
+    big = dsq > _TINY
+    rho = _safe_sqrt(dsq)
+    c1 = torch.where(big, lam / rho, torch.zeros_like(rho))
+    c3 = torch.where(big, lam / (rho * rho * rho), torch.zeros_like(rho))
+    outer = d.unsqueeze(-1) * d.unsqueeze(-2)
+    return c1[..., None, None] * eye - c3[..., None, None] * outer
+
+
 def flat_terms(
     x: Tensor, eta: Tensor, beta: Tensor, mask: Tensor, g: Tensor, w: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """``(cos, ‖Δ‖²)`` of one layer's reduced point ``x`` (r, 3) (vmap over layers/candidates).
+    """``(cos, ‖Δ‖²)`` at reduced points ``x`` (…, r, 3); data with the same leading dims.
 
     ``cos = <x, η> / (w sqrt(Σ_i g_i ‖x_i‖²))``; defined as 0 where ``w = 0`` or the product
-    ``B'Ā`` is zero.
+    ``B'Ā`` is zero. Plain batched tensor ops (any number of leading dimensions).
     """
     xm = x * mask
-    s = (xm * eta).sum()
-    n_sq = ((xm * xm).sum(dim=-1) * g).sum()
+    s = (xm * eta).sum(dim=(-2, -1))
+    n_sq = ((xm * xm).sum(dim=-1) * g).sum(dim=-1)
     ok = (w > 0) & (n_sq > 0)
     denom = torch.where(ok, w * _safe_sqrt(n_sq), torch.ones_like(s))
     cos = torch.where(ok, s / denom, torch.zeros_like(s))
     diff = (x - beta) * mask
-    return cos, (diff * diff).sum()
+    return cos, (diff * diff).sum(dim=(-2, -1))
 
 
-def flat_objective(lam: float, norm: Norm) -> Callable[..., Tensor]:
-    """One layer's reduced flat objective ``f(x_flat, eta, beta, mask, g, w)`` (x_flat: 3 r)."""
+class Batched(NamedTuple):
+    """A batched objective: ``values(x (L, S, N), *data) -> (L, S)``; ``value_and_grad(x (L, N),
+    *data) -> ((L,), (L, N))``; ``hessian(x (L, N), *data) -> (L, N, N)``. Closed forms only
+    (no ``torch.func``/autograd), so no per-layer Python loop and no host sync.
+    """
 
-    def fun(xf: Tensor, eta: Tensor, beta: Tensor, mask: Tensor, g: Tensor, w: Tensor) -> Tensor:
-        cos, dsq = flat_terms(xf.reshape(eta.shape), eta, beta, mask, g, w)
-        return 1.0 - cos + regulariser(dsq, lam, norm)
+    values: Callable[..., Tensor]
+    value_and_grad: Callable[..., tuple[Tensor, Tensor]]
+    hessian: Callable[..., Tensor]
 
-    return fun
+
+def flat_objective(lam: float, norm: Norm) -> Batched:
+    """The reduced flat objective ``f(x) = 1 − cos(x) + λ R(x − β)`` with closed-form derivatives.
+
+    Data ``(eta, beta, mask, g, w)`` with shapes (L, r, 3), (L, r, 3), (L, r, 3), (L, r), (L,);
+    ``x`` is the flattened (3 r) point. With ``x̃ = mask ⊙ x``, ``s = <x̃, η>``,
+    ``q = Σ_i g_i ‖x̃_i‖²``, ``n = √q``, ``u = vec(mask ⊙ η)``, ``v = vec(g_i x̃_i)``,
+    ``m = vec(mask)``, ``D = diag(m ⊙ (g ⊗ 1₃))``:
+
+        ∇cos  = u/(w n) − s v/(w n³)
+        ∇²cos = −(u vᵀ + v uᵀ)/(w n³) − s D/(w n³) + 3 s v vᵀ/(w n⁵)
+
+    (0 where ``w = 0`` or ``q = 0``), and for ``d = m ⊙ (x − β)``: ``"fro_squared"``
+    ``∇ = 2λ d``, ``∇² = 2λ diag(m)``; ``"fro"`` (``ρ = ‖d‖``) ``∇ = λ d/ρ``,
+    ``∇² = λ (diag(m)/ρ − d dᵀ/ρ³)``. Cost per layer: O(r) for a value or gradient, O(r²)
+    for the Hessian.
+    """
+
+    def values(x: Tensor, eta: Tensor, beta: Tensor, mask: Tensor, g: Tensor, w: Tensor) -> Tensor:
+        n_layers, n_cand, _ = x.shape
+        data = (eta, beta, mask, g, w)
+        cos, dsq = flat_terms(
+            x.reshape(n_layers, n_cand, *eta.shape[1:]), *(t.unsqueeze(1) for t in data)
+        )
+        return 1.0 - cos + _reg_value(dsq, lam, norm)
+
+    def _parts(
+        x: Tensor, eta: Tensor, beta: Tensor, mask: Tensor, g: Tensor, w: Tensor
+    ) -> tuple[Tensor, ...]:
+        x3 = x.reshape(eta.shape)
+        xm = x3 * mask
+        s = (xm * eta).sum(dim=(-2, -1))
+        v = g.unsqueeze(-1) * xm
+        q = (v * xm).sum(dim=(-2, -1))
+        ok = (w > 0) & (q > 0)
+        n = _safe_sqrt(q)
+        wn = torch.where(ok, w * n, torch.ones_like(n))
+        cos = torch.where(ok, s / wn, torch.zeros_like(s))
+        big = ok & (q > _TINY)
+        c1 = torch.where(ok, 1.0 / wn, torch.zeros_like(wn))  # 1/(w n)
+        c3 = torch.where(big, c1 / torch.where(big, q, torch.ones_like(q)), torch.zeros_like(q))
+        d = (x3 - beta) * mask
+        dsq = (d * d).sum(dim=(-2, -1))
+        return cos, s, v.flatten(-2), (mask * eta).flatten(-2), c1, c3, q, d.flatten(-2), dsq
+
+    def value_and_grad(
+        x: Tensor, eta: Tensor, beta: Tensor, mask: Tensor, g: Tensor, w: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        cos, s, v, u, c1, c3, _, d, dsq = _parts(x, eta, beta, mask, g, w)
+        gcos = c1[:, None] * u - (s * c3)[:, None] * v
+        f = 1.0 - cos + _reg_value(dsq, lam, norm)
+        return f, _reg_grad_coef(dsq, lam, norm)[:, None] * d - gcos
+
+    def hessian(x: Tensor, eta: Tensor, beta: Tensor, mask: Tensor, g: Tensor, w: Tensor) -> Tensor:
+        # Diagonal plus rank 3: ∇²f = diag(δ) + U C Uᵀ with U = [u, v, d] and C symmetric 3 × 3,
+        # built as one batched (N × 3)(3 × N) product plus the diagonal.
+        _, s, v, u, _, c3, q, d, dsq = _parts(x, eta, beta, mask, g, w)
+        m = mask.flatten(-2)
+        gd = (g.unsqueeze(-1) * mask).flatten(-2)
+        c5 = torch.where(c3 != 0, 3.0 * s * c3 / torch.where(c3 != 0, q, torch.ones_like(q)), 0.0)
+        if norm == "fro_squared":
+            r_diag = torch.full_like(dsq, 2.0 * lam)
+            r_outer = torch.zeros_like(dsq)
+        else:
+            big = dsq > _TINY
+            rho = _safe_sqrt(dsq)
+            r_diag = torch.where(big, lam / rho, torch.zeros_like(rho))
+            r_outer = torch.where(big, lam / (rho * rho * rho), torch.zeros_like(rho))
+        delta = r_diag[:, None] * m + (s * c3)[:, None] * gd
+        U = torch.stack([u, v, d], dim=-1)  # (L, N, 3)
+        zero = torch.zeros_like(c3)
+        C = torch.stack(
+            [
+                torch.stack([zero, c3, zero], dim=-1),
+                torch.stack([c3, -c5, zero], dim=-1),
+                torch.stack([zero, zero, -r_outer], dim=-1),
+            ],
+            dim=-2,
+        )
+        hess = (U @ C) @ U.mT
+        return hess + torch.diag_embed(delta)
+
+    return Batched(values, value_and_grad, hessian)
 
 
 def flat_lam0(problem: FlatProblem) -> Tensor:
@@ -156,10 +271,10 @@ def columns_terms(
 ) -> Tensor:
     """Mean over columns ``j`` of ``<X_j, Y_j> / (xn_j ‖Y_j‖)`` with ``Y = left @ Z @ right``.
 
-    One layer (vmap over layers/candidates): ``Z`` (p, q); ``left`` (m, p) or None (identity);
-    ``right`` (q, n) or None; ``X`` (m, n) the projection of ΔW on the coordinates of ``Y``;
-    ``xn`` (n,) the full column norms of ΔW; ``active`` (n,): columns whose cosine can be
-    non-zero (the others count as 0). Cost per evaluation: O(m p q + m q n).
+    Any leading (batch) dimensions, broadcast: ``Z`` (…, p, q); ``left`` (…, m, p) or None
+    (identity); ``right`` (…, q, n) or None; ``X`` (…, m, n) the projection of ΔW on the
+    coordinates of ``Y``; ``xn`` (…, n) the full column norms of ΔW; ``active`` (…, n): columns
+    whose cosine can be non-zero (the others count as 0). Cost: O(m p q + m q n) per point.
     """
     Y = Z
     if left is not None:
@@ -175,40 +290,106 @@ def columns_terms(
 
 def columns_objective(
     lam: float, norm: Norm, shape: tuple[int, int], has_left: bool, has_right: bool
-) -> Callable[..., Tensor]:
-    """One layer's ``f(z_flat, X, xn, active, Z0, left?, right?)`` for the column similarity."""
+) -> Batched:
+    """``f(Z) = 1 − mean_j cos(X_j, Y_j) + λ R(Z − Z0)``, ``Y = left Z right``, closed forms.
 
-    def fun(zf: Tensor, X: Tensor, xn: Tensor, active: Tensor, Z0: Tensor, *lr: Tensor) -> Tensor:
-        Z = zf.reshape(shape)
-        left = lr[0] if has_left else None
-        right = lr[-1] if has_right else None
-        cos = columns_terms(Z, left, right, X, xn, active)
+    Data ``(X, xn, active, Z0, left?, right?)`` (see :func:`columns_terms`), ``Z`` of ``shape``
+    flattened row-major. Per column, with ``a = X_j/xn_j``, ``y = Y_j``, ``ν = ‖y‖``,
+    ``s = <a, y>``: ``∇_y cos_j = a/ν − s y/ν³`` and
+    ``∇²_y cos_j = −(a yᵀ + y aᵀ)/ν³ − s I/ν³ + 3 s y yᵀ/ν⁵``; the chain rule through the linear
+    map gives ``∇_Z = leftᵀ (∇_Y) rightᵀ`` and
+    ``∇²_Z[(a,k),(b,l)] = Σ_j right[k,j] right[l,j] (leftᵀ ∇²_y cos_j left)[a,b] / n``.
+    Regulariser derivatives as in :func:`flat_objective` (mask of ones). Cost: a value or a
+    gradient O(m p q + m q n); the Hessian O(n (m² p + p² q²)) (only used for small ``p q``).
+    """
+    p, q = shape
+
+    def split(lr: tuple[Tensor, ...]) -> tuple[Tensor | None, Tensor | None]:
+        return (lr[0] if has_left else None), (lr[-1] if has_right else None)
+
+    def values(x: Tensor, X: Tensor, xn: Tensor, active: Tensor, Z0: Tensor, *lr: Tensor) -> Tensor:
+        n_layers, n_cand, _ = x.shape
+        Z = x.reshape(n_layers, n_cand, p, q)
+        left, right = split(lr)
+        cos = columns_terms(
+            Z,
+            None if left is None else left.unsqueeze(1),
+            None if right is None else right.unsqueeze(1),
+            X.unsqueeze(1),
+            xn.unsqueeze(1),
+            active.unsqueeze(1),
+        )
+        diff = Z - Z0.unsqueeze(1)
+        return 1.0 - cos + regulariser((diff * diff).sum(dim=(-2, -1)), lam, norm)
+
+    def _parts(
+        x: Tensor, X: Tensor, xn: Tensor, active: Tensor, lr: tuple[Tensor, ...]
+    ) -> tuple[Tensor, ...]:
+        Z = x.reshape(x.shape[0], p, q)
+        left, right = split(lr)
+        Y = Z
+        if left is not None:
+            Y = left @ Y
+        if right is not None:
+            Y = Y @ right
+        inner = (Y * X).sum(dim=-2)
+        nsq = (Y * Y).sum(dim=-2)
+        nu = _safe_sqrt(nsq)
+        xs = torch.where(active, xn, torch.ones_like(xn))
+        big = active & (nsq > _TINY)
+        zero = torch.zeros_like(nu)
+        k1 = torch.where(active, 1.0 / (xs * nu), zero)  # 1/(xn ν)
+        k3 = torch.where(big, 1.0 / (nu * nu * nu), zero)  # 1/ν³
+        s = torch.where(active, inner / xs, zero)  # <a, y>
+        cos = (s * torch.where(active, 1.0 / nu, zero)).mean(dim=-1)
+        return Z, Y, cos, k1, k3, s, xs, nsq
+
+    def value_and_grad(
+        x: Tensor, X: Tensor, xn: Tensor, active: Tensor, Z0: Tensor, *lr: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        Z, Y, cos, k1, k3, s, _, _ = _parts(x, X, xn, active, lr)
+        n_cols = Y.shape[-1]
+        GY = (k1.unsqueeze(-2) * X - (s * k3).unsqueeze(-2) * Y) / n_cols
+        left, right = split(lr)
+        GZ = GY
+        if left is not None:
+            GZ = left.mT @ GZ
+        if right is not None:
+            GZ = GZ @ right.mT
         diff = Z - Z0
-        return 1.0 - cos + regulariser((diff * diff).sum(), lam, norm)
+        dsq = (diff * diff).sum(dim=(-2, -1))
+        f = 1.0 - cos + regulariser(dsq, lam, norm)
+        grad = _reg_grad_coef(dsq, lam, norm)[:, None, None] * diff - GZ
+        return f, grad.flatten(-2)
 
-    return fun
+    def hessian(
+        x: Tensor, X: Tensor, xn: Tensor, active: Tensor, Z0: Tensor, *lr: Tensor
+    ) -> Tensor:
+        Z, Y, _, _, k3, s, xs, nsq = _parts(x, X, xn, active, lr)
+        n_layers, m, n_cols = Y.shape
+        k5 = torch.where(
+            k3 != 0, 3.0 * s * k3 / torch.where(k3 != 0, nsq, torch.ones_like(nsq)), 0.0
+        )
+        a = (X / xs.unsqueeze(-2)).mT  # (L, n, m)
+        y = Y.mT
+        ay = a.unsqueeze(-1) * y.unsqueeze(-2)
+        eye_m = torch.eye(m, dtype=Y.dtype, device=Y.device)
+        Hj = (
+            -k3[..., None, None] * (ay + ay.mT)
+            - (s * k3)[..., None, None] * eye_m
+            + k5[..., None, None] * (y.unsqueeze(-1) * y.unsqueeze(-2))
+        ) / n_cols  # (L, n, m, m): Hessian of cos_j / n in Y_j
+        left, right = split(lr)
+        if left is not None:
+            Hj = left.mT.unsqueeze(1) @ Hj @ left.unsqueeze(1)  # (L, n, p, p)
+        if right is None:
+            right = torch.eye(n_cols, dtype=Y.dtype, device=Y.device).expand(n_layers, -1, -1)
+        hz = torch.einsum("lkj,lqj,ljab->lakbq", right, right, Hj).reshape(n_layers, p * q, p * q)
+        diff = (Z - Z0).flatten(-2)
+        dsq = (diff * diff).sum(dim=-1)
+        return _reg_hessian(diff, dsq, torch.ones_like(diff), lam, norm) - hz
 
-
-class Batched(NamedTuple):
-    """A one-layer objective lifted to batches: values (L, S), value+gradient, Hessian."""
-
-    values: Callable[..., Tensor]
-    value_and_grad: Callable[..., tuple[Tensor, Tensor]]
-    hessian: Callable[..., Tensor]
-
-
-def batched(fun: Callable[..., Tensor], n_data: int) -> Batched:
-    """Lift ``fun(x, *data)`` (one layer, x of shape (N,)) over layers and candidate points."""
-    func = torch.func
-    over_s = func.vmap(fun, in_dims=(0,) + (None,) * n_data)
-    values = func.vmap(over_s)
-
-    def gv(x: Tensor, *data: Tensor) -> tuple[Tensor, Tensor]:
-        grad, value = func.vmap(func.grad_and_value(fun))(x, *data)
-        return value, grad
-
-    hess = func.vmap(func.jacrev(func.jacrev(fun)))  # reverse-over-reverse: no forward AD
-    return Batched(values, gv, hess)
+    return Batched(values, value_and_grad, hessian)
 
 
 def _modified_newton(hess: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
@@ -269,22 +450,24 @@ def minimise(
 ) -> SolveResult:
     """Minimise ``obj`` independently for each of the ``L`` rows of ``x0`` (L, N).
 
-    Direction: Newton's with the exact Hessian (by ``torch.func``), its eigenvalues replaced by
+    Direction: Newton's with the exact (closed-form) Hessian, its eigenvalues replaced by
     their absolute values (bounded below), when ``N <= NEWTON_MAX_UNKNOWNS``; else L-BFGS.
     Step: ``n_steps`` lengths ``shrink**k`` tried in one batched evaluation; per layer the
     longest satisfying Armijo's condition (else the best that lowers the objective), so there
     is no data-dependent control flow and no host sync; ``converged.all()`` is read every
-    ``sync_every`` iterations. A layer has converged when the Hessian is positive definite and
-    the Newton decrement ``gᵀH⁻¹g`` is at most ``tol (1 + |f|)`` (L-BFGS: the step changed the
-    objective by at most ``tol (1 + |f|)`` and the quasi-Newton decrement is that small), or
-    when a step lowers the objective by less than ``1e-3 tol (1 + |f|)`` (an infimum that is
-    only approached, e.g. as a product column shrinks to zero), or when no step length lowers
-    the objective along the steepest-descent direction either (no float64 progress).
+    ``sync_every`` iterations (every iteration on CPU, where that costs no device sync). A
+    layer has converged when the Hessian is positive definite and the Newton decrement
+    ``gᵀH⁻¹g`` is at most ``tol (1 + |f|)`` (L-BFGS: the step changed the objective by at most
+    ``tol (1 + |f|)`` and the quasi-Newton decrement is that small), or when a step lowers the
+    objective by less than ``1e-3 tol (1 + |f|)`` (an infimum that is only approached, e.g. as
+    a product column shrinks to zero), or when no step length lowers the objective along the
+    steepest-descent direction either (no float64 progress).
     Cost per iteration: Newton O(L N³) plus the Hessian; L-BFGS
     O(L N memory) plus ``n_steps + 1`` objective evaluations.
     """
     n_layers, n = x0.shape
     newton = n <= NEWTON_MAX_UNKNOWNS
+    every = 1 if x0.device.type == "cpu" else sync_every  # reading a CPU flag costs no sync
     dev, dt = x0.device, x0.dtype
     x = x0.clone()
     f, g = obj.value_and_grad(x, *data)
@@ -367,6 +550,6 @@ def minimise(
             head = (head + 1) % memory
             filled = min(filled + 1, memory)
         x, f, g = x_new, f_new, g_new
-        if (it + 1) % sync_every == 0 and bool(done.all()):
+        if (it + 1) % every == 0 and bool(done.all()):
             break
     return SolveResult(x, f, iters, done)

@@ -449,3 +449,98 @@ def test_report_errors_name_the_layer() -> None:
         lora_fair_report(clients, {})
     with pytest.raises(LoRAShapeError, match="'fc'"):
         lora_fair_report(clients, {"fc": (agg["fc"].A[:1], agg["fc"].B[:, :1])})
+
+
+# ---------------------------------------------------------------- closed-form derivatives
+def _flat_reference(lam: float, norm: str, eta, beta, mask, g, w):  # type: ignore[no-untyped-def]
+    """The reduced flat objective of one layer, written plainly for autograd."""
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        xm = x.reshape(eta.shape) * mask
+        cos = (xm * eta).sum() / (w * ((xm * xm).sum(-1) * g).sum().sqrt())
+        d = (x.reshape(eta.shape) - beta) * mask
+        reg = (d * d).sum().sqrt() if norm == "fro" else (d * d).sum()
+        return 1 - cos + lam * reg
+
+    return f
+
+
+def _columns_reference(lam: float, norm: str, shape, X, xn, active, Z0, left, right):  # type: ignore[no-untyped-def]
+    def f(z: torch.Tensor) -> torch.Tensor:
+        Z = z.reshape(shape)
+        Y = Z if left is None else left @ Z
+        Y = Y if right is None else Y @ right
+        cos = torch.where(active, (Y * X).sum(0) / (xn * Y.norm(dim=0)), 0.0).mean()
+        d = Z - Z0
+        reg = d.norm() if norm == "fro" else (d * d).sum()
+        return 1 - cos + lam * reg
+
+    return f
+
+
+@pytest.mark.parametrize("norm", ["fro", "fro_squared"])
+def test_flat_closed_form_derivatives_match_autograd(norm) -> None:  # type: ignore[no-untyped-def]
+    from lorafair import _solve
+
+    gen = torch.Generator().manual_seed(21)
+    n_layers, r, lam = 3, 4, 0.3
+    eta = torch.randn(n_layers, r, 3, generator=gen, dtype=F64)
+    beta = torch.randn(n_layers, r, 3, generator=gen, dtype=F64)
+    mask = torch.ones(n_layers, r, 3, dtype=F64)
+    mask[1, :, 2] = 0.0  # a layer with d_out = 2: the third frame direction is missing
+    eta, beta = eta * mask, beta * mask
+    g = torch.rand(n_layers, r, generator=gen, dtype=F64) + 0.1
+    g[2, 0] = 0.0  # a null direction of Ā
+    w = torch.rand(n_layers, generator=gen, dtype=F64) + 0.5
+    x = torch.randn(n_layers, 3 * r, generator=gen, dtype=F64)
+    obj = _solve.flat_objective(lam, norm)  # type: ignore[arg-type]
+    f, grad = obj.value_and_grad(x, eta, beta, mask, g, w)
+    hess = obj.hessian(x, eta, beta, mask, g, w)
+    vals = obj.values(x.unsqueeze(1), eta, beta, mask, g, w).squeeze(1)
+    for i in range(n_layers):
+        ref = _flat_reference(lam, norm, eta[i], beta[i], mask[i], g[i], w[i])
+        xi = x[i].clone().requires_grad_(True)
+        (g_ref,) = torch.autograd.grad(ref(xi), xi)
+        h_ref = torch.autograd.functional.hessian(ref, x[i])
+        torch.testing.assert_close(f[i], ref(x[i]), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(vals[i], ref(x[i]), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad[i], g_ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(hess[i], h_ref, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("norm", ["fro", "fro_squared"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_columns_closed_form_derivatives_match_autograd(norm, side) -> None:  # type: ignore[no-untyped-def]
+    from lorafair import _solve
+
+    gen = torch.Generator().manual_seed(22)
+    n_layers, m, p, q, n, lam = 2, 5, 3, 4, 6, 0.2
+    shape = (p, q) if side == "left" else (m, q)
+    n = q if side == "left" else n
+    X = torch.randn(n_layers, m, n, generator=gen, dtype=F64)
+    xn = X.norm(dim=-2) * 1.3  # full column norms exceed the projected ones
+    active = torch.ones(n_layers, n, dtype=torch.bool)
+    active[0, 1] = False
+    Z0 = torch.randn(n_layers, *shape, generator=gen, dtype=F64)
+    mat = (
+        torch.randn(n_layers, m, p, generator=gen, dtype=F64)
+        if side == "left"
+        else torch.randn(n_layers, q, n, generator=gen, dtype=F64)
+    )
+    x = torch.randn(n_layers, shape[0] * shape[1], generator=gen, dtype=F64)
+    obj = _solve.columns_objective(lam, norm, shape, side == "left", side == "right")  # type: ignore[arg-type]
+    data = (X, xn, active, Z0, mat)
+    f, grad = obj.value_and_grad(x, *data)
+    hess = obj.hessian(x, *data)
+    vals = obj.values(x.unsqueeze(1), *data).squeeze(1)
+    for i in range(n_layers):
+        left = mat[i] if side == "left" else None
+        right = mat[i] if side == "right" else None
+        ref = _columns_reference(lam, norm, shape, X[i], xn[i], active[i], Z0[i], left, right)
+        xi = x[i].clone().requires_grad_(True)
+        (g_ref,) = torch.autograd.grad(ref(xi), xi)
+        h_ref = torch.autograd.functional.hessian(ref, x[i])
+        torch.testing.assert_close(f[i], ref(x[i]), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(vals[i], ref(x[i]), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad[i], g_ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(hess[i], h_ref, rtol=1e-9, atol=1e-11)
