@@ -18,7 +18,6 @@ aggregator sees the true update ``ΔW_k = s B_k A_k`` whatever ``alpha`` is.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, get_args
@@ -184,14 +183,7 @@ def server_step(
     elif method == "flexlora":
         out = flexlora(facs, p, rank=rank, split=flexlora_split)
     elif method == "lora_fair":
-        with warnings.catch_warnings():
-            # torch 2.14 warns (FutureWarning, once per process) that torch.jit.script is
-            # deprecated when torch.func's forward-mode AD, which the LoRA-FAIR solver uses,
-            # first loads its decompositions. It is torch-internal and harmless here.
-            warnings.filterwarnings(
-                "ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning
-            )
-            out = lora_fair(facs, p, lam=lam, residual_on=residual_on)
+        out = lora_fair(facs, p, lam=lam, residual_on=residual_on)
         if diagnostics:
             diag = _fair_diagnostics(facs, out, p)
     elif method == "flora":
