@@ -183,6 +183,23 @@ def _check_finite(layers: Mapping[str, Layer]) -> None:
             raise NonFiniteError(f"layer {name!r}: client {k} has NaN or Inf in {label}")
 
 
+def same_keys(mappings: Sequence[Mapping[str, object]], *, noun: str) -> list[str]:
+    """Client 0's keys, after checking every client has exactly them (naming the first odd one)."""
+    names = list(mappings[0].keys())
+    reference = set(names)
+    for k, m in enumerate(mappings[1:], start=1):
+        keys = set(m.keys())
+        if keys != reference:
+            missing = [n for n in names if n not in keys]
+            if missing:
+                raise LayerKeyError(
+                    f"client {k} is missing {noun} {missing[0]!r} (client 0 has it)"
+                )
+            extra = sorted(str(n) for n in keys - reference)
+            raise LayerKeyError(f"client {k} has {noun} {extra[0]!r} that client 0 does not have")
+    return names
+
+
 def prepare(
     clients: Sequence[ClientFactors],
     weights: Sequence[float] | None,
@@ -210,18 +227,9 @@ def prepare(
             raise LayerKeyError(
                 f"client {k} must be a mapping of layer name to (A, B), got {type(c).__name__}"
             )
-    names = list(clients[0].keys())
+    names = same_keys(clients, noun="layer")
     if not names:
         raise EmptyClientsError("client 0 has no layers")
-    reference = set(names)
-    for k, c in enumerate(clients[1:], start=1):
-        keys = set(c.keys())
-        if keys != reference:
-            missing = [n for n in names if n not in keys]
-            if missing:
-                raise LayerKeyError(f"client {k} is missing layer {missing[0]!r} (client 0 has it)")
-            extra = sorted(str(n) for n in keys - reference)
-            raise LayerKeyError(f"client {k} has layer {extra[0]!r} that client 0 does not have")
     p = normalise_weights(weights, len(clients))
     layers: dict[str, Layer] = {}
     for name in names:

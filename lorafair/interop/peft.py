@@ -34,7 +34,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from lorafair._validate import normalise_weights
+from lorafair._validate import normalise_weights, same_keys, weighted_sum
 from lorafair.errors import (
     DtypeMismatchError,
     EmptyClientsError,
@@ -240,14 +240,7 @@ def fedavg_others(
     if not others:
         raise EmptyClientsError("no clients to average")
     p = normalise_weights(weights, len(others))
-    names = list(others[0].keys())
-    for k, o in enumerate(others[1:], start=1):
-        if set(o.keys()) != set(names):
-            missing = [n for n in names if n not in o]
-            if missing:
-                raise LayerKeyError(f"client {k} is missing key {missing[0]!r} (client 0 has it)")
-            extra = sorted(n for n in o if n not in others[0])
-            raise LayerKeyError(f"client {k} has key {extra[0]!r} that client 0 does not have")
+    names = same_keys(others, noun="key")
     out: dict[str, Tensor] = {}
     for name in names:
         ts = [o[name] for o in others]
@@ -269,10 +262,7 @@ def fedavg_others(
                 if not bool(torch.isfinite(t).all()):
                     raise NonFiniteError(f"key {name!r}: client {k} has NaN or Inf")
             acc = torch.complex128 if t0.is_complex() else torch.float64
-            total = ts[0].to(acc) * p[0]
-            for t, w in zip(ts[1:], p[1:], strict=True):
-                total.add_(t.to(acc), alpha=w)
-            out[name] = total.to(t0.dtype)
+            out[name] = weighted_sum(ts, p, acc).to(t0.dtype)
         else:
             if nonfloat == "equal":
                 for k, t in enumerate(ts[1:], start=1):
