@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-from lorafair import _linalg, _solve
+from lorafair import _flat, _linalg, _solve
 from lorafair._validate import Layer, accumulation_dtype, group_by_shape, prepare, weighted_sum
 from lorafair.errors import LayerKeyError, LoRAFairError, LoRAShapeError
 from lorafair.types import LoRAFactors
@@ -102,17 +103,60 @@ def _check_options(
 
 @dataclass
 class _Group:
-    """Same-shaped layers stacked along a leading batch dimension ``L``."""
+    """Same-shaped layers stacked along a leading batch dimension ``L`` (R = Σ r_k)."""
 
-    names: list[str]
-    dtype: torch.dtype
-    r: int
-    A_acc: Tensor  # (L, r, d_in) FedIT's Ā in the accumulation dtype (zero-padded to r)
-    B_acc: Tensor  # (L, d_out, r) FedIT's B̄ in the accumulation dtype
-    Abar: Tensor  # (L, r, d_in) float64
-    Bbar: Tensor  # (L, d_out, r) float64
-    A_s: Tensor  # (L, Σr_k, d_in) float64, rows p_k A_k
-    B_s: Tensor  # (L, d_out, Σr_k) float64
+    layers: list[Layer]
+    p: Sequence[float]
+    A_u: Tensor  # (L, R, d_in) float64, the clients' A_k stacked (unweighted)
+    B_s: Tensor  # (L, d_out, R) float64, the clients' B_k side by side
+    pw: Tensor  # (R,) float64, p_k on client k's rows: ΔW = B_s diag(pw) A_u
+    E: Tensor  # (R, r) float64, block k = p_k I (zero-padded to r): Ā = Eᵀ A_u, B̄ = B_s E
+
+    @property
+    def names(self) -> list[str]:
+        return [ly.name for ly in self.layers]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].dtype
+
+    @property
+    def r(self) -> int:
+        return int(self.E.shape[-1])
+
+    @cached_property
+    def A_s(self) -> Tensor:
+        """(L, R, d_in) float64, rows ``p_k A_k`` (so ``ΔW = B_s A_s``)."""
+        return self.A_u * self.pw[:, None]
+
+    @cached_property
+    def Abar(self) -> Tensor:
+        """(L, r, d_in) float64 ``Ā``."""
+        return self.E.mT @ self.A_u
+
+    @cached_property
+    def Bbar(self) -> Tensor:
+        """(L, d_out, r) float64 ``B̄``."""
+        return self.B_s @ self.E
+
+    @cached_property
+    def A_acc(self) -> Tensor:
+        """(L, r, d_in) FedIT's ``Ā`` in the accumulation dtype, exactly as :func:`fedit` sums."""
+        acc = accumulation_dtype(self.dtype)
+        return torch.stack(
+            [weighted_sum([_pad_rows(a, self.r) for a in ly.As], self.p, acc) for ly in self.layers]
+        )
+
+    @cached_property
+    def B_acc(self) -> Tensor:
+        """(L, d_out, r) FedIT's ``B̄`` in the accumulation dtype, exactly as :func:`fedit` sums."""
+        acc = accumulation_dtype(self.dtype)
+        return torch.stack(
+            [
+                weighted_sum([_pad_rows(b.mT, self.r).mT for b in ly.Bs], self.p, acc)
+                for ly in self.layers
+            ]
+        )
 
 
 def _pad_rows(t: Tensor, r: int) -> Tensor:
@@ -124,39 +168,29 @@ def _pad_rows(t: Tensor, r: int) -> Tensor:
 
 
 def _build_group(layers: list[Layer], p: Sequence[float]) -> _Group:
-    """Stack same-shaped layers: one float64 copy of the stacked factors, nothing else large.
+    """Stack same-shaped layers: one float64 copy of the clients' factors, nothing else large.
 
-    ``A_s``/``B_s`` are written by ``cat(..., out=)`` straight into one float64 buffer per
-    factor (no per-client stacks, no input-dtype intermediate); ``Ā``/``B̄`` are summed from
-    blocks of those buffers. FedIT's ``A_acc``/``B_acc`` are computed per layer exactly as
-    :func:`fedit` does (bit-identical) and stacked.
+    ``A_u``/``B_s`` are written by ``cat(..., out=)`` straight into one float64 buffer per factor
+    (no per-client stacks, no input-dtype intermediate); the weights stay in the small ``pw``
+    and ``E``, so the stacks are never rescaled.
     """
     ranks = layers[0].ranks
     r = max(ranks)
     n = len(layers)
-    dtype = layers[0].dtype
     dev = layers[0].device
     d_out, d_in = layers[0].d_out, layers[0].d_in
-    acc = accumulation_dtype(dtype)
-    A_acc = torch.stack([weighted_sum([_pad_rows(a, r) for a in ly.As], p, acc) for ly in layers])
-    B_acc = torch.stack(
-        [weighted_sum([_pad_rows(b.mT, r).mT for b in ly.Bs], p, acc) for ly in layers]
-    )
-    A_s = torch.empty(n, sum(ranks), d_in, dtype=_F64, device=dev)
+    A_u = torch.empty(n, sum(ranks), d_in, dtype=_F64, device=dev)
     B_s = torch.empty(n, d_out, sum(ranks), dtype=_F64, device=dev)
     for i, layer in enumerate(layers):
-        torch.cat(layer.As, dim=0, out=A_s[i])
+        torch.cat(layer.As, dim=0, out=A_u[i])
         torch.cat(layer.Bs, dim=1, out=B_s[i])
-    Abar = A_s.new_zeros(n, r, d_in)
-    Bbar = B_s.new_zeros(n, d_out, r)
+    pw = torch.cat([torch.full((rk,), w, dtype=_F64) for rk, w in zip(ranks, p, strict=True)])
+    E = torch.zeros(sum(ranks), r, dtype=_F64)
     start = 0
     for rk, w in zip(ranks, p, strict=True):
-        sl = slice(start, start + rk)
+        E[start : start + rk, :rk] = w * torch.eye(rk, dtype=_F64)
         start += rk
-        A_s[:, sl] *= w  # rows p_k A_k
-        Abar[:, :rk] += A_s[:, sl]
-        Bbar[..., :rk].add_(B_s[..., sl], alpha=w)
-    return _Group([layer.name for layer in layers], dtype, r, A_acc, B_acc, Abar, Bbar, A_s, B_s)
+    return _Group(list(layers), p, A_u, B_s, pw.to(dev), E.to(dev))
 
 
 class _Solved(NamedTuple):
@@ -176,66 +210,145 @@ def _pick(f_runs: Tensor, f_zero: Tensor, single: bool) -> tuple[Tensor, Tensor]
 
 
 def _update_norm(grp: _Group) -> Tensor:
-    """``‖ΔW‖_F = ‖B_s A_s‖_F`` per layer (L,), float64, never forming ``ΔW``.
+    """``‖ΔW‖_F = ‖B_s diag(pw) A_u‖_F`` per layer (L,), float64, never forming ``ΔW``.
 
     float64 inputs: a thin QR of the factor with fewer rows (``‖B_s A_s‖ = ‖A_sᵀ B_sᵀ‖``), whose
     relative error is about ``ε κ`` (``κ = ‖B_s‖‖A_s‖/‖ΔW‖``, no cancellation). Narrower inputs
-    (float32/16, bfloat16): the float64 Gram trace ``tr((B_sᵀB_s)(A_s A_sᵀ))``, two GEMMs and no
-    Householder sweep; its relative error is about ``d ε₆₄ κ²``, below the inputs' own rounding
-    (``ε₃₂ κ``) unless ``κ ≳ 10⁵``, i.e. unless the clients' updates cancel almost exactly.
-    Cost: O((d_out + d_in) R²) either way (R = Σ r_k).
+    (float32/16, bfloat16): the float64 Gram trace ``<B_sᵀB_s, pw pwᵀ ⊙ A_u A_uᵀ>``, two GEMMs
+    and no Householder sweep; its relative error is about ``d ε₆₄ κ²``, below the inputs' own
+    rounding (``ε₃₂ κ``) unless ``κ ≳ 10⁵``, i.e. unless the clients' updates cancel almost
+    exactly. Cost: O((d_out + d_in) R²) either way (R = Σ r_k).
     """
     if grp.dtype != _F64:
-        gram = ((grp.B_s.mT @ grp.B_s) * (grp.A_s @ grp.A_s.mT)).sum(dim=(-2, -1))
-        return torch.sqrt(torch.clamp(gram, min=0.0))
+        return _gram_norm(grp.B_s.mT @ grp.B_s, grp.A_u @ grp.A_u.mT, grp.pw)
     if grp.A_s.shape[-1] < grp.B_s.shape[-2]:
         return _linalg.fro_norm(grp.A_s.mT, grp.B_s.mT)
     return _linalg.fro_norm(grp.B_s, grp.A_s)
 
 
+def _gram_norm(M_B: Tensor, M_A: Tensor, pw: Tensor) -> Tensor:
+    """``‖B diag(pw) A‖_F`` from ``M_B = BᵀB`` and ``M_A = AAᵀ`` (R × R each)."""
+    gram = (M_B * M_A * (pw[:, None] * pw[None, :])).sum(dim=(-2, -1))
+    return torch.sqrt(torch.clamp(gram, min=0.0))
+
+
+def _flat_sides(grp: _Group, opts: _Options) -> tuple[Tensor, Tensor]:
+    """``(P_u, Q_u)`` with ``ΔW' = P_u diag(pw) Q_u``, the corrected ``P = P_u E`` and the fixed
+    ``Q = Eᵀ Q_u``: ``(B_s, A_u)`` for ``"B"``; ``(A_uᵀ, B_sᵀ)`` for ``"A"`` (transposed)."""
+    if opts.residual_on == "B":
+        return grp.B_s, grp.A_u
+    return grp.A_u.mT, grp.B_s.mT
+
+
+def _flat_reduce(grp: _Group, opts: _Options) -> tuple[_flat.Reduced, Tensor]:
+    """The family solver's data and ``N = diag(pw) Q_u Qᵀ`` (L, R, r), so ``H = ΔW' Qᵀ = P_u N``.
+
+    float64 inputs: ``H`` and ``P`` explicitly (accurate to ε even when clients cancel), ‖ΔW‖ by a
+    thin QR. Narrower inputs: everything from the two R × R Grams ``M_P = P_uᵀP_u`` and
+    ``M_Q = Q_u Q_uᵀ`` (``G = Eᵀ M_Q E``, ``N = diag(pw) M_Q E``, ``HᵀH = Nᵀ M_P N``,
+    ``HᵀP = Nᵀ M_P E``, ``PᵀP = Eᵀ M_P E``, ``‖ΔW‖² = <M_P, pw pwᵀ ⊙ M_Q>``), whose error
+    ``ε₆₄ κ²`` stays below the inputs' own rounding (see :func:`_update_norm`).
+    Cost O((d + e) R²) flops (the Grams) or O((d + e) R r) plus a QR (float64).
+    """
+    P_u, Q_u = _flat_sides(grp, opts)
+    E, pw = grp.E, grp.pw
+    if grp.dtype == _F64:
+        Q = E.mT @ Q_u
+        N = pw[:, None] * (Q_u @ Q.mT)
+        red = _flat.reduced_from_columns(Q @ Q.mT, P_u @ N, P_u @ E, _update_norm(grp))
+        return red, N
+    M_P = P_u.mT @ P_u
+    M_Q = Q_u @ Q_u.mT
+    N = pw[:, None] * (M_Q @ E)
+    MN = M_P @ N
+    red = _flat.reduced_from_grams(
+        E.mT @ M_Q @ E, N.mT @ MN, MN.mT @ E, E.mT @ M_P @ E, _gram_norm(M_P, M_Q, pw)
+    )
+    return red, N
+
+
 def _solve_flat(groups: list[_Group], opts: _Options, single: bool) -> list[_Solved]:
-    """Reduce each group to ``r × 3`` problems, solve all groups sharing ``r`` in one batch."""
-    problems: list[_solve.FlatProblem] = []
-    for grp in groups:
-        w = _update_norm(grp)
-        if opts.residual_on == "B":
-            G = grp.Abar @ grp.Abar.mT
-            H = grp.B_s @ (grp.A_s @ grp.Abar.mT)
-            base = grp.Bbar
-        else:  # transposed problem: B̄ (Ā + ΔA) ~ ΔW  <=>  (Āᵀ + ΔAᵀ) B̄ᵀ ~ ΔWᵀ
-            G = grp.Bbar.mT @ grp.Bbar
-            H = grp.A_s.mT @ (grp.B_s.mT @ grp.Bbar)
-            base = grp.Abar.mT
-        problems.append(_solve.flat_reduce(G, H, base, w))
+    """Solve every group's flat problem, all groups sharing ``r`` in one batch (see :mod:`_flat`).
+
+    Layers the two-parameter solve cannot certify are re-solved by the general ``r × 3`` solver.
+    """
+    reduced = [_flat_reduce(grp, opts) for grp in groups]
     out: list[_Solved | None] = [None] * len(groups)
     buckets: dict[tuple[int, torch.device], list[int]] = {}
     for i, grp in enumerate(groups):
-        buckets.setdefault((grp.r, grp.Abar.device), []).append(i)
+        buckets.setdefault((grp.r, grp.B_s.device), []).append(i)
     for idx in buckets.values():
-        parts = [problems[i] for i in idx]
-        empty = parts[0].eta.new_zeros(0)
-        joint = _solve.FlatProblem(
-            torch.cat([q.eta for q in parts]),
-            torch.cat([q.beta for q in parts]),
-            torch.cat([q.mask for q in parts]),
-            torch.cat([q.g for q in parts]),
-            torch.cat([q.w for q in parts]),
-            empty,
-            empty,
+        joint = _flat.Reduced(*(torch.cat([reduced[i][0][j] for i in idx]) for j in range(6)))
+        wide = torch.cat(
+            [
+                torch.full(
+                    (groups[i].B_s.shape[0],),
+                    _flat_sides(groups[i], opts)[0].shape[-2] >= 3,
+                    device=joint.g.device,
+                )
+                for i in idx
+            ]
         )
-        x_sol, iters, conv = _flat_minimise(joint, opts, single)
-        cos, dsq = _solve.flat_terms(x_sol, *joint[:5])
-        obj = 1.0 - cos + _solve.regulariser(dsq, opts.lam, opts.norm)
+        sol = _flat.solve(
+            joint,
+            wide,
+            lam=opts.lam,
+            norm=opts.norm,
+            tol=opts.tol,
+            max_iter=opts.max_iter,
+            single=single,
+        )
         start = 0
         for i in idx:
-            n = problems[i].eta.shape[0]
+            grp = groups[i]
+            n = grp.B_s.shape[0]
             sl = slice(start, start + n)
             start += n
-            delta = _solve.flat_delta(problems[i], x_sol[sl])
+            red, N = reduced[i]
+            V = red.V
+            X = (V * sol.x[sl].unsqueeze(-2)) @ V.mT
+            Y = (V * sol.y[sl].unsqueeze(-2)) @ V.mT
+            delta = _flat_sides(grp, opts)[0] @ (N @ X - grp.E @ Y)
+            obj, cos = sol.objective[sl], sol.cosine[sl]
+            iters, conv = sol.iterations[sl], sol.converged[sl]
+            bad = ~sol.certified[sl]
+            if bool(bad.any()):
+                fb = _solve_flat_general(grp, opts, single, bad)
+                delta, obj, cos = delta.clone(), obj.clone(), cos.clone()
+                iters, conv = iters.clone(), conv.clone()
+                delta[bad] = fb.delta
+                obj[bad], cos[bad], iters[bad], conv[bad] = (
+                    fb.objective,
+                    fb.cosine,
+                    fb.iterations,
+                    fb.converged,
+                )
             if opts.residual_on == "A":
                 delta = delta.mT
-            out[i] = _Solved(delta, obj[sl], cos[sl], iters[sl], conv[sl])
+            out[i] = _Solved(delta, obj, cos, iters, conv)
     return [s for s in out if s is not None]
+
+
+def _solve_flat_general(grp: _Group, opts: _Options, single: bool, rows: Tensor) -> _Solved:
+    """The general ``r × 3`` reduction (:func:`_solve.flat_reduce`) for the layers ``rows``.
+
+    Returns ``ΔP`` in the corrected factor's orientation (``d × r``), float64.
+    """
+    Abar, Bbar = grp.Abar[rows], grp.Bbar[rows]
+    A_s, B_s = grp.A_s[rows], grp.B_s[rows]
+    if opts.residual_on == "B":
+        G = Abar @ Abar.mT
+        H = B_s @ (A_s @ Abar.mT)
+        base = Bbar
+    else:  # transposed problem: B̄ (Ā + ΔA) ~ ΔW  <=>  (Āᵀ + ΔAᵀ) B̄ᵀ ~ ΔWᵀ
+        G = Bbar.mT @ Bbar
+        H = A_s.mT @ (B_s.mT @ Bbar)
+        base = Abar.mT
+    problem = _solve.flat_reduce(G, H, base, _update_norm(grp)[rows])
+    x_sol, iters, conv = _flat_minimise(problem, opts, single)
+    cos, dsq = _solve.flat_terms(x_sol, *problem[:5])
+    obj = 1.0 - cos + _solve.regulariser(dsq, opts.lam, opts.norm)
+    return _Solved(_solve.flat_delta(problem, x_sol), obj, cos, iters, conv)
 
 
 def _flat_minimise(
