@@ -13,12 +13,22 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal, NamedTuple
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
 from lorafair import _flat, _linalg, _solve
-from lorafair._validate import Layer, accumulation_dtype, group_by_shape, prepare, weighted_sum
-from lorafair.errors import LayerKeyError, LoRAFairError, LoRAShapeError
+from lorafair._validate import (
+    Layer,
+    Prepared,
+    accumulation_dtype,
+    group_by_shape,
+    prepare,
+    raise_if_nonfinite,
+    weighted_sum,
+)
+from lorafair.errors import LayerKeyError, LoRAFairError, LoRAShapeError, NonFiniteError
 from lorafair.types import LoRAFactors
 
 __all__ = ["FairReport", "ResidualSolution", "lora_fair", "lora_fair_report", "solve_residual"]
@@ -103,12 +113,15 @@ def _check_options(
 
 @dataclass
 class _Group:
-    """Same-shaped layers stacked along a leading batch dimension ``L`` (R = Σ r_k)."""
+    """Same-shaped layers batched along a leading dimension ``L`` (R = Σ r_k).
+
+    The float64 stacks ``A_u`` (L, R, d_in) and ``B_s`` (L, d_out, R) are built on first use;
+    the narrow-dtype flat path never builds them (it converts one layer at a time into a reused
+    buffer, see :func:`_layer_grams`).
+    """
 
     layers: list[Layer]
     p: Sequence[float]
-    A_u: Tensor  # (L, R, d_in) float64, the clients' A_k stacked (unweighted)
-    B_s: Tensor  # (L, d_out, R) float64, the clients' B_k side by side
     pw: Tensor  # (R,) float64, p_k on client k's rows: ΔW = B_s diag(pw) A_u
     E: Tensor  # (R, r) float64, block k = p_k I (zero-padded to r): Ā = Eᵀ A_u, B̄ = B_s E
 
@@ -121,8 +134,34 @@ class _Group:
         return self.layers[0].dtype
 
     @property
+    def device(self) -> torch.device:
+        return self.layers[0].device
+
+    @property
+    def n(self) -> int:
+        return len(self.layers)
+
+    @property
     def r(self) -> int:
         return int(self.E.shape[-1])
+
+    @cached_property
+    def A_u(self) -> Tensor:
+        """(L, R, d_in) float64, the clients' ``A_k`` stacked (unweighted)."""
+        first = self.layers[0]
+        out = torch.empty(self.n, sum(first.ranks), first.d_in, dtype=_F64, device=self.device)
+        for i, layer in enumerate(self.layers):
+            torch.cat(layer.As, dim=0, out=out[i])
+        return out
+
+    @cached_property
+    def B_s(self) -> Tensor:
+        """(L, d_out, R) float64, the clients' ``B_k`` side by side."""
+        first = self.layers[0]
+        out = torch.empty(self.n, first.d_out, sum(first.ranks), dtype=_F64, device=self.device)
+        for i, layer in enumerate(self.layers):
+            torch.cat(layer.Bs, dim=1, out=out[i])
+        return out
 
     @cached_property
     def A_s(self) -> Tensor:
@@ -168,37 +207,155 @@ def _pad_rows(t: Tensor, r: int) -> Tensor:
 
 
 def _build_group(layers: list[Layer], p: Sequence[float]) -> _Group:
-    """Stack same-shaped layers: one float64 copy of the clients' factors, nothing else large.
-
-    ``A_u``/``B_s`` are written by ``cat(..., out=)`` straight into one float64 buffer per factor
-    (no per-client stacks, no input-dtype intermediate); the weights stay in the small ``pw``
-    and ``E``, so the stacks are never rescaled.
-    """
+    """Same-shaped layers as one group; the weights live in the small ``pw`` and ``E``."""
     ranks = layers[0].ranks
     r = max(ranks)
-    n = len(layers)
-    dev = layers[0].device
-    d_out, d_in = layers[0].d_out, layers[0].d_in
-    A_u = torch.empty(n, sum(ranks), d_in, dtype=_F64, device=dev)
-    B_s = torch.empty(n, d_out, sum(ranks), dtype=_F64, device=dev)
-    for i, layer in enumerate(layers):
-        torch.cat(layer.As, dim=0, out=A_u[i])
-        torch.cat(layer.Bs, dim=1, out=B_s[i])
     pw = torch.cat([torch.full((rk,), w, dtype=_F64) for rk, w in zip(ranks, p, strict=True)])
     E = torch.zeros(sum(ranks), r, dtype=_F64)
     start = 0
     for rk, w in zip(ranks, p, strict=True):
         E[start : start + rk, :rk] = w * torch.eye(rk, dtype=_F64)
         start += rk
-    return _Group(list(layers), p, A_u, B_s, pw.to(dev), E.to(dev))
+    dev = layers[0].device
+    return _Group(list(layers), p, pw.to(dev), E.to(dev))
+
+
+def _stacked_layer(layer: Layer, side: Literal["A", "B"], buf: Tensor) -> Tensor:
+    """One layer's ``A_u`` (R, d_in) or ``B_s`` (d_out, R) converted into the float64 ``buf``."""
+    if side == "A":
+        return torch.cat(layer.As, dim=0, out=buf)
+    return torch.cat(layer.Bs, dim=1, out=buf)
+
+
+def _stacked_layer_host(
+    layer: Layer, side: Literal["A", "B"], buf: npt.NDArray[np.float64]
+) -> None:
+    """:func:`_stacked_layer` for CPU tensors into a NumPy buffer (``B_s`` as ``B_sᵀ``, R × d)."""
+    start = 0
+    for A, B in zip(layer.As, layer.Bs, strict=True):
+        rk = A.shape[0]
+        t = A if side == "A" else B.mT
+        if t.dtype == torch.bfloat16:  # NumPy has no bfloat16; float32 holds it exactly
+            t = t.float()
+        buf[start : start + rk] = t.numpy(force=True)
+        start += rk
+
+
+def _layer_grams(grp: _Group) -> tuple[Tensor, Tensor]:
+    """``M_A = A_u A_uᵀ`` and ``M_B = B_sᵀ B_s`` (L, R, R), float64, one layer at a time.
+
+    Each layer's factors are converted into two reused float64 buffers (a few MB, cache-sized)
+    instead of one float64 copy of the whole group: same flops, no large fresh allocation. On
+    CPU the buffers are NumPy arrays and ``X Xᵀ`` goes through NumPy's matmul, which hands a
+    product of a matrix with its own transpose to BLAS ``syrk`` (half the flops of the general
+    product torch runs).
+    """
+    first = grp.layers[0]
+    R = sum(first.ranks)
+    if grp.device.type == "cpu":
+        host_a = np.empty((R, first.d_in))
+        host_b = np.empty((R, first.d_out))
+        MA = np.empty((grp.n, R, R))
+        MB = np.empty((grp.n, R, R))
+        for i, layer in enumerate(grp.layers):
+            _stacked_layer_host(layer, "A", host_a)
+            _stacked_layer_host(layer, "B", host_b)
+            np.matmul(host_a, host_a.T, out=MA[i])
+            np.matmul(host_b, host_b.T, out=MB[i])
+        return torch.from_numpy(MA), torch.from_numpy(MB)
+    buf_a = torch.empty(R, first.d_in, dtype=_F64, device=grp.device)
+    buf_b = torch.empty(first.d_out, R, dtype=_F64, device=grp.device)
+    M_A = torch.empty(grp.n, R, R, dtype=_F64, device=grp.device)
+    M_B = torch.empty(grp.n, R, R, dtype=_F64, device=grp.device)
+    for i, layer in enumerate(grp.layers):
+        a = _stacked_layer(layer, "A", buf_a)
+        b = _stacked_layer(layer, "B", buf_b)
+        torch.matmul(a, a.mT, out=M_A[i])
+        torch.matmul(b.mT, b, out=M_B[i])
+    return M_A, M_B
+
+
+def _p_times(grp: _Group, opts: _Options, coef: Tensor) -> Tensor:
+    """``P_u @ coef`` (L, d, r) float64 for the corrected side ``P_u`` (see :func:`_flat_sides`).
+
+    From the float64 stacks when they exist (float64 inputs), else one layer at a time through
+    a reused buffer (NumPy on CPU, as in :func:`_layer_grams`). Computed as ``(coefᵀ P_uᵀ)ᵀ``:
+    BLAS runs the tall-skinny product about twice as fast with the long dimension last.
+    """
+    if grp.dtype == _F64:
+        P_u = _flat_sides(grp, opts)[0]
+        return (coef.mT @ P_u.mT).mT
+    first = grp.layers[0]
+    R = sum(first.ranks)
+    side: Literal["A", "B"] = "B" if opts.residual_on == "B" else "A"
+    d = first.d_out if side == "B" else first.d_in
+    if grp.device.type == "cpu":
+        host = np.empty((R, d))
+        coef_t = coef.mT.numpy()
+        out_np = np.empty((grp.n, grp.r, d))
+        for i, layer in enumerate(grp.layers):
+            _stacked_layer_host(layer, side, host)
+            np.matmul(coef_t[i], host, out=out_np[i])
+        return torch.from_numpy(out_np).mT
+    out = torch.empty(grp.n, grp.r, d, dtype=_F64, device=grp.device)
+    if side == "B":
+        buf = torch.empty(first.d_out, R, dtype=_F64, device=grp.device)
+        for i, layer in enumerate(grp.layers):
+            torch.matmul(coef[i].mT, _stacked_layer(layer, "B", buf).mT, out=out[i])
+    else:
+        buf = torch.empty(R, first.d_in, dtype=_F64, device=grp.device)
+        for i, layer in enumerate(grp.layers):
+            torch.matmul(coef[i].mT, _stacked_layer(layer, "A", buf), out=out[i])
+    return out.mT
 
 
 class _Solved(NamedTuple):
-    delta: Tensor  # float64, (L, d_out, r) or (L, r, d_in)
+    """A group's residuals: ``ΔP = P_u coef`` (flat) plus ``extra`` (explicit, float64, in the
+    corrected factor's own orientation: (L, d_out, r) for ΔB, (L, r, d_in) for ΔA)."""
+
     objective: Tensor  # (L,)
     cosine: Tensor  # (L,)
     iterations: Tensor  # (L,)
     converged: Tensor  # (L,)
+    coef: Tensor | None = None  # (L, R, r)
+    extra: Tensor | None = None
+
+
+def _orient(t: Tensor, opts: _Options) -> Tensor:
+    """From the corrected factor ``P`` (d × r) orientation to ``ΔB`` (as is) or ``ΔA`` (``Pᵀ``)."""
+    return t if opts.residual_on == "B" else t.mT
+
+
+def _delta(grp: _Group, sol: _Solved, opts: _Options) -> Tensor:
+    """The explicit residual (L, …) in float64 (one ``(d × R)(R × r)`` GEMM per layer)."""
+    parts = []
+    if sol.coef is not None:
+        parts.append(_orient(_p_times(grp, opts, sol.coef), opts))
+    if sol.extra is not None:
+        parts.append(sol.extra)
+    return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
+
+def _corrected(grp: _Group, sol: _Solved, opts: _Options) -> Tensor:
+    """The corrected factor (``B̄ + ΔB`` or ``Ā + ΔA``, L layers) in the inputs' dtype.
+
+    Flat: one float64 GEMM ``P_u (E + coef)`` per layer, rounded once. Layers whose residual is
+    exactly zero return FedIT's factor bit for bit.
+    """
+    acc = grp.B_acc if opts.residual_on == "B" else grp.A_acc
+    if sol.coef is None:
+        assert sol.extra is not None
+        return (acc + sol.extra.to(acc.dtype)).to(grp.dtype)
+    full = _orient(_p_times(grp, opts, grp.E + sol.coef), opts)
+    if sol.extra is not None:
+        full = full + sol.extra
+    out = full.to(grp.dtype, memory_format=torch.contiguous_format)
+    still = (sol.coef == 0).all(dim=(-2, -1))
+    if sol.extra is not None:
+        still &= (sol.extra == 0).all(dim=(-2, -1))
+    if bool(still.any()):
+        out[still] = acc[still].to(grp.dtype)
+    return out
 
 
 def _pick(f_runs: Tensor, f_zero: Tensor, single: bool) -> tuple[Tensor, Tensor]:
@@ -220,7 +377,8 @@ def _update_norm(grp: _Group) -> Tensor:
     exactly. Cost: O((d_out + d_in) R²) either way (R = Σ r_k).
     """
     if grp.dtype != _F64:
-        return _gram_norm(grp.B_s.mT @ grp.B_s, grp.A_u @ grp.A_u.mT, grp.pw)
+        M_A, M_B = _layer_grams(grp)
+        return _gram_norm(M_B, M_A, grp.pw)
     if grp.A_s.shape[-1] < grp.B_s.shape[-2]:
         return _linalg.fro_norm(grp.A_s.mT, grp.B_s.mT)
     return _linalg.fro_norm(grp.B_s, grp.A_s)
@@ -232,6 +390,12 @@ def _gram_norm(M_B: Tensor, M_A: Tensor, pw: Tensor) -> Tensor:
     return torch.sqrt(torch.clamp(gram, min=0.0))
 
 
+def _corrected_dim(grp: _Group, opts: _Options) -> int:
+    """``d``: rows of the corrected factor ``P`` (d_out for ``"B"``, d_in for ``"A"``)."""
+    first = grp.layers[0]
+    return first.d_out if opts.residual_on == "B" else first.d_in
+
+
 def _flat_sides(grp: _Group, opts: _Options) -> tuple[Tensor, Tensor]:
     """``(P_u, Q_u)`` with ``ΔW' = P_u diag(pw) Q_u``, the corrected ``P = P_u E`` and the fixed
     ``Q = Eᵀ Q_u``: ``(B_s, A_u)`` for ``"B"``; ``(A_uᵀ, B_sᵀ)`` for ``"A"`` (transposed)."""
@@ -240,7 +404,7 @@ def _flat_sides(grp: _Group, opts: _Options) -> tuple[Tensor, Tensor]:
     return grp.A_u.mT, grp.B_s.mT
 
 
-def _flat_reduce(grp: _Group, opts: _Options) -> tuple[_flat.Reduced, Tensor]:
+def _flat_reduce(grp: _Group, opts: _Options) -> tuple[_flat.Reduced, Tensor, Tensor]:
     """The family solver's data and ``N = diag(pw) Q_u Qᵀ`` (L, R, r), so ``H = ΔW' Qᵀ = P_u N``.
 
     float64 inputs: ``H`` and ``P`` explicitly (accurate to ε even when clients cancel), ‖ΔW‖ by a
@@ -250,40 +414,55 @@ def _flat_reduce(grp: _Group, opts: _Options) -> tuple[_flat.Reduced, Tensor]:
     ``ε₆₄ κ²`` stays below the inputs' own rounding (see :func:`_update_norm`).
     Cost O((d + e) R²) flops (the Grams) or O((d + e) R r) plus a QR (float64).
     """
-    P_u, Q_u = _flat_sides(grp, opts)
     E, pw = grp.E, grp.pw
     if grp.dtype == _F64:
+        P_u, Q_u = _flat_sides(grp, opts)
         Q = E.mT @ Q_u
         N = pw[:, None] * (Q_u @ Q.mT)
         red = _flat.reduced_from_columns(Q @ Q.mT, P_u @ N, P_u @ E, _update_norm(grp))
-        return red, N
-    M_P = P_u.mT @ P_u
-    M_Q = Q_u @ Q_u.mT
+        return red, N, torch.ones((), dtype=torch.bool)
+    M_A, M_B = _layer_grams(grp)
+    # diag(M) holds float64 sums of squares of narrow floats: finite exactly when every input is
+    # (|x| ≤ 3.4e38 squared and summed over < 2³¹ terms cannot overflow float64).
+    finite = torch.isfinite(
+        M_A.diagonal(dim1=-2, dim2=-1).sum() + M_B.diagonal(dim1=-2, dim2=-1).sum()
+    )
+    M_P, M_Q = (M_B, M_A) if opts.residual_on == "B" else (M_A, M_B)
     N = pw[:, None] * (M_Q @ E)
     MN = M_P @ N
     red = _flat.reduced_from_grams(
         E.mT @ M_Q @ E, N.mT @ MN, MN.mT @ E, E.mT @ M_P @ E, _gram_norm(M_P, M_Q, pw)
     )
-    return red, N
+    return red, N, finite
 
 
-def _solve_flat(groups: list[_Group], opts: _Options, single: bool) -> list[_Solved]:
+def _solve_flat(
+    groups: list[_Group], opts: _Options, single: bool, prep: Prepared
+) -> list[_Solved]:
     """Solve every group's flat problem, all groups sharing ``r`` in one batch (see :mod:`_flat`).
 
     Layers the two-parameter solve cannot certify are re-solved by the general ``r × 3`` solver.
+    The inputs' NaN/Inf check (skipped by :func:`prepare`) comes from the Grams' diagonals for
+    narrow dtypes (see :func:`_flat_reduce`) and from :func:`raise_if_nonfinite` otherwise; either
+    way a bad input raises before anything is solved, naming its layer and client.
     """
+    if any(grp.dtype == _F64 for grp in groups):
+        raise_if_nonfinite(prep.layers)
     reduced = [_flat_reduce(grp, opts) for grp in groups]
+    if not all(bool(ok) for _, _, ok in reduced):
+        raise_if_nonfinite(prep.layers)
+        raise NonFiniteError("NaN or Inf in the clients' factors")  # pragma: no cover
     out: list[_Solved | None] = [None] * len(groups)
     buckets: dict[tuple[int, torch.device], list[int]] = {}
     for i, grp in enumerate(groups):
-        buckets.setdefault((grp.r, grp.B_s.device), []).append(i)
+        buckets.setdefault((grp.r, grp.device), []).append(i)
     for idx in buckets.values():
         joint = _flat.Reduced(*(torch.cat([reduced[i][0][j] for i in idx]) for j in range(6)))
         wide = torch.cat(
             [
                 torch.full(
                     (groups[i].B_s.shape[0],),
-                    _flat_sides(groups[i], opts)[0].shape[-2] >= 3,
+                    _corrected_dim(groups[i], opts) >= 3,
                     device=joint.g.device,
                 )
                 for i in idx
@@ -301,31 +480,33 @@ def _solve_flat(groups: list[_Group], opts: _Options, single: bool) -> list[_Sol
         start = 0
         for i in idx:
             grp = groups[i]
-            n = grp.B_s.shape[0]
+            n = grp.n
             sl = slice(start, start + n)
             start += n
-            red, N = reduced[i]
+            red, N, _ = reduced[i]
             V = red.V
             X = (V * sol.x[sl].unsqueeze(-2)) @ V.mT
             Y = (V * sol.y[sl].unsqueeze(-2)) @ V.mT
-            delta = _flat_sides(grp, opts)[0] @ (N @ X - grp.E @ Y)
+            coef = N @ X - grp.E @ Y
             obj, cos = sol.objective[sl], sol.cosine[sl]
             iters, conv = sol.iterations[sl], sol.converged[sl]
+            extra = None
             bad = ~sol.certified[sl]
             if bool(bad.any()):
                 fb = _solve_flat_general(grp, opts, single, bad)
-                delta, obj, cos = delta.clone(), obj.clone(), cos.clone()
+                assert fb.extra is not None
+                coef, obj, cos = coef.clone(), obj.clone(), cos.clone()
                 iters, conv = iters.clone(), conv.clone()
-                delta[bad] = fb.delta
+                coef[bad] = 0.0
+                extra = _orient(fb.extra.new_zeros(n, *fb.extra.shape[-2:]), opts).clone()
+                extra[bad] = _orient(fb.extra, opts)
                 obj[bad], cos[bad], iters[bad], conv[bad] = (
                     fb.objective,
                     fb.cosine,
                     fb.iterations,
                     fb.converged,
                 )
-            if opts.residual_on == "A":
-                delta = delta.mT
-            out[i] = _Solved(delta, obj, cos, iters, conv)
+            out[i] = _Solved(obj, cos, iters, conv, coef, extra)
     return [s for s in out if s is not None]
 
 
@@ -348,7 +529,7 @@ def _solve_flat_general(grp: _Group, opts: _Options, single: bool, rows: Tensor)
     x_sol, iters, conv = _flat_minimise(problem, opts, single)
     cos, dsq = _solve.flat_terms(x_sol, *problem[:5])
     obj = 1.0 - cos + _solve.regulariser(dsq, opts.lam, opts.norm)
-    return _Solved(_solve.flat_delta(problem, x_sol), obj, cos, iters, conv)
+    return _Solved(obj, cos, iters, conv, extra=_solve.flat_delta(problem, x_sol))
 
 
 def _flat_minimise(
@@ -449,18 +630,19 @@ def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Solved:
     cos = 1.0 - (f_final - reg)
     obj_val = f_final
     delta = diff if Q is None else Q @ diff
-    return _Solved(delta, obj_val, cos, iters, conv)
+    return _Solved(obj_val, cos, iters, conv, extra=delta)
 
 
 def _run(
     clients: _Clients, weights: Sequence[float] | None, opts: _Options
 ) -> tuple[list[_Group], list[_Solved]]:
-    prep = prepare(clients, weights, equal_ranks=False)
+    prep = prepare(clients, weights, equal_ranks=False, check_finite=False)
     single = prep.n_clients == 1
     groups = [_build_group(g, prep.weights) for g in group_by_shape(list(prep.layers.values()))]
     if opts.similarity == "flat":
-        solved = _solve_flat(groups, opts, single)
+        solved = _solve_flat(groups, opts, single, prep)
     else:
+        raise_if_nonfinite(prep.layers)
         solved = [_solve_columns(g, opts, single) for g in groups]
     return groups, solved
 
@@ -512,10 +694,14 @@ def solve_residual(
     ]
     out: dict[str, ResidualSolution] = {}
     index = {id(s): h for s, h in zip(solved, host, strict=True)}
-    for name, (grp, sol, i) in _unbatch(clients, groups, solved).items():
+    deltas = {
+        id(s): _delta(g, s, opts).to(g.dtype, memory_format=torch.contiguous_format)
+        for g, s in zip(groups, solved, strict=True)
+    }
+    for name, (_, sol, i) in _unbatch(clients, groups, solved).items():
         obj, cos, it, cv = index[id(sol)]
         out[name] = ResidualSolution(
-            sol.delta[i].to(grp.dtype), float(obj[i]), float(cos[i]), int(it[i]), bool(cv[i])
+            deltas[id(sol)][i], float(obj[i]), float(cos[i]), int(it[i]), bool(cv[i])
         )
     return out
 
@@ -573,15 +759,16 @@ def lora_fair(
     opts = _check_options(lam, norm, similarity, residual_on, tol, max_iter)
     groups, solved = _run(clients, weights, opts)
     out: dict[str, LoRAFactors] = {}
-    for name, (grp, sol, i) in _unbatch(clients, groups, solved).items():
+    fixed: dict[int, Tensor] = {}
+    moved: dict[int, Tensor] = {}
+    for grp, sol in zip(groups, solved, strict=True):
+        moved[id(sol)] = _corrected(grp, sol, opts)
+        fixed[id(sol)] = (grp.A_acc if opts.residual_on == "B" else grp.B_acc).to(grp.dtype)
+    for name, (_, sol, i) in _unbatch(clients, groups, solved).items():
         if opts.residual_on == "B":
-            acc = grp.B_acc.dtype
-            B = (grp.B_acc[i] + sol.delta[i].to(acc)).to(grp.dtype)
-            out[name] = LoRAFactors(grp.A_acc[i].to(grp.dtype), B)
+            out[name] = LoRAFactors(fixed[id(sol)][i], moved[id(sol)][i])
         else:
-            acc = grp.A_acc.dtype
-            A = (grp.A_acc[i] + sol.delta[i].to(acc)).to(grp.dtype)
-            out[name] = LoRAFactors(A, grp.B_acc[i].to(grp.dtype))
+            out[name] = LoRAFactors(moved[id(sol)][i], fixed[id(sol)][i])
     return out
 
 

@@ -33,10 +33,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
+from numpy.typing import NDArray
 from torch import Tensor
 
-from lorafair._solve import Batched, Norm
+from lorafair._solve import Norm
+
+Arr = NDArray[np.float64]
 
 _TINY = 1e-300
 
@@ -86,264 +90,256 @@ def reduced_from_grams(G: Tensor, HH: Tensor, HP: Tensor, PP: Tensor, w: Tensor)
     return Reduced(g, V, torch.where(null, zero, hh), torch.where(null, zero, hb), bb, w)
 
 
-def _reg(p: Tensor, lam: float, norm: Norm) -> tuple[Tensor, Tensor, Tensor]:
+class _Data(NamedTuple):
+    """Host (NumPy, float64) data of the family problem, per layer."""
+
+    D: Arr  # (L, r, 15): ĝ_i^l · (hh_i, hb_i, bb_i), l = 0..4, at column 3l + x
+    gh: Arr  # (L, r): ĝ = g / max g ∈ [0, 1]
+    sigma: Arr  # (L,): a = σ e^{θ₁}
+    kscale: Arr  # (L,): k = a c θ₂ (k = k_true · max g)
+    gmax: Arr  # (L,)
+    w: Arr  # (L,): ‖ΔW‖
+
+
+def _reg(p: Arr, lam: float, norm: Norm) -> tuple[Arr, Arr, Arr]:
     """``R(p)``, ``R'(p)``, ``R''(p)`` of ``λ√p`` or ``λp`` (derivatives 0 where ``p ≤ 1e-300``)."""
     if norm == "fro_squared":
-        return lam * p, torch.full_like(p, lam), torch.zeros_like(p)
+        return lam * p, np.full_like(p, lam), np.zeros_like(p)
     big = p > _TINY
-    root = torch.sqrt(torch.clamp(p, min=_TINY))
-    zero = torch.zeros_like(p)
-    r1 = torch.where(big, lam / (2.0 * root), zero)
-    r2 = torch.where(big, -lam / (4.0 * root * root * root), zero)
-    return lam * torch.where(big, root, zero), r1, r2
+    root = np.sqrt(np.maximum(p, _TINY))
+    r1 = np.where(big, lam / (2.0 * root), 0.0)
+    r2 = np.where(big, -lam / (4.0 * root**3), 0.0)
+    return lam * np.where(big, root, 0.0), r1, r2
 
 
-class _Sums(NamedTuple):
-    s: Tensor
-    q: Tensor
-    p: Tensor
-    grads: tuple[Tensor, Tensor, Tensor] | None  # each (..., 2)
-    hessians: tuple[Tensor, Tensor, Tensor] | None  # each (..., 2, 2)
-
-
-def _sums(theta: Tensor, data: tuple[Tensor, ...], order: int) -> _Sums:
-    """``s, n², ρ²`` at ``θ`` (…, 2) and, for ``order`` ≥ 1/2, their θ-gradients/Hessians.
-
-    ``data = (hh, hb, bb, g, sigma, nu_s)``: (…, r) ×4 and (…,) ×2; ``a = σ e^{θ₁}``,
-    ``k = a ν_s θ₂``. Per column, with ``t = k g_i``, ``u = 1/(1 + t)``,
-    ``e = a²hh + 2a hb + bb`` and ``m = a²hh − 2at hb + t²bb``: ``s_i = u (a hh + hb)``,
-    ``q_i = g u² e``, ``p_i = u² m``. Derivatives in ``(a, t)`` by hand, then the chain rule
-    with ``∂a/∂θ₁ = a``, ``∂t/∂θ₁ = t``, ``∂t/∂θ₂ = τ = a ν_s g_i`` (``∂²t/∂θ₁∂θ₂ = τ``,
-    ``∂²t/∂θ₂² = 0``).
-    """
-    hh, hb, bb, g, sigma, nu_s = data
-    a = (sigma * torch.exp(theta[..., 0])).unsqueeze(-1)
-    tau = (a * nu_s.unsqueeze(-1)) * g
-    t = tau * theta[..., 1].unsqueeze(-1)
-    u = 1.0 / (1.0 + t)
-    u = torch.where(u > 0, u, torch.full_like(u, float("nan")))  # outside the family: 1 + t <= 0
-    u2 = u * u
-    lin = a * hh + hb
-    e = a * lin + a * hb + bb
-    m = a * (a * hh - 2.0 * t * hb) + t * t * bb
-    s_i = u * lin
-    q_i = g * u2 * e
-    p_i = u2 * m
-    s, q, p = s_i.sum(-1), q_i.sum(-1), p_i.sum(-1)
-    if order == 0:
-        return _Sums(s, q, p, None, None)
-    u3 = u2 * u
-    e_a = 2.0 * lin
-    m_a = 2.0 * (a * hh - t * hb)
-    m_t = 2.0 * (t * bb - a * hb)
-    # (∂a, ∂t) of each column term
-    s_a, s_t = u * hh, -u2 * lin
-    q_a, q_t = g * u2 * e_a, -2.0 * g * u3 * e
-    p_a, p_t = u2 * m_a, -2.0 * u3 * m + u2 * m_t
-    firsts = ((s_a, s_t), (q_a, q_t), (p_a, p_t))
-    grads = tuple(
-        torch.stack([(a * xa + t * xt).sum(-1), (tau * xt).sum(-1)], dim=-1) for xa, xt in firsts
-    )
-    if order == 1:
-        return _Sums(s, q, p, grads, None)  # type: ignore[arg-type]
-    u4 = u2 * u2
-    s_aa, s_at, s_tt = torch.zeros_like(u), -u2 * hh, 2.0 * u3 * lin
-    q_aa, q_at, q_tt = 2.0 * g * u2 * hh, -2.0 * g * u3 * e_a, 6.0 * g * u4 * e
-    p_aa = 2.0 * u2 * hh
-    p_at = -2.0 * u3 * m_a - 2.0 * u2 * hb
-    p_tt = 6.0 * u4 * m - 4.0 * u3 * m_t + 2.0 * u2 * bb
-    hessians = []
-    for (xa, xt), xaa, xat, xtt in zip(
-        firsts, (s_aa, q_aa, p_aa), (s_at, q_at, p_at), (s_tt, q_tt, p_tt), strict=True
-    ):
-        h11 = (a * a * xaa + 2.0 * a * t * xat + t * t * xtt + a * xa + t * xt).sum(-1)
-        h12 = (tau * (a * xat + t * xtt + xt)).sum(-1)
-        h22 = (tau * tau * xtt).sum(-1)
-        hessians.append(torch.stack([torch.stack([h11, h12], -1), torch.stack([h12, h22], -1)], -2))
-    return _Sums(s, q, p, grads, tuple(hessians))  # type: ignore[arg-type]
-
-
-def _cos_parts(s: Tensor, q: Tensor, w: Tensor) -> tuple[Tensor, ...]:
+def _cos_parts(s: Arr, q: Arr, w: Arr) -> tuple[Arr, ...]:
     """``φ = −s/(w√q)`` and its partials ``φ_s, φ_q, φ_sq, φ_qq`` (all 0 where ``w q = 0``)."""
     ok = (w > 0) & (q > _TINY)
-    qs = torch.where(ok, q, torch.ones_like(q))
-    ws = torch.where(ok, w, torch.ones_like(w))
-    root = torch.sqrt(qs)
-    zero = torch.zeros_like(q)
-    phi = torch.where(ok, -s / (ws * root), zero)
-    phi_s = torch.where(ok, -1.0 / (ws * root), zero)
-    phi_q = torch.where(ok, s / (2.0 * ws * qs * root), zero)
-    phi_sq = torch.where(ok, 1.0 / (2.0 * ws * qs * root), zero)
-    phi_qq = torch.where(ok, -3.0 * s / (4.0 * ws * qs * qs * root), zero)
+    qs = np.where(ok, q, 1.0)
+    ws = np.where(ok, w, 1.0)
+    inv = 1.0 / (ws * np.sqrt(qs))  # 1/(w√q)
+    phi = np.where(ok, -s * inv, 0.0)
+    phi_s = np.where(ok, -inv, 0.0)
+    phi_sq = np.where(ok, 0.5 * inv / qs, 0.0)
+    phi_q = s * phi_sq
+    phi_qq = np.where(ok, -0.75 * s * inv / (qs * qs), 0.0)
     return phi, phi_s, phi_q, phi_sq, phi_qq
 
 
-def _family_value(x: Tensor, data: tuple[Tensor, ...], lam: float, norm: Norm) -> Tensor:
-    """``F`` at ``x`` (…, 2); ``data`` broadcast to ``x``'s leading dimensions."""
-    sm = _sums(x, data[:6], 0)
-    return 1.0 + _cos_parts(sm.s, sm.q, data[6])[0] + _reg(sm.p, lam, norm)[0]
+def _weights(k: Arr, gh: Arr, n: int) -> Arr:
+    """``u^j`` for ``j = 1..n`` (…, n, r), ``u = 1/(1 + k ĝ)``; NaN outside the family."""
+    u = 1.0 / (1.0 + k[..., None] * gh)
+    u = np.where(u > 0, u, np.nan)
+    out = [u]
+    for _ in range(n - 1):
+        out.append(out[-1] * u)
+    return np.stack(out, axis=-2)
 
 
-def _family_derivatives(
-    x: Tensor, data: tuple[Tensor, ...], lam: float, norm: Norm
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(F, ∇F, ∇²F)`` at ``x`` (L, 2): (L,), (L, 2), (L, 2, 2)."""
-    sm = _sums(x, data[:6], 2)
-    phi, phi_s, phi_q, phi_sq, phi_qq = _cos_parts(sm.s, sm.q, data[6])
-    reg, r1, r2 = _reg(sm.p, lam, norm)
-    assert sm.grads is not None
-    assert sm.hessians is not None
-    gs, gq, gp = sm.grads
-    hs, hq, hp = sm.hessians
+def _sqp(theta: Arr, d: _Data) -> tuple[Arr, Arr, Arr]:
+    """``s, n², ρ²`` (L, S) at ``S`` points ``θ`` (L, S, 2) per layer.
 
-    def outer(u: Tensor, v: Tensor) -> Tensor:
-        return u.unsqueeze(-1) * v.unsqueeze(-2)
-
-    grad = phi_s[:, None] * gs + phi_q[:, None] * gq + r1[:, None] * gp
-    hess = (
-        phi_s[:, None, None] * hs
-        + phi_q[:, None, None] * hq
-        + r1[:, None, None] * hp
-        + phi_sq[:, None, None] * (outer(gs, gq) + outer(gq, gs))
-        + phi_qq[:, None, None] * outer(gq, gq)
-        + r2[:, None, None] * outer(gp, gp)
-    )
-    return 1.0 + phi + reg, grad, hess
-
-
-def family_objective(lam: float, norm: Norm) -> Batched:
-    """``F(θ) = f(c(θ)) = 1 − s/(w n) + λ R(ρ²)`` on the two-parameter family, closed forms.
-
-    Data ``(hh, hb, bb, g, sigma, nu_s, w)``: (L, r) ×4, (L,) ×3. Chain rule through
-    ``φ(s, q) = −s/(w√q)`` and ``R(p)``: ``∇F = φ_s ∇s + φ_q ∇q + R' ∇p`` and
-    ``∇²F = φ_s ∇²s + φ_q ∇²q + R' ∇²p + φ_sq (∇s∇qᵀ + ∇q∇sᵀ) + φ_qq ∇q∇qᵀ + R'' ∇p∇pᵀ``.
-    Cost O(r) per point.
+    With ``a = σ e^{θ₁}``, ``k = a c θ₂`` and moments ``Σ_i u_i^j ĝ_i^l x_i`` (one matmul):
+    ``s = a S₁ + S₀``, ``n² = max g (a² Q₂ + 2a Q₁ + Q₀)``, ``ρ² = a² P₂ − 2ak Q₁ + k² P₀`` with
+    ``S₁ = Σu hh``, ``S₀ = Σu hb``, ``Q₂ = Σu²ĝ hh``, ``Q₁ = Σu²ĝ hb``, ``Q₀ = Σu²ĝ bb``,
+    ``P₂ = Σu² hh``, ``P₀ = Σu²ĝ² bb``.
     """
-
-    def values(x: Tensor, *data: Tensor) -> Tensor:
-        return _family_value(x, tuple(t.unsqueeze(1) for t in data), lam, norm)
-
-    def value_and_grad(x: Tensor, *data: Tensor) -> tuple[Tensor, Tensor]:
-        f, g, _ = _family_derivatives(x, data, lam, norm)
-        return f, g
-
-    def hessian(x: Tensor, *data: Tensor) -> Tensor:
-        return _family_derivatives(x, data, lam, norm)[2]
-
-    return Batched(values, value_and_grad, hessian)
+    a = d.sigma[:, None] * np.exp(theta[..., 0])
+    k = a * d.kscale[:, None] * theta[..., 1]
+    M = _weights(k, d.gh[:, None, :], 2) @ d.D[:, None]  # (L, S, 2, 15)
+    S1, S0, P2 = M[..., 0, 0], M[..., 0, 1], M[..., 1, 0]
+    Q2, Q1, Q0, P0 = M[..., 1, 3], M[..., 1, 4], M[..., 1, 5], M[..., 1, 8]
+    s = a * S1 + S0
+    q = d.gmax[:, None] * (a * (a * Q2 + 2.0 * Q1) + Q0)
+    p = a * (a * P2 - 2.0 * k * Q1) + k * k * P0
+    return s, q, p
 
 
-_STEPS = 0.3 ** torch.arange(10.0)
+def _sqp_derivatives(theta: Arr, d: _Data) -> tuple[Arr, Arr, Arr]:
+    """``(X, ∇X, ∇²X)`` for ``X = (s, n², ρ²)`` at ``θ`` (L, 2): (L, 3), (L, 3, 2), (L, 3, 2, 2).
+
+    ``d/dk Σ u^m ĝ^l x = −m Σ u^{m+1} ĝ^{l+1} x`` (``du/dk = −ĝ u²``), so the first and second
+    k-derivatives of every moment in :func:`_sqp` are moments too (powers up to 4). In
+    ``(a, k)`` the polynomials differentiate by hand; then, with ``∂a/∂θ₁ = a``, ``∂k/∂θ₁ = k``,
+    ``∂k/∂θ₂ = ac`` (second derivatives ``a``, ``k``, ``ac`` and 0):
+    ``X₁ = a X_a + k X_k``, ``X₂ = ac X_k``,
+    ``X₁₁ = a² X_aa + 2ak X_ak + k² X_kk + X₁``, ``X₁₂ = ac (a X_ak + k X_kk + X_k)``,
+    ``X₂₂ = (ac)² X_kk``.
+    """
+    a = d.sigma * np.exp(theta[:, 0])
+    k = a * d.kscale * theta[:, 1]
+    M = _weights(k, d.gh, 4) @ d.D  # (L, 4, 15)
+
+    def m(j: int, lev: int, x: int) -> Arr:
+        return M[:, j - 1, 3 * lev + x]
+
+    S1, S1k, S1kk = m(1, 0, 0), -m(2, 1, 0), 2.0 * m(3, 2, 0)
+    S0, S0k, S0kk = m(1, 0, 1), -m(2, 1, 1), 2.0 * m(3, 2, 1)
+    Q2, Q2k, Q2kk = m(2, 1, 0), -2.0 * m(3, 2, 0), 6.0 * m(4, 3, 0)
+    Q1, Q1k, Q1kk = m(2, 1, 1), -2.0 * m(3, 2, 1), 6.0 * m(4, 3, 1)
+    Q0, Q0k, Q0kk = m(2, 1, 2), -2.0 * m(3, 2, 2), 6.0 * m(4, 3, 2)
+    P2, P2k, P2kk = m(2, 0, 0), -2.0 * m(3, 1, 0), 6.0 * m(4, 2, 0)
+    P0, P0k, P0kk = m(2, 2, 2), -2.0 * m(3, 3, 2), 6.0 * m(4, 4, 2)
+    g = d.gmax
+    X = np.stack(
+        [a * S1 + S0, g * (a * (a * Q2 + 2.0 * Q1) + Q0), a * (a * P2 - 2.0 * k * Q1) + k * k * P0],
+        axis=-1,
+    )
+    Xa = np.stack([S1, 2.0 * g * (a * Q2 + Q1), 2.0 * (a * P2 - k * Q1)], axis=-1)
+    Xaa = np.stack([np.zeros_like(a), 2.0 * g * Q2, 2.0 * P2], axis=-1)
+    Xk = np.stack(
+        [
+            a * S1k + S0k,
+            g * (a * (a * Q2k + 2.0 * Q1k) + Q0k),
+            a * (a * P2k - 2.0 * Q1 - 2.0 * k * Q1k) + k * (2.0 * P0 + k * P0k),
+        ],
+        axis=-1,
+    )
+    Xak = np.stack([S1k, 2.0 * g * (a * Q2k + Q1k), 2.0 * (a * P2k - Q1 - k * Q1k)], axis=-1)
+    Xkk = np.stack(
+        [
+            a * S1kk + S0kk,
+            g * (a * (a * Q2kk + 2.0 * Q1kk) + Q0kk),
+            a * (a * P2kk - 4.0 * Q1k - 2.0 * k * Q1kk) + 2.0 * P0 + k * (4.0 * P0k + k * P0kk),
+        ],
+        axis=-1,
+    )
+    a_, k_, ac = a[:, None], k[:, None], (a * d.kscale)[:, None]
+    X1 = a_ * Xa + k_ * Xk
+    X11 = a_ * (a_ * Xaa + 2.0 * k_ * Xak) + k_ * k_ * Xkk + X1
+    X12 = ac * (a_ * Xak + k_ * Xkk + Xk)
+    grad = np.stack([X1, ac * Xk], axis=-1)
+    hess = np.stack([X11, X12, X12, ac * ac * Xkk], axis=-1).reshape(-1, 3, 2, 2)
+    return X, grad, hess
+
+
+def _family_value(x: Arr, d: _Data, lam: float, norm: Norm) -> Arr:
+    """``F = f(c(θ)) = 1 − s/(w n) + λ R(ρ²)`` (L, S) at ``x`` (L, S, 2)."""
+    s, q, p = _sqp(x, d)
+    return 1.0 + _cos_parts(s, q, d.w[:, None])[0] + _reg(p, lam, norm)[0]
+
+
+def _family_derivatives(x: Arr, d: _Data, lam: float, norm: Norm) -> tuple[Arr, Arr, Arr]:
+    """``(F, ∇F, ∇²F)`` at ``x`` (L, 2): (L,), (L, 2), (L, 2, 2).
+
+    Chain rule through ``φ(s, q) = −s/(w√q)`` and ``R(p)``: ``∇F = φ_s ∇s + φ_q ∇q + R' ∇p``,
+    ``∇²F = φ_s ∇²s + φ_q ∇²q + R' ∇²p + φ_sq (∇s∇qᵀ + ∇q∇sᵀ) + φ_qq ∇q∇qᵀ + R'' ∇p∇pᵀ``.
+    """
+    X, grad, hess = _sqp_derivatives(x, d)
+    phi, phi_s, phi_q, phi_sq, phi_qq = _cos_parts(X[:, 0], X[:, 1], d.w)
+    reg, r1, r2 = _reg(X[:, 2], lam, norm)
+    coef = np.stack([phi_s, phi_q, r1], axis=-1)
+    gs, gq, gp = grad[:, 0], grad[:, 1], grad[:, 2]
+    g = (coef[..., None] * grad).sum(axis=1)
+    sq = gs[:, :, None] * gq[:, None, :]
+    h = (
+        (coef[..., None, None] * hess).sum(axis=1)
+        + phi_sq[:, None, None] * (sq + sq.transpose(0, 2, 1))
+        + phi_qq[:, None, None] * (gq[:, :, None] * gq[:, None, :])
+        + r2[:, None, None] * (gp[:, :, None] * gp[:, None, :])
+    )
+    return 1.0 + phi + reg, g, h
+
+
+_STEPS = 0.3 ** np.arange(10.0)
 
 
 def newton(
-    data: tuple[Tensor, ...],
-    x0: Tensor,
-    *,
-    lam: float,
-    norm: Norm,
-    tol: float,
-    max_iter: int,
-    sync_every: int = 5,
-) -> tuple[Tensor, Tensor, Tensor]:
+    d: _Data, x0: Arr, *, lam: float, norm: Norm, tol: float, max_iter: int
+) -> tuple[Arr, NDArray[np.int64], NDArray[np.bool_]]:
     """Damped Newton on ``F`` for every layer at once from ``x0`` (L, 2): ``(x, iters, done)``.
 
     Direction ``−|∇²F|⁻¹ ∇F`` (eigenvalues made positive, bounded below); the longest of the
     steps ``0.3^j`` (j < 10) meeting Armijo's condition, all tried in one batched evaluation
     (else the best one that lowers ``F``). A layer is done when ``∇²F`` is positive definite
     and the decrement ``∇Fᵀ|∇²F|⁻¹∇F ≤ tol (1 + |F|)``, or when no step lowers ``F`` (float64
-    resolution). ``done.all()`` is read every iteration on CPU, every ``sync_every`` elsewhere.
+    resolution).
     """
     n_layers = x0.shape[0]
-    dev = x0.device
-    every = 1 if dev.type == "cpu" else sync_every
-    steps = _STEPS.to(dev, x0.dtype)
-    cand_data = tuple(t.unsqueeze(1) for t in data)
-    x = x0
-    done = torch.zeros(n_layers, dtype=torch.bool, device=dev)
-    iters = torch.zeros(n_layers, dtype=torch.int64, device=dev)
-    for it in range(max_iter):
-        f, g, hess = _family_derivatives(x, data, lam, norm)
-        hess = torch.where(torch.isfinite(hess), hess, torch.zeros_like(hess))
-        evals, evecs = torch.linalg.eigh(hess)
-        floor = evals.abs().amax(dim=-1, keepdim=True) * 1e-12 + 1e-300
-        coef = (evecs.mT @ g.unsqueeze(-1)).squeeze(-1) / torch.clamp(evals.abs(), min=floor)
-        d = -(evecs @ coef.unsqueeze(-1)).squeeze(-1)
-        gd = (g * d).sum(-1)
-        pd = (evals > floor).all(dim=-1)
-        done = done | (pd & (-gd <= tol * (1.0 + f.abs())))
-        xc = x.unsqueeze(1) + steps[:, None] * d.unsqueeze(1)
-        fc = _family_value(xc, cand_data, lam, norm)
-        fc = torch.where(torch.isfinite(fc), fc, torch.full_like(fc, float("inf")))
-        armijo = fc <= f[:, None] + 1e-4 * steps * gd[:, None]
-        first = torch.argmax(armijo.to(torch.int8), dim=1)
-        pick = torch.where(armijo.any(dim=1), first, torch.argmin(fc, dim=1))
-        f_pick = fc.gather(1, pick[:, None]).squeeze(1)
-        move = (f_pick < f) & ~done
-        x = torch.where(move[:, None], x + steps[pick][:, None] * d, x)
-        iters = iters + (~done).to(torch.int64)
-        done = done | ~move
-        if (it + 1) % every == 0 and bool(done.all()):
+    rows = np.arange(n_layers)
+    x = x0.copy()
+    done = np.zeros(n_layers, dtype=bool)
+    iters = np.zeros(n_layers, dtype=np.int64)
+    for _ in range(max_iter):
+        f, g, hess = _family_derivatives(x, d, lam, norm)
+        hess = np.where(np.isfinite(hess), hess, 0.0)
+        evals, evecs = np.linalg.eigh(hess)
+        floor = np.abs(evals).max(axis=-1, keepdims=True) * 1e-12 + 1e-300
+        coef = np.einsum("lji,lj->li", evecs, g) / np.maximum(np.abs(evals), floor)
+        step = -np.einsum("lij,lj->li", evecs, coef)
+        gd = (g * step).sum(-1)
+        pd = (evals > floor).all(axis=-1)
+        done |= pd & (-gd <= tol * (1.0 + np.abs(f)))
+        fc = _family_value(x[:, None, :] + _STEPS[:, None] * step[:, None, :], d, lam, norm)
+        fc = np.where(np.isfinite(fc), fc, np.inf)
+        armijo = fc <= f[:, None] + 1e-4 * _STEPS * gd[:, None]
+        pick = np.where(armijo.any(axis=1), np.argmax(armijo, axis=1), np.argmin(fc, axis=1))
+        move = (fc[rows, pick] < f) & ~done
+        x = np.where(move[:, None], x + _STEPS[pick][:, None] * step, x)
+        iters += ~done
+        done |= ~move
+        if done.all():
             break
     return x, iters, done
 
 
-def terms(x: Tensor, y: Tensor, red: Reduced) -> tuple[Tensor, Tensor]:
-    """``(cos, ρ²)`` of ``ΔP = H V diag(x) Vᵀ − P V diag(y) Vᵀ`` (cos 0 where a side is 0).
-
-    ``c_i = x_i h_i + (1 − y_i) b_i``, so ``s = Σ x hh + (1 − y) hb``,
-    ``n² = Σ g (x² hh + 2x(1 − y) hb + (1 − y)² bb)``, ``ρ² = Σ x² hh − 2xy hb + y² bb``.
-    """
+def _terms(x: Arr, y: Arr, g: Arr, hh: Arr, hb: Arr, bb: Arr) -> tuple[Arr, Arr, Arr]:
+    """``(s, n², ρ²)`` of ``ΔP = H V diag(x) Vᵀ − P V diag(y) Vᵀ``: with ``c_i = x_i h_i +
+    (1 − y_i) b_i``, ``s = Σ x hh + (1 − y) hb``, ``n² = Σ g (x² hh + 2x(1 − y) hb + (1 − y)² bb)``,
+    ``ρ² = Σ x² hh − 2xy hb + y² bb``."""
     z = 1.0 - y
-    s = (x * red.hh + z * red.hb).sum(-1)
-    n_sq = (red.g * (x * x * red.hh + 2.0 * x * z * red.hb + z * z * red.bb)).sum(-1)
-    rho_sq = (x * x * red.hh - 2.0 * x * y * red.hb + y * y * red.bb).sum(-1)
-    ok = (red.w > 0) & (n_sq > 0)
-    den = torch.where(ok, red.w * torch.sqrt(torch.where(ok, n_sq, torch.ones_like(n_sq))), 1.0)
-    cos = torch.where(ok, s / den, torch.zeros_like(s))
-    return cos, torch.clamp(rho_sq, min=0.0)
+    s = (x * hh + z * hb).sum(-1)
+    n_sq = (g * (x * x * hh + 2.0 * x * z * hb + z * z * bb)).sum(-1)
+    rho_sq = np.maximum((x * x * hh - 2.0 * x * y * hb + y * y * bb).sum(-1), 0.0)
+    return s, n_sq, rho_sq
 
 
-def objective(x: Tensor, y: Tensor, red: Reduced, lam: float, norm: Norm) -> tuple[Tensor, Tensor]:
-    """``(f, cos)`` at ``(x, y)``: ``f = 1 − cos + λ R(ρ²)``."""
-    cos, rho_sq = terms(x, y, red)
+def _objective(s: Arr, n_sq: Arr, rho_sq: Arr, w: Arr, lam: float, norm: Norm) -> tuple[Arr, Arr]:
+    """``(f, cos)`` with ``cos = s/(w n)`` (0 where a side is 0), ``f = 1 − cos + λ R(ρ²)``."""
+    ok = (w > 0) & (n_sq > 0)
+    cos = np.where(ok, s / np.where(ok, w * np.sqrt(np.where(ok, n_sq, 1.0)), 1.0), 0.0)
     return 1.0 - cos + _reg(rho_sq, lam, norm)[0], cos
 
 
-def lam0(red: Reduced) -> tuple[Tensor, Tensor]:
+def _lam0(g: Arr, hh: Arr, hb: Arr) -> tuple[Arr, Arr]:
     """The λ = 0 maximiser closest to ``P``: ``c_i = τ h_i/g_i`` (``g_i > 0``), else ``c_i = b_i``.
 
     Every such ``c`` with ``τ > 0`` reaches the bound ``‖ΔW Q⁺Q‖ / ‖ΔW‖``; the closest to ``P`` has
     ``τ = Σ hb_i/g_i / Σ hh_i/g_i²`` (``τ = 1``, the least-squares fit, where that is ``≤ 0``).
     ``H = 0`` (no ``P'`` has a non-zero cosine): ``ΔP = 0``.
     """
-    pos = red.g > 0
-    gi = torch.where(pos, 1.0 / torch.where(pos, red.g, torch.ones_like(red.g)), 0.0)
-    zz = (red.hh * gi * gi).sum(-1)
-    zb = (red.hb * gi).sum(-1)
+    pos = g > 0
+    gi = np.where(pos, 1.0 / np.where(pos, g, 1.0), 0.0)
+    zz = (hh * gi * gi).sum(-1)
+    zb = (hb * gi).sum(-1)
     has = zz > 0
-    tau = torch.where(has, zb / torch.where(has, zz, torch.ones_like(zz)), 0.0)
-    tau = torch.where(tau > 0, tau, torch.ones_like(tau))
-    x = torch.where(has[:, None], tau[:, None] * gi, 0.0)
-    y = torch.where(has[:, None] & pos, 1.0, 0.0).to(x.dtype)
+    tau = np.where(has, zb / np.where(has, zz, 1.0), 0.0)
+    tau = np.where(tau > 0, tau, 1.0)
+    x = np.where(has[:, None], tau[:, None] * gi, 0.0)
+    y = np.where(has[:, None] & pos, 1.0, 0.0)
     return x, y
 
 
 class Solution(NamedTuple):
-    """``(x, y)`` per layer (``ΔP`` as in :func:`terms`) and how they were found."""
+    """``(x, y)`` per layer (``ΔP = H V diag(x) Vᵀ − P V diag(y) Vᵀ``) and how they were found.
 
-    x: Tensor  # (L, r)
-    y: Tensor  # (L, r)
-    objective: Tensor  # (L,)
-    cosine: Tensor  # (L,)
-    iterations: Tensor  # (L,) int64
-    converged: Tensor  # (L,) bool
-    certified: Tensor  # (L,) bool: stationary for the full problem (or closed form, or ΔP = 0)
+    Tensors on the layers' device: ``x``, ``y`` (L, r) float64; ``objective``, ``cosine`` (L,);
+    ``iterations`` (L,) int64; ``converged``, ``certified`` (L,) bool (``certified``: stationary
+    for the full problem, closed form, or ``ΔP = 0`` shown optimal).
+    """
+
+    x: Tensor
+    y: Tensor
+    objective: Tensor
+    cosine: Tensor
+    iterations: Tensor
+    converged: Tensor
+    certified: Tensor
 
 
-_GRID_A = torch.arange(-24.0, 25.0, 2.0)
-_GRID_K = torch.tensor([-2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0])
-_GRID_COS = torch.tensor([0.9, 0.97, 0.99, 0.997, 1.0, 1.003, 1.01, 1.03, 1.1])
+_GRID_A = np.arange(-24.0, 25.0, 3.0)
+_GRID_K = np.array([-1.0, 0.0, 0.5, 1.0, 2.0])
+_GRID_COS = np.array([0.97, 0.99, 1.0, 1.01, 1.03])
 _TIE = 1e-14  # the family must beat ΔP = 0 by more than this
 _GAIN = 1e-12
 _ZERO_GAIN = 1e-13
@@ -355,110 +351,127 @@ def solve(
 ) -> Solution:
     """Minimise ``f`` for every layer of ``red`` at once (see the module docstring).
 
-    One client: ``ΔP = 0`` (FedIT is exact). ``λ = 0``: :func:`lam0`. Otherwise the family
-    objective is evaluated on a fixed log-grid of ``θ`` (25 × 19 points, ``e^{±24}`` in ``a/σ``),
-    then damped Newton (:func:`newton`) runs from the best grid point;
-    ``ΔP = 0`` is returned unless beaten by more than 1e-14. ``wide`` (L,) bool: ``d ≥ 3``, where
-    the family provably holds every local minimum; other layers are never certified.
-    Cost O(L r) per point.
+    The reduced problems hold ``4r + 1`` numbers per layer, so they are solved on the host in
+    NumPy (one transfer each way, no per-iteration device sync, no kernel-launch latency).
+    One client: ``ΔP = 0`` (FedIT is exact). ``λ = 0``: closed form (:func:`_lam0`).
+    Otherwise the family objective is evaluated on a fixed grid of ``θ`` (17 values of
+    ``log(a/σ)`` over ``±24`` by 10 of ``θ₂``, five of them around FedIT's cosine), then damped
+    Newton (:func:`newton`) runs from the best grid point; ``ΔP = 0`` is returned unless beaten
+    by more than 1e-14. ``wide`` (L,) bool: ``d ≥ 3``, where the family provably holds every
+    local minimum; other layers are never certified. Cost O(L r) per point.
     """
-    n_layers = red.g.shape[0]
-    dev, dt = red.g.device, red.g.dtype
-    zeros = torch.zeros_like(red.g)
-    zero_it = torch.zeros(n_layers, dtype=torch.int64, device=dev)
-    yes = torch.ones(n_layers, dtype=torch.bool, device=dev)
+    dev = red.g.device
+    g, hh, hb, bb, w = (t.detach().cpu().numpy() for t in (red.g, red.hh, red.hb, red.bb, red.w))
+    wide_np = wide.detach().cpu().numpy()
+    with np.errstate(all="ignore"):
+        out = _solve_host(g, hh, hb, bb, w, wide_np, lam, norm, tol, max_iter, single)
+
+    def back(a: NDArray[np.generic]) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
+
+    return Solution(*(back(a) for a in out))
+
+
+def _solve_host(
+    g: Arr,
+    hh: Arr,
+    hb: Arr,
+    bb: Arr,
+    w: Arr,
+    wide: NDArray[np.bool_],
+    lam: float,
+    norm: Norm,
+    tol: float,
+    max_iter: int,
+    single: bool,
+) -> tuple[NDArray[np.generic], ...]:
+    n_layers = g.shape[0]
+    zeros = np.zeros_like(g)
+    zero_it = np.zeros(n_layers, dtype=np.int64)
+    yes = np.ones(n_layers, dtype=bool)
+    f0, cos0 = _objective(*_terms(zeros, zeros, g, hh, hb, bb), w, lam, norm)
     if single:
-        f, cos = objective(zeros, zeros, red, lam, norm)
-        return Solution(zeros, zeros, f, cos, zero_it, yes, yes)
+        return zeros, zeros, f0, cos0, zero_it, yes, yes
     if lam == 0.0:
-        x, y = lam0(red)
-        f, cos = objective(x, y, red, lam, norm)
-        return Solution(x, y, f, cos, zero_it, yes, yes)
-    gmax = red.g.amax(dim=-1)
-    gmax = torch.where(gmax > 0, gmax, torch.ones_like(gmax))
-    sig_h = red.hh.sum(-1).sqrt()
-    sig_b = red.bb.sum(-1).sqrt()
-    one = torch.ones_like(gmax)
-    sigma = torch.where(sig_h > 0, sig_b / torch.where(sig_h > 0, sig_h, one), 1.0 / gmax)
-    sigma = torch.where(sigma > 0, sigma, 1.0 / gmax)
-    n_ref = (red.g * red.bb).sum(-1).sqrt()
-    n_ref = torch.where(n_ref > 0, n_ref, sig_h / gmax.sqrt())
-    n_ref = torch.where(n_ref > 0, n_ref, one)
-    nu_s = torch.where(red.w > 0, red.w, one) / n_ref
-    data = (red.hh, red.hb, red.bb, red.g, sigma, nu_s, red.w)
-    # θ₂ = ν/ν_s equals cos(ΔW, P'Q)·n_ref/n at a stationary point, and θ₂ = cos₀ (FedIT's
-    # cosine) makes the family leave ΔP = 0 along ∇cos, so the grid is refined around cos₀.
-    cos0 = objective(zeros, zeros, red, lam, norm)[1]
-    k_vals = torch.cat(
-        [_GRID_K.to(dev, dt).expand(n_layers, -1), cos0[:, None] * _GRID_COS.to(dev, dt)], dim=1
+        x, y = _lam0(g, hh, hb)
+        f, cos = _objective(*_terms(x, y, g, hh, hb, bb), w, lam, norm)
+        return x, y, f, cos, zero_it, yes, yes
+    gmax = g.max(axis=-1)
+    gmax = np.where(gmax > 0, gmax, 1.0)
+    gh = g / gmax[:, None]
+    D = (gh[..., None] ** np.arange(5.0))[..., None] * np.stack([hh, hb, bb], -1)[..., None, :]
+    sig_h = np.sqrt(hh.sum(-1))
+    sig_b = np.sqrt(bb.sum(-1))
+    sigma = np.where(sig_h > 0, sig_b / np.where(sig_h > 0, sig_h, 1.0), 1.0 / gmax)
+    sigma = np.where(sigma > 0, sigma, 1.0 / gmax)
+    n_ref = np.sqrt((g * bb).sum(-1))
+    n_ref = np.where(n_ref > 0, n_ref, sig_h / np.sqrt(gmax))
+    n_ref = np.where(n_ref > 0, n_ref, 1.0)
+    kscale = gmax * np.where(w > 0, w, 1.0) / n_ref
+    d = _Data(D.reshape(n_layers, -1, 15), gh, sigma, kscale, gmax, w)
+    # θ₂ equals cos(ΔW, P'Q)·n_ref/n at a stationary point, and θ₂ = cos₀ (FedIT's cosine) makes
+    # the family leave ΔP = 0 along ∇cos, so part of the grid sits around cos₀.
+    k_vals = np.concatenate(
+        [np.broadcast_to(_GRID_K, (n_layers, _GRID_K.size)), cos0[:, None] * _GRID_COS], axis=1
     )
-    a_vals = _GRID_A.to(dev, dt)
-    grid = torch.stack(
+    grid = np.stack(
         [
-            a_vals.repeat_interleave(k_vals.shape[1]).expand(n_layers, -1),
-            k_vals.repeat(1, a_vals.shape[0]),
+            np.broadcast_to(
+                np.repeat(_GRID_A, k_vals.shape[1]), (n_layers, _GRID_A.size * k_vals.shape[1])
+            ),
+            np.tile(k_vals, (1, _GRID_A.size)),
         ],
-        dim=-1,
+        axis=-1,
     )
-    fg = _family_value(grid, tuple(t.unsqueeze(1) for t in data), lam, norm)
-    fg = torch.where(torch.isfinite(fg), fg, torch.full_like(fg, float("inf")))
-    theta0 = grid[torch.arange(n_layers, device=dev), torch.argmin(fg, dim=1)]
+    fg = _family_value(grid, d, lam, norm)
+    fg = np.where(np.isfinite(fg), fg, np.inf)
+    theta0 = grid[np.arange(n_layers), np.argmin(fg, axis=1)]
     theta, iters, conv = newton(
-        data, theta0, lam=lam, norm=norm, tol=min(tol, _INNER_TOL), max_iter=max_iter
+        d, theta0, lam=lam, norm=norm, tol=min(tol, _INNER_TOL), max_iter=max_iter
     )
-    a = sigma * torch.exp(theta[:, 0])
-    k = a * nu_s * theta[:, 1]
-    t = k[:, None] * red.g
+    a = sigma * np.exp(theta[:, 0])
+    t = (a * kscale * theta[:, 1])[:, None] * gh
     u = 1.0 / (1.0 + t)
-    x = torch.where(red.g > 0, a[:, None] * u, 0.0)  # null columns: h_i = 0 and c_i = b_i
+    x = np.where(g > 0, a[:, None] * u, 0.0)  # null columns: h_i = 0 and c_i = b_i
     y = t * u
-    f, cos = objective(x, y, red, lam, norm)
-    f0, cos0 = objective(zeros, zeros, red, lam, norm)
+    s, n_sq, rho_sq = _terms(x, y, g, hh, hb, bb)
+    f, cos = _objective(s, n_sq, rho_sq, w, lam, norm)
     zero = ~(f < f0 - _TIE)
     # Certificate: the full problem's gradient per column is ∇_i = (μ + κ g_i) c_i − α h_i − μ b_i
     # (α = 1/(w n), κ = s/(w n³), μ = λ/ρ or 2λ; zero exactly on the family's stationary points).
     # Accept when the curvature μ + κ g_i off the family is positive and the Newton gain
     # Σ ‖∇_i‖² / (2 (μ + κ g_i)) of that diagonal model is below float64 resolution of f.
-    z = 1.0 - y
-    s = (x * red.hh + z * red.hb).sum(-1)
-    n_sq = (red.g * (x * x * red.hh + 2.0 * x * z * red.hb + z * z * red.bb)).sum(-1)
-    rho_sq = (x * x * red.hh - 2.0 * x * y * red.hb + y * y * red.bb).sum(-1)
-    if norm == "fro_squared":
-        mu = torch.full_like(rho_sq, 2.0 * lam)
-    else:
-        mu = lam / torch.sqrt(torch.clamp(rho_sq, min=_TINY))
-    wn = red.w * torch.sqrt(torch.clamp(n_sq, min=_TINY))
+    mu = (
+        np.full_like(rho_sq, 2.0 * lam)
+        if norm == "fro_squared"
+        else lam / np.sqrt(np.maximum(rho_sq, _TINY))
+    )
+    wn = w * np.sqrt(np.maximum(n_sq, _TINY))
     alpha = 1.0 / wn
-    kappa = s / (wn * n_sq.clamp(min=_TINY))
-    curv = mu[:, None] + kappa[:, None] * red.g
+    kappa = s / (wn * np.maximum(n_sq, _TINY))
+    curv = mu[:, None] + kappa[:, None] * g
     gx = curv * x - alpha[:, None]
-    gz = curv * z - mu[:, None]
-    grad_i = gx * gx * red.hh + 2.0 * gx * gz * red.hb + gz * gz * red.bb
+    gz = curv * (1.0 - y) - mu[:, None]
+    grad_i = gx * gx * hh + 2.0 * gx * gz * hb + gz * gz * bb
     gain = (grad_i / (2.0 * curv)).sum(-1)
     good = (
-        (curv > 0).all(dim=-1)
-        & (gain <= _GAIN * (1.0 + f.abs()))
+        (curv > 0).all(axis=-1)
+        & (gain <= _GAIN * (1.0 + np.abs(f)))
         & (rho_sq > 0)
         & (n_sq > 0)
-        & (red.w > 0)
+        & (w > 0)
         & wide
     )
-    # ΔP = 0 is a (strict) local minimum for "fro" when ‖∇cos‖ < λ there; H = 0: cos ≡ 0.
-    s0 = red.hb.sum(-1)
-    q0 = (red.g * red.bb).sum(-1)
-    wn0 = red.w * torch.sqrt(torch.clamp(q0, min=_TINY))
-    al0 = 1.0 / wn0
-    ka0 = s0 / (wn0 * q0.clamp(min=_TINY))
-    al0, ka0 = al0[:, None], ka0[:, None] * red.g
-    grad_sq = (al0 * al0 * red.hh - 2.0 * al0 * ka0 * red.hb + ka0 * ka0 * red.bb).sum(-1)
-    # "fro_squared": ΔP = 0 is within ‖∇cos‖²/(4λ) (the quadratic model's gain) of optimal.
-    flat0 = red.hh.sum(-1) == 0
+    # ΔP = 0 is a (strict) local minimum for "fro" when ‖∇cos‖ < λ there; "fro_squared": it is
+    # within ‖∇cos‖²/(4λ) (the quadratic model's gain) of optimal; H = 0: cos ≡ 0.
+    q0 = (g * bb).sum(-1)
+    wn0 = w * np.sqrt(np.maximum(q0, _TINY))
+    al0 = (1.0 / wn0)[:, None]
+    ka0 = (hb.sum(-1) / (wn0 * np.maximum(q0, _TINY)))[:, None] * g
+    grad_sq = (al0 * al0 * hh - 2.0 * al0 * ka0 * hb + ka0 * ka0 * bb).sum(-1)
     near = grad_sq < lam * lam if norm == "fro" else grad_sq <= 4.0 * lam * _ZERO_GAIN
-    zero_ok = flat0 | (red.w == 0) | ((q0 > 0) & near)
-    certified = torch.where(zero, zero_ok, good)
-    keep = zero[:, None]
-    x = torch.where(keep, zeros, x)
-    y = torch.where(keep, zeros, y)
-    f = torch.where(zero, f0, f)
-    cos = torch.where(zero, cos0, cos)
-    return Solution(x, y, f, cos, iters, conv, certified)
+    zero_ok = (hh.sum(-1) == 0) | (w == 0) | ((q0 > 0) & near)
+    certified = np.where(zero, zero_ok, good)
+    x = np.where(zero[:, None], 0.0, x)
+    y = np.where(zero[:, None], 0.0, y)
+    return x, y, np.where(zero, f0, f), np.where(zero, cos0, cos), iters, conv, certified

@@ -157,8 +157,11 @@ def _check_layer(name: str, As: list[Tensor], Bs: list[Tensor], *, equal_ranks: 
             )
 
 
-def _check_finite(layers: Mapping[str, Layer]) -> None:
-    """One device-side reduction per layer and a single host sync for the whole input."""
+def raise_if_nonfinite(layers: Mapping[str, Layer]) -> None:
+    """Raise :class:`NonFiniteError` naming the first layer/client/factor with NaN or Inf.
+
+    One device-side reduction per factor and a single host sync for the whole input.
+    """
     flags = []
     owners: list[tuple[str, int, str]] = []
     for name, layer in layers.items():
@@ -205,6 +208,7 @@ def prepare(
     weights: Sequence[float] | None,
     *,
     equal_ranks: bool,
+    check_finite: bool = True,
 ) -> Prepared:
     """Validate clients and weights once at the API boundary.
 
@@ -212,7 +216,9 @@ def prepare(
     (the first missing or extra one is named); each factor is a 2-D floating tensor, finite;
     within a layer all factors share dtype and device, ``A_k.shape[0] == B_k.shape[1]``, and
     ``d_in``/``d_out`` agree across clients (and ranks too when ``equal_ranks``); weights as in
-    :func:`normalise_weights`. Nothing is copied or mutated.
+    :func:`normalise_weights`. Nothing is copied or mutated. ``check_finite=False`` leaves the
+    NaN/Inf check to a caller that gets it for free from its own arithmetic (and then calls
+    :func:`raise_if_nonfinite` to name the culprit).
     """
     if isinstance(clients, Mapping):
         raise EmptyClientsError(
@@ -238,7 +244,8 @@ def prepare(
         Bs = [b for _, b in pairs]
         _check_layer(name, As, Bs, equal_ranks=equal_ranks)
         layers[name] = Layer(name, tuple(As), tuple(Bs))
-    _check_finite(layers)
+    if check_finite:
+        raise_if_nonfinite(layers)
     return Prepared(layers, p)
 
 
