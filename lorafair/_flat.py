@@ -146,7 +146,9 @@ def _sqp(theta: Arr, d: _Data) -> tuple[Arr, Arr, Arr]:
     """
     a = d.sigma[:, None] * np.exp(theta[..., 0])
     k = a * d.kscale[:, None] * theta[..., 1]
-    M = _weights(k, d.gh[:, None, :], 2) @ d.D[:, None]  # (L, S, 2, 15)
+    n_layers, n_pts = k.shape
+    U = _weights(k, d.gh[:, None, :], 2).reshape(n_layers, 2 * n_pts, -1)
+    M = (U @ d.D).reshape(n_layers, n_pts, 2, 15)  # one (2S × r)(r × 15) GEMM per layer
     S1, S0, P2 = M[..., 0, 0], M[..., 0, 1], M[..., 1, 0]
     Q2, Q1, Q0, P0 = M[..., 1, 3], M[..., 1, 4], M[..., 1, 5], M[..., 1, 8]
     s = a * S1 + S0
@@ -214,9 +216,11 @@ def _sqp_derivatives(theta: Arr, d: _Data) -> tuple[Arr, Arr, Arr]:
 
 
 def _family_value(x: Arr, d: _Data, lam: float, norm: Norm) -> Arr:
-    """``F = f(c(θ)) = 1 − s/(w n) + λ R(ρ²)`` (L, S) at ``x`` (L, S, 2)."""
+    """``F = f(c(θ)) = 1 − s/(w n) + λ R(ρ²)`` (L, S) at ``x`` (L, S, 2); +inf outside the family
+    (some ``1 + k ĝ_i ≤ 0``)."""
     s, q, p = _sqp(x, d)
-    return 1.0 + _cos_parts(s, q, d.w[:, None])[0] + _reg(p, lam, norm)[0]
+    f = 1.0 + _cos_parts(s, q, d.w[:, None])[0] + _reg(p, lam, norm)[0]
+    return np.where(np.isnan(s + q + p), np.inf, f)
 
 
 def _family_derivatives(x: Arr, d: _Data, lam: float, norm: Norm) -> tuple[Arr, Arr, Arr]:
@@ -337,8 +341,11 @@ class Solution(NamedTuple):
     certified: Tensor
 
 
-_GRID_A = np.arange(-24.0, 25.0, 3.0)
-_GRID_K = np.array([-1.0, 0.0, 0.5, 1.0, 2.0])
+_GRID_A = np.arange(-26.0, 27.0, 4.0)
+_GRID_K = np.array([-16.0, -4.0, -1.0, 0.0, 0.5, 1.0, 2.0])
+_GRID_LAM0 = np.array([0.5, 0.8, 1.0, 1.25, 2.0])
+_STARTS = 3
+_SCOUT = 2  # Newton steps every start takes before the best one per layer is kept
 _GRID_COS = np.array([0.97, 0.99, 1.0, 1.01, 1.03])
 _TIE = 1e-14  # the family must beat ΔP = 0 by more than this
 _GAIN = 1e-12
@@ -409,10 +416,20 @@ def _solve_host(
     n_ref = np.where(n_ref > 0, n_ref, 1.0)
     kscale = gmax * np.where(w > 0, w, 1.0) / n_ref
     d = _Data(D.reshape(n_layers, -1, 15), gh, sigma, kscale, gmax, w)
-    # θ₂ equals cos(ΔW, P'Q)·n_ref/n at a stationary point, and θ₂ = cos₀ (FedIT's cosine) makes
-    # the family leave ΔP = 0 along ∇cos, so part of the grid sits around cos₀.
+    # θ₂ equals cos(ΔW, P'Q)·n_ref/n at a stationary point. θ₂ = cos₀ (FedIT's cosine) makes the
+    # family leave ΔP = 0 along ∇cos; θ₂ = n_ref/(τ w) with a → ∞ is the λ = 0 solution
+    # (c_i = τ h_i/g_i). The grid refines around both, the two ends of LoRA-FAIR's trade-off.
+    x0, _ = _lam0(g, hh, hb)
+    pos = g > 0
+    tau = np.where(pos, x0 * g, 0.0).max(axis=-1)
+    k_lam0 = np.where(tau > 0, n_ref / (np.where(tau > 0, tau, 1.0) * np.where(w > 0, w, 1.0)), 1.0)
     k_vals = np.concatenate(
-        [np.broadcast_to(_GRID_K, (n_layers, _GRID_K.size)), cos0[:, None] * _GRID_COS], axis=1
+        [
+            np.broadcast_to(_GRID_K, (n_layers, _GRID_K.size)),
+            cos0[:, None] * _GRID_COS,
+            k_lam0[:, None] * _GRID_LAM0,
+        ],
+        axis=1,
     )
     grid = np.stack(
         [
@@ -425,10 +442,19 @@ def _solve_host(
     )
     fg = _family_value(grid, d, lam, norm)
     fg = np.where(np.isfinite(fg), fg, np.inf)
-    theta0 = grid[np.arange(n_layers), np.argmin(fg, axis=1)]
-    theta, iters, conv = newton(
-        d, theta0, lam=lam, norm=norm, tol=min(tol, _INNER_TOL), max_iter=max_iter
-    )
+    # Newton from the _STARTS best grid points of every layer, all at once, for _SCOUT steps;
+    # then only the best of them per layer goes on to convergence.
+    top = np.argsort(fg, axis=1)[:, :_STARTS]  # (L, m)
+    m = top.shape[1]
+    theta0 = np.take_along_axis(grid, top[..., None], axis=1).reshape(n_layers * m, 2)
+    rep = _Data(*(np.repeat(t, m, axis=0) for t in d))
+    inner = min(tol, _INNER_TOL)
+    ends, it_m, _ = newton(rep, theta0, lam=lam, norm=norm, tol=inner, max_iter=_SCOUT)
+    f_end = _family_value(ends[:, None, :], rep, lam, norm)[:, 0].reshape(n_layers, m)
+    best = np.argmin(np.where(np.isfinite(f_end), f_end, np.inf), axis=1)
+    pick = np.arange(n_layers) * m + best
+    theta, iters, conv = newton(d, ends[pick], lam=lam, norm=norm, tol=inner, max_iter=max_iter)
+    iters = iters + it_m[pick]
     a = sigma * np.exp(theta[:, 0])
     t = (a * kscale * theta[:, 1])[:, None] * gh
     u = 1.0 / (1.0 + t)
