@@ -404,15 +404,18 @@ def _flat_sides(grp: _Group, opts: _Options) -> tuple[Tensor, Tensor]:
     return grp.A_u.mT, grp.B_s.mT
 
 
-def _flat_reduce(grp: _Group, opts: _Options) -> tuple[_flat.Reduced, Tensor, Tensor]:
+def _flat_reduce(
+    grp: _Group, opts: _Options, grams: tuple[Tensor, Tensor] | None
+) -> tuple[_flat.Reduced, Tensor]:
     """The family solver's data and ``N = diag(pw) Q_u Qᵀ`` (L, R, r), so ``H = ΔW' Qᵀ = P_u N``.
 
     float64 inputs: ``H`` and ``P`` explicitly (accurate to ε even when clients cancel), ‖ΔW‖ by a
     thin QR. Narrower inputs: everything from the two R × R Grams ``M_P = P_uᵀP_u`` and
     ``M_Q = Q_u Q_uᵀ`` (``G = Eᵀ M_Q E``, ``N = diag(pw) M_Q E``, ``HᵀH = Nᵀ M_P N``,
     ``HᵀP = Nᵀ M_P E``, ``PᵀP = Eᵀ M_P E``, ``‖ΔW‖² = <M_P, pw pwᵀ ⊙ M_Q>``), whose error
-    ``ε₆₄ κ²`` stays below the inputs' own rounding (see :func:`_update_norm`).
-    Cost O((d + e) R²) flops (the Grams) or O((d + e) R r) plus a QR (float64).
+    ``ε₆₄ κ²`` stays below the inputs' own rounding (see :func:`_update_norm`); ``grams`` is
+    ``(M_A, M_B)`` from :func:`_layer_grams` when already computed. Cost O((d + e) R²) flops
+    (the Grams) or O((d + e) R r) plus a QR (float64).
     """
     E, pw = grp.E, grp.pw
     if grp.dtype == _F64:
@@ -420,20 +423,15 @@ def _flat_reduce(grp: _Group, opts: _Options) -> tuple[_flat.Reduced, Tensor, Te
         Q = E.mT @ Q_u
         N = pw[:, None] * (Q_u @ Q.mT)
         red = _flat.reduced_from_columns(Q @ Q.mT, P_u @ N, P_u @ E, _update_norm(grp))
-        return red, N, torch.ones((), dtype=torch.bool)
-    M_A, M_B = _layer_grams(grp)
-    # diag(M) holds float64 sums of squares of narrow floats: finite exactly when every input is
-    # (|x| ≤ 3.4e38 squared and summed over < 2³¹ terms cannot overflow float64).
-    finite = torch.isfinite(
-        M_A.diagonal(dim1=-2, dim2=-1).sum() + M_B.diagonal(dim1=-2, dim2=-1).sum()
-    )
+        return red, N
+    M_A, M_B = grams if grams is not None else _layer_grams(grp)
     M_P, M_Q = (M_B, M_A) if opts.residual_on == "B" else (M_A, M_B)
     N = pw[:, None] * (M_Q @ E)
     MN = M_P @ N
     red = _flat.reduced_from_grams(
         E.mT @ M_Q @ E, N.mT @ MN, MN.mT @ E, E.mT @ M_P @ E, _gram_norm(M_P, M_Q, pw)
     )
-    return red, N, finite
+    return red, N
 
 
 def _solve_flat(
@@ -448,10 +446,14 @@ def _solve_flat(
     """
     if any(grp.dtype == _F64 for grp in groups):
         raise_if_nonfinite(prep.layers)
-    reduced = [_flat_reduce(grp, opts) for grp in groups]
-    if not all(bool(ok) for _, _, ok in reduced):
+    grams = [None if grp.dtype == _F64 else _layer_grams(grp) for grp in groups]
+    # diag(M) holds float64 sums of squares of narrow floats: finite exactly when every input is
+    # (|x| ≤ 6.6e4 or 3.4e38, squared and summed over < 2³¹ terms, cannot overflow float64).
+    diag_sums = [M.diagonal(dim1=-2, dim2=-1).sum() for pair in grams if pair for M in pair]
+    if diag_sums and not bool(torch.isfinite(torch.stack(diag_sums).sum())):
         raise_if_nonfinite(prep.layers)
         raise NonFiniteError("NaN or Inf in the clients' factors")  # pragma: no cover
+    reduced = [_flat_reduce(grp, opts, gm) for grp, gm in zip(groups, grams, strict=True)]
     out: list[_Solved | None] = [None] * len(groups)
     buckets: dict[tuple[int, torch.device], list[int]] = {}
     for i, grp in enumerate(groups):
@@ -483,7 +485,7 @@ def _solve_flat(
             n = grp.n
             sl = slice(start, start + n)
             start += n
-            red, N, _ = reduced[i]
+            red, N = reduced[i]
             V = red.V
             X = (V * sol.x[sl].unsqueeze(-2)) @ V.mT
             Y = (V * sol.y[sl].unsqueeze(-2)) @ V.mT
