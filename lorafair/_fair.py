@@ -342,9 +342,13 @@ def _corrected(grp: _Group, sol: _Solved, opts: _Options) -> Tensor:
     Flat: one float64 GEMM ``P_u (E + coef)`` per layer, rounded once. Layers whose residual is
     exactly zero return FedIT's factor bit for bit.
     """
-    acc = grp.B_acc if opts.residual_on == "B" else grp.A_acc
+
+    def fedit_side() -> Tensor:  # FedIT's corrected factor, as fedit computes it
+        return grp.B_acc if opts.residual_on == "B" else grp.A_acc
+
     if sol.coef is None:
         assert sol.extra is not None
+        acc = fedit_side()
         return (acc + sol.extra.to(acc.dtype)).to(grp.dtype)
     full = _orient(_p_times(grp, opts, grp.E + sol.coef), opts)
     if sol.extra is not None:
@@ -354,7 +358,7 @@ def _corrected(grp: _Group, sol: _Solved, opts: _Options) -> Tensor:
     if sol.extra is not None:
         still &= (sol.extra == 0).all(dim=(-2, -1))
     if bool(still.any()):
-        out[still] = acc[still].to(grp.dtype)
+        out[still] = fedit_side()[still].to(grp.dtype)
     return out
 
 
@@ -463,7 +467,7 @@ def _solve_flat(
         wide = torch.cat(
             [
                 torch.full(
-                    (groups[i].B_s.shape[0],),
+                    (groups[i].n,),
                     _corrected_dim(groups[i], opts) >= 3,
                     device=joint.g.device,
                 )
@@ -731,25 +735,28 @@ def lora_fair(
     or the mean over the d_in columns of the per-column cosine (``"columns"``, what
     ``F.cosine_similarity(ΔW, B'Ā, dim=0).mean()`` computes). A cosine with a zero side is 0.
 
-    Method (flat): with ``G = ĀĀᵀ = V diag(g) Vᵀ`` and ``H = ΔW Āᵀ = Σ p_k B_k (A_k Āᵀ)``,
-    ``<ΔW, B'Ā> = <B', H>`` and ``‖B'Ā‖² = Σ g_i ‖(B'V)_i‖²``, so column i of ``B'V`` only
-    matters through its coordinates in ``span((HV)_i, (B̄V)_i)`` plus one orthogonal direction:
-    an exact ``r × 3`` problem per layer, solved for all layers sharing r in one batch by a
-    damped Newton method with the closed-form gradient and Hessian (no autograd) from three
-    starts (FedIT's ``ΔB = 0``, the λ = 0 solution and their midpoint); the
-    best is kept and ``ΔB = 0`` is returned unless beaten, so the result is never worse than
-    FedIT on this objective. λ = 0 is solved in closed form (the cosine-maximising ``B'``
-    closest to ``B̄``, reaching the bound ``‖ΔW Ā⁺Ā‖/‖ΔW‖``). ``"columns"`` iterates in an
-    orthonormal basis of ``span(B_s, B̄)`` plus r spare directions (≤ ``(K+2) r`` rows).
-    ``residual_on="A"`` solves the transposed problem. Clients of different ranks are
-    zero-padded to the largest rank (so ``Ā``, ``B̄`` and the result have that rank). One
-    client: FedIT is exact and ``ΔB* = 0``. ``ΔW = 0``: ``ΔB* = 0``.
+    Method (flat): with ``G = ĀĀᵀ = V diag(g) Vᵀ`` and ``H = ΔW Āᵀ``, every stationary point
+    has ``B'V`` columns ``(a (HV)_i + (B̄V)_i)/(1 + k g_i)`` for two scalars ``a``, ``k`` per
+    layer, and along that family the objective needs only ``g_i``, ``‖(HV)_i‖²``,
+    ``<(HV)_i, (B̄V)_i>``, ``‖(B̄V)_i‖²``, which come from ``r × r`` Grams. All layers sharing r
+    are solved at once (a grid, then damped Newton on the two unknowns with closed-form
+    derivatives), each answer is certified stationary for the full problem or re-solved by a
+    general ``r × 3`` Newton solver from three starts (FedIT, the λ = 0 solution, their
+    midpoint), and ``ΔB = 0`` is returned unless beaten, so the result is never worse than
+    FedIT on this objective; a zero residual returns FedIT's factors bit for bit. λ = 0 is
+    solved in closed form (the cosine-maximising ``B'`` closest to ``B̄``, reaching the bound
+    ``‖ΔW Ā⁺Ā‖/‖ΔW‖``). ``"columns"`` iterates in an orthonormal basis of ``span(B_s, B̄)``
+    plus r spare directions (≤ ``(K+2) r`` rows). ``residual_on="A"`` solves the transposed
+    problem. Clients of different ranks are zero-padded to the largest rank (so ``Ā``, ``B̄``
+    and the result have that rank). One client: FedIT is exact and ``ΔB* = 0``. ``ΔW = 0``:
+    ``ΔB* = 0``. Details: ``docs/lora_fair.md``.
 
-    Cost (flat, per layer, r = rank, R = Σ r_k): O((d_out + d_in) R r) flops for ``H`` and
-    ``G``, O((d_out + d_in) R²) for ``‖ΔW‖`` (float64 inputs: a thin QR of the factor with fewer
-    rows; narrower inputs: the float64 Gram trace), O(d_out r²) for the eigenbasis and the answer,
-    plus an iteration on 3r numbers; memory O((d_out + d_in) R). Nothing of size d_out × d_in.
-    Reductions in float64; results in the inputs' dtype.
+    Cost (flat, per layer, r = rank, R = Σ r_k): O((d_out + d_in) R²) flops for two float64
+    ``R × R`` Grams of the stacked factors (float64 inputs: ``H`` and ``B̄`` explicitly plus a
+    thin QR for ``‖ΔW‖``), O(R² r + r³) for the small algebra, O(r) per point of the family
+    solve, O(d_out R r) for the answer; memory two ``R × R`` Grams per layer and one layer's
+    float64 factors at a time. Nothing of size d_out × d_in. Reductions in float64; results in
+    the inputs' dtype.
 
     >>> import torch
     >>> c0 = {"fc": (torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0], [0.0]]))}

@@ -17,16 +17,17 @@ scalars ``a = α/μ > 0`` and ``k = κ/μ``. At a local minimum the curvature al
 orthogonal to ``h_i`` and ``b_i`` (one exists when ``d ≥ 3``) is ``μ (1 + k g_i) ≥ 0``, so
 ``k ≥ −1/max g``. The minimiser is therefore found among
 
-    a = σ e^{θ₁},  k g_i = (e^{θ₂} − 1) ĝ_i,  ĝ_i = g_i / max g,  θ ∈ ℝ²,
+    a = σ e^{θ₁},  k = a ν,  ν = (w / n_ref) θ₂,  θ ∈ ℝ²  (σ, n_ref: scales from the data),
 
-and ``s``, ``n²``, ``ρ²`` are sums over ``i`` of rational functions of ``(a, k g_i)`` whose only
-data are the per-column Gram numbers ``hh_i = ‖h_i‖²``, ``hb_i = <h_i, b_i>``, ``bb_i = ‖b_i‖²``
-and ``g_i``: an O(r) evaluation, with closed-form gradient and Hessian in θ. The answer is
-certified afterwards: a point of the family is stationary for the full problem exactly when
-``a μ = α`` and ``k μ = κ`` (then every ``∇_{c_i} f`` vanishes); a layer that fails (or has
-``d < 3``) is handed back to the general ``r × 3`` solver in :mod:`lorafair._solve`.
-The residual comes out as ``ΔP = H V diag(x) Vᵀ − P V diag(y) Vᵀ`` with ``x_i = a/(1 + k g_i)``,
-``y_i = k g_i/(1 + k g_i)``.
+(``θ₂ = cos(ΔW, P'Q)·n_ref/n`` at a stationary point), and ``s``, ``n²``, ``ρ²`` are sums over
+``i`` of rational functions of ``(a, k g_i)`` whose only data are the per-column Gram numbers
+``hh_i = ‖h_i‖²``, ``hb_i = <h_i, b_i>``, ``bb_i = ‖b_i‖²`` and ``g_i``: an O(r) evaluation,
+with closed-form gradient and Hessian in θ. These tiny problems are solved in NumPy on the
+host (one transfer each way). The answer is certified afterwards from the full problem's
+gradient ``∇_{c_i} f = (μ + κ g_i) c_i − α h_i − μ b_i``, which vanishes on the family exactly
+when ``a μ = α`` and ``k μ = κ``; a layer that fails (or has ``d < 3``) is handed back to the
+general ``r × 3`` solver in :mod:`lorafair._solve`. The residual comes out as
+``ΔP = H V diag(x) Vᵀ − P V diag(y) Vᵀ`` with ``x_i = a/(1 + k g_i)``, ``y_i = k g_i/(1 + k g_i)``.
 """
 
 from __future__ import annotations
