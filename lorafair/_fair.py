@@ -613,26 +613,13 @@ def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Solved:
     extra = tuple(t for t in (left, right) if t is not None)
     data = (X, xn, active, Z0, *extra)
     obj = _solve.columns_objective(lam, norm, shape, left is not None, right is not None)
-    starts = [Z0, Z_ls, 0.5 * (Z0 + Z_ls)]
-    m = len(starts)
-    rep = tuple(t.repeat(m, *([1] * (t.ndim - 1))) for t in data)
-    x0 = torch.cat(starts).reshape(m * n_layers, -1)
     if single:
         iters = torch.zeros(n_layers, dtype=torch.int64, device=X.device)
         conv = torch.ones(n_layers, dtype=torch.bool, device=X.device)
         Z = Z0
     else:
-        res = _solve.minimise(obj, rep, x0, tol=opts.tol, max_iter=opts.max_iter)
-        f_runs = res.f.reshape(m, n_layers)
-        f_zero = obj.values(Z0.reshape(n_layers, 1, -1), *data).squeeze(1)
-        best, zero = _pick(f_runs, f_zero, single)
-        rows = torch.arange(n_layers, device=X.device)
-        Zs = res.x.reshape(m, n_layers, *shape)
-        Z = torch.where(zero[:, None, None], Z0, Zs[best, rows])
-        it = res.iterations.reshape(m, n_layers)
-        cv = res.converged.reshape(m, n_layers)
-        iters = torch.where(zero, it[0], it[best, rows])
-        conv = torch.where(zero, cv[0], cv[best, rows])
+        starts = [Z0, Z_ls, 0.5 * (Z0 + Z_ls)]
+        Z, iters, conv = _columns_minimise(obj, data, starts, left is not None, opts)
     f_final = obj.values(Z.reshape(n_layers, 1, -1), *data).squeeze(1)
     diff = Z - Z0
     reg = _solve.regulariser((diff * diff).sum(dim=(-2, -1)), lam, norm)
@@ -640,6 +627,315 @@ def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Solved:
     obj_val = f_final
     delta = diff if Q is None else Q @ diff
     return _Solved(obj_val, cos, iters, conv, extra=delta)
+
+
+_DROP_TINY = 1e-3
+"""A product column below this fraction of its rounding scale (:func:`_column_scale`) is taken
+as one the minimiser is driving to zero: the columns problem is re-solved with it dropped."""
+_DROP_UNSAFE = 2e-10
+"""Largest float64 error of the objective (estimated by :func:`_unsafe`) of a returned point:
+near a vanishing column its cosine is sensitive to rounding; such points are not returned (their
+dropped counterparts stand in for them)."""
+_DROP_STEPS = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10)
+"""Relative distances ``ε`` at which a dropped column reappears (:func:`_solve.dropped_points`)."""
+_DROP_SINGLES = 64
+"""Up to this many columns, dropping each single column from the best run is scored as well."""
+_DROP_SINGLES_SOLVE = 4
+"""Of those, the best this many per layer seed restricted problems."""
+
+
+def _drop_direction(
+    dc: _solve.DroppedColumns,
+    sub: tuple[Tensor, ...],
+    approach: Tensor,
+    has_left: bool,
+    opts: _Options,
+) -> Tensor:
+    """The direction ``E`` (rows, p, q) along which the dropped columns ``J`` reappear.
+
+    In the limit the dropped columns are ``left E right_J`` for the ``E`` that maximises
+    ``Σ_{j∈J} cos(X_j, left E right_j)`` (λ = 0, columns ``J`` only). With ``left`` (residual on
+    A) or a full-rank ``right_J`` each column takes any direction of ``range(left)``, and
+    ``dc.E`` (least squares) is that maximiser. Otherwise (``right_J`` rank-deficient, e.g. the
+    whole product vanishing, ``B' → 0``) the columns share directions: the λ = 0 problem is
+    minimised from ``dc.E`` and from ``approach`` (the part of the seed that the projection
+    removed: the direction the seed was vanishing along), and the better result is kept.
+    """
+    if has_left:
+        return dc.E
+    assert dc.PR is not None
+    X, xn, active, Z0, right = sub
+    rank = torch.linalg.matrix_rank(right * dc.drop.unsqueeze(-2).to(right.dtype))
+    shared = dc.drop.sum(dim=-1) > rank
+    if not bool(shared.any()):
+        return dc.E
+    E_all = dc.E.clone()
+    X, xn, active, Z0, right = X[shared], xn[shared], active[shared], Z0[shared], right[shared]
+    drop, approach, E_ls = dc.drop[shared], approach[shared], dc.E[shared]
+    rows = Z0.shape[0]
+    shape = (int(Z0.shape[-2]), int(Z0.shape[-1]))
+    en = torch.linalg.matrix_norm(E_ls)
+    an = torch.linalg.matrix_norm(approach)
+    ok = (an > 0) & (en > 0)
+    ratio = torch.where(ok, en / torch.where(ok, an, torch.ones_like(an)), 0.0)
+    approach = torch.where(ok[:, None, None], approach * ratio[:, None, None], E_ls)
+    obj_e = _solve.columns_objective(0.0, "fro_squared", shape, False, True)
+    data_e = (X, xn, active & drop, torch.zeros_like(Z0), right)
+    rep = tuple(torch.cat([t, t]) for t in data_e)
+    x0 = torch.cat([E_ls, approach]).reshape(2 * rows, -1)
+    res = _solve.minimise(obj_e, rep, x0, tol=opts.tol, max_iter=opts.max_iter)
+    f = res.f.reshape(2, rows)
+    best = torch.argmin(f, dim=0)
+    E = res.x.reshape(2, rows, *shape)[best, torch.arange(rows, device=best.device)]
+    E_all[shared] = E @ dc.PR[shared]
+    return E_all
+
+
+def _mix_columns(
+    Z: Tensor, f: Tensor, layer: Tensor, data: tuple[Tensor, ...], opts: _Options
+) -> Tensor:
+    """Per layer, the point (L, p, n) made of each column's best among the candidates ``Z``
+    (rows, p, n) of ``layer`` (rows,) with finite ``f`` (residual on A: ``Y = left Z``).
+
+    A column's score is its share of the objective, ``−cos_j / n + λ ‖Z_j − Z0_j‖²`` (exact
+    for ``"fro_squared"``; for ``"fro"``, ``λ ‖D‖`` linearised in ``‖D‖²`` at the layer's best
+    candidate, ``λ ‖D_j‖² / (2 ‖D_best‖)``).
+    """
+    X, xn, active, Z0, left = data
+    n_layers, n = xn.shape
+    sub_Z0 = Z0[layer]
+    Y = left[layer] @ Z
+    inner = (Y * X[layer]).sum(dim=-2)
+    ynorm = torch.linalg.vector_norm(Y, dim=-2)
+    act = active[layer] & (ynorm > 0)
+    den = torch.where(act, xn[layer] * ynorm, torch.ones_like(ynorm))
+    cos = torch.where(act, inner / den, torch.zeros_like(inner))
+    dsq = (Z - sub_Z0).square().sum(dim=-2)  # (rows, n)
+    lam = torch.full_like(f, opts.lam)
+    if opts.norm == "fro":
+        f_best = torch.full((n_layers,), torch.inf, dtype=f.dtype, device=f.device)
+        f_best = f_best.scatter_reduce(0, layer, f, reduce="amin")
+        rows = torch.arange(f.shape[0], device=f.device)
+        at = torch.full((n_layers,), 0, dtype=torch.int64, device=f.device)
+        at = at.scatter_reduce(0, layer[f == f_best[layer]], rows[f == f_best[layer]], "amax")
+        rho = torch.sqrt(dsq.sum(dim=-1))[at]
+        lam = opts.lam / (2.0 * torch.clamp(rho, min=1e-12))[layer]
+    score = -cos / n + lam[:, None] * dsq
+    score = torch.where(torch.isfinite(f)[:, None], score, torch.inf)
+    best = torch.full((n_layers, n), torch.inf, dtype=f.dtype, device=f.device)
+    best = best.scatter_reduce(0, layer[:, None].expand(-1, n), score, reduce="amin")
+    rows = torch.arange(f.shape[0], device=f.device)[:, None].expand(-1, n)
+    hit = score == best[layer]
+    pick = torch.full((n_layers, n), f.shape[0], dtype=torch.int64, device=f.device)
+    pick = pick.scatter_reduce(
+        0, layer[:, None].expand(-1, n), torch.where(hit, rows, f.shape[0]), reduce="amin"
+    )
+    pick = torch.clamp(pick, max=f.shape[0] - 1)
+    cols = torch.arange(n, device=f.device)
+    mixed = Z[pick, :, cols[None, :]]  # (L, n, p)
+    mixed = mixed.mT
+    return torch.where(torch.isfinite(best).all(dim=-1)[:, None, None], mixed, Z0)
+
+
+def _column_scale(
+    Z: Tensor, Z0: Tensor, left: Tensor | None, right: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """``(‖Y_j‖, s_j)`` (…, n) for ``Y = left Z right``, ``s_j = ‖left‖ (‖Z‖ + ‖Z0‖) ‖right_j‖``
+    bounding the float64 rounding of ``Y_j`` (here and in ``(B̄ + ΔB) Ā``) by ~1e-16 s_j."""
+    Y = Z
+    scale = torch.linalg.matrix_norm(Z) + torch.linalg.matrix_norm(Z0)
+    if left is not None:
+        Y = left @ Y
+        scale = scale * torch.linalg.matrix_norm(left)
+    scale = scale.unsqueeze(-1)
+    if right is not None:
+        Y = Y @ right
+        scale = scale * torch.linalg.vector_norm(right, dim=-2)
+    return torch.linalg.vector_norm(Y, dim=-2), scale
+
+
+def _unsafe(Z: Tensor, data: tuple[Tensor, ...], has_left: bool) -> Tensor:
+    """Whether float64 cannot resolve the objective at ``Z`` (rows, [S,] p, q) to ``_DROP_UNSAFE``.
+
+    ``data`` per row (as in :func:`_solve_columns`). Evaluating the product perturbs the point
+    by rounding of relative size ``ε₆₄`` (``Z`` itself, or ``B̄ + ΔB`` / ``Ā + ΔA`` in the
+    caller's dense check), which cancels where a column nearly vanishes. To first order that
+    moves the cosines by ``ε₆₄ (‖Z‖ + ‖Z0‖) ‖∇_Z mean_j cos_j‖``: large near a vanishing column
+    unless it points at its best direction (then the gradient cancels); to second order by
+    ``mean_j u_j²``, ``u_j = ε₆₄ s_j / ‖Y_j‖`` the angle by which the column can turn
+    (:func:`_column_scale`). Unsafe: their sum exceeds ``_DROP_UNSAFE``.
+    """
+    X, xn, active, Z0, mat = data
+    if Z.ndim == Z0.ndim + 1:
+        X, xn, active, Z0, mat = (t.unsqueeze(1) for t in (X, xn, active, Z0, mat))
+    left, right = (mat, None) if has_left else (None, mat)
+    yn, sc = _column_scale(Z, Z0, left, right)
+    Y = Z if left is None else left @ Z
+    Y = Y if right is None else Y @ right
+    n = Y.shape[-1]
+    ok = active & (yn > 0)
+    one = torch.ones_like(yn)
+    k1 = torch.where(ok, 1.0 / torch.where(ok, xn * yn, one), 0.0)  # 1/(‖X_j‖ ν)
+    k3 = torch.where(ok, 1.0 / torch.where(ok, yn, one) ** 3, 0.0)  # 1/ν³
+    s = torch.where(ok, (Y * X).sum(dim=-2) / torch.where(ok, xn, one), 0.0)
+    GY = (k1.unsqueeze(-2) * X - (s * k3).unsqueeze(-2) * Y) / n
+    GZ = GY if left is None else left.mT @ GY
+    GZ = GZ if right is None else GZ @ right.mT
+    size = torch.linalg.matrix_norm(Z) + torch.linalg.matrix_norm(Z0)
+    first = 2.2e-16 * size * torch.linalg.matrix_norm(GZ)
+    u = 2.2e-16 * sc / torch.where(ok, yn, one)
+    second = torch.where(ok, u * u, 0.0).mean(dim=-1)
+    exact_zero: Tensor = (active & (yn == 0)).any(dim=-1)  # an active zero column counts 0
+    resolved: Tensor = first + second <= _DROP_UNSAFE  # False for NaN too
+    return exact_zero | ~resolved
+
+
+def _columns_minimise(
+    obj: _solve.Batched,
+    data: tuple[Tensor, ...],
+    starts: list[Tensor],
+    has_left: bool,
+    opts: _Options,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Multi-start minimisation of the columns objective, through its unattained infima.
+
+    The cosine of a product column jumps where the column vanishes, and the best values are
+    often approached as some columns shrink to zero (``d_in > r``: dropping a column frees the
+    others; it counts at its best cosine in the limit). Newton's iterates then creep towards
+    the limit with vanishing steps and stop short of it, or pass the point where float64 can
+    still resolve the column's direction. So after the plain runs, every result with columns
+    that are being driven to zero (below ``_DROP_TINY`` of their scale), and for few columns the
+    best result with each single column, seeds a restricted problem (:func:`_solve.drop_columns`)
+    in which those columns are exactly zero: a smooth problem whose minimum is the infimum. Its
+    own vanishing columns are dropped in turn (at most ``n`` rounds; each adds columns). Each
+    restricted minimum is returned as a real point at a small distance ``ε`` from it
+    (:func:`_solve.dropped_points`, ``_DROP_STEPS``), and every candidate is scored by the true
+    objective; points whose objective float64 cannot resolve (:func:`_unsafe`) are not
+    returned. Residual on A also tries the column-wise best mix of all candidates
+    (:func:`_mix_columns`), polished. ``ΔB = 0`` is kept unless beaten (:func:`_pick`).
+    Host syncs: one per round of dropping (the number of restricted problems is data
+    dependent). Returns ``(Z, iterations, converged)``.
+    """
+    X, xn, active, Z0 = data[:4]
+    has_right = not has_left  # the two shapes of _solve_columns: Z Ā (right) or R_B A' (left)
+
+    def sides(d: tuple[Tensor, ...]) -> tuple[Tensor | None, Tensor | None]:
+        return (d[4], None) if has_left else (None, d[4])
+
+    n_layers, n = xn.shape
+    shape = (int(Z0.shape[-2]), int(Z0.shape[-1]))
+    dev = X.device
+    m = len(starts)
+    rep = tuple(t.repeat(m, *([1] * (t.ndim - 1))) for t in data)
+    x0 = torch.cat(starts).reshape(m * n_layers, -1)
+    res = _solve.minimise(obj, rep, x0, tol=opts.tol, max_iter=opts.max_iter)
+    layer = torch.arange(n_layers, device=dev).repeat(m)
+    Zr = res.x.reshape(m * n_layers, *shape)
+    f_raw = obj.values(res.x.unsqueeze(1), *rep).squeeze(1)
+    yn, sc = _column_scale(Zr, rep[3], *sides(rep))
+    unsafe = _unsafe(Zr, rep, has_left)
+    tiny = rep[2] & (yn <= _DROP_TINY * sc)
+    c_x = [res.x]
+    c_f = [torch.where(unsafe, torch.inf, f_raw)]
+    c_layer = [layer]
+    c_it = [res.iterations]
+    c_cv = [res.converged]
+    # Seeds of restricted problems: (layer, dropped columns, point, iterations so far).
+    seed = tiny.any(dim=-1)
+    s_layer, s_drop, s_W, s_it = layer[seed], tiny[seed], Zr[seed], res.iterations[seed]
+    steps = torch.tensor(_DROP_STEPS, dtype=X.dtype, device=dev)
+    n_steps = len(_DROP_STEPS)
+    if n <= _DROP_SINGLES:
+        # Each single column dropped from the best run: scored as is (projected), and the
+        # _DROP_SINGLES_SOLVE best of them per layer seed restricted problems.
+        best = torch.argmin(f_raw.reshape(m, n_layers), dim=0)
+        rows = (best * n_layers + torch.arange(n_layers, device=dev)).repeat(n)
+        eye = torch.eye(n, dtype=torch.bool, device=dev)
+        single = (eye.unsqueeze(1) & active.unsqueeze(0)).reshape(n * n_layers, n)
+        sub = tuple(t[layer[rows]] for t in data)
+        s_left, s_right = sides(sub)
+        dc = _solve.drop_columns(sub[0], sub[1], sub[2], sub[3], s_left, s_right, single)
+        Zc = _solve.drop_project(dc, _solve.drop_start(dc, Zr[rows]))
+        pts = _solve.dropped_points(dc, Zc, dc.E, steps)
+        f_pts = obj.values(pts.flatten(-2), *sub)
+        f_pts = torch.where(
+            _unsafe(pts, sub, has_left) | ~single.any(-1, keepdim=True), torch.inf, f_pts
+        )
+        c_x.append(pts.flatten(-2).flatten(0, 1))
+        c_f.append(f_pts.flatten())
+        c_layer.append(layer[rows].repeat_interleave(n_steps))
+        c_it.append(res.iterations[rows].repeat_interleave(n_steps))
+        c_cv.append(res.converged[rows].repeat_interleave(n_steps))
+        score = f_pts.amin(dim=-1).reshape(n, n_layers)
+        k = min(n, _DROP_SINGLES_SOLVE)
+        top = torch.topk(score, k, dim=0, largest=False).indices  # (k, L)
+        chosen = (top * n_layers + torch.arange(n_layers, device=dev)).flatten()
+        chosen = chosen[torch.isfinite(score.flatten()[chosen])]
+        s_layer = torch.cat([s_layer, layer[rows[chosen]]])
+        s_drop = torch.cat([s_drop, single[chosen]])
+        s_W = torch.cat([s_W, Zr[rows[chosen]]])
+        s_it = torch.cat([s_it, res.iterations[rows[chosen]]])
+    obj_d = _solve.columns_objective(opts.lam, opts.norm, shape, has_left, has_right, True)
+    for _ in range(n):
+        if s_layer.numel() == 0:
+            break
+        sub = tuple(t[s_layer] for t in data)
+        s_left, s_right = sides(sub)
+        dc = _solve.drop_columns(sub[0], sub[1], sub[2], sub[3], s_left, s_right, s_drop)
+        x0 = _solve.drop_start(dc, s_W)
+        rd = _solve.minimise(
+            obj_d, dc.data, x0.reshape(s_W.shape[0], -1), tol=opts.tol, max_iter=opts.max_iter
+        )
+        it = s_it + rd.iterations
+        E = _drop_direction(dc, sub, s_W - _solve.drop_project(dc, s_W), has_left, opts)
+        # The seed itself with its columns J dropped, and the restricted problem's result.
+        for W, its in ((x0, s_it), (rd.x, it)):
+            Zc = _solve.drop_project(dc, W.reshape(s_W.shape))
+            pts = _solve.dropped_points(dc, Zc, E, steps)  # (rows, S, p, q)
+            f_pts = obj.values(pts.flatten(-2), *sub)
+            yn, sc = _column_scale(Zc, sub[3], *sides(sub))
+            tiny = dc.data[2] & (yn <= _DROP_TINY * sc)
+            unsafe = _unsafe(pts, sub, has_left)
+            c_x.append(pts.flatten(-2).flatten(0, 1))
+            c_f.append(torch.where(unsafe, torch.inf, f_pts).flatten())
+            c_layer.append(s_layer.repeat_interleave(n_steps))
+            c_it.append(its.repeat_interleave(n_steps))
+            c_cv.append(rd.converged.repeat_interleave(n_steps))
+        seed = tiny.any(dim=-1)
+        s_layer, s_drop, s_W, s_it = s_layer[seed], (s_drop | tiny)[seed], Zc[seed], it[seed]
+    if has_left:
+        # Residual on A: column j of the product depends on column j of A' only, so the
+        # objective couples the columns only through the regulariser (not at all for
+        # "fro_squared"). Mix the best column of every candidate, then polish.
+        mixed = _mix_columns(
+            torch.cat(c_x).reshape(-1, *shape), torch.cat(c_f), torch.cat(c_layer), data, opts
+        )
+        rp = _solve.minimise(obj, data, mixed.flatten(-2), tol=opts.tol, max_iter=opts.max_iter)
+        for W, its in ((mixed.flatten(-2), rp.iterations), (rp.x, rp.iterations)):
+            unsafe = _unsafe(W.reshape(-1, *shape), data, has_left)
+            f_w = obj.values(W.unsqueeze(1), *data).squeeze(1)
+            c_x.append(W)
+            c_f.append(torch.where(unsafe, torch.inf, f_w))
+            c_layer.append(torch.arange(n_layers, device=dev))
+            c_it.append(its)
+            c_cv.append(rp.converged)
+    x_all = torch.cat(c_x)
+    f_all = torch.cat(c_f)
+    l_all = torch.cat(c_layer)
+    f_best = torch.full((n_layers,), torch.inf, dtype=X.dtype, device=dev)
+    f_best = f_best.scatter_reduce(0, l_all, f_all, reduce="amin")
+    idx = torch.arange(f_all.shape[0], device=dev)
+    hit = f_all == f_best[l_all]
+    first = torch.full((n_layers,), f_all.shape[0], dtype=torch.int64, device=dev)
+    first = first.scatter_reduce(0, l_all[hit], idx[hit], reduce="amin")
+    first = torch.clamp(first, max=f_all.shape[0] - 1)
+    f_zero = obj.values(Z0.reshape(n_layers, 1, -1), *data).squeeze(1)
+    _, zero = _pick(f_best[None], f_zero, False)
+    Z = torch.where(zero[:, None, None], Z0, x_all[first].reshape(n_layers, *shape))
+    it_all, cv_all = torch.cat(c_it), torch.cat(c_cv)
+    iters = torch.where(zero, res.iterations[:n_layers], it_all[first])
+    conv = torch.where(zero, res.converged[:n_layers], cv_all[first])
+    return Z, iters, conv
 
 
 def _run(

@@ -289,13 +289,19 @@ def columns_terms(
 
 
 def columns_objective(
-    lam: float, norm: Norm, shape: tuple[int, int], has_left: bool, has_right: bool
+    lam: float,
+    norm: Norm,
+    shape: tuple[int, int],
+    has_left: bool,
+    has_right: bool,
+    has_offset: bool = False,
 ) -> Batched:
     """``f(Z) = 1 − mean_j cos(X_j, Y_j) + λ R(Z − Z0)``, ``Y = left Z right``, closed forms.
 
-    Data ``(X, xn, active, Z0, left?, right?)`` (see :func:`columns_terms`), ``Z`` of ``shape``
-    flattened row-major. Per column, with ``a = X_j/xn_j``, ``y = Y_j``, ``ν = ‖y‖``,
-    ``s = <a, y>``: ``∇_y cos_j = a/ν − s y/ν³`` and
+    Data ``(X, xn, active, Z0, c0?, left?, right?)`` (see :func:`columns_terms`), ``Z`` of
+    ``shape`` flattened row-major. With ``has_offset`` the regulariser is ``λ R`` of
+    ``‖Z − Z0‖² + c0`` (``c0`` (L,) ≥ 0; used by :func:`drop_columns`). Per column, with
+    ``a = X_j/xn_j``, ``y = Y_j``, ``ν = ‖y‖``, ``s = <a, y>``: ``∇_y cos_j = a/ν − s y/ν³`` and
     ``∇²_y cos_j = −(a yᵀ + y aᵀ)/ν³ − s I/ν³ + 3 s y yᵀ/ν⁵``; the chain rule through the linear
     map gives ``∇_Z = leftᵀ (∇_Y) rightᵀ`` and
     ``∇²_Z[(a,k),(b,l)] = Σ_j right[k,j] right[l,j] (leftᵀ ∇²_y cos_j left)[a,b] / n``.
@@ -307,9 +313,18 @@ def columns_objective(
     def split(lr: tuple[Tensor, ...]) -> tuple[Tensor | None, Tensor | None]:
         return (lr[0] if has_left else None), (lr[-1] if has_right else None)
 
-    def values(x: Tensor, X: Tensor, xn: Tensor, active: Tensor, Z0: Tensor, *lr: Tensor) -> Tensor:
+    def offset(rest: tuple[Tensor, ...]) -> tuple[Tensor | None, tuple[Tensor, ...]]:
+        return (rest[0], rest[1:]) if has_offset else (None, rest)
+
+    def with_offset(dsq: Tensor, c0: Tensor | None) -> Tensor:
+        return dsq if c0 is None else dsq + c0
+
+    def values(
+        x: Tensor, X: Tensor, xn: Tensor, active: Tensor, Z0: Tensor, *rest: Tensor
+    ) -> Tensor:
         n_layers, n_cand, _ = x.shape
         Z = x.reshape(n_layers, n_cand, p, q)
+        c0, lr = offset(rest)
         left, right = split(lr)
         cos = columns_terms(
             Z,
@@ -320,7 +335,10 @@ def columns_objective(
             active.unsqueeze(1),
         )
         diff = Z - Z0.unsqueeze(1)
-        return 1.0 - cos + regulariser((diff * diff).sum(dim=(-2, -1)), lam, norm)
+        dsq = (diff * diff).sum(dim=(-2, -1))
+        if c0 is not None:
+            dsq = dsq + c0[:, None]
+        return 1.0 - cos + regulariser(dsq, lam, norm)
 
     def _parts(
         x: Tensor, X: Tensor, xn: Tensor, active: Tensor, lr: tuple[Tensor, ...]
@@ -345,8 +363,9 @@ def columns_objective(
         return Z, Y, cos, k1, k3, s, xs, nsq
 
     def value_and_grad(
-        x: Tensor, X: Tensor, xn: Tensor, active: Tensor, Z0: Tensor, *lr: Tensor
+        x: Tensor, X: Tensor, xn: Tensor, active: Tensor, Z0: Tensor, *rest: Tensor
     ) -> tuple[Tensor, Tensor]:
+        c0, lr = offset(rest)
         Z, Y, cos, k1, k3, s, _, _ = _parts(x, X, xn, active, lr)
         n_cols = Y.shape[-1]
         GY = (k1.unsqueeze(-2) * X - (s * k3).unsqueeze(-2) * Y) / n_cols
@@ -357,14 +376,15 @@ def columns_objective(
         if right is not None:
             GZ = GZ @ right.mT
         diff = Z - Z0
-        dsq = (diff * diff).sum(dim=(-2, -1))
+        dsq = with_offset((diff * diff).sum(dim=(-2, -1)), c0)
         f = 1.0 - cos + regulariser(dsq, lam, norm)
         grad = _reg_grad_coef(dsq, lam, norm)[:, None, None] * diff - GZ
         return f, grad.flatten(-2)
 
     def hessian(
-        x: Tensor, X: Tensor, xn: Tensor, active: Tensor, Z0: Tensor, *lr: Tensor
+        x: Tensor, X: Tensor, xn: Tensor, active: Tensor, Z0: Tensor, *rest: Tensor
     ) -> Tensor:
+        c0, lr = offset(rest)
         Z, Y, _, _, k3, s, xs, nsq = _parts(x, X, xn, active, lr)
         n_layers, m, n_cols = Y.shape
         k5 = torch.where(
@@ -386,10 +406,121 @@ def columns_objective(
             right = torch.eye(n_cols, dtype=Y.dtype, device=Y.device).expand(n_layers, -1, -1)
         hz = torch.einsum("lkj,lqj,ljab->lakbq", right, right, Hj).reshape(n_layers, p * q, p * q)
         diff = (Z - Z0).flatten(-2)
-        dsq = (diff * diff).sum(dim=-1)
+        dsq = with_offset((diff * diff).sum(dim=-1), c0)
         return _reg_hessian(diff, dsq, torch.ones_like(diff), lam, norm) - hz
 
     return Batched(values, value_and_grad, hessian)
+
+
+class DroppedColumns(NamedTuple):
+    """The columns problem restricted to the points whose product columns ``J`` vanish.
+
+    ``data``: the restricted problem's data for :func:`columns_objective` with ``has_offset``
+    (``X``, ``xn``, ``active`` without ``J``, ``Z0``, ``c0``, ``left`` or the reduced
+    ``right``); ``drop`` (L, n) the mask of ``J``; ``PL`` (L, p, p) / ``PR`` (L, q, q) the
+    projectors of :func:`drop_columns` (``PR`` None on the left-only form, where it is the
+    column mask ``drop``); ``E`` (L, p, q) the direction along which the dropped columns
+    reappear with their best cosines.
+    """
+
+    data: tuple[Tensor, ...]
+    drop: Tensor
+    PL: Tensor | None
+    PR: Tensor | None
+    E: Tensor
+
+
+def drop_columns(
+    X: Tensor,
+    xn: Tensor,
+    active: Tensor,
+    Z0: Tensor,
+    left: Tensor | None,
+    right: Tensor | None,
+    drop: Tensor,
+) -> DroppedColumns:
+    """Restrict the columns problem (data of :func:`columns_objective`) to ``left Z right_J = 0``.
+
+    ``J`` = the columns where ``drop`` (L, n) is set. The cosine of column ``j`` is
+    discontinuous where ``Y_j = left Z right_j`` vanishes: arbitrarily close to such a ``Z``,
+    ``Y_j = ε left E right_j`` takes any direction of ``range(left)``, so the objective's
+    infimum there counts column ``j`` at its best cosine ``‖P X_j‖ / xn_j`` (``P`` the
+    projector on ``range(left)``), not 0. Such infima (LoRA-FAIR with ``d_in > r``: a column
+    driven to zero frees the others) are not attained; they are found here as exact minima of
+    a smooth restricted problem, then approached by :func:`dropped_points`.
+
+    The restriction is ``Z = Π(W) = W − P_L W P_R`` (``P_L = left⁺ left``, ``P_R = right_J
+    right_J⁺``: the orthogonal projection onto the constraint's subspace). On it
+    ``Y = left W (I − P_R) right`` and ``‖Π(W) − Z0‖² = ‖Π(W − Z0)‖² + c0``, ``c0 =
+    ‖P_L Z0 P_R‖²``; replacing that by ``‖W − Z0‖² + c0`` (equal wherever the part of ``W`` that
+    ``Π`` removes equals ``Z0``'s, which minimises it) gives a problem with the same minimum
+    and a non-singular Hessian. Either ``left`` (m, p) or ``right`` (q, n) is given (the
+    shapes of :func:`lorafair._fair._solve_columns`); with ``left`` only, ``P_R`` is the
+    diagonal column mask. Cost: one ``pinv`` of ``left`` (m × p) or of ``right_J`` (q × n)
+    and O(p q (p + q + n)) flops per layer.
+    """
+    dm = drop.unsqueeze(-2).to(X.dtype)
+    keep = active & ~drop
+    if right is None:
+        assert left is not None
+        pinv = torch.linalg.pinv(left)
+        PL = pinv @ left
+        c0 = ((PL @ Z0) * dm).square().sum(dim=(-2, -1))
+        E = (pinv @ X) * dm
+        return DroppedColumns((X, xn, keep, Z0, c0, left), drop, PL, None, E)
+    assert left is None
+    RJ = right * dm
+    pinv = torch.linalg.pinv(RJ)  # (n, q), zero rows outside J
+    PR = RJ @ pinv
+    reduced = right - PR @ right
+    reduced = reduced * (1.0 - dm)
+    # Columns in span(right_J) vanish with J (numerically: a tiny remainder); they count 0.
+    rest = torch.linalg.vector_norm(reduced, dim=-2)
+    keep = keep & (rest > 1e-10 * torch.linalg.vector_norm(right, dim=-2))
+    c0 = (Z0 @ PR).square().sum(dim=(-2, -1))
+    E = (X * dm) @ pinv
+    return DroppedColumns((X, xn, keep, Z0, c0, reduced), drop, None, PR, E)
+
+
+def drop_start(dc: DroppedColumns, W: Tensor) -> Tensor:
+    """``Π(W) + P_L Z0 P_R`` (L, p, q): a start for the restricted problem whose (relaxed)
+    objective equals the true one at ``Π(W)``, i.e. ``W`` with the columns ``J`` projected out."""
+    Z0 = dc.data[3]
+    if dc.PR is None:
+        assert dc.PL is not None
+        dm = dc.drop.unsqueeze(-2).to(W.dtype)
+        return W - (dc.PL @ (W - Z0)) * dm
+    if dc.PL is None:
+        return W - (W - Z0) @ dc.PR
+    return W - dc.PL @ (W - Z0) @ dc.PR
+
+
+def drop_project(dc: DroppedColumns, W: Tensor) -> Tensor:
+    """``Π(W) = W − P_L W P_R`` (L, p, q): the point of the full problem that ``W`` stands for."""
+    if dc.PR is None:
+        assert dc.PL is not None
+        return W - (dc.PL @ W) * dc.drop.unsqueeze(-2).to(W.dtype)
+    if dc.PL is None:
+        return W - W @ dc.PR
+    return W - dc.PL @ W @ dc.PR
+
+
+def dropped_points(dc: DroppedColumns, Zc: Tensor, E: Tensor, steps: Tensor) -> Tensor:
+    """Points ``Zc + ε_s E`` (L, S, p, q) approaching the restricted problem's value at ``Zc``.
+
+    ``Zc = Π(W)`` (L, p, q) from :func:`drop_project`; ``ε_s = steps_s (‖Zc‖ + ‖Z0‖) / ‖E‖``.
+    The dropped columns of ``Y`` are then ``ε_s left E right_j`` (their best directions when
+    ``right_J`` has full column rank), the others move by O(ε_s): the objective tends to the
+    restricted value minus the dropped columns' cosines / n as ``steps → 0``. Float64 rounding
+    of the vanished part (~1e-16 (‖Zc‖ + ‖Z0‖)) turns those directions by ~1e-16 / steps, which
+    costs only second order in a cosine at its best direction.
+    """
+    base = torch.linalg.matrix_norm(Zc) + torch.linalg.matrix_norm(dc.data[3])
+    base = torch.where(base > 0, base, torch.ones_like(base))
+    en = torch.linalg.matrix_norm(E)
+    scale = torch.where(en > 0, base / torch.where(en > 0, en, torch.ones_like(en)), 0.0)
+    eps = steps[None, :] * scale[:, None]  # (L, S)
+    return Zc.unsqueeze(1) + eps[..., None, None] * E.unsqueeze(1)
 
 
 def _modified_newton(hess: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
