@@ -498,7 +498,20 @@ def _solve_host(
     grad_sq = (al0 * al0 * hh - 2.0 * al0 * ka0 * hb + ka0 * ka0 * bb).sum(-1)
     near = grad_sq < lam * lam if norm == "fro" else grad_sq <= 4.0 * lam * _ZERO_GAIN
     zero_ok = (hh.sum(-1) == 0) | (w == 0) | ((q0 > 0) & near)
-    certified = np.where(zero, zero_ok, good)
+    # The λ = 0 end of the trade-off, c_i = t h_i/g_i, sits at θ₂ → ∞ when its best t is at
+    # (or near) 0⁺ (the ray points away from P): the family cannot get there, so a layer where
+    # that point, with t = τ or a vanishing t, beats the family is handed to the general solver.
+    pos = g > 0
+    gi = np.where(pos, 1.0 / np.where(pos, g, 1.0), 0.0)
+    zz = (hh * gi * gi).sum(-1)
+    zb = (hb * gi).sum(-1)
+    b_pos = (np.where(pos, bb, 0.0)).sum(-1)
+    t_small = 1e-9 * np.sqrt(b_pos / np.where(zz > 0, zz, 1.0))
+    t_end = np.where(zb > 0, zb / np.where(zz > 0, zz, 1.0), t_small)
+    y_end = np.where(pos, 1.0, 0.0)
+    f_end, _ = _objective(*_terms(t_end[:, None] * gi, y_end, g, hh, hb, bb), w, lam, norm)
+    beaten = (zz > 0) & (f_end < np.minimum(f, f0) - _TIE)
+    certified = np.where(zero, zero_ok, good) & ~beaten
     x = np.where(zero[:, None], 0.0, x)
     y = np.where(zero[:, None], 0.0, y)
     return x, y, np.where(zero, f0, f), np.where(zero, cos0, cos), iters, conv, certified
