@@ -554,10 +554,7 @@ def _flat_minimise(
     obj = _solve.flat_objective(opts.lam, opts.norm)
     rep = tuple(t.repeat(m, *([1] * (t.ndim - 1))) for t in data)
     x0 = torch.cat(starts).reshape(m * n, -1)
-    # The fallback runs to float64 resolution, like the two-unknown solve it stands in for, so
-    # that a layer's answer does not depend on which of the two solved it (Newton: a step or two).
-    tol = min(opts.tol, _flat.INNER_TOL)
-    res = _solve.minimise(obj, rep, x0, tol=tol, max_iter=opts.max_iter)
+    res = _solve.minimise(obj, rep, x0, tol=opts.tol, max_iter=opts.max_iter)
     f_runs = res.f.reshape(m, n)
     f_zero = obj.values(beta.reshape(n, 1, -1), *data).squeeze(1)
     best, zero = _pick(f_runs, f_zero, single)

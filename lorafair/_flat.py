@@ -351,7 +351,7 @@ _GRID_COS = np.array([0.97, 0.99, 1.0, 1.01, 1.03])
 _TIE = 1e-14  # the family must beat ΔP = 0 by more than this
 _GAIN = 1e-12
 _ZERO_GAIN = 1e-13
-INNER_TOL = 1e-13  # two unknowns: Newton to float64 resolution costs an iteration or two
+_INNER_TOL = 1e-13  # two unknowns: Newton to float64 resolution costs an iteration or two
 
 
 def solve(
@@ -449,7 +449,7 @@ def _solve_host(
     m = top.shape[1]
     theta0 = np.take_along_axis(grid, top[..., None], axis=1).reshape(n_layers * m, 2)
     rep = _Data(*(np.repeat(t, m, axis=0) for t in d))
-    inner = min(tol, INNER_TOL)
+    inner = min(tol, _INNER_TOL)
     ends, it_m, _ = newton(rep, theta0, lam=lam, norm=norm, tol=inner, max_iter=_SCOUT)
     f_end = _family_value(ends[:, None, :], rep, lam, norm)[:, 0].reshape(n_layers, m)
     best = np.argmin(np.where(np.isfinite(f_end), f_end, np.inf), axis=1)
