@@ -767,8 +767,7 @@ def _unsafe(Z: Tensor, data: tuple[Tensor, ...], has_left: bool) -> Tensor:
         X, xn, active, Z0, mat = (t.unsqueeze(1) for t in (X, xn, active, Z0, mat))
     left, right = (mat, None) if has_left else (None, mat)
     yn, sc = _column_scale(Z, Z0, left, right)
-    Y = Z if left is None else left @ Z
-    Y = Y if right is None else Y @ right
+    Y = _solve.linear_map(Z, left, right)
     n = Y.shape[-1]
     ok = active & (yn > 0)
     one = torch.ones_like(yn)
@@ -776,8 +775,7 @@ def _unsafe(Z: Tensor, data: tuple[Tensor, ...], has_left: bool) -> Tensor:
     k3 = torch.where(ok, 1.0 / torch.where(ok, yn, one) ** 3, 0.0)  # 1/ν³
     s = torch.where(ok, (Y * X).sum(dim=-2) / torch.where(ok, xn, one), 0.0)
     GY = (k1.unsqueeze(-2) * X - (s * k3).unsqueeze(-2) * Y) / n
-    GZ = GY if left is None else left.mT @ GY
-    GZ = GZ if right is None else GZ @ right.mT
+    GZ = _solve.adjoint_map(GY, left, right)
     size = torch.linalg.matrix_norm(Z) + torch.linalg.matrix_norm(Z0)
     first = 2.2e-16 * size * torch.linalg.matrix_norm(GZ)
     u = 2.2e-16 * sc / torch.where(ok, yn, one)

@@ -306,23 +306,28 @@ def _objective(s: Arr, n_sq: Arr, rho_sq: Arr, w: Arr, lam: float, norm: Norm) -
     return 1.0 - cos + _reg(rho_sq, lam, norm)[0], cos
 
 
-def _lam0(g: Arr, hh: Arr, hb: Arr) -> tuple[Arr, Arr]:
+def _ray(g: Arr, hh: Arr) -> tuple[Arr, Arr]:
+    """``(g⁺, ‖z‖²)`` of the λ = 0 direction ``z_i = h_i/g_i`` (``g_i > 0``; 0 elsewhere)."""
+    pos = g > 0
+    gi = np.where(pos, 1.0 / np.where(pos, g, 1.0), 0.0)
+    return gi, (hh * gi * gi).sum(-1)
+
+
+def _lam0(g: Arr, hh: Arr, hb: Arr) -> tuple[Arr, Arr, Arr]:
     """The λ = 0 maximiser closest to ``P``: ``c_i = τ h_i/g_i`` (``g_i > 0``), else ``c_i = b_i``.
 
     Every such ``c`` with ``τ > 0`` reaches the bound ``‖ΔW Q⁺Q‖ / ‖ΔW‖``; the closest to ``P`` has
     ``τ = Σ hb_i/g_i / Σ hh_i/g_i²`` (``τ = 1``, the least-squares fit, where that is ``≤ 0``).
-    ``H = 0`` (no ``P'`` has a non-zero cosine): ``ΔP = 0``.
+    ``H = 0`` (no ``P'`` has a non-zero cosine): ``ΔP = 0`` and ``τ = 0``. Returns ``(x, y, τ)``.
     """
-    pos = g > 0
-    gi = np.where(pos, 1.0 / np.where(pos, g, 1.0), 0.0)
-    zz = (hh * gi * gi).sum(-1)
+    gi, zz = _ray(g, hh)
     zb = (hb * gi).sum(-1)
     has = zz > 0
     tau = np.where(has, zb / np.where(has, zz, 1.0), 0.0)
-    tau = np.where(tau > 0, tau, 1.0)
-    x = np.where(has[:, None], tau[:, None] * gi, 0.0)
-    y = np.where(has[:, None] & pos, 1.0, 0.0)
-    return x, y
+    tau = np.where(has, np.where(tau > 0, tau, 1.0), 0.0)
+    x = tau[:, None] * gi
+    y = np.where(has[:, None] & (g > 0), 1.0, 0.0)
+    return x, y, tau
 
 
 class Solution(NamedTuple):
@@ -401,7 +406,7 @@ def _solve_host(
     if single:
         return zeros, zeros, f0, cos0, zero_it, yes, yes
     if lam == 0.0:
-        x, y = _lam0(g, hh, hb)
+        x, y, _ = _lam0(g, hh, hb)
         f, cos = _objective(*_terms(x, y, g, hh, hb, bb), w, lam, norm)
         return x, y, f, cos, zero_it, yes, yes
     gmax = g.max(axis=-1)
@@ -420,9 +425,7 @@ def _solve_host(
     # θ₂ equals cos(ΔW, P'Q)·n_ref/n at a stationary point. θ₂ = cos₀ (FedIT's cosine) makes the
     # family leave ΔP = 0 along ∇cos; θ₂ = n_ref/(τ w) with a → ∞ is the λ = 0 solution
     # (c_i = τ h_i/g_i). The grid refines around both, the two ends of LoRA-FAIR's trade-off.
-    x0, _ = _lam0(g, hh, hb)
-    pos = g > 0
-    tau = np.where(pos, x0 * g, 0.0).max(axis=-1)
+    tau = _lam0(g, hh, hb)[2]
     k_lam0 = np.where(tau > 0, n_ref / (np.where(tau > 0, tau, 1.0) * np.where(w > 0, w, 1.0)), 1.0)
     k_vals = np.concatenate(
         [
@@ -502,8 +505,7 @@ def _solve_host(
     # (or near) 0⁺ (the ray points away from P): the family cannot get there, so a layer where
     # that point, with t = τ or a vanishing t, beats the family is handed to the general solver.
     pos = g > 0
-    gi = np.where(pos, 1.0 / np.where(pos, g, 1.0), 0.0)
-    zz = (hh * gi * gi).sum(-1)
+    gi, zz = _ray(g, hh)
     zb = (hb * gi).sum(-1)
     b_pos = (np.where(pos, bb, 0.0)).sum(-1)
     t_small = 1e-9 * np.sqrt(b_pos / np.where(zz > 0, zz, 1.0))

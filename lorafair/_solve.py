@@ -261,6 +261,18 @@ def flat_lam0(problem: FlatProblem) -> Tensor:
     return torch.where((zz > 0)[:, None, None], x, problem.beta)
 
 
+def linear_map(Z: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
+    """``left @ Z @ right`` (a missing side is the identity); any leading dimensions."""
+    Y = Z if left is None else left @ Z
+    return Y if right is None else Y @ right
+
+
+def adjoint_map(G: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
+    """``leftᵀ @ G @ rightᵀ``, the adjoint of :func:`linear_map` (pulls a gradient back to Z)."""
+    out = G if left is None else left.mT @ G
+    return out if right is None else out @ right.mT
+
+
 def columns_terms(
     Z: Tensor,
     left: Tensor | None,
@@ -276,11 +288,7 @@ def columns_terms(
     coordinates of ``Y``; ``xn`` (…, n) the full column norms of ΔW; ``active`` (…, n): columns
     whose cosine can be non-zero (the others count as 0). Cost: O(m p q + m q n) per point.
     """
-    Y = Z
-    if left is not None:
-        Y = left @ Y
-    if right is not None:
-        Y = Y @ right
+    Y = linear_map(Z, left, right)
     inner = (Y * X).sum(dim=-2)
     ynorm = _safe_sqrt((Y * Y).sum(dim=-2))
     xs = torch.where(active, xn, torch.ones_like(xn))
@@ -344,12 +352,7 @@ def columns_objective(
         x: Tensor, X: Tensor, xn: Tensor, active: Tensor, lr: tuple[Tensor, ...]
     ) -> tuple[Tensor, ...]:
         Z = x.reshape(x.shape[0], p, q)
-        left, right = split(lr)
-        Y = Z
-        if left is not None:
-            Y = left @ Y
-        if right is not None:
-            Y = Y @ right
+        Y = linear_map(Z, *split(lr))
         inner = (Y * X).sum(dim=-2)
         nsq = (Y * Y).sum(dim=-2)
         nu = _safe_sqrt(nsq)
@@ -369,12 +372,7 @@ def columns_objective(
         Z, Y, cos, k1, k3, s, _, _ = _parts(x, X, xn, active, lr)
         n_cols = Y.shape[-1]
         GY = (k1.unsqueeze(-2) * X - (s * k3).unsqueeze(-2) * Y) / n_cols
-        left, right = split(lr)
-        GZ = GY
-        if left is not None:
-            GZ = left.mT @ GZ
-        if right is not None:
-            GZ = GZ @ right.mT
+        GZ = adjoint_map(GY, *split(lr))
         diff = Z - Z0
         dsq = with_offset((diff * diff).sum(dim=(-2, -1)), c0)
         f = 1.0 - cos + regulariser(dsq, lam, norm)

@@ -492,13 +492,18 @@ def test_flat_closed_form_derivatives_match_autograd(norm) -> None:  # type: ign
     vals = obj.values(x.unsqueeze(1), eta, beta, mask, g, w).squeeze(1)
     for i in range(n_layers):
         ref = _flat_reference(lam, norm, eta[i], beta[i], mask[i], g[i], w[i])
-        xi = x[i].clone().requires_grad_(True)
-        (g_ref,) = torch.autograd.grad(ref(xi), xi)
-        h_ref = torch.autograd.functional.hessian(ref, x[i])
-        torch.testing.assert_close(f[i], ref(x[i]), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(vals[i], ref(x[i]), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(grad[i], g_ref, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(hess[i], h_ref, rtol=1e-9, atol=1e-11)
+        _assert_matches_autograd(ref, x[i], f[i], vals[i], grad[i], hess[i])
+
+
+def _assert_matches_autograd(ref, x, f, val, grad, hess) -> None:  # type: ignore[no-untyped-def]
+    """Closed-form value, gradient and Hessian at ``x`` against autograd on ``ref``."""
+    xi = x.clone().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(ref(xi), xi)
+    h_ref = torch.autograd.functional.hessian(ref, x)
+    torch.testing.assert_close(f, ref(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(val, ref(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, g_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(hess, h_ref, rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("offset", [False, True])
@@ -534,10 +539,4 @@ def test_columns_closed_form_derivatives_match_autograd(norm, side, offset) -> N
         ref = _columns_reference(
             lam, norm, shape, X[i], xn[i], active[i], Z0[i], left, right, c0[i] if offset else 0.0
         )
-        xi = x[i].clone().requires_grad_(True)
-        (g_ref,) = torch.autograd.grad(ref(xi), xi)
-        h_ref = torch.autograd.functional.hessian(ref, x[i])
-        torch.testing.assert_close(f[i], ref(x[i]), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(vals[i], ref(x[i]), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(grad[i], g_ref, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(hess[i], h_ref, rtol=1e-9, atol=1e-11)
+        _assert_matches_autograd(ref, x[i], f[i], vals[i], grad[i], hess[i])
