@@ -474,9 +474,16 @@ def _solve_flat(
                 for i in idx
             ]
         )
+        eps = torch.cat(
+            [
+                torch.full((groups[i].n,), torch.finfo(groups[i].dtype).eps / 2, dtype=_F64)
+                for i in idx
+            ]
+        ).to(joint.g.device)
         sol = _flat.solve(
             joint,
             wide,
+            eps,
             lam=opts.lam,
             norm=opts.norm,
             tol=opts.tol,
@@ -499,19 +506,26 @@ def _solve_flat(
             extra = None
             bad = ~sol.certified[sl]
             if bool(bad.any()):
+                # The general solver, unless it does not get below the λ = 0 end's floor: that
+                # end is often an infimum which the general solver can only approach (stopping
+                # wherever its steps fade), while _flat._end approaches it by a fixed rule.
                 fb = _solve_flat_general(grp, opts, single, bad)
                 assert fb.extra is not None
-                coef, obj, cos = coef.clone(), obj.clone(), cos.clone()
+                f_general = torch.full_like(obj, torch.inf)
+                f_general[bad] = fb.objective
+                end = bad & (f_general >= sol.end_floor[sl])
+                general = bad & ~end
+                X_end = (V * sol.end_x[sl].unsqueeze(-2)) @ V.mT
+                Y_end = (V * sol.end_y[sl].unsqueeze(-2)) @ V.mT
+                coef = torch.where(end[:, None, None], N @ X_end - grp.E @ Y_end, coef)
+                obj = torch.where(end, sol.end_objective[sl], obj)
+                cos = torch.where(end, sol.end_cosine[sl], cos)
                 iters, conv = iters.clone(), conv.clone()
-                coef[bad] = 0.0
+                coef[general] = 0.0
                 extra = _orient(fb.extra.new_zeros(n, *fb.extra.shape[-2:]), opts).clone()
-                extra[bad] = _orient(fb.extra, opts)
-                obj[bad], cos[bad], iters[bad], conv[bad] = (
-                    fb.objective,
-                    fb.cosine,
-                    fb.iterations,
-                    fb.converged,
-                )
+                extra[general] = _orient(fb.extra[general[bad]], opts)
+                obj[general], cos[general] = fb.objective[general[bad]], fb.cosine[general[bad]]
+                iters[bad], conv[bad] = fb.iterations, fb.converged
             out[i] = _Solved(obj, cos, iters, conv, coef, extra)
     return [s for s in out if s is not None]
 

@@ -313,6 +313,50 @@ def _ray(g: Arr, hh: Arr) -> tuple[Arr, Arr]:
     return gi, (hh * gi * gi).sum(-1)
 
 
+_END_STEPS = 10.0 ** -np.arange(1.0, 15.0)
+"""Distances ``‖t z‖ / ‖P‖`` that :func:`_end` tries when the λ = 0 ray's best point is at
+``t → 0⁺``."""
+
+
+def _end(
+    g: Arr, hh: Arr, hb: Arr, bb: Arr, w: Arr, eps: Arr, lam: float, norm: Norm
+) -> tuple[Arr, ...]:
+    """The λ = 0 end of the trade-off: ``(x, y, f, cos, floor)`` of ``c_i = t h_i/g_i``
+    (``g_i > 0``), ``c_i = b_i`` elsewhere, i.e. ``P' = P (I − Q Q⁺) + t Z`` with ``Z`` the λ = 0
+    direction (``‖Z‖ = ‖z‖``).
+
+    Where that ray points towards ``P`` (``Σ hb_i/g_i > 0``), ``t = τ``, its best point, and
+    ``floor = f``. Otherwise the infimum ``floor = 1 − cos_max + λ R(‖P Q⁺Q‖²)`` is only approached
+    as ``t → 0⁺`` (the product vanishes), where no stationary point lies: ``t`` is the one of
+    ``_END_STEPS`` that minimises ``f(t) + ½ (ε ‖P‖ / (t ‖z‖))²``, the second term bounding how much
+    rounding ``P'`` to the output dtype (unit roundoff ``eps``, per layer) turns the vanishing
+    product and so lowers its cosine. ``H = 0``: ``t = 0`` and ``floor = f``.
+    """
+    pos = g > 0
+    gi, zz = _ray(g, hh)
+    zb = (hb * gi).sum(-1)
+    has = zz > 0
+    zz1 = np.where(has, zz, 1.0)
+    y = np.where(pos & has[:, None], 1.0, 0.0)
+    scale = np.sqrt(bb.sum(-1) / zz1)  # t at which ‖t z‖ = ‖P‖
+    t_k = scale[:, None] * _END_STEPS  # (L, S)
+    x_k = t_k[..., None] * gi[:, None, :]
+    data = (g, hh, hb, bb)
+    f_k, _ = _objective(
+        *_terms(x_k, y[:, None, :], *(a[:, None, :] for a in data)), w[:, None], lam, norm
+    )
+    cost = f_k + 0.5 * (eps[:, None] / _END_STEPS) ** 2
+    t_small = np.take_along_axis(t_k, np.argmin(cost, axis=-1)[:, None], axis=-1)[:, 0]
+    toward = zb > 0
+    t = np.where(has, np.where(toward, zb / zz1, t_small), 0.0)
+    x = t[:, None] * gi
+    f, cos = _objective(*_terms(x, y, *data), w, lam, norm)
+    b_pos = np.where(pos, bb, 0.0).sum(-1)
+    cos_max = np.where(has & (w > 0), np.sqrt((hh * gi).sum(-1)) / np.where(w > 0, w, 1.0), 0.0)
+    limit = 1.0 - cos_max + _reg(b_pos, lam, norm)[0]
+    return x, y, f, cos, np.where(has & ~toward, limit, f)
+
+
 def _lam0(g: Arr, hh: Arr, hb: Arr) -> tuple[Arr, Arr, Arr]:
     """The λ = 0 maximiser closest to ``P``: ``c_i = τ h_i/g_i`` (``g_i > 0``), else ``c_i = b_i``.
 
@@ -335,7 +379,10 @@ class Solution(NamedTuple):
 
     Tensors on the layers' device: ``x``, ``y`` (L, r) float64; ``objective``, ``cosine`` (L,);
     ``iterations`` (L,) int64; ``converged``, ``certified`` (L,) bool (``certified``: stationary
-    for the full problem, closed form, or ``ΔP = 0`` shown optimal).
+    for the full problem, closed form, or ``ΔP = 0`` shown optimal). ``end_x``, ``end_y``,
+    ``end_objective``, ``end_cosine``, ``end_floor``: the λ = 0 end of the trade-off
+    (:func:`_end`), which the caller keeps for an uncertified layer where the general solver does
+    not get below ``end_floor`` (the infimum that the end point approaches).
     """
 
     x: Tensor
@@ -345,6 +392,11 @@ class Solution(NamedTuple):
     iterations: Tensor
     converged: Tensor
     certified: Tensor
+    end_x: Tensor
+    end_y: Tensor
+    end_objective: Tensor
+    end_cosine: Tensor
+    end_floor: Tensor
 
 
 _GRID_A = np.arange(-26.0, 27.0, 4.0)
@@ -360,24 +412,35 @@ _INNER_TOL = 1e-13  # two unknowns: Newton to float64 resolution costs an iterat
 
 
 def solve(
-    red: Reduced, wide: Tensor, *, lam: float, norm: Norm, tol: float, max_iter: int, single: bool
+    red: Reduced,
+    wide: Tensor,
+    eps: Tensor,
+    *,
+    lam: float,
+    norm: Norm,
+    tol: float,
+    max_iter: int,
+    single: bool,
 ) -> Solution:
     """Minimise ``f`` for every layer of ``red`` at once (see the module docstring).
 
     The reduced problems hold ``4r + 1`` numbers per layer, so they are solved on the host in
     NumPy (one transfer each way, no per-iteration device sync, no kernel-launch latency).
     One client: ``ΔP = 0`` (FedIT is exact). ``λ = 0``: closed form (:func:`_lam0`).
-    Otherwise the family objective is evaluated on a fixed grid of ``θ`` (17 values of
-    ``log(a/σ)`` over ``±24`` by 10 of ``θ₂``, five of them around FedIT's cosine), then damped
-    Newton (:func:`newton`) runs from the best grid point; ``ΔP = 0`` is returned unless beaten
-    by more than 1e-14. ``wide`` (L,) bool: ``d ≥ 3``, where the family provably holds every
-    local minimum; other layers are never certified. Cost O(L r) per point.
+    Otherwise the family objective is evaluated on a fixed grid of ``θ`` (14 values of
+    ``log(a/σ)`` over ``±26`` by 17 of ``θ₂``, five of them around FedIT's cosine and five around
+    the λ = 0 end), damped Newton (:func:`newton`) takes ``_SCOUT`` steps from each of the
+    ``_STARTS`` best grid points and goes on to convergence from the best of them; ``ΔP = 0`` is
+    returned unless beaten by more than 1e-14. ``wide`` (L,) bool: ``d ≥ 3``, where the family
+    provably holds every local minimum; other layers are never certified. ``eps`` (L,): the unit
+    roundoff of each layer's output dtype (for :func:`_end`). Cost O(L r) per point.
     """
     dev = red.g.device
     g, hh, hb, bb, w = (t.detach().cpu().numpy() for t in (red.g, red.hh, red.hb, red.bb, red.w))
     wide_np = wide.detach().cpu().numpy()
+    eps_np = eps.detach().cpu().numpy()
     with np.errstate(all="ignore"):
-        out = _solve_host(g, hh, hb, bb, w, wide_np, lam, norm, tol, max_iter, single)
+        out = _solve_host(g, hh, hb, bb, w, wide_np, eps_np, lam, norm, tol, max_iter, single)
 
     def back(a: NDArray[np.generic]) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
@@ -392,6 +455,7 @@ def _solve_host(
     bb: Arr,
     w: Arr,
     wide: NDArray[np.bool_],
+    eps: Arr,
     lam: float,
     norm: Norm,
     tol: float,
@@ -404,11 +468,11 @@ def _solve_host(
     yes = np.ones(n_layers, dtype=bool)
     f0, cos0 = _objective(*_terms(zeros, zeros, g, hh, hb, bb), w, lam, norm)
     if single:
-        return zeros, zeros, f0, cos0, zero_it, yes, yes
+        return zeros, zeros, f0, cos0, zero_it, yes, yes, zeros, zeros, f0, cos0, f0
     if lam == 0.0:
         x, y, _ = _lam0(g, hh, hb)
         f, cos = _objective(*_terms(x, y, g, hh, hb, bb), w, lam, norm)
-        return x, y, f, cos, zero_it, yes, yes
+        return x, y, f, cos, zero_it, yes, yes, x, y, f, cos, f
     gmax = g.max(axis=-1)
     gmax = np.where(gmax > 0, gmax, 1.0)
     gh = g / gmax[:, None]
@@ -503,17 +567,11 @@ def _solve_host(
     zero_ok = (hh.sum(-1) == 0) | (w == 0) | ((q0 > 0) & near)
     # The λ = 0 end of the trade-off, c_i = t h_i/g_i, sits at θ₂ → ∞ when its best t is at
     # (or near) 0⁺ (the ray points away from P): the family cannot get there, so a layer where
-    # that point, with t = τ or a vanishing t, beats the family is handed to the general solver.
-    pos = g > 0
-    gi, zz = _ray(g, hh)
-    zb = (hb * gi).sum(-1)
-    b_pos = (np.where(pos, bb, 0.0)).sum(-1)
-    t_small = 1e-9 * np.sqrt(b_pos / np.where(zz > 0, zz, 1.0))
-    t_end = np.where(zb > 0, zb / np.where(zz > 0, zz, 1.0), t_small)
-    y_end = np.where(pos, 1.0, 0.0)
-    f_end, _ = _objective(*_terms(t_end[:, None] * gi, y_end, g, hh, hb, bb), w, lam, norm)
-    beaten = (zz > 0) & (f_end < np.minimum(f, f0) - _TIE)
+    # that point beats the family is handed to the general solver (with the point as its floor).
+    end = _end(g, hh, hb, bb, w, eps, lam, norm)
+    beaten = (_ray(g, hh)[1] > 0) & (end[2] < np.minimum(f, f0) - _TIE)
     certified = np.where(zero, zero_ok, good) & ~beaten
     x = np.where(zero[:, None], 0.0, x)
     y = np.where(zero[:, None], 0.0, y)
-    return x, y, np.where(zero, f0, f), np.where(zero, cos0, cos), iters, conv, certified
+    f, cos = np.where(zero, f0, f), np.where(zero, cos0, cos)
+    return x, y, f, cos, iters, conv, certified, *end

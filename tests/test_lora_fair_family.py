@@ -149,6 +149,42 @@ def test_layers_with_d_below_3_fall_back_to_the_general_solver(monkeypatch) -> N
     torch.testing.assert_close(sol.delta, expected.extra[0], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("norm", ["fro", "fro_squared"])
+@pytest.mark.parametrize("residual_on", ["B", "A"])
+def test_unattained_infimum_is_approached_the_same_way_at_any_weight_scale(
+    norm, residual_on
+) -> None:  # type: ignore[no-untyped-def]
+    # d_out = d_in = 1: the cosine is the sign of the product, and B̄Ā has the wrong sign. The
+    # infimum λ R(dist²) (dist: from the moved factor's vector to the hyperplane orthogonal to
+    # the fixed one's) is only approached from the right side of that hyperplane.
+    col = [
+        torch.tensor([[1.0], [0.0], [0.0]], dtype=F64),
+        torch.tensor([[0.0], [1.0], [0.0]], dtype=F64),
+    ]
+    row = [torch.tensor([[1.0, -3.0, 0.0]], dtype=F64), torch.tensor([[-3.0, 0.2, 0.0]], dtype=F64)]
+    a, b = (col, row) if residual_on == "B" else ([x.mT for x in row], [x.mT for x in col])
+    clients = [{"fc": (a[k].to(F64), b[k].to(F64))} for k in range(2)]
+    bars = [(0.3 * f[0] + 0.7 * f[1]).to(F64).flatten() for f in (a, b)]
+    fixed, moved = bars if residual_on == "B" else bars[::-1]
+    dist = float((fixed @ moved).abs() / fixed.norm())
+    infimum = 0.1 * (dist if norm == "fro" else dist * dist)
+    runs = [
+        solve_residual(clients, [3 * s, 7 * s], lam=0.1, norm=norm, residual_on=residual_on)["fc"]
+        for s in (1.0, 1e-3, 0.73, 1.1e3)
+    ]
+    for sol in runs:
+        assert sol.cosine == pytest.approx(1.0, abs=1e-12)
+        assert infimum < sol.objective <= infimum + 1e-9
+        assert abs(sol.objective - runs[0].objective) <= 1e-12
+    # Narrow outputs stop where their own rounding keeps the product on the right side.
+    for dtype in (torch.float32, torch.bfloat16):
+        narrow = [{"fc": (a[k].to(dtype), b[k].to(dtype))} for k in range(2)]
+        out = lora_fair(narrow, [3, 7], lam=0.1, norm=norm, residual_on=residual_on)["fc"]
+        f64 = [(f["fc"][0].to(F64), f["fc"][1].to(F64)) for f in narrow]
+        dW = 0.3 * f64[0][1] @ f64[0][0] + 0.7 * f64[1][1] @ f64[1][0]
+        assert float((out.B.to(F64) @ out.A.to(F64)) * dW) > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nan_check_from_the_grams_names_the_same_culprit_as_fedit(dtype, value) -> None:  # type: ignore[no-untyped-def]
