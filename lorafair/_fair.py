@@ -606,8 +606,9 @@ def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Solved:
         xn = torch.linalg.vector_norm(X, dim=-2)
         left, right = None, grp.Abar
         active = (xn > 0) & (torch.linalg.vector_norm(grp.Abar, dim=-2) > 0)
-        G = grp.Abar @ grp.Abar.mT
-        Z_ls = (Bq @ (grp.A_s @ grp.Abar.mT)) @ torch.linalg.pinv(G, hermitian=True)
+        G_pinv = torch.linalg.pinv(grp.Abar @ grp.Abar.mT, hermitian=True)
+        Z_ls = (Bq @ (grp.A_s @ grp.Abar.mT)) @ G_pinv
+        Z_unit = (_unit_columns(X, xn) @ grp.Abar.mT) @ G_pinv
     else:
         # Y = R_B A' with B̄ = Q_B R_B; column norms of ΔW from a QR of B_s.
         Q_B, R_B = torch.linalg.qr(grp.Bbar)
@@ -618,7 +619,9 @@ def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Solved:
         nonzero_b = torch.linalg.matrix_norm(R_B) > 0
         active = (xn > 0) & nonzero_b[:, None]
         Z0 = grp.Abar
-        Z_ls = torch.linalg.pinv(R_B) @ X
+        R_pinv = torch.linalg.pinv(R_B)
+        Z_ls = R_pinv @ X
+        Z_unit = R_pinv @ _unit_columns(X, xn)
     shape = (int(Z0.shape[-2]), int(Z0.shape[-1]))
     lam, norm = opts.lam, opts.norm
     extra = tuple(t for t in (left, right) if t is not None)
@@ -629,8 +632,16 @@ def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Solved:
         conv = torch.ones(n_layers, dtype=torch.bool, device=X.device)
         Z = Z0
     else:
-        starts = [Z0, Z_ls, 0.5 * (Z0 + Z_ls)]
+        # FedIT, the least-squares fit, their midpoint, and the least-squares fit of the unit
+        # columns X_j/‖X_j‖ (every column counts alike in the mean cosine; scaled to Z_ls's
+        # product norm).
+        yl = torch.linalg.matrix_norm(_solve.linear_map(Z_ls, left, right))
+        yu = torch.linalg.matrix_norm(_solve.linear_map(Z_unit, left, right))
+        ratio = torch.where(yu > 0, yl / torch.where(yu > 0, yu, 1.0), 0.0)
+        starts = [Z0, Z_ls, 0.5 * (Z0 + Z_ls), Z_unit * ratio[:, None, None]]
         Z, iters, conv = _columns_minimise(obj, data, starts, left is not None, opts)
+        if opts.lam > 0:
+            Z = _columns_end(obj, data, starts, Z, left is not None, opts)
     f_final = obj.values(Z.reshape(n_layers, 1, -1), *data).squeeze(1)
     diff = Z - Z0
     reg = _solve.regulariser((diff * diff).sum(dim=(-2, -1)), lam, norm)
@@ -638,6 +649,106 @@ def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Solved:
     obj_val = f_final
     delta = diff if Q is None else Q @ diff
     return _Solved(obj_val, cos, iters, conv, extra=delta)
+
+
+def _unit_columns(X: Tensor, xn: Tensor) -> Tensor:
+    """``X`` with each non-zero column scaled to unit norm."""
+    return X / torch.where(xn > 0, xn, torch.ones_like(xn)).unsqueeze(-2)
+
+
+_END_STEPS = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
+"""Sizes ``‖t D‖ / ‖Z0‖`` of the λ = 0-end points that :func:`_columns_end` scores."""
+
+
+def _columns_end(
+    obj: _solve.Batched,
+    data: tuple[Tensor, ...],
+    starts: list[Tensor],
+    Z: Tensor,
+    has_left: bool,
+    opts: _Options,
+) -> Tensor:
+    """``Z``, or where lower, a point of the λ = 0 end: ``Z0`` with its product-facing part
+    replaced by ``t D``, ``D`` that part of a λ = 0 minimiser (scale-free).
+
+    The infimum ``f*_{λ=0} + λ R(‖part‖²)`` is approached as ``t → 0⁺`` (the whole product
+    vanishes with the λ = 0 directions; no stationary point gets there, so the multi-start runs
+    creep towards it and stop short). First the λ = 0 problem is solved (anchor ``Z0``) for the
+    layers whose result is above ``λ R(‖part‖²)``, and its ``D`` is scored at ``t = τ`` (the best
+    scale, where positive: the end attained) and at ``‖t D‖ = s ‖Z0‖`` for each ``s`` of
+    ``_END_STEPS``. Where that leaves a layer above the infimum because its small points are
+    unsafe (:func:`_unsafe`: the λ = 0 minimiser has a vanishing column of its own, which
+    shrinking the whole product pushes below what rounding ``B̄ + ΔB`` resolves), the λ = 0
+    problem is solved again with the anchor ``Z0 / s`` for every ``s`` (the anchor sets how
+    small a column may get), and those minimisers are scored at their ``s``. Cost: one more
+    multi-start λ = 0 solve for most layers, ``len(_END_STEPS)`` for the few that need them.
+    """
+    Z0, mat = data[3], data[4]
+    n_layers = Z0.shape[0]
+    shape = (int(Z0.shape[-2]), int(Z0.shape[-1]))
+    Pi = torch.linalg.pinv(mat) @ mat if has_left else mat @ torch.linalg.pinv(mat)
+
+    def facing(W: Tensor) -> Tensor:  # the part of W that reaches the product (W: …, p, q)
+        P = Pi.reshape(Pi.shape[0], *([1] * (W.ndim - 3)), *Pi.shape[-2:])
+        return torch.matmul(P, W) if has_left else torch.matmul(W, P)
+
+    part = facing(Z0)
+    keep = Z0 - part
+    f_now = obj.values(Z.reshape(n_layers, 1, -1), *data).squeeze(1)
+    floor = _solve.regulariser((part * part).sum(dim=(-2, -1)), opts.lam, opts.norm)
+    steps = torch.tensor(_END_STEPS, dtype=Z0.dtype, device=Z0.device)
+    n_s = steps.shape[0]
+    opts0 = _Options(0.0, opts.norm, opts.similarity, opts.residual_on, opts.tol, opts.max_iter)
+    obj0 = _solve.columns_objective(0.0, opts.norm, shape, has_left, not has_left)
+
+    def score(rows: Tensor, D: Tensor, with_tau: bool) -> tuple[Tensor, Tensor]:
+        """Best point and value among ``keep + t D_s`` (D: rows, S, p, q; D_s used at step s)."""
+        sub = tuple(t[rows] for t in data)
+        dd = (D * D).sum(dim=(-2, -1))
+        ok = dd > 0
+        dd1 = torch.where(ok, dd, torch.ones_like(dd))
+        c = steps * torch.linalg.matrix_norm(Z0[rows])[:, None] / torch.sqrt(dd1)
+        if with_tau:
+            tau = (D[:, 0] * part[rows]).sum(dim=(-2, -1)) / dd1[:, 0]
+            D, c, ok = (torch.cat([x[:, :1], x], dim=1) for x in (D, c, ok))
+            c[:, 0] = tau
+        pts = keep[rows].unsqueeze(1) + (c * ok)[..., None, None] * D
+        f = obj.values(pts.flatten(-2), *sub)
+        f = torch.where(_unsafe(pts, sub, has_left) | ~(ok & (c > 0)), torch.inf, f)
+        best = torch.argmin(f, dim=1)
+        at = torch.arange(best.shape[0], device=best.device)
+        return pts[at, best], f[at, best]
+
+    out, f_out = Z.clone(), f_now.clone()
+
+    def take(rows: Tensor, W: Tensor, f: Tensor) -> None:
+        better = f < f_out[rows]
+        out[rows[better]] = W[better]
+        f_out[rows[better]] = f[better]
+
+    rows = torch.nonzero(f_now > floor + _TIE).squeeze(-1)
+    if rows.numel() == 0:
+        return out
+    sub = tuple(t[rows] for t in data)
+    Zs, _, _ = _columns_minimise(obj0, sub, [x[rows] for x in starts], has_left, opts0)
+    limit = obj0.values(Zs.reshape(rows.shape[0], 1, -1), *sub).squeeze(1)
+    limit = limit + floor[rows]
+    W, f = score(rows, facing(Zs).unsqueeze(1).expand(-1, n_s, -1, -1), True)
+    take(rows, W, f)
+    # Layers whose end could still win by more than the plain points' reach: anchors Z0 / s.
+    gap = torch.minimum(f_out[rows], f_now[rows]) - limit
+    rows = rows[gap > 1e-9 * (1.0 + limit.abs())]
+    if rows.numel() == 0:
+        return out
+    m = rows.shape[0]
+    rep = [t[rows].repeat(n_s, *([1] * (t.ndim - 1))) for t in data]
+    rep[3] = rep[3] / steps.repeat_interleave(m)[:, None, None]
+    Zs, _, _ = _columns_minimise(
+        obj0, tuple(rep), [x[rows].repeat(n_s, 1, 1) for x in starts], has_left, opts0
+    )
+    W, f = score(rows, facing(Zs.reshape(n_s, m, *shape).transpose(0, 1)), False)
+    take(rows, W, f)
+    return out
 
 
 _DROP_TINY = 1e-3

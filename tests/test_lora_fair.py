@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 from typing import Any
 
 import pytest
@@ -174,6 +175,38 @@ def test_objective_matches_reference_on_a_fixed_case_all_options() -> None:
                 ref, _ = dense_reference(*parts, 0.05, norm, similarity, residual_on)
                 assert ours(sol, parts, 0.05, norm, similarity, residual_on) <= ref + 1e-7
                 assert sol.converged
+
+
+def _searched_case(seed: int) -> tuple[list[dict], list[float] | None]:
+    """Case ``seed`` of a random search: K 2–4, d 1–8, r 1–3, B scales 10^-2…10^2."""
+    rnd = random.Random(seed)
+    k, d_out, d_in, r = (rnd.randint(*span) for span in ((2, 4), (1, 8), (1, 8), (1, 3)))
+    gen = torch.Generator().manual_seed(seed)
+    scales = [10.0 ** rnd.randint(-2, 2) for _ in range(k)]
+    clients = []
+    for c in range(k):
+        A = torch.randn(r, d_in, generator=gen, dtype=F64)
+        B = torch.randn(d_out, r, generator=gen, dtype=F64) * scales[c]
+        clients.append({"layer0": LoRAFactors(A, B)})
+    weights = None if rnd.random() < 0.5 else [rnd.uniform(0, 1000) for _ in range(k)]
+    return clients, weights
+
+
+@pytest.mark.parametrize(
+    ("seed", "lam", "norm"),
+    [
+        (5259, 0.0, "fro_squared"),  # the three starts all end in a worse local minimum
+        (6210, 0.01, "fro"),  # the infimum: the whole product vanishes (B' → 0)
+    ],
+)
+def test_columns_cases_from_random_search(seed, lam, norm) -> None:  # type: ignore[no-untyped-def]
+    clients, weights = _searched_case(seed)
+    parts = dense_parts(clients, weights, "layer0")
+    sol = solve_residual(clients, weights, lam=lam, norm=norm, similarity="columns")["layer0"]
+    mine = ours(sol, parts, lam, norm, "columns", "B")
+    assert math.isclose(mine, sol.objective, rel_tol=0, abs_tol=1e-9)
+    ref, _ = dense_reference(*parts, lam, norm, "columns", "B")
+    assert mine <= ref + 1e-7
 
 
 # --------------------------------------------------------------------------- λ = 0
