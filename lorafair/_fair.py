@@ -509,7 +509,7 @@ def _solve_flat(
                 # The general solver, unless it does not get below the λ = 0 end's floor: that
                 # end is often an infimum which the general solver can only approach (stopping
                 # wherever its steps fade), while _flat._end approaches it by a fixed rule.
-                fb = _solve_flat_general(grp, opts, single, bad)
+                fb = _solve_flat_general(grp, opts, single, bad, red.w[bad])
                 assert fb.extra is not None
                 f_general = torch.full_like(obj, torch.inf)
                 f_general[bad] = fb.objective
@@ -530,10 +530,13 @@ def _solve_flat(
     return [s for s in out if s is not None]
 
 
-def _solve_flat_general(grp: _Group, opts: _Options, single: bool, rows: Tensor) -> _Solved:
+def _solve_flat_general(
+    grp: _Group, opts: _Options, single: bool, rows: Tensor, w: Tensor | None = None
+) -> _Solved:
     """The general ``r × 3`` reduction (:func:`_solve.flat_reduce`) for the layers ``rows``.
 
-    Returns ``ΔP`` in the corrected factor's orientation (``d × r``), float64.
+    ``w``: their ``‖ΔW‖_F`` where already known (else :func:`_update_norm`). Returns ``ΔP`` in
+    the corrected factor's orientation (``d × r``), float64.
     """
     Abar, Bbar = grp.Abar[rows], grp.Bbar[rows]
     A_s, B_s = grp.A_s[rows], grp.B_s[rows]
@@ -545,7 +548,7 @@ def _solve_flat_general(grp: _Group, opts: _Options, single: bool, rows: Tensor)
         G = Bbar.mT @ Bbar
         H = A_s.mT @ (B_s.mT @ Bbar)
         base = Abar.mT
-    problem = _solve.flat_reduce(G, H, base, _update_norm(grp)[rows])
+    problem = _solve.flat_reduce(G, H, base, _update_norm(grp)[rows] if w is None else w)
     x_sol, iters, conv = _flat_minimise(problem, opts, single)
     cos, dsq = _solve.flat_terms(x_sol, *problem[:5])
     obj = 1.0 - cos + _solve.regulariser(dsq, opts.lam, opts.norm)

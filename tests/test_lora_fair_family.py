@@ -137,9 +137,9 @@ def test_layers_with_d_below_3_fall_back_to_the_general_solver(monkeypatch) -> N
     calls: list[int] = []
     real = _fair._solve_flat_general
 
-    def spy(grp, opts, single, rows):  # type: ignore[no-untyped-def]
+    def spy(grp, opts, single, rows, w=None):  # type: ignore[no-untyped-def]
         calls.append(int(rows.sum()))
-        return real(grp, opts, single, rows)
+        return real(grp, opts, single, rows, w)
 
     monkeypatch.setattr(_fair, "_solve_flat_general", spy)
     sol = solve_residual(clients, lam=0.05)["fc"]  # d_out = 2: the family is not certified
