@@ -864,19 +864,18 @@ def _mix_columns(
 
 def _column_scale(
     Z: Tensor, Z0: Tensor, left: Tensor | None, right: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """``(‖Y_j‖, s_j)`` (…, n) for ``Y = left Z right``, ``s_j = ‖left‖ (‖Z‖ + ‖Z0‖) ‖right_j‖``
-    bounding the float64 rounding of ``Y_j`` (here and in ``(B̄ + ΔB) Ā``) by ~1e-16 s_j."""
-    Y = Z
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(‖Y_j‖, s_j, Y)`` for ``Y = left Z right`` (``‖Y_j‖``, ``s_j``: …, n), with
+    ``s_j = ‖left‖ (‖Z‖ + ‖Z0‖) ‖right_j‖`` bounding the float64 rounding of ``Y_j`` (here and in
+    ``(B̄ + ΔB) Ā``) by ~1e-16 s_j."""
+    Y = _solve.linear_map(Z, left, right)
     scale = torch.linalg.matrix_norm(Z) + torch.linalg.matrix_norm(Z0)
     if left is not None:
-        Y = left @ Y
         scale = scale * torch.linalg.matrix_norm(left)
     scale = scale.unsqueeze(-1)
     if right is not None:
-        Y = Y @ right
         scale = scale * torch.linalg.vector_norm(right, dim=-2)
-    return torch.linalg.vector_norm(Y, dim=-2), scale
+    return torch.linalg.vector_norm(Y, dim=-2), scale, Y
 
 
 def _unsafe(Z: Tensor, data: tuple[Tensor, ...], has_left: bool) -> Tensor:
@@ -894,8 +893,7 @@ def _unsafe(Z: Tensor, data: tuple[Tensor, ...], has_left: bool) -> Tensor:
     if Z.ndim == Z0.ndim + 1:
         X, xn, active, Z0, mat = (t.unsqueeze(1) for t in (X, xn, active, Z0, mat))
     left, right = (mat, None) if has_left else (None, mat)
-    yn, sc = _column_scale(Z, Z0, left, right)
-    Y = _solve.linear_map(Z, left, right)
+    yn, sc, Y = _column_scale(Z, Z0, left, right)
     n = Y.shape[-1]
     ok = active & (yn > 0)
     one = torch.ones_like(yn)
@@ -955,7 +953,7 @@ def _columns_minimise(
     layer = torch.arange(n_layers, device=dev).repeat(m)
     Zr = res.x.reshape(m * n_layers, *shape)
     f_raw = obj.values(res.x.unsqueeze(1), *rep).squeeze(1)
-    yn, sc = _column_scale(Zr, rep[3], *sides(rep))
+    yn, sc, _ = _column_scale(Zr, rep[3], *sides(rep))
     unsafe = _unsafe(Zr, rep, has_left)
     tiny = rep[2] & (yn <= _DROP_TINY * sc)
     c_x = [res.x]
@@ -1016,7 +1014,7 @@ def _columns_minimise(
             Zc = _solve.drop_project(dc, W.reshape(s_W.shape))
             pts = _solve.dropped_points(dc, Zc, E, steps)  # (rows, S, p, q)
             f_pts = obj.values(pts.flatten(-2), *sub)
-            yn, sc = _column_scale(Zc, sub[3], *sides(sub))
+            yn, sc, _ = _column_scale(Zc, sub[3], *sides(sub))
             tiny = dc.data[2] & (yn <= _DROP_TINY * sc)
             unsafe = _unsafe(pts, sub, has_left)
             c_x.append(pts.flatten(-2).flatten(0, 1))
