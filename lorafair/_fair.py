@@ -1165,11 +1165,15 @@ def lora_fair(
     midpoint), and ``ΔB = 0`` is returned unless beaten, so the result is never worse than
     FedIT on this objective; a zero residual returns FedIT's factors bit for bit. λ = 0 is
     solved in closed form (the cosine-maximising ``B'`` closest to ``B̄``, reaching the bound
-    ``‖ΔW Ā⁺Ā‖/‖ΔW‖``). ``"columns"`` iterates in an orthonormal basis of ``span(B_s, B̄)``
-    plus r spare directions (≤ ``(K+2) r`` rows). ``residual_on="A"`` solves the transposed
-    problem. Clients of different ranks are zero-padded to the largest rank (so ``Ā``, ``B̄``
-    and the result have that rank). One client: FedIT is exact and ``ΔB* = 0``. ``ΔW = 0``:
-    ``ΔB* = 0``. Details: ``docs/lora_fair.md``.
+    ``‖ΔW Ā⁺Ā‖/‖ΔW‖``). Where the best value is only approached as the product vanishes (the
+    λ = 0 end with ``B'Ā → 0``), a fixed rule goes as close to the infimum as the output
+    dtype's rounding allows. ``"columns"`` iterates in an orthonormal basis of ``span(B_s, B̄)``
+    plus r spare directions (≤ ``(K+2) r`` rows): multi-start Newton (four starts), restricted
+    problems where columns vanish, and for ``λ > 0`` the λ = 0 problem too (the whole product
+    vanishing). ``residual_on="A"`` solves the transposed problem. Clients of different ranks
+    are zero-padded to the largest rank (so ``Ā``, ``B̄`` and the result have that rank). One
+    client: FedIT is exact and ``ΔB* = 0``. ``ΔW = 0``: ``ΔB* = 0``. Details:
+    ``docs/lora_fair.md``.
 
     Cost (flat, per layer, r = rank, R = Σ r_k): O((d_out + d_in) R²) flops for two float64
     ``R × R`` Grams of the stacked factors (float64 inputs: ``H`` and ``B̄`` explicitly plus a
