@@ -438,6 +438,28 @@ def _flat_reduce(
     return red, N
 
 
+_END_MARGIN = 1e-12
+"""The general flat solver's result replaces the λ = 0 end only when below the end's floor by
+more than this (relative): one approaching the same infimum can only get below it by rounding."""
+
+
+def _absolute_error(grp: _Group, opts: _Options, grams: tuple[Tensor, Tensor] | None) -> Tensor:
+    """Per layer, an absolute error size of the corrected factor as computed and returned:
+    ``ε₆₄ ‖P_u‖_F`` (the float64 GEMM ``P_u (E + coef)``; ``‖E‖₂ ≤ 1``) plus the output dtype's
+    smallest normal times ``√(d r)`` times its unit roundoff (its subnormal spacing)."""
+    if grams is None:
+        P_u = _flat_sides(grp, opts)[0]
+        pu = torch.linalg.matrix_norm(P_u)
+    else:
+        M_A, M_B = grams
+        M_P = M_B if opts.residual_on == "B" else M_A
+        pu = torch.sqrt(M_P.diagonal(dim1=-2, dim2=-1).sum(-1))
+    f = torch.finfo(grp.dtype)
+    sub = f.tiny * f.eps / 2 * math.sqrt(_corrected_dim(grp, opts) * grp.r)
+    out: Tensor = torch.finfo(_F64).eps * pu.to(_F64) + sub
+    return out
+
+
 def _solve_flat(
     groups: list[_Group], opts: _Options, single: bool, prep: Prepared
 ) -> list[_Solved]:
@@ -474,16 +496,18 @@ def _solve_flat(
                 for i in idx
             ]
         )
+        # Output rounding: the output dtype's unit roundoff (relative to ‖P‖), and an absolute
+        # floor: float64 cancellation in P_u (E + coef) (~ε₆₄ ‖P_u‖, large where clients cancel
+        # in B̄) and where the d × r entries lose relative precision (float16's subnormals).
         eps = torch.cat(
-            [
-                torch.full((groups[i].n,), torch.finfo(groups[i].dtype).eps / 2, dtype=_F64)
-                for i in idx
-            ]
-        ).to(joint.g.device)
+            [torch.full((groups[i].n,), torch.finfo(groups[i].dtype).eps / 2) for i in idx]
+        ).to(joint.g)
+        noise = torch.cat([_absolute_error(groups[i], opts, grams[i]) for i in idx]).to(joint.g)
         sol = _flat.solve(
             joint,
             wide,
             eps,
+            noise,
             lam=opts.lam,
             norm=opts.norm,
             tol=opts.tol,
@@ -513,7 +537,8 @@ def _solve_flat(
                 assert fb.extra is not None
                 f_general = torch.full_like(obj, torch.inf)
                 f_general[bad] = fb.objective
-                end = bad & (f_general >= sol.end_floor[sl])
+                floor = sol.end_floor[sl]
+                end = bad & (f_general >= floor - _END_MARGIN * (1.0 + floor.abs()))
                 general = bad & ~end
                 X_end = (V * sol.end_x[sl].unsqueeze(-2)) @ V.mT
                 Y_end = (V * sol.end_y[sl].unsqueeze(-2)) @ V.mT
@@ -642,9 +667,10 @@ def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Solved:
         yu = torch.linalg.matrix_norm(_solve.linear_map(Z_unit, left, right))
         ratio = torch.where(yu > 0, yl / torch.where(yu > 0, yu, 1.0), 0.0)
         starts = [Z0, Z_ls, 0.5 * (Z0 + Z_ls), Z_unit * ratio[:, None, None]]
-        Z, iters, conv = _columns_minimise(obj, data, starts, left is not None, opts)
+        unit = torch.finfo(grp.dtype).eps  # rounding of the output, in the dtype it comes in
+        Z, iters, conv = _columns_minimise(obj, data, starts, left is not None, opts, unit)
         if opts.lam > 0:
-            Z = _columns_end(obj, data, starts, Z, left is not None, opts)
+            Z = _columns_end(obj, data, starts, Z, left is not None, opts, unit)
     f_final = obj.values(Z.reshape(n_layers, 1, -1), *data).squeeze(1)
     diff = Z - Z0
     reg = _solve.regulariser((diff * diff).sum(dim=(-2, -1)), lam, norm)
@@ -670,6 +696,7 @@ def _columns_end(
     Z: Tensor,
     has_left: bool,
     opts: _Options,
+    unit: float,
 ) -> Tensor:
     """``Z``, or where lower, a point of the λ = 0 end: ``Z0`` with its product-facing part
     replaced by ``t D``, ``D`` that part of a λ = 0 minimiser (scale-free).
@@ -717,7 +744,7 @@ def _columns_end(
             c[:, 0] = tau
         pts = keep[rows].unsqueeze(1) + (c * ok)[..., None, None] * D
         f = obj.values(pts.flatten(-2), *sub)
-        f = torch.where(_unsafe(pts, sub, has_left) | ~(ok & (c > 0)), torch.inf, f)
+        f = torch.where(_unsafe(pts, sub, has_left, unit) | ~(ok & (c > 0)), torch.inf, f)
         best = torch.argmin(f, dim=1)
         at = torch.arange(best.shape[0], device=best.device)
         return pts[at, best], f[at, best]
@@ -733,7 +760,7 @@ def _columns_end(
     if rows.numel() == 0:
         return out
     sub = tuple(t[rows] for t in data)
-    Zs, _, _ = _columns_minimise(obj0, sub, [x[rows] for x in starts], has_left, opts0)
+    Zs, _, _ = _columns_minimise(obj0, sub, [x[rows] for x in starts], has_left, opts0, unit)
     limit = obj0.values(Zs.reshape(rows.shape[0], 1, -1), *sub).squeeze(1)
     limit = limit + floor[rows]
     W, f = score(rows, facing(Zs).unsqueeze(1).expand(-1, n_s, -1, -1), True)
@@ -747,7 +774,7 @@ def _columns_end(
     rep = [t[rows].repeat(n_s, *([1] * (t.ndim - 1))) for t in data]
     rep[3] = rep[3] / steps.repeat_interleave(m)[:, None, None]
     Zs, _, _ = _columns_minimise(
-        obj0, tuple(rep), [x[rows].repeat(n_s, 1, 1) for x in starts], has_left, opts0
+        obj0, tuple(rep), [x[rows].repeat(n_s, 1, 1) for x in starts], has_left, opts0, unit
     )
     W, f = score(rows, facing(Zs.reshape(n_s, m, *shape).transpose(0, 1)), False)
     take(rows, W, f)
@@ -878,8 +905,9 @@ def _column_scale(
     return torch.linalg.vector_norm(Y, dim=-2), scale, Y
 
 
-def _unsafe(Z: Tensor, data: tuple[Tensor, ...], has_left: bool) -> Tensor:
-    """Whether float64 cannot resolve the objective at ``Z`` (rows, [S,] p, q) to ``_DROP_UNSAFE``.
+def _unsafe(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: float) -> Tensor:
+    """Whether the output cannot resolve the objective at ``Z`` (rows, [S,] p, q) to
+    ``max(_DROP_UNSAFE, 10 unit)`` (``unit``: machine epsilon of the output dtype, ``ε₆₄`` below).
 
     ``data`` per row (as in :func:`_solve_columns`). Evaluating the product perturbs the point
     by rounding of relative size ``ε₆₄`` (``Z`` itself, or ``B̄ + ΔB`` / ``Ā + ΔA`` in the
@@ -903,11 +931,11 @@ def _unsafe(Z: Tensor, data: tuple[Tensor, ...], has_left: bool) -> Tensor:
     GY = (k1.unsqueeze(-2) * X - (s * k3).unsqueeze(-2) * Y) / n
     GZ = _solve.adjoint_map(GY, left, right)
     size = torch.linalg.matrix_norm(Z) + torch.linalg.matrix_norm(Z0)
-    first = 2.2e-16 * size * torch.linalg.matrix_norm(GZ)
-    u = 2.2e-16 * sc / torch.where(ok, yn, one)
+    first = unit * size * torch.linalg.matrix_norm(GZ)
+    u = unit * sc / torch.where(ok, yn, one)
     second = torch.where(ok, u * u, 0.0).mean(dim=-1)
     exact_zero: Tensor = (active & (yn == 0)).any(dim=-1)  # an active zero column counts 0
-    resolved: Tensor = first + second <= _DROP_UNSAFE  # False for NaN too
+    resolved: Tensor = first + second <= max(_DROP_UNSAFE, 10.0 * unit)  # False for NaN too
     return exact_zero | ~resolved
 
 
@@ -917,6 +945,7 @@ def _columns_minimise(
     starts: list[Tensor],
     has_left: bool,
     opts: _Options,
+    unit: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Multi-start minimisation of the columns objective, through its unattained infima.
 
@@ -954,7 +983,7 @@ def _columns_minimise(
     Zr = res.x.reshape(m * n_layers, *shape)
     f_raw = obj.values(res.x.unsqueeze(1), *rep).squeeze(1)
     yn, sc, _ = _column_scale(Zr, rep[3], *sides(rep))
-    unsafe = _unsafe(Zr, rep, has_left)
+    unsafe = _unsafe(Zr, rep, has_left, unit)
     tiny = rep[2] & (yn <= _DROP_TINY * sc)
     c_x = [res.x]
     c_f = [torch.where(unsafe, torch.inf, f_raw)]
@@ -980,7 +1009,7 @@ def _columns_minimise(
         pts = _solve.dropped_points(dc, Zc, dc.E, steps)
         f_pts = obj.values(pts.flatten(-2), *sub)
         f_pts = torch.where(
-            _unsafe(pts, sub, has_left) | ~single.any(-1, keepdim=True), torch.inf, f_pts
+            _unsafe(pts, sub, has_left, unit) | ~single.any(-1, keepdim=True), torch.inf, f_pts
         )
         c_x.append(pts.flatten(-2).flatten(0, 1))
         c_f.append(f_pts.flatten())
@@ -1016,7 +1045,7 @@ def _columns_minimise(
             f_pts = obj.values(pts.flatten(-2), *sub)
             yn, sc, _ = _column_scale(Zc, sub[3], *sides(sub))
             tiny = dc.data[2] & (yn <= _DROP_TINY * sc)
-            unsafe = _unsafe(pts, sub, has_left)
+            unsafe = _unsafe(pts, sub, has_left, unit)
             c_x.append(pts.flatten(-2).flatten(0, 1))
             c_f.append(torch.where(unsafe, torch.inf, f_pts).flatten())
             c_layer.append(s_layer.repeat_interleave(n_steps))
@@ -1033,7 +1062,7 @@ def _columns_minimise(
         )
         rp = _solve.minimise(obj, data, mixed.flatten(-2), tol=opts.tol, max_iter=opts.max_iter)
         for W, its in ((mixed.flatten(-2), rp.iterations), (rp.x, rp.iterations)):
-            unsafe = _unsafe(W.reshape(-1, *shape), data, has_left)
+            unsafe = _unsafe(W.reshape(-1, *shape), data, has_left, unit)
             f_w = obj.values(W.unsqueeze(1), *data).squeeze(1)
             c_x.append(W)
             c_f.append(torch.where(unsafe, torch.inf, f_w))

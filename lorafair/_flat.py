@@ -318,8 +318,19 @@ _END_STEPS = 10.0 ** -np.arange(1.0, 15.0)
 ``t → 0⁺``."""
 
 
+def _turn(n_sq: Arr, g: Arr, bb: Arr, eps: Arr, noise: Arr) -> Arr:
+    """``½ u²``, ``u = (ε ‖P‖ + noise) √max g / n``: the angle by which rounding ``P'`` (or
+    ``ΔP``) as computed and returned can turn a product of norm ``n``, squared: what that costs
+    its cosine.
+    ``eps``, ``noise`` (L,) (see :func:`_end`); ``n_sq`` (L,) or (L, S)."""
+    u_sq = (eps * np.sqrt(bb.sum(-1)) + noise) ** 2 * g.max(-1)
+    u_sq = u_sq[:, None] if n_sq.ndim == 2 else u_sq
+    out: Arr = 0.5 * u_sq / np.maximum(n_sq, _TINY)
+    return out
+
+
 def _end(
-    g: Arr, hh: Arr, hb: Arr, bb: Arr, w: Arr, eps: Arr, lam: float, norm: Norm
+    g: Arr, hh: Arr, hb: Arr, bb: Arr, w: Arr, eps: Arr, noise: Arr, lam: float, norm: Norm
 ) -> tuple[Arr, ...]:
     """The λ = 0 end of the trade-off: ``(x, y, f, cos, floor)`` of ``c_i = t h_i/g_i``
     (``g_i > 0``), ``c_i = b_i`` elsewhere, i.e. ``P' = P (I − Q Q⁺) + t Z`` with ``Z`` the λ = 0
@@ -327,10 +338,13 @@ def _end(
 
     Where that ray points towards ``P`` (``Σ hb_i/g_i > 0``), ``t = τ``, its best point, and
     ``floor = f``. Otherwise the infimum ``floor = 1 − cos_max + λ R(‖P Q⁺Q‖²)`` is only approached
-    as ``t → 0⁺`` (the product vanishes), where no stationary point lies: ``t`` is the one of
-    ``_END_STEPS`` that minimises ``f(t) + ½ (ε ‖P‖ / (t ‖z‖))²``, the second term bounding how much
-    rounding ``P'`` to the output dtype (unit roundoff ``eps``, per layer) turns the vanishing
-    product and so lowers its cosine. ``H = 0``: ``t = 0`` and ``floor = f``.
+    as ``t → 0⁺`` (the product vanishes), where no stationary point lies: ``t`` is the one with
+    ``‖t z‖ = s ‖P‖`` (``s ‖z‖`` if ``P = 0``), ``s`` of ``_END_STEPS``, that minimises
+    ``f(t) + _turn(n²(t))``, the second term bounding how much rounding ``P'`` or ``ΔP`` (unit
+    roundoff ``eps`` of the output dtype, relative to ``‖P‖``; ``noise``: an absolute error
+    floor, from float64 cancellation and the output's subnormals; both per layer) turns the
+    vanishing product and so lowers its cosine. ``H = 0``: ``t = 0`` and ``floor = f``. Also
+    returns that cost of the point (``f + _turn``), last.
     """
     pos = g > 0
     gi, zz = _ray(g, hh)
@@ -338,23 +352,25 @@ def _end(
     has = zz > 0
     zz1 = np.where(has, zz, 1.0)
     y = np.where(pos & has[:, None], 1.0, 0.0)
-    scale = np.sqrt(bb.sum(-1) / zz1)  # t at which ‖t z‖ = ‖P‖
-    t_k = scale[:, None] * _END_STEPS  # (L, S)
+    p_norm = np.sqrt(bb.sum(-1))
+    ref = np.where(p_norm > 0, p_norm / np.sqrt(zz1), 1.0)  # t at which ‖t z‖ = ‖P‖ (or ‖z‖)
+    t_k = ref[:, None] * _END_STEPS  # (L, S)
     x_k = t_k[..., None] * gi[:, None, :]
     data = (g, hh, hb, bb)
-    f_k, _ = _objective(
-        *_terms(x_k, y[:, None, :], *(a[:, None, :] for a in data)), w[:, None], lam, norm
-    )
-    cost = f_k + 0.5 * (eps[:, None] / _END_STEPS) ** 2
+    terms_k = _terms(x_k, y[:, None, :], *(a[:, None, :] for a in data))
+    f_k, _ = _objective(*terms_k, w[:, None], lam, norm)
+    cost = f_k + _turn(terms_k[1], g, bb, eps, noise)
     t_small = np.take_along_axis(t_k, np.argmin(cost, axis=-1)[:, None], axis=-1)[:, 0]
     toward = zb > 0
     t = np.where(has, np.where(toward, zb / zz1, t_small), 0.0)
     x = t[:, None] * gi
-    f, cos = _objective(*_terms(x, y, *data), w, lam, norm)
+    terms = _terms(x, y, *data)
+    f, cos = _objective(*terms, w, lam, norm)
     b_pos = np.where(pos, bb, 0.0).sum(-1)
     cos_max = np.where(has & (w > 0), np.sqrt((hh * gi).sum(-1)) / np.where(w > 0, w, 1.0), 0.0)
     limit = 1.0 - cos_max + _reg(b_pos, lam, norm)[0]
-    return x, y, f, cos, np.where(has & ~toward, limit, f)
+    cost_end = f + _turn(terms[1], g, bb, eps, noise)
+    return x, y, f, cos, np.where(has & ~toward, limit, f), cost_end
 
 
 def _lam0(g: Arr, hh: Arr, hb: Arr) -> tuple[Arr, Arr, Arr]:
@@ -415,6 +431,7 @@ def solve(
     red: Reduced,
     wide: Tensor,
     eps: Tensor,
+    noise: Tensor,
     *,
     lam: float,
     norm: Norm,
@@ -432,15 +449,17 @@ def solve(
     the λ = 0 end), damped Newton (:func:`newton`) takes ``_SCOUT`` steps from each of the
     ``_STARTS`` best grid points and goes on to convergence from the best of them; ``ΔP = 0`` is
     returned unless beaten by more than 1e-14. ``wide`` (L,) bool: ``d ≥ 3``, where the family
-    provably holds every local minimum; other layers are never certified. ``eps`` (L,): the unit
-    roundoff of each layer's output dtype (for :func:`_end`). Cost O(L r) per point.
+    provably holds every local minimum; other layers are never certified. ``eps``, ``noise`` (L,):
+    each layer's output rounding (for :func:`_end`). Cost O(L r) per point.
     """
     dev = red.g.device
     g, hh, hb, bb, w = (t.detach().cpu().numpy() for t in (red.g, red.hh, red.hb, red.bb, red.w))
     wide_np = wide.detach().cpu().numpy()
-    eps_np = eps.detach().cpu().numpy()
+    eps_np, noise_np = eps.detach().cpu().numpy(), noise.detach().cpu().numpy()
     with np.errstate(all="ignore"):
-        out = _solve_host(g, hh, hb, bb, w, wide_np, eps_np, lam, norm, tol, max_iter, single)
+        out = _solve_host(
+            g, hh, hb, bb, w, wide_np, eps_np, noise_np, lam, norm, tol, max_iter, single
+        )
 
     def back(a: NDArray[np.generic]) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
@@ -456,6 +475,7 @@ def _solve_host(
     w: Arr,
     wide: NDArray[np.bool_],
     eps: Arr,
+    noise: Arr,
     lam: float,
     norm: Norm,
     tol: float,
@@ -568,8 +588,11 @@ def _solve_host(
     # The λ = 0 end of the trade-off, c_i = t h_i/g_i, sits at θ₂ → ∞ when its best t is at
     # (or near) 0⁺ (the ray points away from P): the family cannot get there, so a layer where
     # that point beats the family is handed to the general solver (with the point as its floor).
-    end = _end(g, hh, hb, bb, w, eps, lam, norm)
-    beaten = (_ray(g, hh)[1] > 0) & (end[2] < np.minimum(f, f0) - _TIE)
+    # Both sides are charged what rounding to the output dtype can cost a vanishing product
+    # (_turn): the family too may creep towards that end, to a point the output cannot hold.
+    *end, cost_end = _end(g, hh, hb, bb, w, eps, noise, lam, norm)
+    cost = f + _turn(n_sq, g, bb, eps, noise)
+    beaten = (_ray(g, hh)[1] > 0) & (cost_end < np.minimum(cost, f0) - _TIE)
     certified = np.where(zero, zero_ok, good) & ~beaten
     x = np.where(zero[:, None], 0.0, x)
     y = np.where(zero[:, None], 0.0, y)

@@ -373,6 +373,45 @@ def test_dtypes_round_trip(dtype) -> None:  # type: ignore[no-untyped-def]
     assert sol.objective == pytest.approx(ref.objective, abs=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("seed", "lam", "norm", "residual_on", "similarity"),
+    [
+        (216, 0.01, "fro_squared", "A", "columns"),
+        (232, 0.1, "fro_squared", "B", "columns"),
+        (269, 0.01, "fro", "B", "columns"),
+        (202, 0.01, "fro_squared", "A", "flat"),
+        (250, 0.01, "fro_squared", "A", "flat"),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_narrow_outputs_hold_the_reported_objective(
+    seed, lam, norm, residual_on, similarity, dtype
+) -> None:  # type: ignore[no-untyped-def]
+    # Cases from a random search where the float64 solution drove the product (or some of its
+    # columns) to zero further than the narrow output can represent (float16: also below its
+    # normal range): the returned factors, rounded, lost them.
+    clients64, weights = _searched_case(seed)
+    clients = [
+        {"layer0": LoRAFactors(c["layer0"].A.to(dtype), c["layer0"].B.to(dtype))} for c in clients64
+    ]
+    rounded = [
+        {"layer0": LoRAFactors(c["layer0"].A.to(F64), c["layer0"].B.to(F64))} for c in clients
+    ]
+    parts = dense_parts(rounded, weights, "layer0")
+    opts = {"lam": lam, "norm": norm, "similarity": similarity, "residual_on": residual_on}
+    sol = solve_residual(clients, weights, **opts)["layer0"]
+    out = lora_fair(clients, weights, **opts)["layer0"]
+    base = fedit(clients, weights)["layer0"]
+
+    def objective(f: LoRAFactors) -> float:
+        side = f.B.to(F64) - parts[1] if residual_on == "B" else f.A.to(F64) - parts[0]
+        return float(dense_objective(side, *parts, lam, norm, similarity, residual_on))
+
+    tol = 10 * torch.finfo(dtype).eps
+    assert abs(objective(out) - sol.objective) <= tol
+    assert objective(out) <= objective(base) + tol
+
+
 def test_inputs_untouched_and_deterministic() -> None:
     clients = make_clients(10, k=3, d_out=6, d_in=5, r=2)
     before = [{k: (v.A.clone(), v.B.clone()) for k, v in c.items()} for c in clients]
