@@ -667,7 +667,9 @@ def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Solved:
         yu = torch.linalg.matrix_norm(_solve.linear_map(Z_unit, left, right))
         ratio = torch.where(yu > 0, yl / torch.where(yu > 0, yu, 1.0), 0.0)
         starts = [Z0, Z_ls, 0.5 * (Z0 + Z_ls), Z_unit * ratio[:, None, None]]
-        unit = torch.finfo(grp.dtype).eps  # rounding of the output, in the dtype it comes in
+        info = torch.finfo(grp.dtype)  # rounding of the output, in the dtype it comes in
+        numel = _corrected_dim(grp, opts) * r
+        unit = _Rounding(info.eps, info.tiny * math.sqrt(numel))
         Z, iters, conv = _columns_minimise(obj, data, starts, left is not None, opts, unit)
         if opts.lam > 0:
             Z = _columns_end(obj, data, starts, Z, left is not None, opts, unit)
@@ -696,7 +698,7 @@ def _columns_end(
     Z: Tensor,
     has_left: bool,
     opts: _Options,
-    unit: float,
+    unit: _Rounding,
 ) -> Tensor:
     """``Z``, or where lower, a point of the λ = 0 end: ``Z0`` with its product-facing part
     replaced by ``t D``, ``D`` that part of a λ = 0 minimiser (scale-free).
@@ -890,13 +892,13 @@ def _mix_columns(
 
 
 def _column_scale(
-    Z: Tensor, Z0: Tensor, left: Tensor | None, right: Tensor | None
+    Z: Tensor, Z0: Tensor, left: Tensor | None, right: Tensor | None, floor: float = 0.0
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(‖Y_j‖, s_j, Y)`` for ``Y = left Z right`` (``‖Y_j‖``, ``s_j``: …, n), with
-    ``s_j = ‖left‖ (‖Z‖ + ‖Z0‖) ‖right_j‖`` bounding the float64 rounding of ``Y_j`` (here and in
-    ``(B̄ + ΔB) Ā``) by ~1e-16 s_j."""
+    ``s_j = ‖left‖ (‖Z‖ + ‖Z0‖ + floor) ‖right_j‖`` bounding the rounding of ``Y_j`` (here and in
+    ``(B̄ + ΔB) Ā``) by ~ε s_j (``floor``: where the output's entries lose relative precision)."""
     Y = _solve.linear_map(Z, left, right)
-    scale = torch.linalg.matrix_norm(Z) + torch.linalg.matrix_norm(Z0)
+    scale = torch.linalg.matrix_norm(Z) + torch.linalg.matrix_norm(Z0) + floor
     if left is not None:
         scale = scale * torch.linalg.matrix_norm(left)
     scale = scale.unsqueeze(-1)
@@ -905,9 +907,18 @@ def _column_scale(
     return torch.linalg.vector_norm(Y, dim=-2), scale, Y
 
 
-def _unsafe(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: float) -> Tensor:
+class _Rounding(NamedTuple):
+    """The output dtype's machine epsilon, and the norm below which the corrected factor's
+    entries lose relative precision (its smallest normal × √(number of entries))."""
+
+    eps: float
+    floor: float
+
+
+def _unsafe(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: _Rounding) -> Tensor:
     """Whether the output cannot resolve the objective at ``Z`` (rows, [S,] p, q) to
-    ``max(_DROP_UNSAFE, 10 unit)`` (``unit``: machine epsilon of the output dtype, ``ε₆₄`` below).
+    ``max(_DROP_UNSAFE, 10 ε)`` (``ε = unit.eps``: machine epsilon of the output dtype, ``ε₆₄``
+    below; ``‖Z‖ + ‖Z0‖`` below also gets ``unit.floor``, for float16's subnormals).
 
     ``data`` per row (as in :func:`_solve_columns`). Evaluating the product perturbs the point
     by rounding of relative size ``ε₆₄`` (``Z`` itself, or ``B̄ + ΔB`` / ``Ā + ΔA`` in the
@@ -921,7 +932,7 @@ def _unsafe(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: float) ->
     if Z.ndim == Z0.ndim + 1:
         X, xn, active, Z0, mat = (t.unsqueeze(1) for t in (X, xn, active, Z0, mat))
     left, right = (mat, None) if has_left else (None, mat)
-    yn, sc, Y = _column_scale(Z, Z0, left, right)
+    yn, sc, Y = _column_scale(Z, Z0, left, right, unit.floor)
     n = Y.shape[-1]
     ok = active & (yn > 0)
     one = torch.ones_like(yn)
@@ -930,12 +941,12 @@ def _unsafe(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: float) ->
     s = torch.where(ok, (Y * X).sum(dim=-2) / torch.where(ok, xn, one), 0.0)
     GY = (k1.unsqueeze(-2) * X - (s * k3).unsqueeze(-2) * Y) / n
     GZ = _solve.adjoint_map(GY, left, right)
-    size = torch.linalg.matrix_norm(Z) + torch.linalg.matrix_norm(Z0)
-    first = unit * size * torch.linalg.matrix_norm(GZ)
-    u = unit * sc / torch.where(ok, yn, one)
+    size = torch.linalg.matrix_norm(Z) + torch.linalg.matrix_norm(Z0) + unit.floor
+    first = unit.eps * size * torch.linalg.matrix_norm(GZ)
+    u = unit.eps * sc / torch.where(ok, yn, one)
     second = torch.where(ok, u * u, 0.0).mean(dim=-1)
     exact_zero: Tensor = (active & (yn == 0)).any(dim=-1)  # an active zero column counts 0
-    resolved: Tensor = first + second <= max(_DROP_UNSAFE, 10.0 * unit)  # False for NaN too
+    resolved: Tensor = first + second <= max(_DROP_UNSAFE, 10.0 * unit.eps)  # False for NaN too
     return exact_zero | ~resolved
 
 
@@ -945,7 +956,7 @@ def _columns_minimise(
     starts: list[Tensor],
     has_left: bool,
     opts: _Options,
-    unit: float,
+    unit: _Rounding,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Multi-start minimisation of the columns objective, through its unattained infima.
 
