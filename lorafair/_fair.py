@@ -443,6 +443,20 @@ _END_MARGIN = 1e-12
 more than this (relative): one approaching the same infimum can only get below it by rounding."""
 
 
+class _Rounding(NamedTuple):
+    """The output dtype's machine epsilon, and the norm below which the corrected factor's
+    entries lose relative precision (its smallest normal × √(number of entries))."""
+
+    eps: float
+    floor: float
+
+
+def _rounding(grp: _Group, opts: _Options) -> _Rounding:
+    """How the corrected factor (``d × r``) is rounded to the inputs' dtype."""
+    info = torch.finfo(grp.dtype)
+    return _Rounding(info.eps, info.tiny * math.sqrt(_corrected_dim(grp, opts) * grp.r))
+
+
 def _absolute_error(grp: _Group, opts: _Options, grams: tuple[Tensor, Tensor] | None) -> Tensor:
     """Per layer, an absolute error size of the corrected factor as computed and returned:
     ``ε₆₄ ‖P_u‖_F`` (the float64 GEMM ``P_u (E + coef)``; ``‖E‖₂ ≤ 1``) plus the output dtype's
@@ -454,9 +468,8 @@ def _absolute_error(grp: _Group, opts: _Options, grams: tuple[Tensor, Tensor] | 
         M_A, M_B = grams
         M_P = M_B if opts.residual_on == "B" else M_A
         pu = torch.sqrt(M_P.diagonal(dim1=-2, dim2=-1).sum(-1))
-    f = torch.finfo(grp.dtype)
-    sub = f.tiny * f.eps / 2 * math.sqrt(_corrected_dim(grp, opts) * grp.r)
-    out: Tensor = torch.finfo(_F64).eps * pu.to(_F64) + sub
+    unit = _rounding(grp, opts)
+    out: Tensor = torch.finfo(_F64).eps * pu.to(_F64) + unit.eps / 2 * unit.floor
     return out
 
 
@@ -500,7 +513,7 @@ def _solve_flat(
         # floor: float64 cancellation in P_u (E + coef) (~ε₆₄ ‖P_u‖, large where clients cancel
         # in B̄) and where the d × r entries lose relative precision (float16's subnormals).
         eps = torch.cat(
-            [torch.full((groups[i].n,), torch.finfo(groups[i].dtype).eps / 2) for i in idx]
+            [torch.full((groups[i].n,), _rounding(groups[i], opts).eps / 2) for i in idx]
         ).to(joint.g)
         noise = torch.cat([_absolute_error(groups[i], opts, grams[i]) for i in idx]).to(joint.g)
         sol = _flat.solve(
@@ -667,9 +680,7 @@ def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Solved:
         yu = torch.linalg.matrix_norm(_solve.linear_map(Z_unit, left, right))
         ratio = torch.where(yu > 0, yl / torch.where(yu > 0, yu, 1.0), 0.0)
         starts = [Z0, Z_ls, 0.5 * (Z0 + Z_ls), Z_unit * ratio[:, None, None]]
-        info = torch.finfo(grp.dtype)  # rounding of the output, in the dtype it comes in
-        numel = _corrected_dim(grp, opts) * r
-        unit = _Rounding(info.eps, info.tiny * math.sqrt(numel))
+        unit = _rounding(grp, opts)  # rounding of the output, in the dtype it comes in
         Z, iters, conv = _columns_minimise(obj, data, starts, left is not None, opts, unit)
         if opts.lam > 0:
             Z = _columns_end(obj, data, starts, Z, left is not None, opts, unit)
@@ -711,7 +722,7 @@ def _columns_end(
     ``_END_STEPS``. Where that leaves a layer above the infimum because its small points are
     unsafe (:func:`_unsafe`: the λ = 0 minimiser has a vanishing column of its own, which
     shrinking the whole product pushes below what rounding ``B̄ + ΔB`` resolves), the λ = 0
-    problem is solved again with the anchor ``Z0 / s`` for every ``s`` (the anchor sets how
+    problem is solved again with the anchor ``Z0 / s`` for every ``s < 1`` (the anchor sets how
     small a column may get), and those minimisers are scored at their ``s``. Cost: one more
     multi-start λ = 0 solve for most layers, ``len(_END_STEPS)`` for the few that need them.
     """
@@ -733,13 +744,14 @@ def _columns_end(
     opts0 = _Options(0.0, opts.norm, opts.similarity, opts.residual_on, opts.tol, opts.max_iter)
     obj0 = _solve.columns_objective(0.0, opts.norm, shape, has_left, not has_left)
 
-    def score(rows: Tensor, D: Tensor, with_tau: bool) -> tuple[Tensor, Tensor]:
-        """Best point and value among ``keep + t D_s`` (D: rows, S, p, q; D_s used at step s)."""
+    def score(rows: Tensor, D: Tensor, st: Tensor, with_tau: bool) -> tuple[Tensor, Tensor]:
+        """Best point and value among ``keep + t D_s`` (D: rows, S, p, q; ``D_s`` scaled to
+        ``‖t D_s‖ = st_s ‖Z0‖``)."""
         sub = tuple(t[rows] for t in data)
         dd = (D * D).sum(dim=(-2, -1))
         ok = dd > 0
         dd1 = torch.where(ok, dd, torch.ones_like(dd))
-        c = steps * torch.linalg.matrix_norm(Z0[rows])[:, None] / torch.sqrt(dd1)
+        c = st * torch.linalg.matrix_norm(Z0[rows])[:, None] / torch.sqrt(dd1)
         if with_tau:
             tau = (D[:, 0] * part[rows]).sum(dim=(-2, -1)) / dd1[:, 0]
             D, c, ok = (torch.cat([x[:, :1], x], dim=1) for x in (D, c, ok))
@@ -763,22 +775,21 @@ def _columns_end(
         return out
     sub = tuple(t[rows] for t in data)
     Zs, _, _ = _columns_minimise(obj0, sub, [x[rows] for x in starts], has_left, opts0, unit)
-    limit = obj0.values(Zs.reshape(rows.shape[0], 1, -1), *sub).squeeze(1)
-    limit = limit + floor[rows]
-    W, f = score(rows, facing(Zs).unsqueeze(1).expand(-1, n_s, -1, -1), True)
+    limit = obj0.values(Zs.reshape(rows.shape[0], 1, -1), *sub).squeeze(1) + floor[rows]
+    W, f = score(rows, facing(Zs).unsqueeze(1).expand(-1, n_s, -1, -1), steps, True)
     take(rows, W, f)
-    # Layers whose end could still win by more than the plain points' reach: anchors Z0 / s.
-    gap = torch.minimum(f_out[rows], f_now[rows]) - limit
-    rows = rows[gap > 1e-9 * (1.0 + limit.abs())]
+    # Layers whose end could still win by more than the plain points' reach: anchors Z0 / s
+    # (s < 1; the anchor Z0 itself was solved and scored just above).
+    rows = rows[f_out[rows] - limit > 1e-9 * (1.0 + limit.abs())]
     if rows.numel() == 0:
         return out
-    m = rows.shape[0]
-    rep = [t[rows].repeat(n_s, *([1] * (t.ndim - 1))) for t in data]
-    rep[3] = rep[3] / steps.repeat_interleave(m)[:, None, None]
+    m, small = rows.shape[0], steps[1:]
+    rep = [t[rows].repeat(n_s - 1, *([1] * (t.ndim - 1))) for t in data]
+    rep[3] = rep[3] / small.repeat_interleave(m)[:, None, None]
     Zs, _, _ = _columns_minimise(
-        obj0, tuple(rep), [x[rows].repeat(n_s, 1, 1) for x in starts], has_left, opts0, unit
+        obj0, tuple(rep), [x[rows].repeat(n_s - 1, 1, 1) for x in starts], has_left, opts0, unit
     )
-    W, f = score(rows, facing(Zs.reshape(n_s, m, *shape).transpose(0, 1)), False)
+    W, f = score(rows, facing(Zs.reshape(n_s - 1, m, *shape).transpose(0, 1)), small, False)
     take(rows, W, f)
     return out
 
@@ -905,14 +916,6 @@ def _column_scale(
     if right is not None:
         scale = scale * torch.linalg.vector_norm(right, dim=-2)
     return torch.linalg.vector_norm(Y, dim=-2), scale, Y
-
-
-class _Rounding(NamedTuple):
-    """The output dtype's machine epsilon, and the norm below which the corrected factor's
-    entries lose relative precision (its smallest normal × √(number of entries))."""
-
-    eps: float
-    floor: float
 
 
 def _unsafe(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: _Rounding) -> Tensor:
