@@ -12,21 +12,20 @@ The ideal global update of a layer is ``ΔW = Σ_k p_k B_k A_k``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-from lorafair import _linalg
+from lorafair import _average, _linalg
 from lorafair._fair import ResidualSolution, lora_fair, solve_residual
 from lorafair._validate import (
-    accumulation_dtype,
+    Layer,
     chunked,
     group_by_shape,
     prepare,
-    stacked,
+    raise_if_nonfinite,
     stacked_batch,
-    weighted_sum,
 )
 from lorafair.errors import FrozenAMismatchError, LoRAFairError
 from lorafair.types import LoRAFactors
@@ -55,8 +54,10 @@ def fedit(clients: _Clients, weights: Sequence[float] | None = None) -> dict[str
     ``B̄ Ā ≠ ΔW = Σ p_k B_k A_k``; exact when all ``A_k`` are equal (or all ``B_k``).
     All clients must share the rank r.
 
-    Cost: O(K r (d_in + d_out)) flops, one output-sized buffer per factor; accumulated in
-    float32 (float64 for float64 input). Download: r (d_in + d_out) numbers per layer.
+    Cost: O(K r (d_in + d_out)) flops, one read of every input and one output-sized buffer per
+    factor; accumulated in float32 (float64 for float64 input). NaN/Inf are detected from the
+    averages themselves (one host synchronisation per call). Download: r (d_in + d_out) numbers
+    per layer.
 
     >>> import torch
     >>> c0 = {"fc": (torch.ones(1, 2), torch.ones(3, 1))}
@@ -65,14 +66,29 @@ def fedit(clients: _Clients, weights: Sequence[float] | None = None) -> dict[str
     >>> A.tolist(), B.flatten().tolist()
     ([[2.0, 2.0]], [0.5, 0.5, 0.5])
     """
-    prep = prepare(clients, weights, equal_ranks=True)
-    p = prep.weights
-    out: dict[str, LoRAFactors] = {}
-    for name, layer in prep.layers.items():
-        acc = accumulation_dtype(layer.dtype)
-        A = weighted_sum(layer.As, p, acc).to(layer.dtype)
-        B = weighted_sum(layer.Bs, p, acc).to(layer.dtype)
-        out[name] = LoRAFactors(A, B)
+    prep = prepare(clients, weights, equal_ranks=True, check_finite=False)
+    layers = list(prep.layers.values())
+    sums = _average.weighted_sums([la.As for la in layers] + [la.Bs for la in layers], prep.weights)
+    _average.check(_average.nonfinite_flag(sums), prep.layers)
+    n = len(layers)
+    return {la.name: LoRAFactors(sums[i], sums[n + i]) for i, la in enumerate(layers)}
+
+
+def _frozen_excess(layers: Sequence[Layer], rtol: float, atol: float) -> list[Tensor]:
+    """Per client k ≥ 1, per layer: ``max(|A_k − A_0| − atol − rtol·|A_0|)`` (> 0 or NaN: differs).
+
+    ``torch.allclose``'s test, elementwise, for every layer in five list-wide calls per client.
+    """
+    A0s = [la.As[0] for la in layers]
+    threshold = list(torch._foreach_abs(A0s))
+    torch._foreach_mul_(threshold, rtol)
+    torch._foreach_add_(threshold, atol)
+    out = []
+    for k in range(1, len(layers[0].As)):
+        diff = list(torch._foreach_sub([la.As[k] for la in layers], A0s))
+        torch._foreach_abs_(diff)
+        torch._foreach_sub_(diff, threshold)
+        out.append(torch.stack(list(torch._foreach_max(diff))))
     return out
 
 
@@ -90,28 +106,31 @@ def ffa_lora(
     naming the layer and client when some ``A_k`` differs from ``A_0`` beyond
     ``|A_k − A_0| ≤ atol + rtol·|A_0|`` elementwise.
 
-    Cost: O(K r (d_in + d_out)) flops (the check reads every A once). Download: r·d_out per layer
-    (A need not be sent again).
+    Cost: O(K r (d_in + d_out)) flops (the check reads every A once), one host synchronisation
+    per call. Download: r·d_out per layer (A need not be sent again).
     """
-    prep = prepare(clients, weights, equal_ranks=True)
-    p = prep.weights
+    prep = prepare(clients, weights, equal_ranks=True, check_finite=False)
     if not (rtol >= 0 and atol >= 0):
         raise LoRAFairError(f"rtol and atol must be >= 0, got rtol={rtol}, atol={atol}")
-    out: dict[str, LoRAFactors] = {}
-    for name, layer in prep.layers.items():
-        A0 = layer.As[0]
-        for k, A in enumerate(layer.As[1:], start=1):
-            if not torch.allclose(A, A0, rtol=rtol, atol=atol):
-                diff = (A.double() - A0.double()).abs().max().item()
-                raise FrozenAMismatchError(
-                    f"layer {name!r}: client {k} has A differing from client 0's by up to "
-                    f"{diff:.3g} (rtol={rtol}, atol={atol}); FFA-LoRA needs A frozen and "
-                    "shared by every client"
-                )
-        acc = accumulation_dtype(layer.dtype)
-        B = weighted_sum(layer.Bs, p, acc).to(layer.dtype)
-        out[name] = LoRAFactors(A0.clone(), B)
-    return out
+    layers = list(prep.layers.values())
+    Bs = _average.weighted_sums([la.Bs for la in layers], prep.weights)
+    As = [la.As[0].clone() for la in layers]
+    excess = _frozen_excess(layers, rtol, atol) if len(prep.weights) > 1 else []
+    # one flag per client k ≥ 1 and layer: A differs (or is NaN); B's average or A_0 is non-finite
+    differs = [~(e <= 0) for e in excess]
+    _average.check(_average.nonfinite_flag(Bs + As) + differs, prep.layers)
+    if differs:
+        bad = torch.stack(differs).cpu()
+        if bool(bad.any()):
+            k, i = (int(v) for v in bad.nonzero()[0])
+            la = layers[i]
+            diff = (la.As[k + 1].double() - la.As[0].double()).abs().max().item()
+            raise FrozenAMismatchError(
+                f"layer {la.name!r}: client {k + 1} has A differing from client 0's by up to "
+                f"{diff:.3g} (rtol={rtol}, atol={atol}); FFA-LoRA needs A frozen and "
+                "shared by every client"
+            )
+    return {la.name: LoRAFactors(A, B) for la, A, B in zip(layers, As, Bs, strict=True)}
 
 
 def flora(clients: _Clients, weights: Sequence[float] | None = None) -> dict[str, LoRAFactors]:
@@ -122,15 +141,99 @@ def flora(clients: _Clients, weights: Sequence[float] | None = None) -> dict[str
     Ranks may differ between clients. Clients merge ``B @ A`` into their frozen weights and
     re-initialise their LoRA factors.
 
-    Cost: O(K r d_in) flops plus copies; download Σ r_k (d_in + d_out) per layer (K× FedIT's).
+    Cost: O(K r d_in) flops plus copies: one read of the input, one write of the output (which is
+    as large), one read of the output for the NaN/Inf flag, one host synchronisation per call.
+    Download Σ r_k (d_in + d_out) per layer (K× FedIT's).
     """
-    prep = prepare(clients, weights, equal_ranks=False)
+    prep = prepare(clients, weights, equal_ranks=False, check_finite=False)
     p = prep.weights
     out: dict[str, LoRAFactors] = {}
     for name, layer in prep.layers.items():
-        A_s, B_s = stacked(layer, p, accumulation_dtype(layer.dtype))
-        out[name] = LoRAFactors(A_s.to(layer.dtype), B_s.to(layer.dtype))
+        A_s = torch.empty(sum(layer.ranks), layer.d_in, dtype=layer.dtype, device=layer.device)
+        start = 0
+        for A, w in zip(layer.As, p, strict=True):
+            torch.mul(A, w, out=A_s[start : start + A.shape[0]])
+            start += A.shape[0]
+        out[name] = LoRAFactors(A_s, torch.cat(layer.Bs, dim=1))
+    _average.check(_average.nonfinite_flag([t for f in out.values() for t in f]), prep.layers)
     return out
+
+
+Route = Literal["gram", "qr", "dense"]
+
+# Flop weights of the cost model (calibrated on the K sweep of benchmarks/README.md): LAPACK's
+# eigh / SVD run well below the GEMM rate, so their O(n³) terms weigh more than a GEMM's flops.
+_EIGH_WEIGHT = 30.0  # two R × R eigh with vectors plus the R × R products of gram_svd
+_QR_WEIGHT = 40.0  # the R × R core SVD of qr_svd
+_SVD_WEIGHT = 12.0  # per d_out·d_in·min(d_out, d_in) of a dense SVD
+
+
+def _unit_roundoff(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).eps) / 2
+
+
+def _gram_kappa_limit(dtype: torch.dtype, d_out: int, d_in: int, R: int) -> float:
+    """Largest ``κ = ‖B_s‖_F‖A_s‖_F / ‖ΔW‖_F`` for which the Gram route is as accurate as the input.
+
+    The Gram route's float64 error is about ``(d + R)·u₆₄·κ²`` relative to ‖ΔW‖ (d the longer side,
+    u the unit roundoff); the rounding already in the inputs is ``u_in·κ``. The route is taken
+    while the first is at most the second: ``κ ≤ u_in / ((d + R)·u₆₄)``, about 1.7·10⁵ for float32
+    ViT layers, 10¹⁰ for bfloat16, and below 1 for float64 (never).
+    """
+    return _unit_roundoff(dtype) / ((max(d_out, d_in) + R) * _unit_roundoff(torch.float64))
+
+
+def _route(d_out: int, d_in: int, R: int, dtype: torch.dtype) -> Route:
+    """Cost model: the factored route (Gram, or QR for float64) or one dense layer at a time.
+
+    Factored: ``2(d_in + d_out)R²`` for the Grams (QR: twice that) plus ``w R³``; dense:
+    ``2 d_in d_out R`` to form ΔW plus ``w' d_in d_out min(d_in, d_out)`` for its SVD. The two
+    cross near ``R ≈ d_in d_out / (d_in + d_out)`` (576 for a 2304 × 768 layer).
+    """
+    factored: Route = "qr" if dtype == torch.float64 else "gram"
+    if factored == "gram":
+        cost_factored = 2.0 * (d_in + d_out) * R * R + _EIGH_WEIGHT * R**3
+    else:
+        cost_factored = 4.0 * (d_in + d_out) * R * R + _QR_WEIGHT * R**3
+    cost_dense = 2.0 * d_in * d_out * R + _SVD_WEIGHT * d_in * d_out * min(d_in, d_out)
+    return factored if cost_factored <= cost_dense else "dense"
+
+
+class _Pending(NamedTuple):
+    """One batch whose result waits for the call's single host check."""
+
+    layers: list[Layer]
+    A: Tensor
+    B: Tensor
+    gram_ok: Tensor | None  # per layer: κ within the Gram route's limit (None: not the Gram route)
+
+
+def _flexlora_batch(
+    batch: list[Layer], p: Sequence[float], route: Route, target: int, left_power: float
+) -> tuple[_Pending, Tensor]:
+    """Run one batch of same-shaped layers; return it and its per-layer non-finite flags."""
+    A_s, B_s = stacked_batch(batch, p, torch.float64)
+    gram_ok = None
+    if route == "gram":
+        G_a, G_b = _linalg.grams(B_s, A_s)
+        tr_a = G_a.diagonal(dim1=-2, dim2=-1).sum(-1)
+        tr_b = G_b.diagonal(dim1=-2, dim2=-1).sum(-1)
+        # ‖A_s‖²·‖B_s‖² is non-finite iff some input is (no overflow: inputs ≤ 3.4e38 here)
+        bad = ~torch.isfinite(tr_a * tr_b)
+        keep = (~bad).to(G_a.dtype).reshape(-1, 1, 1)
+        G_a, G_b = torch.nan_to_num(G_a) * keep, torch.nan_to_num(G_b) * keep
+        dw2 = (G_a * G_b).sum(dim=(-2, -1))  # ‖ΔW‖_F² = tr(G_a G_b)
+        first = batch[0]
+        limit = _gram_kappa_limit(first.dtype, first.d_out, first.d_in, sum(first.ranks))
+        gram_ok = tr_a * tr_b <= limit * limit * dw2
+        svd = _linalg.gram_svd(B_s, A_s, G_a, G_b)
+    else:
+        bad = ~(torch.isfinite(A_s).flatten(1).all(1) & torch.isfinite(B_s).flatten(1).all(1))
+        keep = (~bad).to(A_s.dtype).reshape(-1, 1, 1)
+        A_s, B_s = torch.nan_to_num(A_s) * keep, torch.nan_to_num(B_s) * keep
+        svd = _linalg.qr_svd(B_s, A_s) if route == "qr" else _linalg.dense_svd(B_s, A_s)
+    B, A = _linalg.split(svd, target, left_power)
+    return _Pending(batch, A, B, gram_ok), bad
 
 
 def flexlora(
@@ -146,41 +249,71 @@ def flexlora(
     norm), returns for ``split="balanced"`` ``B = U_r S_r^{1/2}``, ``A = S_r^{1/2} V_rᵀ`` (both
     factors of equal scale), and for ``split="left"`` FederatedScope's ``B = U_r S_r``,
     ``A = V_rᵀ``. ``B @ A`` is the same either way. ``rank`` defaults to the clients' largest
-    rank; ranks may differ between clients. If ``rank`` exceeds ``min(d_out, d_in, Σ r_k)`` the
+    rank; ranks may differ between clients. If ``rank`` exceeds the numerical rank of ``ΔW`` the
     extra components are zero rows/columns, so shapes are always (rank, d_in) / (d_out, rank).
 
-    ``ΔW`` is never formed: with the stacked factors ``B_s`` (d_out, R), ``A_s`` (R, d_in),
-    R = Σ r_k, thin QRs ``B_s = Q_b R_b``, ``A_sᵀ = Q_a R_a`` give ``ΔW = Q_b (R_b R_aᵀ) Q_aᵀ`` and
-    only the R × R core is decomposed. Layers of equal shapes are processed in float64
-    batches whose working set is capped at 256 MiB (at least one layer per batch), so peak
-    memory does not grow with the number of layers. Cost: O((d_out + d_in) R² + R³) flops and
-    O((d_out + d_in) R) memory per layer, against O(d_out d_in min(d_out, d_in)) flops and a
-    d_out × d_in buffer for a dense SVD.
-    Download: rank·(d_in + d_out) per layer.
+    With the stacked factors ``B_s`` (d_out, R), ``A_s`` (R, d_in), R = Σ r_k, ``ΔW = B_s A_s``.
+    Per group of same-shaped layers a stated cost model (``_route``) picks one of:
+
+    - **Gram** (float32/float16/bfloat16 inputs): the float64 Grams ``A_s A_sᵀ`` and ``B_sᵀ B_s``
+      and two R × R eigendecompositions give every triplet; U and V then cost one
+      (d × R)(R × rank) product each. Its float64 error, ``(d + R)·u₆₄·κ²`` relative with
+      ``κ = ‖B_s‖_F‖A_s‖_F / ‖ΔW‖_F``, stays below the inputs' own rounding ``u_in·κ`` while
+      ``κ ≤ u_in / ((d + R)·u₆₄)`` (1.7·10⁵ for float32 ViT layers): a layer whose clients cancel
+      more than that is redone by the QR route.
+    - **QR** (float64 inputs): thin QRs of ``B_s`` and ``A_sᵀ`` and an R × R core SVD, accurate
+      however much the clients cancel.
+    - **dense** (large R): form ``ΔW`` one layer at a time and take its SVD, when
+      ``2 d_in d_out R`` plus the SVD costs less than the factored route's ``(d_in + d_out) R²``
+      and ``R³`` terms (about R ≳ 600 for ViT-B/16 layers).
+
+    Layers are processed in float64 batches whose working set is capped at 256 MiB (one layer
+    per batch on the dense route), so peak memory does not grow with the number of layers;
+    NaN/Inf are read off the Grams' traces (or the stacks) and the whole call synchronises with
+    the host once. Cost: O((d_out + d_in) R² + R³) flops and O((d_out + d_in) R) memory per layer
+    on the factored routes, O(d_out d_in (R + min(d_out, d_in))) and one d_out × d_in buffer on
+    the dense one. Download: rank·(d_in + d_out) per layer.
     """
     if split not in ("balanced", "left"):
         raise LoRAFairError(f"split must be 'balanced' or 'left', got {split!r}")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise LoRAFairError(f"rank must be a positive int or None, got {rank!r}")
-    prep = prepare(clients, weights, equal_ranks=False)
+    prep = prepare(clients, weights, equal_ranks=False, check_finite=False)
     p = prep.weights
-    out: dict[str, LoRAFactors] = {}
+    left_power = 0.5 if split == "balanced" else 1.0
+    pending: list[_Pending] = []
+    flags: list[Tensor] = []
     for group in group_by_shape(list(prep.layers.values())):
         first = group[0]
+        R = sum(first.ranks)
         target = rank if rank is not None else max(first.ranks)
-        # float64 stacked factors plus the two thin-QR bases: about 3 copies of the stack.
-        per_layer = 3 * 8 * (first.d_out + first.d_in) * sum(first.ranks)
+        route = _route(first.d_out, first.d_in, R, first.dtype)
+        # float64 stacks plus two d × R companions (QR bases, or the output products)
+        per_layer = 3 * 8 * (first.d_out + first.d_in) * R
+        if route == "dense":
+            per_layer = _BATCH_BYTES  # one layer at a time: memory bound to one dense ΔW
         for batch in chunked(group, per_layer, _BATCH_BYTES):
-            A_s, B_s = stacked_batch(batch, p, torch.float64)
-            U, S, Vh = _linalg.truncated_svd(B_s, A_s, target)
-            del A_s, B_s
-            if split == "balanced":
-                root = S.sqrt()
-                B = U * root.unsqueeze(-2)
-                A = root.unsqueeze(-1) * Vh
+            done, bad = _flexlora_batch(batch, p, route, target, left_power)
+            pending.append(done)
+            flags.append(bad)
+    gram_ok = [d.gram_ok for d in pending if d.gram_ok is not None]
+    # the call's one host round trip: any non-finite input, and which layers the Gram route kept
+    host = torch.cat([torch.cat(flags).any().reshape(1), *gram_ok]).cpu().tolist()
+    if host[0]:
+        raise_if_nonfinite(prep.layers)
+    ok = host[1:]
+    out: dict[str, LoRAFactors] = {}
+    i = 0
+    for done in pending:
+        for j, layer in enumerate(done.layers):
+            if done.gram_ok is not None:
+                i, redo = i + 1, not ok[i]
             else:
-                B = U * S.unsqueeze(-2)
-                A = Vh
-            for i, layer in enumerate(batch):
-                out[layer.name] = LoRAFactors(A[i].to(layer.dtype), B[i].to(layer.dtype))
+                redo = False
+            if redo:  # the clients cancel beyond the Gram route's bound: QR route, exact to u₆₄·κ
+                again, _ = _flexlora_batch([layer], p, "qr", done.A.shape[-2], left_power)
+                A, B = again.A[0], again.B[0]
+            else:
+                A, B = done.A[j], done.B[j]
+            out[layer.name] = LoRAFactors(A.to(layer.dtype), B.to(layer.dtype))
     return {name: out[name] for name in prep.layers}

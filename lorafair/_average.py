@@ -1,0 +1,68 @@
+"""Private: client averages of many layers at once, with NaN/Inf detected from the results.
+
+The cheap aggregators (FedIT, FFA-LoRA, FLoRA) are memory-bound: their floor is one read of every
+input byte plus one write of the output. To stay near it they
+
+- average each factor of every layer while its accumulator is in cache (one read of each input);
+- detect NaN/Inf from what they compute anyway: in IEEE arithmetic ``Σ p_k T_k`` is non-finite
+  whenever some ``T_k`` is (``0·Inf`` is NaN, so a zero weight does not hide one), so one
+  reduction over the *output* (1/K of the input) replaces a pass over every input;
+- synchronise with the host once per call (:func:`check`), and run the pass that names the
+  layer and client (:func:`lorafair._validate.raise_if_nonfinite`) only when a flag is raised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from lorafair._validate import Layer, accumulation_dtype, raise_if_nonfinite
+
+
+def weighted_sums(items: Sequence[Sequence[Tensor]], p: Sequence[float]) -> list[Tensor]:
+    """``[Σ_k p_k T_k for T in items]``, each accumulated in its accumulation dtype.
+
+    ``items[i]`` holds the K tensors (one per client) of item i; the result ``i`` is a fresh
+    tensor in ``items[i][0]``'s dtype. Item by item, so that the accumulator stays in cache while
+    the K inputs stream past it once (client by client over all items would re-read it K times).
+    """
+    out = []
+    for ts in items:
+        acc_dtype = accumulation_dtype(ts[0].dtype)
+        acc = torch.mul(ts[0].to(acc_dtype), p[0])
+        for t, w in zip(ts[1:], p[1:], strict=True):
+            acc.add_(t, alpha=w)
+        out.append(acc if acc.dtype == ts[0].dtype else acc.to(ts[0].dtype))
+    return out
+
+
+def nonfinite_flag(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """One 0-d bool tensor per device: True where some element of ``tensors`` is NaN or Inf.
+
+    One read of ``tensors`` (their sums: NaN and Inf propagate, ``Inf − Inf`` is NaN; an overflow
+    of finite values may raise a flag too, which only costs the naming pass). No host sync.
+    """
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    return [~torch.isfinite(torch.stack([t.sum() for t in ts]).sum()) for ts in by_device.values()]
+
+
+def check(flags: Sequence[Tensor], layers: Mapping[str, Layer]) -> None:
+    """Bring ``flags`` to the host in one transfer per device; name the culprit if one is set.
+
+    Raises :class:`lorafair.errors.NonFiniteError` naming the first layer, client and factor with
+    NaN or Inf when a flag is set and some input is non-finite (a flag raised by an overflow of
+    finite inputs leaves the result as computed, as a direct computation would).
+    """
+    if any(bool(f.any().item()) for f in _per_device(flags)):
+        raise_if_nonfinite(layers)
+
+
+def _per_device(flags: Sequence[Tensor]) -> list[Tensor]:
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for f in flags:
+        by_device.setdefault(f.device, []).append(f.reshape(-1))
+    return [torch.cat(fs) for fs in by_device.values()]
