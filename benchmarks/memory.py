@@ -27,9 +27,27 @@ import os
 import resource
 import subprocess
 import sys
-from typing import Any
+from typing import Any, TypedDict
 
-__all__ = ["measure"]
+__all__ = ["MemorySpec", "measure"]
+
+
+class MemorySpec(TypedDict):
+    """What one child process measures: a cell (as :func:`benchmarks.cells.make_inputs` takes
+    it), the aggregator's name in :mod:`benchmarks.entries`, its options, the reference layers
+    (dense references only) and the torch thread count."""
+
+    shape_set: str
+    max_layers: int | None
+    K: int
+    r: int
+    dtype: str
+    device: str
+    seed: int
+    aggregator: str
+    options: dict[str, Any]
+    ref_layers: list[str] | None
+    threads: int | None
 
 
 def _status_bytes(field: str) -> int:
@@ -54,8 +72,8 @@ def _maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(spec: dict[str, Any], *, timeout_s: float = 3600.0) -> dict[str, Any]:
-    """Run ``spec`` (see :func:`benchmarks.run.memory_spec`) in a fresh interpreter; its report."""
+def measure(spec: MemorySpec, *, timeout_s: float = 3600.0) -> dict[str, Any]:
+    """Run ``spec`` (a :class:`MemorySpec`) in a fresh interpreter; return its report."""
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -73,16 +91,18 @@ def measure(spec: dict[str, Any], *, timeout_s: float = 3600.0) -> dict[str, Any
     return report
 
 
-def _child(spec: dict[str, Any]) -> dict[str, Any]:
+def _child(spec: MemorySpec) -> dict[str, Any]:
     import torch
 
-    from benchmarks.run import call_aggregator, layers_for, make_inputs
+    from benchmarks import entries
+    from benchmarks.cells import layers_for, make_inputs
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     device = torch.device(spec["device"])
+    entry = entries.get(spec["aggregator"])
     warm = make_inputs("tiny", None, 2, 2, spec["dtype"], spec["device"], seed=1)
-    call_aggregator(spec["aggregator"], warm, spec["options"], ref_layers=None)
+    entry.run(warm, spec["options"], None)
     del warm
     inputs = make_inputs(
         spec["shape_set"],
@@ -92,8 +112,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         spec["dtype"],
         spec["device"],
         seed=spec["seed"],
-        need_shared=spec["aggregator"] == "ffa_lora",
-        need_free=spec["aggregator"] != "ffa_lora",
+        need_shared=entry.shared_A,
+        need_free=not entry.shared_A,
     )
     ref_layers = spec["ref_layers"]
     if ref_layers is not None:
@@ -110,7 +130,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         before = _status_bytes("VmRSS")
         resettable = _reset_peak()
     peak_before = _maxrss_bytes()
-    result = call_aggregator(spec["aggregator"], inputs, spec["options"], ref_layers=ref_layers)
+    result = entry.run(inputs, spec["options"], ref_layers)
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,6 +27,7 @@ from torch import Tensor
 from lorafair.types import LoRAFactors
 
 __all__ = [
+    "EXPECTED",
     "SGDInfo",
     "dense_sgd_lora_fair",
     "dense_svd_flexlora",
@@ -72,6 +73,34 @@ def weighted_mean64(clients: ClientList, name: str, p: Sequence[float]) -> tuple
     A = _wsum([c[name].A for c in clients], p, torch.float64)
     B = _wsum([c[name].B for c in clients], p, torch.float64)
     return A, B
+
+
+def _fedit(clients: ClientList, name: str, p: Sequence[float]) -> Expected:
+    return weighted_mean64(clients, name, p)
+
+
+def _ffa_lora(clients: ClientList, name: str, p: Sequence[float]) -> Expected:
+    return clients[0][name].A.double(), weighted_mean64(clients, name, p)[1]
+
+
+def _flora(clients: ClientList, name: str, p: Sequence[float]) -> Expected:
+    return stack64(clients, name, p)
+
+
+def _lora_fair(clients: ClientList, name: str, p: Sequence[float]) -> Expected:
+    return weighted_mean64(clients, name, p)[0], None  # keeps Ā; B is checked by its objective
+
+
+Expected = tuple["Tensor | None", "Tensor | None"]
+EXPECTED: Mapping[str, Callable[[ClientList, str, Sequence[float]], Expected]] = {
+    "fedit": _fedit,
+    "ffa_lora": _ffa_lora,
+    "flora": _flora,
+    "lora_fair": _lora_fair,
+    "lora_fair_sq": _lora_fair,
+}
+"""Aggregators whose output factors are defined element-wise: their float64 definition (A, B),
+``None`` where a factor is checked otherwise."""
 
 
 def fro_norm(B: Tensor, A: Tensor) -> float:

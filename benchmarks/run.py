@@ -2,7 +2,7 @@
 
 Usage: ``python -m benchmarks [--shapes vit_b16 ...] [--ranks 4 8 ...] [--clients 6 ...]
 [--device cpu|cuda] [--dtype float32 bfloat16] [--repeats N] [--memory] [--out DIR] [--quick]``.
-See ``benchmarks/README.md`` for the columns and the recorded results.
+See ``benchmarks/README.md`` for the columns, the floors and the recorded results.
 """
 
 from __future__ import annotations
@@ -25,214 +25,22 @@ import torch
 if __package__ in (None, ""):  # run as ``python benchmarks/run.py``
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import references as ref
-from benchmarks.shapes import SHAPE_SETS, LayerShape, factor_bytes, make_clients
-from lorafair.aggregate import fedit, ffa_lora, flexlora, flora, lora_fair
+from benchmarks import entries, memory
+from benchmarks.cells import DTYPES, Inputs, make_inputs
+from benchmarks.checks import Quality, check
+from benchmarks.entries import Entry
+from benchmarks.floors import Floors, factor_bytes, make_probes
+from benchmarks.shapes import SHAPE_SETS, LayerShape
 from lorafair.types import LoRAFactors
 
-__all__ = ["AGGREGATORS", "Inputs", "Row", "call_aggregator", "layers_for", "main", "make_inputs"]
+__all__ = ["AGGREGATORS", "Row", "main", "run_cell"]
 
-LIBRARY = ("fedit", "ffa_lora", "flora", "flexlora", "lora_fair", "lora_fair_sq")
-DENSE = ("dense_svd", "dense_sgd", "dense_sgd_sq")
-AGGREGATORS = LIBRARY + DENSE
-"""``lora_fair``: ``norm="fro"``; ``lora_fair_sq``: ``norm="fro_squared"``; ``dense_svd``: the
-FederatedScope-style FlexLoRA; ``dense_sgd`` / ``dense_sgd_sq``: the paper-style LoRA-FAIR solver
-with ``λ‖ΔB‖_F`` / ``λ‖ΔB‖_F²``."""
+AGGREGATORS = entries.names()
+"""Every registered aggregator, ``lora_fair_sq`` (``norm="fro_squared"``), and the dense
+references ``dense_svd`` (FederatedScope-style FlexLoRA), ``dense_sgd`` / ``dense_sgd_sq`` (the
+paper-style LoRA-FAIR solver with ``λ‖ΔB‖_F`` / ``λ‖ΔB‖_F²``)."""
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-# Correctness tolerances per dtype (relative errors of factored products; output rounding of
-# bfloat16 alone is ~4e-3). The objective tolerance is absolute, on an objective of order 1e-2.
-REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}
-OBJ_TOL = {torch.float64: 1e-9, torch.float32: 1e-6, torch.bfloat16: 1e-3}
-
-
-@dataclass
-class Inputs:
-    """The clients of one cell: ``free`` (A_k differ) and ``shared`` (A_k equal, for FFA-LoRA)."""
-
-    shape_set: str
-    layers: list[LayerShape]
-    free: list[dict[str, LoRAFactors]]
-    shared: list[dict[str, LoRAFactors]]
-    dtype: torch.dtype
-    device: torch.device
-
-
-def layers_for(shape_set: str, max_layers: int | None) -> list[str]:
-    """Layer names of a shape set, truncated to the first ``max_layers``."""
-    return [s.name for s in SHAPE_SETS[shape_set][:max_layers]]
-
-
-def make_inputs(
-    shape_set: str,
-    max_layers: int | None,
-    K: int,
-    r: int,
-    dtype: str,
-    device: str,
-    *,
-    seed: int = 0,
-    need_shared: bool = True,
-    need_free: bool = True,
-) -> Inputs:
-    """Build the synthetic clients of one cell (deterministic in ``seed``)."""
-    layers = SHAPE_SETS[shape_set][:max_layers]
-    dt = DTYPES[dtype]
-    free = make_clients(layers, K, r, dtype=dt, device=device, seed=seed) if need_free else []
-    shared = (
-        make_clients(layers, K, r, dtype=dt, device=device, seed=seed + 1, shared_A=True)
-        if need_shared
-        else []
-    )
-    return Inputs(shape_set, list(layers), free, shared, dt, torch.device(device))
-
-
-def call_aggregator(
-    name: str,
-    inputs: Inputs,
-    options: Mapping[str, Any],
-    *,
-    ref_layers: Sequence[str] | None,
-) -> tuple[dict[str, LoRAFactors], dict[str, ref.SGDInfo]]:
-    """Run aggregator ``name`` once (dense references only on ``ref_layers``)."""
-    lam = float(options.get("lam", 0.01))
-    similarity = options.get("similarity", "flat")
-    sync = inputs.device.type == "cuda"
-    if name == "fedit":
-        return fedit(inputs.free), {}
-    if name == "ffa_lora":
-        return ffa_lora(inputs.shared), {}
-    if name == "flora":
-        return flora(inputs.free), {}
-    if name == "flexlora":
-        return flexlora(inputs.free), {}
-    if name in ("lora_fair", "lora_fair_sq"):
-        kwargs: dict[str, Any] = {
-            "lam": lam,
-            "norm": "fro" if name == "lora_fair" else "fro_squared",
-        }
-        if similarity != "flat":
-            kwargs["similarity"] = similarity
-        out: dict[str, LoRAFactors] = lora_fair(inputs.free, **kwargs)
-        return out, {}
-    if name == "dense_svd":
-        return ref.dense_svd_flexlora(inputs.free, layers=ref_layers), {}
-    if name in ("dense_sgd", "dense_sgd_sq"):
-        return ref.dense_sgd_lora_fair(
-            inputs.free,
-            lam=lam,
-            norm="fro" if name == "dense_sgd" else "fro_squared",
-            similarity=similarity,
-            lr=float(options.get("sgd_lr", 0.01)),
-            max_steps=int(options.get("sgd_max_steps", 1000)),
-            time_budget_s=options.get("sgd_time_budget"),
-            layers=ref_layers,
-            sync=sync,
-        )
-    raise ValueError(f"unknown aggregator {name!r}; choose from {AGGREGATORS}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Correctness: independent float64 factored checks of every result.
-
-
-@dataclass
-class Quality:
-    cos_mean: float
-    cos_min: float
-    objective: float | None = None  # mean LoRA-FAIR objective over the checked layers
-    problems: list[str] = field(default_factory=list)
-
-
-def _close(x: torch.Tensor, y: torch.Tensor, tol: float) -> float:
-    """Relative Frobenius distance of two tensors (float64)."""
-    x64, y64 = x.double(), y.double()
-    return float(torch.linalg.norm(x64 - y64) / max(float(torch.linalg.norm(y64)), 1e-300))
-
-
-def check(
-    name: str,
-    result: Mapping[str, LoRAFactors],
-    inputs: Inputs,
-    options: Mapping[str, Any],
-    *,
-    dense: Mapping[str, Mapping[str, LoRAFactors]],
-) -> Quality:
-    """Check ``result`` of aggregator ``name``; problems are collected, never ignored."""
-    clients = inputs.shared if name == "ffa_lora" else inputs.free
-    p = ref.normalised(None, len(clients))
-    tol = REL_TOL[inputs.dtype]
-    otol = OBJ_TOL[inputs.dtype]
-    lam = float(options.get("lam", 0.01))
-    similarity = options.get("similarity", "flat")
-    cosines: list[float] = []
-    objectives: list[float] = []
-    problems: list[str] = []
-    for layer in result:
-        A, B = result[layer]
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            problems.append(f"{layer}: non-finite output")
-            continue
-        A_s, B_s = ref.stack64(clients, layer, p)
-        A_bar, B_bar = ref.weighted_mean64(clients, layer, p)
-        ideal = ref.fro_norm(B_s, A_s)
-        cos = ref.flat_cosine(B_s, A_s, B.double(), A.double())
-        cosines.append(cos)
-        if name in ("fedit", "ffa_lora"):
-            for label, got, want in (("A", A, A_bar), ("B", B, B_bar)):
-                e = _close(got, want, tol)
-                if e > tol:
-                    problems.append(f"{layer}: {label} differs from Σ p_k {label}_k by {e:.2e}")
-        if name in ("ffa_lora", "flora"):
-            e = ref.diff_norm(B, A, B_s, A_s) / ideal
-            if e > tol:
-                problems.append(f"{layer}: ‖BA − ΔW‖/‖ΔW‖ = {e:.2e} > {tol:g} (must be exact)")
-        if name == "flexlora":
-            r = int(A.shape[0])
-            sv = ref.singular_values(B_s, A_s)
-            tail = math.sqrt(float((sv[r:] ** 2).sum()))
-            err = ref.diff_norm(B, A, B_s, A_s)
-            if abs(err - tail) > tol * ideal:
-                problems.append(
-                    f"{layer}: ‖ΔW − BA‖ = {err:.6e} but the Eckart–Young optimum is {tail:.6e}"
-                )
-            if layer in dense.get("dense_svd", {}):
-                Ad, Bd = dense["dense_svd"][layer]
-                e = ref.diff_norm(B, A, Bd, Ad) / ref.fro_norm(Bd, Ad)
-                if e > tol:
-                    problems.append(f"{layer}: differs from the dense SVD product by {e:.2e}")
-        if name in ("lora_fair", "lora_fair_sq", "dense_sgd", "dense_sgd_sq"):
-            norm: ref.Norm = "fro" if name in ("lora_fair", "dense_sgd") else "fro_squared"
-            obj = ref.fair_objective(
-                A_s, B_s, A_bar, B_bar, B, lam=lam, norm=norm, similarity=similarity
-            )
-            objectives.append(obj)
-            if _close(A, A_bar, tol) > tol:
-                problems.append(f"{layer}: A is not Ā = Σ p_k A_k")
-        if name in ("lora_fair", "lora_fair_sq"):
-            norm = "fro" if name == "lora_fair" else "fro_squared"
-            base = ref.fair_objective(
-                A_s, B_s, A_bar, B_bar, B_bar, lam=lam, norm=norm, similarity=similarity
-            )
-            if obj > base + otol:
-                problems.append(f"{layer}: objective {obj:.8f} worse than FedIT's {base:.8f}")
-            sgd = "dense_sgd" if name == "lora_fair" else "dense_sgd_sq"
-            if layer in dense.get(sgd, {}):
-                B_ref = dense[sgd][layer].B
-                o_ref = ref.fair_objective(
-                    A_s, B_s, A_bar, B_bar, B_ref, lam=lam, norm=norm, similarity=similarity
-                )
-                if obj > o_ref + otol:
-                    problems.append(
-                        f"{layer}: objective {obj:.8f} worse than the dense SGD's {o_ref:.8f}"
-                    )
-    return Quality(
-        cos_mean=statistics.fmean(cosines) if cosines else float("nan"),
-        cos_min=min(cosines) if cosines else float("nan"),
-        objective=statistics.fmean(objectives) if objectives else None,
-        problems=problems,
-    )
+QUICK_NOTE = "smoke run (--quick): medians of 2 calls, too few for stable ratios; none printed"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,19 +52,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(
-    fn: Callable[[], object], device: torch.device, warmup: int, repeats: int
-) -> list[float]:
-    """Wall times of ``repeats`` calls after ``warmup`` untimed ones (synchronised on CUDA)."""
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def round_robin(
+    calls: Mapping[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int
+) -> dict[str, list[float]]:
+    """Warm every call up, then time one call of each per round, so that load changes on a shared
+    machine hit all alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in calls.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+        for name, fn in calls.items():
+            times[name].append(_timed(fn, device))
     return times
 
 
@@ -276,11 +91,47 @@ class Row:
     cos_min: float
     objective: float | None
     ref_objective_layers: float | None  # mean objective over the dense-reference layers
+    floor_memory_s: float | None = None
+    floor_compute_s: float | None = None
+    x_memory: float | None = None  # time / memory floor (None in a smoke run)
+    x_compute: float | None = None  # time / compute floor (None in a smoke run)
     peak_extra_mib: float | None = None
     mem_ratio: float | None = None
     mem_note: str = ""
     check: str = "ok"
     detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Cell:
+    """One cell's inputs and settings, shared by the steps of :func:`run_cell`."""
+
+    inputs: Inputs
+    options: dict[str, Any]
+    ref_layers: list[str]
+    ref_weights: dict[str, float]  # reference layer -> number of layers of its shape it stands for
+    all_ref: bool
+    K: int
+    r: int
+    dtype: str
+
+    def row(self, entry: Entry, time_s: float, timing: str, q: Quality, **kw: Any) -> Row:
+        return Row(
+            shape_set=self.inputs.shape_set,
+            n_layers=len(self.inputs.layers),
+            dtype=self.dtype,
+            K=self.K,
+            r=self.r,
+            aggregator=entry.name,
+            time_s=time_s,
+            timing=timing,
+            cos_mean=q.cos_mean,
+            cos_min=q.cos_min,
+            objective=q.objective,
+            ref_objective_layers=kw.pop("ref_objective_layers", q.objective),
+            check="; ".join(q.problems) or "ok",
+            **kw,
+        )
 
 
 def _layer_weights(layers: Sequence[LayerShape], per_shape: int) -> dict[str, float]:
@@ -295,17 +146,67 @@ def _layer_weights(layers: Sequence[LayerShape], per_shape: int) -> dict[str, fl
     return {n: counts[k] / len(names) for k, names in taken.items() for n in names}
 
 
+def _run_reference(cell: Cell, entry: Entry, dense: dict[str, dict[str, LoRAFactors]]) -> Row:
+    """A dense reference, one reference layer at a time; its time extrapolated to the set."""
+    per_layer: dict[str, float] = {}
+    out: dict[str, LoRAFactors] = {}
+    infos: dict[str, Any] = {}
+    for layer in cell.ref_layers:
+        t0 = time.perf_counter()
+        res, info = entry.run(cell.inputs, cell.options, [layer])
+        _sync(cell.inputs.device)
+        per_layer[layer] = time.perf_counter() - t0
+        out.update(res)
+        infos.update(info)
+    dense[entry.name] = out
+    n_layers = len(cell.inputs.layers)
+    total = sum(per_layer[n] * cell.ref_weights[n] for n in cell.ref_layers)
+    if cell.all_ref or len(cell.ref_layers) == n_layers:
+        timing = "1 run, all layers"
+    else:
+        timing = f"extrapolated from {len(cell.ref_layers)}/{n_layers} layers"
+    if any(i.stop == "time_budget" for i in infos.values()):
+        timing = "≥ " + timing + " (SGD time budget hit: lower bound)"
+    q = check(entry, out, cell.inputs, cell.options, dense=dense)
+    detail: dict[str, Any] = {"per_layer_s": per_layer}
+    if infos:
+        detail["sgd"] = {n: asdict(i) for n, i in infos.items()}
+    return cell.row(entry, total, timing, q, detail=detail)
+
+
+def _check_library(
+    cell: Cell, entry: Entry, dense: Mapping[str, Mapping[str, LoRAFactors]]
+) -> tuple[Quality, float | None, int]:
+    """Run once and check; also the objective on the reference layers and the output size."""
+    result, _ = entry.run(cell.inputs, cell.options, None)
+    q = check(entry, result, cell.inputs, cell.options, dense=dense)
+    ref_obj = None
+    if entry.norm is not None:
+        sub = {n: result[n] for n in cell.ref_layers}
+        ref_obj = check(entry, sub, cell.inputs, cell.options, dense={}).objective
+    return q, ref_obj, factor_bytes(result)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _ratio(x: float, floor: float | None, quick: bool) -> float | None:
+    return None if quick or floor is None or floor <= 0 else x / floor
+
+
 def run_cell(
     shape_set: str,
     max_layers: int | None,
     dtype: str,
     K: int,
     r: int,
-    aggs: Sequence[str],
+    names: Sequence[str],
     args: argparse.Namespace,
 ) -> list[Row]:
-    """Build one cell's inputs, run and check every aggregator, return its rows."""
-    options = _options(args)
+    """Build one cell's inputs, run and check every entry, time the library ones with the floor
+    probes in one round-robin, return its rows."""
+    chosen = [entries.get(n) for n in names]
     inputs = make_inputs(
         shape_set,
         max_layers,
@@ -314,136 +215,97 @@ def run_cell(
         dtype,
         args.device,
         seed=args.seed,
-        need_shared="ffa_lora" in aggs,
+        need_shared=any(e.shared_A for e in chosen),
     )
-    n_layers = len(inputs.layers)
     all_ref = args.ref_layers_per_shape <= 0
     weights = (
         {s.name: 1.0 for s in inputs.layers}
         if all_ref
         else _layer_weights(inputs.layers, args.ref_layers_per_shape)
     )
-    ref_names = list(weights)
-    rows: list[Row] = []
+    cell = Cell(inputs, _options(args), list(weights), weights, all_ref, K, r, dtype)
     dense: dict[str, dict[str, LoRAFactors]] = {}
-    # Dense references first (their results are what the library's are checked against).
-    for name in [a for a in aggs if a in DENSE]:
-        per_layer: dict[str, float] = {}
-        out: dict[str, LoRAFactors] = {}
-        infos: dict[str, ref.SGDInfo] = {}
-        for layer in ref_names:
-            _sync(inputs.device)
-            t0 = time.perf_counter()
-            res, info = call_aggregator(name, inputs, options, ref_layers=[layer])
-            _sync(inputs.device)
-            per_layer[layer] = time.perf_counter() - t0
-            out.update(res)
-            infos.update(info)
-        dense[name] = out
-        total = sum(per_layer[n] * weights[n] for n in ref_names)
-        budget_hit = any(i.stop == "time_budget" for i in infos.values())
-        if all_ref or len(ref_names) == n_layers:
-            timing = "1 run, all layers"
-        else:
-            timing = f"extrapolated from {len(ref_names)}/{n_layers} layers"
-        if budget_hit:
-            timing = "≥ " + timing + " (SGD time budget hit: lower bound)"
-        q = check(name, out, inputs, options, dense=dense)
-        detail: dict[str, Any] = {"per_layer_s": per_layer}
-        if infos:
-            detail["sgd"] = {n: asdict(i) for n, i in infos.items()}
+    rows = [_run_reference(cell, e, dense) for e in chosen if e.dense]
+    library = [e for e in chosen if not e.dense]
+    checked = {e.name: _check_library(cell, e, dense) for e in library}
+    probes = make_probes(inputs, gram=any(e.floor == "gram" for e in chosen))
+    calls: dict[str, Callable[[], object]] = {
+        e.name: (lambda e=e: e.run(inputs, cell.options, None)) for e in library
+    }
+    calls.update({"floor:" + k: f for k, f in probes.calls.items()})
+    times = round_robin(calls, inputs.device, args.warmup, args.repeats)
+    probe_times = {k[6:]: statistics.median(v) for k, v in times.items() if k[:6] == "floor:"}
+    floors = Floors(probes, probe_times)
+    for e in library:
+        q, ref_obj, out_bytes = checked[e.name]
+        t = statistics.median(times[e.name])
+        clients = inputs.shared if e.shared_A else inputs.free
+        in_bytes = factor_bytes(clients)
+        mem = floors.memory(in_bytes, out_bytes)
+        comp = floors.compute(e.floor, in_bytes // _itemsize(inputs.dtype))
         rows.append(
-            Row(
-                shape_set,
-                n_layers,
-                dtype,
-                K,
-                r,
-                name,
-                total,
-                timing,
-                q.cos_mean,
-                q.cos_min,
-                q.objective,
-                q.objective,
-                check="; ".join(q.problems) or "ok",
-                detail=detail,
+            cell.row(
+                e,
+                t,
+                f"median of {len(times[e.name])}",
+                q,
+                ref_objective_layers=ref_obj,
+                floor_memory_s=mem,
+                floor_compute_s=comp,
+                x_memory=_ratio(t, mem, args.quick),
+                x_compute=_ratio(t, comp, args.quick),
+                detail={"times_s": times[e.name], "out_bytes": out_bytes, "in_bytes": in_bytes},
             )
         )
-    library = [a for a in aggs if a in LIBRARY]
-    quality: dict[str, tuple[Quality, float | None]] = {}
-    for name in library:
-        result, _ = call_aggregator(name, inputs, options, ref_layers=None)
-        q = check(name, result, inputs, options, dense=dense)
-        ref_obj = None
-        if name.startswith("lora_fair"):
-            sub = {n: result[n] for n in ref_names}
-            ref_obj = check(name, sub, inputs, options, dense={}).objective
-        del result
-        quality[name] = (q, ref_obj)
-    # Timed round-robin (warm-up of every aggregator first, then one call of each per repeat) so
-    # that load changes on a shared machine hit all aggregators alike.
-    times: dict[str, list[float]] = {name: [] for name in library}
-    for _ in range(args.warmup):
-        for name in library:
-            call_aggregator(name, inputs, options, ref_layers=None)
-    for _ in range(args.repeats):
-        for name in library:
-            times[name] += time_calls(
-                lambda name=name: call_aggregator(name, inputs, options, ref_layers=None),  # type: ignore[misc]
-                inputs.device,
-                0,
-                1,
-            )
-    for name in library:
-        q, ref_obj = quality[name]
-        rows.append(
-            Row(
-                shape_set,
-                n_layers,
-                dtype,
-                K,
-                r,
-                name,
-                statistics.median(times[name]),
-                f"median of {len(times[name])}",
-                q.cos_mean,
-                q.cos_min,
-                q.objective,
-                ref_obj,
-                check="; ".join(q.problems) or "ok",
-                detail={"times_s": times[name]},
-            )
-        )
+    for row in rows:  # dense references: the floors of the method they reproduce
+        if row.floor_memory_s is None:
+            of = entries.get(row.aggregator).reproduces
+            twin = next((w for w in rows if w.aggregator == of), None)
+            if twin is not None:
+                row.floor_memory_s, row.floor_compute_s = twin.floor_memory_s, twin.floor_compute_s
+                row.x_memory = _ratio(row.time_s, row.floor_memory_s, args.quick)
+                row.x_compute = _ratio(row.time_s, row.floor_compute_s, args.quick)
+    probe_info = {
+        "probe_times_s": floors.times,
+        "gemm_gflops": floors.gemm_rate / 1e9,
+        "gram_gflops": floors.gram_rate / 1e9,
+        "read_gb_s": probes.in_bytes / floors.times["read"] / 1e9,
+        "write_gb_s": probes.in_bytes / floors.times["write"] / 1e9,
+    }
+    for row in rows:
+        row.detail["floors"] = probe_info
     if args.memory:
-        fb = factor_bytes(inputs.free if inputs.free else inputs.shared)
-        for row in rows:
-            spec = {
-                "shape_set": shape_set,
-                "max_layers": max_layers,
-                "K": K,
-                "r": r,
-                "dtype": dtype,
-                "device": args.device,
-                "seed": args.seed,
-                "aggregator": row.aggregator,
-                # the dense SGD's peak is reached in its first step: 20 steps suffice here
-                "options": {**options, "sgd_max_steps": min(20, int(options["sgd_max_steps"]))},
-                "ref_layers": ref_names if row.aggregator in DENSE else None,
-                "threads": args.threads,
-            }
-            rep = _memory_measure(spec)
-            row.peak_extra_mib = rep["peak_extra_bytes"] / 2**20
-            row.mem_ratio = rep["peak_extra_bytes"] / fb
-            row.mem_note = rep["method"] + ("" if rep["new_peak"] else " (upper bound)")
-            row.detail["factor_bytes"] = fb
+        _measure_memory(cell, rows, max_layers, args)
     return rows
 
 
-def _memory_measure(spec: dict[str, Any]) -> dict[str, Any]:
-    from benchmarks.memory import measure
-
-    return measure(spec)
+def _measure_memory(
+    cell: Cell, rows: list[Row], max_layers: int | None, args: argparse.Namespace
+) -> None:
+    """Peak extra memory of every row's call, each in a fresh process (:mod:`benchmarks.memory`)."""
+    inputs = cell.inputs
+    fb = factor_bytes(inputs.free if inputs.free else inputs.shared)
+    for row in rows:
+        dense = entries.get(row.aggregator).dense
+        spec = memory.MemorySpec(
+            shape_set=inputs.shape_set,
+            max_layers=max_layers,
+            K=cell.K,
+            r=cell.r,
+            dtype=cell.dtype,
+            device=args.device,
+            seed=args.seed,
+            aggregator=row.aggregator,
+            # the dense SGD's peak is reached in its first step: 20 steps suffice here
+            options={**cell.options, "sgd_max_steps": min(20, int(cell.options["sgd_max_steps"]))},
+            ref_layers=cell.ref_layers if dense else None,
+            threads=args.threads,
+        )
+        rep = memory.measure(spec)
+        row.peak_extra_mib = rep["peak_extra_bytes"] / 2**20
+        row.mem_ratio = rep["peak_extra_bytes"] / fb
+        row.mem_note = rep["method"] + ("" if rep["new_peak"] else " (upper bound)")
+        row.detail["factor_bytes"] = fb
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -471,9 +333,9 @@ def _fmt(x: float | None, spec: str) -> str:
 def table(rows: Sequence[Row]) -> str:
     """The Markdown table of all rows."""
     head = (
-        "| shapes | dtype | K | r | aggregator | time | timing | cos(BA, ΔW) mean / min "
-        "| objective | peak extra | × factor bytes | check |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| shapes | dtype | K | r | aggregator | time | timing | × memory floor "
+        "| × compute floor | cos(BA, ΔW) mean / min | objective | peak extra | × factor bytes "
+        "| check |\n" + "|---" * 14 + "|\n"
     )
     lines = []
     for w in rows:
@@ -482,47 +344,69 @@ def table(rows: Sequence[Row]) -> str:
             mem = "≤ " + mem
         lines.append(
             f"| {w.shape_set} ({w.n_layers}) | {w.dtype} | {w.K} | {w.r} | {w.aggregator} "
-            f"| {_fmt_time(w.time_s)} | {w.timing} | {w.cos_mean:.6f} / {w.cos_min:.6f} "
+            f"| {_fmt_time(w.time_s)} | {w.timing} | {_fmt(w.x_memory, '.2f')} "
+            f"| {_fmt(w.x_compute, '.3g')} | {w.cos_mean:.6f} / {w.cos_min:.6f} "
             f"| {_fmt(w.objective, '.6f')} | {mem} | {_fmt(w.mem_ratio, '.2f')} "
             f"| {'ok' if w.check == 'ok' else 'FAIL'} |"
         )
     return head + "\n".join(lines) + "\n"
 
 
-def ratios(rows: Sequence[Row]) -> list[dict[str, Any]]:
-    """Per cell: lora_fair/fedit, dense_sgd/lora_fair, dense_svd/flexlora (same run)."""
+BASELINE = "fedit"
+
+
+def ratios(rows: Sequence[Row], *, quick: bool = False) -> list[dict[str, Any]]:
+    """Per cell and same run: every method / FedIT, every dense reference / the method it
+    reproduces, the floors' probes; nothing in a smoke run."""
+    if quick:
+        return []
     cells: dict[tuple[str, str, int, int], dict[str, Row]] = {}
     for w in rows:
         cells.setdefault((w.shape_set, w.dtype, w.K, w.r), {})[w.aggregator] = w
     out = []
     for (s, d, K, r), c in cells.items():
         entry: dict[str, Any] = {"shape_set": s, "dtype": d, "K": K, "r": r}
-        for num, den, label in (
-            ("lora_fair", "fedit", "lora_fair / fedit"),
-            ("lora_fair_sq", "fedit", "lora_fair_sq / fedit"),
-            ("dense_sgd", "lora_fair", "dense_sgd / lora_fair"),
-            ("dense_sgd_sq", "lora_fair_sq", "dense_sgd_sq / lora_fair_sq"),
-            ("dense_svd", "flexlora", "dense_svd / flexlora"),
-        ):
+        pairs = [(n, BASELINE) for n in c if n != BASELINE and not entries.get(n).dense]
+        pairs += [(n, of) for n in c if (of := entries.get(n).reproduces) is not None]
+        for num, den in pairs:
             if num in c and den in c and c[den].time_s > 0:
                 lower = c[num].timing.startswith("≥")
-                entry[label] = {"ratio": c[num].time_s / c[den].time_s, "lower_bound": lower}
-        for fair, sgd in (("lora_fair", "dense_sgd"), ("lora_fair_sq", "dense_sgd_sq")):
-            if fair in c and sgd in c:
-                entry[f"objective {fair} vs {sgd} (reference layers)"] = [
-                    c[fair].ref_objective_layers,
-                    c[sgd].ref_objective_layers,
+                entry[f"{num} / {den}"] = {
+                    "ratio": c[num].time_s / c[den].time_s,
+                    "lower_bound": lower,
+                }
+        for num, den in pairs:
+            if den in c and entries.get(num).dense and entries.get(num).norm is not None:
+                entry[f"objective {den} vs {num} (reference layers)"] = [
+                    c[den].ref_objective_layers,
+                    c[num].ref_objective_layers,
                 ]
+        floors = next(iter(c.values())).detail.get("floors")
+        if floors:
+            entry["floors"] = floors
         out.append(entry)
     return out
 
 
-def ratio_lines(rs: Iterable[dict[str, Any]]) -> str:
+def ratio_lines(rs: Iterable[dict[str, Any]], *, quick: bool = False) -> str:
+    if quick:
+        return f"- {QUICK_NOTE}\n"
     lines = []
     for e in rs:
         parts = []
         for k, v in e.items():
-            if isinstance(v, dict):
+            if k == "floors":
+                t = v["probe_times_s"]
+                parts.append(
+                    f"floors: read {v['read_gb_s']:.3g} GB/s, write {v['write_gb_s']:.3g} GB/s, "
+                    f"GEMM {v['gemm_gflops']:.3g} GFLOP/s"
+                    + (
+                        f", Grams {_fmt_time(t['gram'])} ({v['gram_gflops']:.3g} GFLOP/s)"
+                        if "gram" in t
+                        else ""
+                    )
+                )
+            elif isinstance(v, dict):
                 parts.append(f"{k} = {'≥ ' if v['lower_bound'] else ''}{v['ratio']:.3g}×")
             elif isinstance(v, list):
                 parts.append(f"{k}: {_fmt(v[0], '.6f')} vs {_fmt(v[1], '.6f')}")
@@ -694,7 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bar.update(1)
     if bar is not None:
         bar.close()
-    rs = ratios(rows)
+    rs = ratios(rows, quick=args.quick)
     md = table(rows)
     load_start = ", ".join(f"{x:.2f}" for x in env["loadavg_1_5_15"])
     load_end = ", ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -705,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         + f"; load average (1/5/15 min) at start {load_start}"
         + f", at end {load_end}"
     )
-    text = f"{header}\n\n{md}\n{ratio_lines(rs)}"
+    text = f"{header}\n\n{md}\n{ratio_lines(rs, quick=args.quick)}"
     print(text)
     failures = [w for w in rows if w.check != "ok"]
     if args.out:

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
+from benchmarks import entries, run
 from benchmarks import references as ref
-from benchmarks import run
 from benchmarks.shapes import SHAPE_SETS, make_clients
 from lorafair.aggregate import fedit, flexlora, lora_fair
 from lorafair.types import LoRAFactors
@@ -131,7 +131,9 @@ def test_cli_end_to_end_writes_results(tmp_path: pytest.TempPathFactory) -> None
 
 def test_cli_fails_loudly_on_a_wrong_result(monkeypatch: pytest.MonkeyPatch) -> None:
     # FedIT's biased product passed off as FlexLoRA must be caught before any timing counts.
-    monkeypatch.setattr(run, "flexlora", fedit)
+    flex = entries.get("flexlora")
+    wrong = flex._replace(run=lambda inputs, options, layers: (fedit(inputs.free), {}))
+    monkeypatch.setitem(entries._TABLE, "flexlora", wrong)
     code = run.main([*_CLI, "--ranks", "2", "--aggregators", "flexlora", "dense_svd"])
     assert code == 1
 
@@ -157,3 +159,43 @@ def test_memory_child_reports_the_dense_temporary() -> None:
     dense_bytes = 2304 * 768 * 4  # one float32 ΔW of attn.qkv
     assert small["peak_extra_bytes"] < dense_bytes / 4
     assert big["peak_extra_bytes"] >= dense_bytes
+
+
+def test_every_library_row_carries_both_floor_ratios(tmp_path: pytest.TempPathFactory) -> None:
+    names = [n for n in run.AGGREGATORS if not entries.get(n).dense]
+    code = run.main([*_CLI, "--ranks", "2", "--aggregators", *names, "--out", str(tmp_path)])
+    assert code == 0
+    data = json.loads((tmp_path / "results.json").read_text())  # type: ignore[operator]
+    for w in data["rows"]:
+        assert w["floor_memory_s"] > 0
+        assert w["floor_compute_s"] > 0
+        assert w["x_memory"] == pytest.approx(w["time_s"] / w["floor_memory_s"])
+        assert w["x_compute"] == pytest.approx(w["time_s"] / w["floor_compute_s"])
+        # the memory floor counts the input once and the output once
+        assert w["detail"]["in_bytes"] > 0
+        assert w["detail"]["out_bytes"] > 0
+    fl = data["ratios"][0]["floors"]
+    assert {"read", "write", "gemm", "gram"} <= set(fl["probe_times_s"])
+
+
+def test_smoke_run_prints_no_ratio() -> None:
+    assert run.ratios([], quick=True) == []
+    assert "none printed" in run.ratio_lines([{"shape_set": "x"}], quick=True)
+
+
+def test_registry_drives_the_benchmarks() -> None:
+    from lorafair import registry
+
+    for spec in registry.specs():
+        e = entries.get(spec.name)
+        assert (e.exact, e.optimal, e.shared_A, e.floor) == (
+            spec.exact,
+            spec.optimal,
+            spec.shared_A,
+            spec.floor,
+        )
+    assert all(
+        entries.get(n).reproduces in entries.names()
+        for n in entries.names()
+        if entries.get(n).dense
+    )
