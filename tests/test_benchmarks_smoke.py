@@ -199,3 +199,25 @@ def test_registry_drives_the_benchmarks() -> None:
         for n in entries.names()
         if entries.get(n).dense
     )
+
+
+def test_device_script_skips_its_cuda_parts_cleanly_without_a_gpu(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: benchmarks/device.sh would run for minutes")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHON": sys.executable, "OUT_DIR": str(tmp_path)}
+    proc = subprocess.run(
+        ["bash", os.path.join(root, "benchmarks", "device.sh")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "no CUDA device" in proc.stdout
+    assert "skipping" in (tmp_path / "device.log").read_text()

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 
 import pytest
 import torch
 
-from lorafair import LoRAFactors, errors
-from lorafair.aggregate import fedit, ffa_lora, flexlora, flora
+from lorafair import LoRAFactors, errors, registry
 
 Aggregator = Callable[..., dict[str, LoRAFactors]]
 
+# Every registered aggregator, with its registry defaults: a new method is covered by its entry.
 AGGREGATORS: dict[str, Aggregator] = {
-    "fedit": fedit,
-    "ffa_lora": ffa_lora,
-    "flora": flora,
-    "flexlora": flexlora,
+    s.name: functools.partial(s.fn, **s.defaults) for s in registry.specs()
 }
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
