@@ -50,19 +50,21 @@ def nonfinite_flag(tensors: Sequence[Tensor]) -> list[Tensor]:
     return [~torch.isfinite(torch.stack([t.sum() for t in ts]).sum()) for ts in by_device.values()]
 
 
-def check(flags: Sequence[Tensor], layers: Mapping[str, Layer]) -> None:
-    """Bring ``flags`` to the host in one transfer per device; name the culprit if one is set.
+def check(
+    flags: Sequence[Tensor], layers: Mapping[str, Layer], extra: Tensor | None = None
+) -> list[bool]:
+    """Bring ``flags`` (and ``extra``, flattened) to the host in one transfer; name any culprit.
 
     Raises :class:`lorafair.errors.NonFiniteError` naming the first layer, client and factor with
     NaN or Inf when a flag is set and some input is non-finite (a flag raised by an overflow of
-    finite inputs leaves the result as computed, as a direct computation would).
+    finite inputs leaves the result as computed, as a direct computation would). Returns
+    ``extra``'s values (empty without it). One round trip when all are on one device.
     """
-    if any(bool(f.any().item()) for f in _per_device(flags)):
+    device = flags[0].device  # layers on several devices (rare) cost one transfer each
+    parts = [torch.stack([f.reshape(()).to(device) for f in flags]).any().reshape(1)]
+    if extra is not None:
+        parts.append(extra.reshape(-1).to(device=device, dtype=torch.bool))
+    host = torch.cat(parts).cpu().tolist()
+    if host[0]:
         raise_if_nonfinite(layers)
-
-
-def _per_device(flags: Sequence[Tensor]) -> list[Tensor]:
-    by_device: dict[torch.device, list[Tensor]] = {}
-    for f in flags:
-        by_device.setdefault(f.device, []).append(f.reshape(-1))
-    return [torch.cat(fs) for fs in by_device.values()]
+    return [bool(v) for v in host[1:]]

@@ -74,21 +74,17 @@ def fedit(clients: _Clients, weights: Sequence[float] | None = None) -> dict[str
     return {la.name: LoRAFactors(sums[i], sums[n + i]) for i, la in enumerate(layers)}
 
 
-def _frozen_excess(layers: Sequence[Layer], rtol: float, atol: float) -> list[Tensor]:
-    """Per client k ≥ 1, per layer: ``max(|A_k − A_0| − atol − rtol·|A_0|)`` (> 0 or NaN: differs).
+def _max_drift(layers: Sequence[Layer]) -> list[Tensor]:
+    """Per client k ≥ 1: ``max |A_k − A_0|`` of every layer (L,), in two list-wide calls.
 
-    ``torch.allclose``'s test, elementwise, for every layer in five list-wide calls per client.
+    A drift ≤ ``atol`` passes ``torch.allclose`` whatever ``rtol``; only layers above it (rare:
+    FFA-LoRA's clients share A bit for bit) need the exact test. NaN propagates.
     """
     A0s = [la.As[0] for la in layers]
-    threshold = list(torch._foreach_abs(A0s))
-    torch._foreach_mul_(threshold, rtol)
-    torch._foreach_add_(threshold, atol)
     out = []
     for k in range(1, len(layers[0].As)):
-        diff = list(torch._foreach_sub([la.As[k] for la in layers], A0s))
-        torch._foreach_abs_(diff)
-        torch._foreach_sub_(diff, threshold)
-        out.append(torch.stack(list(torch._foreach_max(diff))))
+        diff = torch._foreach_sub([la.As[k] for la in layers], A0s)
+        out.append(torch.stack(list(torch._foreach_norm(diff, float("inf")))))
     return out
 
 
@@ -115,16 +111,20 @@ def ffa_lora(
     layers = list(prep.layers.values())
     Bs = _average.weighted_sums([la.Bs for la in layers], prep.weights)
     As = [la.As[0].clone() for la in layers]
-    excess = _frozen_excess(layers, rtol, atol) if len(prep.weights) > 1 else []
-    # one flag per client k ≥ 1 and layer: A differs (or is NaN); B's average or A_0 is non-finite
-    differs = [~(e <= 0) for e in excess]
-    _average.check(_average.nonfinite_flag(Bs + As) + differs, prep.layers)
-    if differs:
-        bad = torch.stack(differs).cpu()
-        if bool(bad.any()):
-            k, i = (int(v) for v in bad.nonzero()[0])
-            la = layers[i]
-            diff = (la.As[k + 1].double() - la.As[0].double()).abs().max().item()
+    drift = _max_drift(layers) if len(prep.weights) > 1 else []
+    # per client k ≥ 1 and layer: A_k drifts beyond atol (or is NaN); then the exact test decides
+    beyond = [~(d <= atol) for d in drift]
+    host = _average.check(
+        _average.nonfinite_flag(Bs + As), prep.layers, torch.stack(beyond) if beyond else None
+    )
+    n = len(layers)
+    if any(host):  # a NaN/Inf A_k also drifts: name it as non-finite before any mismatch
+        raise_if_nonfinite(prep.layers)
+    for k, i in (divmod(j, n) for j, bad in enumerate(host) if bad):
+        la = layers[i]
+        A, A0 = la.As[k + 1], la.As[0]
+        if not torch.allclose(A, A0, rtol=rtol, atol=atol):
+            diff = (A.double() - A0.double()).abs().max().item()
             raise FrozenAMismatchError(
                 f"layer {la.name!r}: client {k + 1} has A differing from client 0's by up to "
                 f"{diff:.3g} (rtol={rtol}, atol={atol}); FFA-LoRA needs A frozen and "
@@ -298,10 +298,9 @@ def flexlora(
             flags.append(bad)
     gram_ok = [d.gram_ok for d in pending if d.gram_ok is not None]
     # the call's one host round trip: any non-finite input, and which layers the Gram route kept
-    host = torch.cat([torch.cat(flags).any().reshape(1), *gram_ok]).cpu().tolist()
-    if host[0]:
-        raise_if_nonfinite(prep.layers)
-    ok = host[1:]
+    ok = _average.check(
+        [torch.cat(flags).any()], prep.layers, torch.cat(gram_ok) if gram_ok else None
+    )
     out: dict[str, LoRAFactors] = {}
     i = 0
     for done in pending:
