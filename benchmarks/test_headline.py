@@ -10,12 +10,14 @@ from typing import Any
 
 import pytest
 
-from benchmarks.run import Inputs, call_aggregator, check, make_inputs
+from benchmarks import entries
+from benchmarks.cells import Inputs, make_inputs
+from benchmarks.checks import check
 
 pytest.importorskip("pytest_benchmark")
 
 _OPTIONS: dict[str, Any] = {"lam": 0.01, "similarity": "flat"}
-_VIT = ["fedit", "ffa_lora", "flora", "flexlora", "lora_fair", "lora_fair_sq"]
+_VIT = [n for n in entries.names() if not entries.get(n).dense]
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +27,7 @@ def vit_k6_r16() -> Inputs:
 
 @pytest.mark.parametrize("name", _VIT)
 def test_vit_b16_k6_r16(benchmark: Any, vit_k6_r16: Inputs, name: str) -> None:
-    result, _ = call_aggregator(name, vit_k6_r16, _OPTIONS, ref_layers=None)
-    assert check(name, result, vit_k6_r16, _OPTIONS, dense={}).problems == []
-    benchmark.pedantic(
-        call_aggregator,
-        args=(name, vit_k6_r16, _OPTIONS),
-        kwargs={"ref_layers": None},
-        rounds=5,
-        warmup_rounds=1,
-    )
+    entry = entries.get(name)
+    result, _ = entry.run(vit_k6_r16, _OPTIONS, None)
+    assert check(entry, result, vit_k6_r16, _OPTIONS, dense={}).problems == []
+    benchmark.pedantic(entry.run, args=(vit_k6_r16, _OPTIONS, None), rounds=5, warmup_rounds=1)
