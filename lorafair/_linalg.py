@@ -68,13 +68,32 @@ def grams(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
     return A @ A.mT, B.mT @ B
 
 
+def _gram_root(G: Tensor, rel: float) -> Tensor:
+    """Some ``P`` with ``P Pᵀ = G`` (G symmetric positive semi-definite, batched).
+
+    On the CPU, Cholesky (R³/3 flops, a tenth of ``eigh``'s time) when every matrix of the batch
+    is numerically positive definite (its ``info`` is read on the host at no cost); otherwise,
+    and always on accelerators (no host round trip), ``P = V Λ^{1/2}`` from ``eigh`` with
+    eigenvalues at most ``rel`` times the largest taken as zero.
+    """
+    if G.device.type == "cpu":
+        L: Tensor
+        L, info = torch.linalg.cholesky_ex(G)
+        if not bool(info.any()):
+            return L
+    lam, V = torch.linalg.eigh(G)
+    root: Tensor = V * _clip(lam, rel).sqrt().unsqueeze(-2)
+    return root
+
+
 def gram_svd(B: Tensor, A: Tensor, G_a: Tensor, G_b: Tensor) -> FactoredSVD:
     """Every singular triplet of ``B A`` from the Grams ``G_a = A Aᵀ`` and ``G_b = Bᵀ B``.
 
-    With ``G_a = V Λ Vᵀ`` and ``P = V Λ^{1/2}`` (so ``A = P Qᵀ`` with Q orthonormal),
+    With any ``P`` such that ``P Pᵀ = G_a`` (Cholesky, or ``V Λ^{1/2}`` from ``eigh``; then
+    ``A = P Qᵀ`` with Q orthonormal on A's row space),
     ``B A = (B P) Qᵀ`` and ``(B P)ᵀ (B P) = Pᵀ G_b P = W Σ² Wᵀ``. Hence ``U = B (P W Σ⁻¹)`` and,
     from ``Vh = Σ⁻¹ Uᵀ B A``, ``Vh = (Σ⁻² Wᵀ Pᵀ G_b) A``: two R × R eigendecompositions, no
-    d × R factorisation and no ``Λ^{-1/2}``. Eigenvalues at most ``R·ε₆₄`` times the largest are
+    d × R factorisation and no inverse of P. Eigenvalues at most ``R·ε₆₄`` times the largest are
     taken as zero, and so are the triplets they carry.
 
     Accuracy: the Grams and the core carry a float64 rounding of about ``(d + R)·ε₆₄·κ²`` relative
@@ -84,8 +103,7 @@ def gram_svd(B: Tensor, A: Tensor, G_a: Tensor, G_b: Tensor) -> FactoredSVD:
     """
     R = G_a.shape[-1]
     rel = R * _EPS64
-    lam, V = torch.linalg.eigh(G_a)
-    P = V * _clip(lam, rel).sqrt().unsqueeze(-2)
+    P = _gram_root(G_a, rel)
     PtGb = P.mT @ G_b
     C = PtGb @ P
     sig2, W = torch.linalg.eigh((C + C.mT) * 0.5)

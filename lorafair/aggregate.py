@@ -208,14 +208,35 @@ class _Pending(NamedTuple):
     gram_ok: Tensor | None  # per layer: κ within the Gram route's limit (None: not the Gram route)
 
 
+def _stack64(batch: list[Layer], p: Sequence[float]) -> tuple[Tensor, Tensor, Tensor]:
+    """Float64 ``Â = cat_k A_k`` (L, R, d_in), ``B_s = cat_k B_k`` (L, d_out, R), and the row
+    weights ``d`` (R,) with ``A_s = diag(d) Â``: one cast-copy of each input, no scaling pass."""
+    first = batch[0]
+    R = sum(first.ranks)
+    A = torch.empty(len(batch), R, first.d_in, dtype=torch.float64, device=first.device)
+    B = torch.empty(len(batch), first.d_out, R, dtype=torch.float64, device=first.device)
+    for i, layer in enumerate(batch):
+        torch.cat(layer.As, dim=0, out=A[i])
+        torch.cat(layer.Bs, dim=1, out=B[i])
+    d = torch.tensor(
+        [w for w, r in zip(p, first.ranks, strict=True) for _ in range(r)],
+        dtype=torch.float64,
+        device=first.device,
+    )
+    return A, B, d
+
+
 def _flexlora_batch(
     batch: list[Layer], p: Sequence[float], route: Route, target: int, left_power: float
 ) -> tuple[_Pending, Tensor]:
     """Run one batch of same-shaped layers; return it and its per-layer non-finite flags."""
-    A_s, B_s = stacked_batch(batch, p, torch.float64)
     gram_ok = None
     if route == "gram":
+        # unweighted float64 stacks (one cast-copy per factor); the weights p_k enter through the
+        # R × R Gram, A_s = D Â with D = diag(p_k repeated r_k times): G_a = D (Â Âᵀ) D
+        A_s, B_s, d = _stack64(batch, p)
         G_a, G_b = _linalg.grams(B_s, A_s)
+        G_a = G_a * d.unsqueeze(-1) * d.unsqueeze(-2)
         tr_a = G_a.diagonal(dim1=-2, dim2=-1).sum(-1)
         tr_b = G_b.diagonal(dim1=-2, dim2=-1).sum(-1)
         # ‖A_s‖²·‖B_s‖² is non-finite iff some input is (no overflow: inputs ≤ 3.4e38 here)
@@ -227,7 +248,9 @@ def _flexlora_batch(
         limit = _gram_kappa_limit(first.dtype, first.d_out, first.d_in, sum(first.ranks))
         gram_ok = tr_a * tr_b <= limit * limit * dw2
         svd = _linalg.gram_svd(B_s, A_s, G_a, G_b)
+        svd = svd._replace(Vh_core=svd.Vh_core * d)  # Vh = Vh_core D Â
     else:
+        A_s, B_s = stacked_batch(batch, p, torch.float64)
         bad = ~(torch.isfinite(A_s).flatten(1).all(1) & torch.isfinite(B_s).flatten(1).all(1))
         keep = (~bad).to(A_s.dtype).reshape(-1, 1, 1)
         A_s, B_s = torch.nan_to_num(A_s) * keep, torch.nan_to_num(B_s) * keep
