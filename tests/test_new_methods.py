@@ -11,7 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lorafair import LoRAFactors, errors
+from lorafair import LoRAFactors, errors, registry
 from lorafair.aggregate import (
     EnergyThreshold,
     fedex_lora,
@@ -452,3 +452,41 @@ def test_fixed_rank_report_equals_flexlora():
 def test_bad_rank_policy(bad):
     with pytest.raises(errors.LoRAFairError, match=r"rank|threshold|max_rank"):
         flexlora(_gen_clients([2, 2]), rank=bad)
+
+
+# ---- properties every new method states: client order and weight scale do not matter ----
+
+_OPTIONS = {
+    "fedex_lora": {"equal_ranks": True},
+    "fedsa_lora": {"equal_ranks": True},
+    "rolora": {"equal_ranks": True, "shared_A": True},
+    "hetlora": {"equal_ranks": False},
+    "fedsvd": {"equal_ranks": True, "shared_A": True},
+}
+
+
+def _products(name, out):
+    """Every product B @ A a method's result hands out (float64), in a fixed order."""
+    spec = registry.get(name)
+    if spec.personalised:
+        return [{n: f.B @ f.A for n, f in a.items()} for a in out.adapters]
+    return [{n: f.B @ f.A for n, f in spec.update_factors(out).items()}]
+
+
+@pytest.mark.parametrize("name", list(_OPTIONS))
+@given(data=st.data())
+def test_permutation_and_weight_scale_invariance(name, data):
+    clients, weights = data.draw(lst.clients_and_weights(allow_none=False, **_OPTIONS[name]))
+    perm = data.draw(st.permutations(range(len(clients))))
+    factor = data.draw(st.sampled_from([1e-3, 0.5, 7.0, 1e4]))
+    fn = registry.get(name).fn
+    base = _products(name, fn(clients, weights))
+    shuffled = _products(name, fn([clients[i] for i in perm], [weights[i] for i in perm]))
+    scaled = _products(name, fn(clients, [w * factor for w in weights]))
+    if registry.get(name).personalised:  # client i of the shuffled list is client perm[i]
+        shuffled = [shuffled[perm.index(k)] for k in range(len(clients))]
+    tol = {"rtol": 1e-7, "atol": 1e-7 * (1.0 + _scale(clients))}
+    for got_s, got_w, want in zip(shuffled, scaled, base, strict=True):
+        for n in want:
+            close(got_s[n], want[n], **tol)
+            close(got_w[n], want[n], **tol)
