@@ -29,6 +29,7 @@ def fedex_lora(
     weights: Sequence[float] | None = None,
     *,
     residual_rank: int | None = None,
+    allow_excess_rank: bool = False,
 ) -> FedExResult:
     """FedEx-LoRA: FedIT's ``(Ā, B̄)`` plus the residual ``ΔW − B̄ Ā``, factored.
 
@@ -58,7 +59,7 @@ def fedex_lora(
         isinstance(residual_rank, bool) or not isinstance(residual_rank, int) or residual_rank < 1
     ):
         raise LoRAFairError(f"residual_rank must be a positive int or None, got {residual_rank!r}")
-    prep = prepare(clients, weights, equal_ranks=True)
+    prep = prepare(clients, weights, equal_ranks=True, allow_excess_rank=allow_excess_rank)
     p = prep.weights
     adapters: dict[str, LoRAFactors] = {}
     residual: dict[str, LoRAFactors] = {}
@@ -124,6 +125,7 @@ def fedsvd(
     *,
     rtol: float = 1e-5,
     atol: float = 1e-8,
+    allow_excess_rank: bool = False,
 ) -> dict[str, LoRAFactors]:
     """FedSVD: clients train B on a shared A; the server re-factors ``B̄ A`` with orthonormal A.
 
@@ -142,7 +144,7 @@ def fedsvd(
 
     Clients load ``(A', B')`` as their adapter, freeze ``A'`` and train only ``B`` next round.
     """
-    prep = prepare(clients, weights, equal_ranks=True)
+    prep = prepare(clients, weights, equal_ranks=True, allow_excess_rank=allow_excess_rank)
     p = prep.weights
     check_tolerances(rtol, atol)
     out: dict[str, LoRAFactors] = {}

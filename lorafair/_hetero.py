@@ -33,6 +33,7 @@ def hetlora(
     weights: Sequence[float] | None = None,
     *,
     norm: Literal["layer", "model"] = "layer",
+    allow_excess_rank: bool = False,
 ) -> dict[str, LoRAFactors]:
     """HetLoRA: zero-pad heterogeneous ranks to the largest, average weighted by update norms.
 
@@ -54,7 +55,7 @@ def hetlora(
     """
     if norm not in ("layer", "model"):
         raise LoRAFairError(f"norm must be 'layer' or 'model', got {norm!r}")
-    prep = prepare(clients, weights, equal_ranks=False)
+    prep = prepare(clients, weights, equal_ranks=False, allow_excess_rank=allow_excess_rank)
     p = prep.weights
     layer_norms: dict[str, list[float]] = {}
     for name, layer in prep.layers.items():

@@ -14,7 +14,12 @@ __all__ = ["fedsa_lora"]
 _Clients = Sequence[Mapping[str, "LoRAFactors | tuple[Tensor, Tensor]"]]
 
 
-def fedsa_lora(clients: _Clients, weights: Sequence[float] | None = None) -> FedSAResult:
+def fedsa_lora(
+    clients: _Clients,
+    weights: Sequence[float] | None = None,
+    *,
+    allow_excess_rank: bool = False,
+) -> FedSAResult:
     """FedSA-LoRA: average A and share it; every client keeps its own B.
 
     Returns ``shared_A[name] = Ā = Σ p_k A_k`` and, for each client k,
@@ -29,7 +34,7 @@ def fedsa_lora(clients: _Clients, weights: Sequence[float] | None = None) -> Fed
     Clients load ``Ā`` as their A, keep their local ``B_k``, train both, and are evaluated
     each with its own adapter.
     """
-    prep = prepare(clients, weights, equal_ranks=True)
+    prep = prepare(clients, weights, equal_ranks=True, allow_excess_rank=allow_excess_rank)
     p = prep.weights
     shared: dict[str, Tensor] = {}
     for name, layer in prep.layers.items():

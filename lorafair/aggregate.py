@@ -4,7 +4,9 @@ Every aggregator takes the K clients' adapters ``clients[k][layer] = (A_k, B_k)`
 shape (r_k, d_in) and ``B_k`` of shape (d_out, r_k), optional non-negative ``weights`` (normalised
 to ``p_k = w_k / Σ w_j``; ``None`` means ``p_k = 1/K``), keyword-only options, and returns a new
 ``dict[str, LoRAFactors]`` in the first client's layer order, on the inputs' device and dtype.
-Inputs are validated once (see :mod:`lorafair.errors`) and never mutated.
+Inputs are validated once (see :mod:`lorafair.errors`) and never mutated. A rank above both
+``d_in`` and ``d_out`` is rejected as a likely A/B swap (A must be (r, d_in), B (d_out, r));
+every aggregator takes ``allow_excess_rank=True`` to accept such a rank on purpose.
 
 The ideal global update of a layer is ``ΔW = Σ_k p_k B_k A_k``.
 """
@@ -66,7 +68,12 @@ _Clients = Sequence[Mapping[str, "LoRAFactors | tuple[Tensor, Tensor]"]]
 _BATCH_BYTES = 1 << 28
 
 
-def fedit(clients: _Clients, weights: Sequence[float] | None = None) -> dict[str, LoRAFactors]:
+def fedit(
+    clients: _Clients,
+    weights: Sequence[float] | None = None,
+    *,
+    allow_excess_rank: bool = False,
+) -> dict[str, LoRAFactors]:
     """FedIT: average A and B separately (Eq. 5 of LoRA-FAIR).
 
     Returns ``(Ā, B̄)`` with ``Ā = Σ p_k A_k`` and ``B̄ = Σ p_k B_k``. Biased: in general
@@ -83,7 +90,7 @@ def fedit(clients: _Clients, weights: Sequence[float] | None = None) -> dict[str
     >>> A.tolist(), B.flatten().tolist()
     ([[2.0, 2.0]], [0.5, 0.5, 0.5])
     """
-    prep = prepare(clients, weights, equal_ranks=True)
+    prep = prepare(clients, weights, equal_ranks=True, allow_excess_rank=allow_excess_rank)
     p = prep.weights
     out: dict[str, LoRAFactors] = {}
     for name, layer in prep.layers.items():
@@ -101,6 +108,7 @@ def ffa_lora(
     frozen: Literal["A", "B"] = "A",
     rtol: float = 1e-5,
     atol: float = 1e-8,
+    allow_excess_rank: bool = False,
 ) -> dict[str, LoRAFactors]:
     """FFA-LoRA: one factor is frozen and shared by every client; only the other is averaged.
 
@@ -115,7 +123,7 @@ def ffa_lora(
     the averaged factor only, r·d_out (``frozen="A"``) or r·d_in (``frozen="B"``) per layer;
     clients keep their copy of the frozen one.
     """
-    prep = prepare(clients, weights, equal_ranks=True)
+    prep = prepare(clients, weights, equal_ranks=True, allow_excess_rank=allow_excess_rank)
     p = prep.weights
     check_tolerances(rtol, atol)
     which = check_factor(frozen)
@@ -150,6 +158,7 @@ def rolora(
     trained: Literal["A", "B"] = "B",
     rtol: float = 1e-5,
     atol: float = 1e-8,
+    allow_excess_rank: bool = False,
 ) -> dict[str, LoRAFactors]:
     """RoLoRA: alternating rounds; average the factor trained this round, keep the shared other.
 
@@ -166,10 +175,22 @@ def rolora(
     other factor next round.
     """
     which = check_factor(trained)
-    return ffa_lora(clients, weights, frozen="A" if which == "B" else "B", rtol=rtol, atol=atol)
+    return ffa_lora(
+        clients,
+        weights,
+        frozen="A" if which == "B" else "B",
+        rtol=rtol,
+        atol=atol,
+        allow_excess_rank=allow_excess_rank,
+    )
 
 
-def flora(clients: _Clients, weights: Sequence[float] | None = None) -> dict[str, LoRAFactors]:
+def flora(
+    clients: _Clients,
+    weights: Sequence[float] | None = None,
+    *,
+    allow_excess_rank: bool = False,
+) -> dict[str, LoRAFactors]:
     """FLoRA: stack all clients' factors along the rank axis.
 
     Returns ``A = cat_k(p_k A_k)`` of shape (Σ r_k, d_in) and ``B = cat_k(B_k)`` of shape
@@ -179,7 +200,7 @@ def flora(clients: _Clients, weights: Sequence[float] | None = None) -> dict[str
 
     Cost: O(K r d_in) flops plus copies; download Σ r_k (d_in + d_out) per layer (K× FedIT's).
     """
-    prep = prepare(clients, weights, equal_ranks=False)
+    prep = prepare(clients, weights, equal_ranks=False, allow_excess_rank=allow_excess_rank)
     p = prep.weights
     out: dict[str, LoRAFactors] = {}
     for name, layer in prep.layers.items():
@@ -194,6 +215,7 @@ def flexlora(
     *,
     rank: int | EnergyThreshold | None = None,
     split: Literal["balanced", "left"] = "balanced",
+    allow_excess_rank: bool = False,
 ) -> dict[str, LoRAFactors]:
     """FlexLoRA: the best rank-``rank`` approximation of ``ΔW``, as LoRA factors.
 
@@ -216,7 +238,9 @@ def flexlora(
     d_out × d_in buffer for a dense SVD.
     Download: rank·(d_in + d_out) per layer.
     """
-    return _flexlora(clients, weights, rank=rank, split=split, report=False).adapters
+    return _flexlora(
+        clients, weights, rank=rank, split=split, report=False, allow_excess_rank=allow_excess_rank
+    ).adapters
 
 
 def flexlora_report(
@@ -225,6 +249,7 @@ def flexlora_report(
     *,
     rank: int | EnergyThreshold | None = None,
     split: Literal["balanced", "left"] = "balanced",
+    allow_excess_rank: bool = False,
 ) -> FlexLoRAReport:
     """:func:`flexlora`'s adapters plus, per layer, the rank it kept and the energy kept.
 
@@ -233,7 +258,9 @@ def flexlora_report(
     computes every singular vector of the R × R core (not only the kept ones) to measure the
     energy, O((d_out + d_in) R²) more flops.
     """
-    return _flexlora(clients, weights, rank=rank, split=split, report=True)
+    return _flexlora(
+        clients, weights, rank=rank, split=split, report=True, allow_excess_rank=allow_excess_rank
+    )
 
 
 def _flexlora(
@@ -243,11 +270,12 @@ def _flexlora(
     rank: int | EnergyThreshold | None,
     split: Literal["balanced", "left"],
     report: bool,
+    allow_excess_rank: bool,
 ) -> FlexLoRAReport:
     if split not in ("balanced", "left"):
         raise LoRAFairError(f"split must be 'balanced' or 'left', got {split!r}")
     check_policy(rank)
-    prep = prepare(clients, weights, equal_ranks=False)
+    prep = prepare(clients, weights, equal_ranks=False, allow_excess_rank=allow_excess_rank)
     p = prep.weights
     out: dict[str, LoRAFactors] = {}
     chosen: dict[str, RankChoice] = {}
