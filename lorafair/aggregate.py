@@ -3,10 +3,13 @@
 Every aggregator takes the K clients' adapters ``clients[k][layer] = (A_k, B_k)`` with ``A_k`` of
 shape (r_k, d_in) and ``B_k`` of shape (d_out, r_k), optional non-negative ``weights`` (normalised
 to ``p_k = w_k / Σ w_j``; ``None`` means ``p_k = 1/K``), keyword-only options, and returns a new
-``dict[str, LoRAFactors]`` in the first client's layer order, on the inputs' device and dtype.
-Inputs are validated once (see :mod:`lorafair.errors`) and never mutated. A rank above both
-``d_in`` and ``d_out`` is rejected as a likely A/B swap (A must be (r, d_in), B (d_out, r));
-every aggregator takes ``allow_excess_rank=True`` to accept such a rank on purpose.
+``dict[str, LoRAFactors]`` in the first client's layer order, on the inputs' device and dtype
+(except :func:`fedex_lora`, which returns a :class:`FedExResult` with the residual for the
+frozen weights, and the personalised :func:`fedsa_lora`, which returns a :class:`FedSAResult`
+with one adapter per client). Inputs are validated once (see :mod:`lorafair.errors`) and never
+mutated. A rank above both ``d_in`` and ``d_out`` is rejected as a likely A/B swap (A must be
+(r, d_in), B (d_out, r)); every aggregator takes ``allow_excess_rank=True`` to accept such a
+rank on purpose.
 
 The ideal global update of a layer is ``ΔW = Σ_k p_k B_k A_k``.
 """
