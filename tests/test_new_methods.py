@@ -269,7 +269,6 @@ def test_hetlora_with_equal_norms_is_zero_padded_fedit(cw):
         {n: (A, B / torch.linalg.matrix_norm(B @ A).clamp_min(1e-300)) for n, (A, B) in c.items()}
         for c in clients
     ]
-    unit = [c for c in unit]
     if any(float(torch.linalg.matrix_norm(B @ A)) == 0 for c in unit for A, B in c.values()):
         return
     out = hetlora(unit, weights)
