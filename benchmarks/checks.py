@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import new_methods
 from benchmarks import references as ref
 from benchmarks.cells import Inputs
 from benchmarks.entries import Entry
@@ -114,6 +115,8 @@ def check(
                     problems.append(f"{layer}: objective {obj:.8f} worse than {name}'s {o_ref:.8f}")
             elif (e := ref.diff_norm(B, A, Bd, Ad) / ref.fro_norm(Bd, Ad)) > tol:
                 problems.append(f"{layer}: differs from the {name} product by {e:.2e}")
+    if entry.name in new_methods.NAMES:  # issue 16's method-specific checks
+        problems += new_methods.check(entry.name, result, clients, tol)
     return Quality(
         cos_mean=statistics.fmean(cosines) if cosines else float("nan"),
         cos_min=min(cosines) if cosines else float("nan"),

@@ -3,8 +3,13 @@
 Every aggregator takes the K clients' adapters ``clients[k][layer] = (A_k, B_k)`` with ``A_k`` of
 shape (r_k, d_in) and ``B_k`` of shape (d_out, r_k), optional non-negative ``weights`` (normalised
 to ``p_k = w_k / Σ w_j``; ``None`` means ``p_k = 1/K``), keyword-only options, and returns a new
-``dict[str, LoRAFactors]`` in the first client's layer order, on the inputs' device and dtype.
-Inputs are validated once (see :mod:`lorafair.errors`) and never mutated.
+``dict[str, LoRAFactors]`` in the first client's layer order, on the inputs' device and dtype
+(except :func:`fedex_lora`, which returns a :class:`FedExResult` with the residual for the
+frozen weights, and the personalised :func:`fedsa_lora`, which returns a :class:`FedSAResult`
+with one adapter per client). Inputs are validated once (see :mod:`lorafair.errors`) and never
+mutated. A rank above both ``d_in`` and ``d_out`` is rejected as a likely A/B swap (A must be
+(r, d_in), B (d_out, r)); every aggregator takes ``allow_excess_rank=True`` to accept such a
+rank on purpose.
 
 The ideal global update of a layer is ``ΔW = Σ_k p_k B_k A_k``.
 """
@@ -18,7 +23,12 @@ import torch
 from torch import Tensor
 
 from lorafair import _average, _linalg
+from lorafair._exact import fedex_lora, fedsvd
 from lorafair._fair import ResidualSolution, lora_fair, solve_residual
+from lorafair._frozen import check_factor, check_tolerances, shared_factor
+from lorafair._hetero import hetlora, hetlora_truncate
+from lorafair._personal import fedsa_lora
+from lorafair._rank import EnergyThreshold, check_policy, choose_rank, energy_kept
 from lorafair._validate import (
     Layer,
     chunked,
@@ -27,16 +37,29 @@ from lorafair._validate import (
     raise_if_nonfinite,
     stacked_batch,
 )
-from lorafair.errors import FrozenAMismatchError, LoRAFairError
-from lorafair.types import LoRAFactors
+from lorafair.errors import LoRAFairError
+from lorafair.types import FedExResult, FedSAResult, FlexLoRAReport, LoRAFactors, RankChoice
 
 __all__ = [
+    "EnergyThreshold",
+    "FedExResult",
+    "FedSAResult",
+    "FlexLoRAReport",
+    "RankChoice",
     "ResidualSolution",
+    "fedex_lora",
     "fedit",
+    "fedsa_lora",
+    "fedsvd",
     "ffa_lora",
     "flexlora",
+    "flexlora_report",
     "flora",
+    "hetlora",
+    "hetlora_truncate",
     "lora_fair",
+    "rolora",
+    "rolora_trained",
     "solve_residual",
 ]
 
@@ -47,7 +70,12 @@ _Clients = Sequence[Mapping[str, "LoRAFactors | tuple[Tensor, Tensor]"]]
 _BATCH_BYTES = 1 << 28
 
 
-def fedit(clients: _Clients, weights: Sequence[float] | None = None) -> dict[str, LoRAFactors]:
+def fedit(
+    clients: _Clients,
+    weights: Sequence[float] | None = None,
+    *,
+    allow_excess_rank: bool = False,
+) -> dict[str, LoRAFactors]:
     """FedIT: average A and B separately (Eq. 5 of LoRA-FAIR).
 
     Returns ``(Ā, B̄)`` with ``Ā = Σ p_k A_k`` and ``B̄ = Σ p_k B_k``. Biased: in general
@@ -66,7 +94,13 @@ def fedit(clients: _Clients, weights: Sequence[float] | None = None) -> dict[str
     >>> A.tolist(), B.flatten().tolist()
     ([[2.0, 2.0]], [0.5, 0.5, 0.5])
     """
-    prep = prepare(clients, weights, equal_ranks=True, check_finite=False)
+    prep = prepare(
+        clients,
+        weights,
+        equal_ranks=True,
+        check_finite=False,
+        allow_excess_rank=allow_excess_rank,
+    )
     layers = list(prep.layers.values())
     sums = _average.weighted_sums([la.As for la in layers] + [la.Bs for la in layers], prep.weights)
     _average.check(_average.nonfinite_flag(sums), prep.layers)
@@ -74,16 +108,16 @@ def fedit(clients: _Clients, weights: Sequence[float] | None = None) -> dict[str
     return {la.name: LoRAFactors(sums[i], sums[n + i]) for i, la in enumerate(layers)}
 
 
-def _max_drift(layers: Sequence[Layer]) -> list[Tensor]:
-    """Per client k ≥ 1: ``max |A_k − A_0|`` of every layer (L,), in two list-wide calls.
+def _max_drift(copies: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+    """Per client k ≥ 1: ``max |X_k − X_0|`` of every layer's frozen factor X, two list-wide calls.
 
     A drift ≤ ``atol`` passes ``torch.allclose`` whatever ``rtol``; only layers above it (rare:
-    FFA-LoRA's clients share A bit for bit) need the exact test. NaN propagates.
+    FFA-LoRA's clients share the frozen factor bit for bit) need the exact test. NaN propagates.
     """
-    A0s = [la.As[0] for la in layers]
+    X0s = [xs[0] for xs in copies]
     out = []
-    for k in range(1, len(layers[0].As)):
-        diff = torch._foreach_sub([la.As[k] for la in layers], A0s)
+    for k in range(1, len(copies[0])):
+        diff = torch._foreach_sub([xs[k] for xs in copies], X0s)
         out.append(torch.stack(list(torch._foreach_norm(diff, float("inf")))))
     return out
 
@@ -92,48 +126,109 @@ def ffa_lora(
     clients: _Clients,
     weights: Sequence[float] | None = None,
     *,
+    frozen: Literal["A", "B"] = "A",
     rtol: float = 1e-5,
     atol: float = 1e-8,
+    allow_excess_rank: bool = False,
 ) -> dict[str, LoRAFactors]:
-    """FFA-LoRA: A is frozen at a shared initialisation; only B is averaged.
+    """FFA-LoRA: one factor is frozen and shared by every client; only the other is averaged.
 
-    Returns ``(A, Σ p_k B_k)`` where ``A`` is the common ``A_k`` (client 0's, copied). Since every
-    client shares A, ``B̄ A = Σ p_k B_k A = ΔW`` exactly. Raises :class:`FrozenAMismatchError`
-    naming the layer and client when some ``A_k`` differs from ``A_0`` beyond
-    ``|A_k − A_0| ≤ atol + rtol·|A_0|`` elementwise.
+    With ``frozen="A"`` (FFA-LoRA, the default) returns ``(A, Σ p_k B_k)`` where ``A`` is the
+    common ``A_k`` (client 0's, copied), so ``B̄ A = Σ p_k B_k A = ΔW`` exactly. With
+    ``frozen="B"`` returns ``(Σ p_k A_k, B)``, and ``B Ā = ΔW`` exactly too. Raises
+    :class:`FrozenAMismatchError` (``FrozenBMismatchError`` for ``frozen="B"``) naming the layer
+    and client when some client's frozen factor differs from client 0's beyond
+    ``|X_k − X_0| ≤ atol + rtol·|X_0|`` elementwise.
 
-    Cost: O(K r (d_in + d_out)) flops (the check reads every A once), one host synchronisation
-    per call. Download: r·d_out per layer (A need not be sent again).
+    Cost: O(K r (d_in + d_out)) flops (the check reads every frozen factor once), one host
+    synchronisation per call. Download: the averaged factor only, r·d_out (``frozen="A"``) or
+    r·d_in (``frozen="B"``) per layer; clients keep their copy of the frozen one.
     """
-    prep = prepare(clients, weights, equal_ranks=True, check_finite=False)
-    if not (rtol >= 0 and atol >= 0):
-        raise LoRAFairError(f"rtol and atol must be >= 0, got rtol={rtol}, atol={atol}")
+    prep = prepare(
+        clients,
+        weights,
+        equal_ranks=True,
+        check_finite=False,
+        allow_excess_rank=allow_excess_rank,
+    )
+    check_tolerances(rtol, atol)
+    which = check_factor(frozen)
     layers = list(prep.layers.values())
-    Bs = _average.weighted_sums([la.Bs for la in layers], prep.weights)
-    As = [la.As[0].clone() for la in layers]
-    drift = _max_drift(layers) if len(prep.weights) > 1 else []
-    # per client k ≥ 1 and layer: A_k drifts beyond atol (or is NaN); then the exact test decides
+    copies = [la.As if which == "A" else la.Bs for la in layers]
+    averaged = _average.weighted_sums(
+        [la.Bs if which == "A" else la.As for la in layers], prep.weights
+    )
+    kept = [xs[0].clone() for xs in copies]
+    drift = _max_drift(copies) if len(prep.weights) > 1 else []
+    # per client k ≥ 1 and layer: the frozen copy drifts beyond atol (or is NaN); the exact
+    # test (shared_factor, torch.allclose) then decides for those layers only
     beyond = [~(d <= atol) for d in drift]
     host = _average.check(
-        _average.nonfinite_flag(Bs + As), prep.layers, torch.stack(beyond) if beyond else None
+        _average.nonfinite_flag(averaged + kept),
+        prep.layers,
+        torch.stack(beyond) if beyond else None,
     )
-    n = len(layers)
-    if any(host):  # a NaN/Inf A_k also drifts: name it as non-finite before any mismatch
+    if any(host):  # a NaN/Inf copy also drifts: name it as non-finite before any mismatch
         raise_if_nonfinite(prep.layers)
-    for k, i in (divmod(j, n) for j, bad in enumerate(host) if bad):
-        la = layers[i]
-        A, A0 = la.As[k + 1], la.As[0]
-        if not torch.allclose(A, A0, rtol=rtol, atol=atol):
-            diff = (A.double() - A0.double()).abs().max().item()
-            raise FrozenAMismatchError(
-                f"layer {la.name!r}: client {k + 1} has A differing from client 0's by up to "
-                f"{diff:.3g} (rtol={rtol}, atol={atol}); FFA-LoRA needs A frozen and "
-                "shared by every client"
-            )
-    return {la.name: LoRAFactors(A, B) for la, A, B in zip(layers, As, Bs, strict=True)}
+        for j in sorted({j % len(layers) for j, bad in enumerate(host) if bad}):
+            shared_factor(layers[j], which, rtol=rtol, atol=atol, method="FFA-LoRA/RoLoRA")
+    return {
+        la.name: LoRAFactors(X, Y) if which == "A" else LoRAFactors(Y, X)
+        for la, X, Y in zip(layers, kept, averaged, strict=True)
+    }
 
 
-def flora(clients: _Clients, weights: Sequence[float] | None = None) -> dict[str, LoRAFactors]:
+def rolora_trained(round_index: int) -> Literal["A", "B"]:
+    """RoLoRA's schedule: the factor clients train in round ``round_index`` (0-based).
+
+    Even rounds train ``B`` (A frozen), odd rounds train ``A`` (B frozen). ``B`` comes first
+    because peft initialises ``B = 0``, where the gradient of ``A`` vanishes.
+    """
+    if isinstance(round_index, bool) or not isinstance(round_index, int) or round_index < 0:
+        raise LoRAFairError(f"round_index must be an int >= 0, got {round_index!r}")
+    return "B" if round_index % 2 == 0 else "A"
+
+
+def rolora(
+    clients: _Clients,
+    weights: Sequence[float] | None = None,
+    *,
+    trained: Literal["A", "B"] = "B",
+    rtol: float = 1e-5,
+    atol: float = 1e-8,
+    allow_excess_rank: bool = False,
+) -> dict[str, LoRAFactors]:
+    """RoLoRA: alternating rounds; average the factor trained this round, keep the shared other.
+
+    In a round where clients train ``B`` on a shared frozen ``A`` (``trained="B"``) returns
+    ``(A, Σ p_k B_k)``; in a round where they train ``A`` on a shared frozen ``B``
+    (``trained="A"``) returns ``(Σ p_k A_k, B)``. Either way ``B @ A = ΔW`` exactly, because the
+    frozen factor is common. This is :func:`ffa_lora` with ``frozen`` the other factor;
+    :func:`rolora_trained` gives the schedule (B in even rounds, A in odd ones). Raises
+    ``FrozenAMismatchError`` / ``FrozenBMismatchError`` when the frozen factor differs between
+    clients (tolerances as in :func:`ffa_lora`).
+
+    Cost: O(K r (d_in + d_out)) flops. Download: only the trained factor, r·d_out (B rounds)
+    or r·d_in (A rounds) per layer. Clients load it, keep their frozen factor, and train the
+    other factor next round.
+    """
+    which = check_factor(trained)
+    return ffa_lora(
+        clients,
+        weights,
+        frozen="A" if which == "B" else "B",
+        rtol=rtol,
+        atol=atol,
+        allow_excess_rank=allow_excess_rank,
+    )
+
+
+def flora(
+    clients: _Clients,
+    weights: Sequence[float] | None = None,
+    *,
+    allow_excess_rank: bool = False,
+) -> dict[str, LoRAFactors]:
     """FLoRA: stack all clients' factors along the rank axis.
 
     Returns ``A = cat_k(p_k A_k)`` of shape (Σ r_k, d_in) and ``B = cat_k(B_k)`` of shape
@@ -145,7 +240,13 @@ def flora(clients: _Clients, weights: Sequence[float] | None = None) -> dict[str
     as large), one read of the output for the NaN/Inf flag, one host synchronisation per call.
     Download Σ r_k (d_in + d_out) per layer (K× FedIT's).
     """
-    prep = prepare(clients, weights, equal_ranks=False, check_finite=False)
+    prep = prepare(
+        clients,
+        weights,
+        equal_ranks=False,
+        check_finite=False,
+        allow_excess_rank=allow_excess_rank,
+    )
     p = prep.weights
     out: dict[str, LoRAFactors] = {}
     for name, layer in prep.layers.items():
@@ -226,10 +327,11 @@ def _stack64(batch: list[Layer], p: Sequence[float]) -> tuple[Tensor, Tensor, Te
     return A, B, d
 
 
-def _flexlora_batch(
-    batch: list[Layer], p: Sequence[float], route: Route, target: int, left_power: float
-) -> tuple[_Pending, Tensor]:
-    """Run one batch of same-shaped layers; return it and its per-layer non-finite flags."""
+def _flexlora_svd(
+    batch: list[Layer], p: Sequence[float], route: Route
+) -> tuple[_linalg.FactoredSVD, Tensor, Tensor | None]:
+    """Every triplet of each layer of one same-shaped batch, by ``route``; with per-layer
+    non-finite flags and (Gram route) whether κ is within the route's limit. No host sync."""
     gram_ok = None
     if route == "gram":
         # unweighted float64 stacks (one cast-copy per factor); the weights p_k enter through the
@@ -255,16 +357,20 @@ def _flexlora_batch(
         keep = (~bad).to(A_s.dtype).reshape(-1, 1, 1)
         A_s, B_s = torch.nan_to_num(A_s) * keep, torch.nan_to_num(B_s) * keep
         svd = _linalg.qr_svd(B_s, A_s) if route == "qr" else _linalg.dense_svd(B_s, A_s)
-    B, A = _linalg.split(svd, target, left_power)
-    return _Pending(batch, A, B, gram_ok), bad
+    return svd, bad, gram_ok
+
+
+def _layer(svd: _linalg.FactoredSVD, i: int) -> _linalg.FactoredSVD:
+    return _linalg.FactoredSVD(*(t[i] for t in svd))
 
 
 def flexlora(
     clients: _Clients,
     weights: Sequence[float] | None = None,
     *,
-    rank: int | None = None,
+    rank: int | EnergyThreshold | None = None,
     split: Literal["balanced", "left"] = "balanced",
+    allow_excess_rank: bool = False,
 ) -> dict[str, LoRAFactors]:
     """FlexLoRA: the best rank-``rank`` approximation of ``ΔW``, as LoRA factors.
 
@@ -274,6 +380,9 @@ def flexlora(
     ``A = V_rᵀ``. ``B @ A`` is the same either way. ``rank`` defaults to the clients' largest
     rank; ranks may differ between clients. If ``rank`` exceeds the numerical rank of ``ΔW`` the
     extra components are zero rows/columns, so shapes are always (rank, d_in) / (d_out, rank).
+    ``rank=EnergyThreshold(τ)`` keeps, per layer, the fewest components whose ``Σ σ_i²`` reaches
+    ``τ ‖ΔW‖_F²`` (FLoRIST's rule), so layers may get different ranks;
+    :func:`flexlora_report` returns the rank and energy each layer kept.
 
     With the stacked factors ``B_s`` (d_out, R), ``A_s`` (R, d_in), R = Σ r_k, ``ΔW = B_s A_s``.
     Per group of same-shaped layers a stated cost model (``_route``) picks one of:
@@ -297,45 +406,103 @@ def flexlora(
     on the factored routes, O(d_out d_in (R + min(d_out, d_in))) and one d_out × d_in buffer on
     the dense one. Download: rank·(d_in + d_out) per layer.
     """
+    return _flexlora(
+        clients, weights, rank=rank, split=split, report=False, allow_excess_rank=allow_excess_rank
+    ).adapters
+
+
+def flexlora_report(
+    clients: _Clients,
+    weights: Sequence[float] | None = None,
+    *,
+    rank: int | EnergyThreshold | None = None,
+    split: Literal["balanced", "left"] = "balanced",
+    allow_excess_rank: bool = False,
+) -> FlexLoRAReport:
+    """:func:`flexlora`'s adapters plus, per layer, the rank it kept and the energy kept.
+
+    ``ranks[name] = RankChoice(rank, energy)`` with ``energy = Σ_{i≤rank} σ_i² / ‖ΔW‖_F²``
+    (1.0 for ``ΔW = 0``). Same math and options as :func:`flexlora`; with a fixed int rank it
+    computes every singular vector of the R × R core (not only the kept ones) to measure the
+    energy, O((d_out + d_in) R²) more flops.
+    """
+    return _flexlora(
+        clients, weights, rank=rank, split=split, report=True, allow_excess_rank=allow_excess_rank
+    )
+
+
+def _flexlora(
+    clients: _Clients,
+    weights: Sequence[float] | None,
+    *,
+    rank: int | EnergyThreshold | None,
+    split: Literal["balanced", "left"],
+    report: bool,
+    allow_excess_rank: bool,
+) -> FlexLoRAReport:
     if split not in ("balanced", "left"):
         raise LoRAFairError(f"split must be 'balanced' or 'left', got {split!r}")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise LoRAFairError(f"rank must be a positive int or None, got {rank!r}")
-    prep = prepare(clients, weights, equal_ranks=False, check_finite=False)
+    if split not in ("balanced", "left"):
+        raise LoRAFairError(f"split must be 'balanced' or 'left', got {split!r}")
+    check_policy(rank)
+    prep = prepare(
+        clients,
+        weights,
+        equal_ranks=False,
+        check_finite=False,
+        allow_excess_rank=allow_excess_rank,
+    )
     p = prep.weights
     left_power = 0.5 if split == "balanced" else 1.0
+    # A rank chosen per layer (energy) or reported needs every σ on the host: one round trip per
+    # batch there; the plain fixed-rank call makes one for the whole call.
+    per_layer = report or isinstance(rank, EnergyThreshold)
+    out: dict[str, LoRAFactors] = {}
+    chosen: dict[str, RankChoice] = {}
     pending: list[_Pending] = []
     flags: list[Tensor] = []
+
+    def finish(layer: Layer, svd: _linalg.FactoredSVD) -> None:
+        fixed = rank if isinstance(rank, int) else max(layer.ranks)
+        k = choose_rank(rank, svd.S) if isinstance(rank, EnergyThreshold) else fixed
+        B, A = _linalg.split(svd, k, left_power)
+        if report:
+            chosen[layer.name] = RankChoice(k, energy_kept(svd.S, k))
+        out[layer.name] = LoRAFactors(A.to(layer.dtype), B.to(layer.dtype))
+
+    def redo(layer: Layer) -> _linalg.FactoredSVD:
+        """The QR route for a layer whose clients cancel beyond the Gram route's bound."""
+        return _layer(_flexlora_svd([layer], p, "qr")[0], 0)
+
     for group in group_by_shape(list(prep.layers.values())):
         first = group[0]
         R = sum(first.ranks)
-        target = rank if rank is not None else max(first.ranks)
         route = _route(first.d_out, first.d_in, R, first.dtype)
         # float64 stacks plus two d × R companions (QR bases, or the output products)
-        per_layer = 3 * 8 * (first.d_out + first.d_in) * R
-        if route == "dense":
-            per_layer = _BATCH_BYTES  # one layer at a time: memory bound to one dense ΔW
-        for batch in chunked(group, per_layer, _BATCH_BYTES):
-            done, bad = _flexlora_batch(batch, p, route, target, left_power)
-            pending.append(done)
+        size = _BATCH_BYTES if route == "dense" else 3 * 8 * (first.d_out + first.d_in) * R
+        for batch in chunked(group, size, _BATCH_BYTES):  # dense: one layer at a time
+            svd, bad, gram_ok = _flexlora_svd(batch, p, route)
+            if per_layer:
+                ok = _average.check([bad.any()], prep.layers, gram_ok)
+                for j, layer in enumerate(batch):
+                    finish(layer, redo(layer) if ok and not ok[j] else _layer(svd, j))
+                continue
+            target = rank if isinstance(rank, int) else max(first.ranks)
+            B, A = _linalg.split(svd, target, left_power)
+            pending.append(_Pending(batch, A, B, gram_ok))
             flags.append(bad)
-    gram_ok = [d.gram_ok for d in pending if d.gram_ok is not None]
-    # the call's one host round trip: any non-finite input, and which layers the Gram route kept
-    ok = _average.check(
-        [torch.cat(flags).any()], prep.layers, torch.cat(gram_ok) if gram_ok else None
-    )
-    out: dict[str, LoRAFactors] = {}
-    i = 0
-    for done in pending:
-        for j, layer in enumerate(done.layers):
-            if done.gram_ok is not None:
-                i, redo = i + 1, not ok[i]
-            else:
-                redo = False
-            if redo:  # the clients cancel beyond the Gram route's bound: QR route, exact to u₆₄·κ
-                again, _ = _flexlora_batch([layer], p, "qr", done.A.shape[-2], left_power)
-                A, B = again.A[0], again.B[0]
-            else:
-                A, B = done.A[j], done.B[j]
-            out[layer.name] = LoRAFactors(A.to(layer.dtype), B.to(layer.dtype))
-    return {name: out[name] for name in prep.layers}
+    if pending:  # the fixed-rank call's one host round trip: non-finite input, κ per layer
+        oks = [d.gram_ok for d in pending if d.gram_ok is not None]
+        ok = _average.check([torch.cat(flags).any()], prep.layers, torch.cat(oks) if oks else None)
+        i = 0
+        for done in pending:
+            for j, layer in enumerate(done.layers):
+                if done.gram_ok is not None and not ok[(i := i + 1) - 1]:
+                    finish(layer, redo(layer))
+                else:
+                    out[layer.name] = LoRAFactors(
+                        done.A[j].to(layer.dtype), done.B[j].to(layer.dtype)
+                    )
+    adapters = {name: out[name] for name in prep.layers}
+    ranks = {name: chosen[name] for name in prep.layers} if report else {}
+    return FlexLoRAReport(adapters, ranks)
