@@ -262,11 +262,12 @@ def flora(
 
 Route = Literal["gram", "qr", "dense"]
 
-# Flop weights of the cost model (calibrated on the K sweep of benchmarks/README.md): LAPACK's
-# eigh / SVD run well below the GEMM rate, so their O(n³) terms weigh more than a GEMM's flops.
-_EIGH_WEIGHT = 30.0  # two R × R eigh with vectors plus the R × R products of gram_svd
-_QR_WEIGHT = 40.0  # the R × R core SVD of qr_svd
-_SVD_WEIGHT = 12.0  # per d_out·d_in·min(d_out, d_in) of a dense SVD
+# The cost model's constants, measured on the 2-core CPU of benchmarks/README.md (one thread, one
+# ViT-B/16 layer, K·r = 480, 960, 1600): the Gram route's two R × R eigensolves (R³) overtake the
+# QR route's thin QRs (whose cost stops growing at R = d) past R ≈ 512, and forming ΔW densely
+# wins only from about twice the flop crossover d_in d_out / (d_in + d_out).
+_GRAM_MAX_R = 512
+_DENSE_OVER_CROSSOVER = 2.0
 
 
 def _unit_roundoff(dtype: torch.dtype) -> float:
@@ -285,19 +286,21 @@ def _gram_kappa_limit(dtype: torch.dtype, d_out: int, d_in: int, R: int) -> floa
 
 
 def _route(d_out: int, d_in: int, R: int, dtype: torch.dtype) -> Route:
-    """Cost model: the factored route (Gram, or QR for float64) or one dense layer at a time.
+    """Cost model: the Gram, QR or dense route for one shape (stated in :func:`flexlora`).
 
-    Factored: ``2(d_in + d_out)R²`` for the Grams (QR: twice that) plus ``w R³``; dense:
-    ``2 d_in d_out R`` to form ΔW plus ``w' d_in d_out min(d_in, d_out)`` for its SVD. The two
-    cross near ``R ≈ d_in d_out / (d_in + d_out)`` (576 for a 2304 × 768 layer).
+    Flops: Gram ``2(d_in + d_out)R² + O(R³)`` (two R × R eigensolves), QR
+    ``O((d_in + d_out) R min(d, R))`` (thin QRs, then an R × R core SVD), dense
+    ``2 d_in d_out R + O(d_in d_out min(d_in, d_out))`` (form ΔW, then its SVD). With the measured
+    constants above: dense once ``R ≥ 2 · d_in d_out / (d_in + d_out)`` (1152 for a 2304 × 768
+    layer, 768 for 768 × 768); otherwise Gram for narrow dtypes while ``R ≤ 512``; otherwise QR
+    (always for float64, whose Gram route would not be as accurate as the input).
     """
-    factored: Route = "qr" if dtype == torch.float64 else "gram"
-    if factored == "gram":
-        cost_factored = 2.0 * (d_in + d_out) * R * R + _EIGH_WEIGHT * R**3
-    else:
-        cost_factored = 4.0 * (d_in + d_out) * R * R + _QR_WEIGHT * R**3
-    cost_dense = 2.0 * d_in * d_out * R + _SVD_WEIGHT * d_in * d_out * min(d_in, d_out)
-    return factored if cost_factored <= cost_dense else "dense"
+    crossover = d_in * d_out / (d_in + d_out)
+    if R / crossover >= _DENSE_OVER_CROSSOVER:
+        return "dense"
+    if dtype != torch.float64 and R <= _GRAM_MAX_R:
+        return "gram"
+    return "qr"
 
 
 class _Pending(NamedTuple):
@@ -393,11 +396,12 @@ def flexlora(
       ``κ = ‖B_s‖_F‖A_s‖_F / ‖ΔW‖_F``, stays below the inputs' own rounding ``u_in·κ`` while
       ``κ ≤ u_in / ((d + R)·u₆₄)`` (1.7·10⁵ for float32 ViT layers): a layer whose clients cancel
       more than that is redone by the QR route.
-    - **QR** (float64 inputs): thin QRs of ``B_s`` and ``A_sᵀ`` and an R × R core SVD, accurate
-      however much the clients cancel.
-    - **dense** (large R): form ``ΔW`` one layer at a time and take its SVD, when
-      ``2 d_in d_out R`` plus the SVD costs less than the factored route's ``(d_in + d_out) R²``
-      and ``R³`` terms (about R ≳ 600 for ViT-B/16 layers).
+    - **QR** (float64 inputs, and R > 512): thin QRs of ``B_s`` and ``A_sᵀ`` and an R × R core
+      SVD, accurate however much the clients cancel.
+    - **dense** (large R): form ``ΔW`` one layer at a time and take its SVD, once R is twice
+      the flop crossover ``d_in d_out / (d_in + d_out)`` (measured; 1152 for a 2304 × 768
+      layer). Between R = 512 and that point the QR route is taken for every dtype (the Gram
+      route's R × R eigensolves cost more there).
 
     Layers are processed in float64 batches whose working set is capped at 256 MiB (one layer
     per batch on the dense route), so peak memory does not grow with the number of layers;

@@ -83,10 +83,13 @@ def test_dense_route_for_many_clients_matches_the_reference():
     assert _rel_error(out, clients, 4) < 4 * float(torch.finfo().eps)
 
 
-def test_cost_model_crosses_near_the_stated_point():
-    # qkv of ViT-B/16 (2304 × 768): the Gram route for K·r = 96, dense well past R ≈ 576
+def test_cost_model_follows_its_stated_rule():
+    # qkv of ViT-B/16 (2304 × 768): Gram for K·r ≤ 512, QR up to twice the crossover 576, dense
     assert agg._route(2304, 768, 96, torch.float32) == "gram"
+    assert agg._route(2304, 768, 480, torch.float32) == "gram"
+    assert agg._route(2304, 768, 960, torch.float32) == "qr"
     assert agg._route(2304, 768, 1600, torch.float32) == "dense"
+    assert agg._route(768, 768, 960, torch.float32) == "dense"
 
 
 @pytest.mark.parametrize("route", ["gram", "qr", "dense"])
