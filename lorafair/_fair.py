@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from lorafair import _flat, _linalg, _solve
+from lorafair._threads import single_threaded
 from lorafair._validate import (
     Layer,
     Prepared,
@@ -1151,6 +1152,13 @@ def solve_residual(
     0.707107
     """
     opts = _check_options(lam, norm, similarity, residual_on, tol, max_iter)
+    with single_threaded():
+        return _solve_residual(clients, weights, opts)
+
+
+def _solve_residual(
+    clients: _Clients, weights: Sequence[float] | None, opts: _Options
+) -> dict[str, ResidualSolution]:
     groups, solved = _run(clients, weights, opts)
     host = [
         (
@@ -1233,6 +1241,13 @@ def lora_fair(
     (torch.Size([1, 2]), torch.Size([2, 1]))
     """
     opts = _check_options(lam, norm, similarity, residual_on, tol, max_iter)
+    with single_threaded():
+        return _lora_fair(clients, weights, opts)
+
+
+def _lora_fair(
+    clients: _Clients, weights: Sequence[float] | None, opts: _Options
+) -> dict[str, LoRAFactors]:
     groups, solved = _run(clients, weights, opts)
     out: dict[str, LoRAFactors] = {}
     fixed: dict[int, Tensor] = {}

@@ -614,3 +614,29 @@ def test_columns_closed_form_derivatives_match_autograd(norm, side, offset) -> N
             lam, norm, shape, X[i], xn[i], active[i], Z0[i], left, right, c0[i] if offset else 0.0
         )
         _assert_matches_autograd(ref, x[i], f[i], vals[i], grad[i], hess[i])
+
+
+def test_lora_fair_restores_the_thread_pools() -> None:
+    # The solver pins torch's and NumPy's pools to one thread for the call (lorafair._threads)
+    # and must hand both back as it found them.
+    from threadpoolctl import threadpool_info
+
+    from lorafair import _threads
+
+    g = torch.Generator().manual_seed(0)
+    clients = [
+        {"fc": (torch.randn(2, 5, generator=g), torch.randn(4, 2, generator=g))} for _ in range(3)
+    ]
+    before = torch.get_num_threads()
+    blas_before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    torch.set_num_threads(2)
+    try:
+        with _threads.single_threaded():
+            assert torch.get_num_threads() == 1
+        lora_fair(clients)
+        solve_residual(clients, similarity="columns")
+        assert torch.get_num_threads() == 2
+        blas_after = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+        assert blas_after == blas_before
+    finally:
+        torch.set_num_threads(before)
