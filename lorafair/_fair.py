@@ -1,8 +1,7 @@
 """LoRA-FAIR (Eq. 8): the server's residual correction of FedIT, solved exactly and factored.
 
-Public names (re-exported by :mod:`lorafair.aggregate` / :mod:`lorafair.metrics`):
-:func:`lora_fair`, :func:`solve_residual`, :class:`ResidualSolution`,
-:func:`lora_fair_report`, :class:`FairReport`.
+Public names (re-exported by :mod:`lorafair.aggregate`):
+:func:`lora_fair`, :func:`solve_residual`, :class:`ResidualSolution`.
 """
 
 from __future__ import annotations
@@ -29,10 +28,10 @@ from lorafair._validate import (
     raise_if_nonfinite,
     weighted_sum,
 )
-from lorafair.errors import LayerKeyError, LoRAFairError, LoRAShapeError, NonFiniteError
+from lorafair.errors import LoRAFairError, NonFiniteError
 from lorafair.types import LoRAFactors
 
-__all__ = ["FairReport", "ResidualSolution", "lora_fair", "lora_fair_report", "solve_residual"]
+__all__ = ["ResidualSolution", "lora_fair", "solve_residual"]
 
 _Clients = Sequence[Mapping[str, "LoRAFactors | tuple[Tensor, Tensor]"]]
 Norm = Literal["fro", "fro_squared"]
@@ -58,22 +57,6 @@ class ResidualSolution(NamedTuple):
     cosine: float
     iterations: int
     converged: bool
-
-
-class FairReport(NamedTuple):
-    """Table 4's columns for one layer, from the clients and an aggregated ``(A', B')``.
-
-    ``b_cosine``: ``cos(B', B̄)``; ``update_cosine``: ``cos(B'A', ΔW)``; ``fedit_cosine``:
-    ``cos(B̄Ā, ΔW)`` (the uncorrected FedIT product); ``delta_b_norm``: ``‖B' − B̄‖_F``;
-    ``delta_a_norm``: ``‖A' − Ā‖_F``. Flattened (Frobenius) cosines in float64; 1.0 when both
-    sides are zero, 0.0 when exactly one is.
-    """
-
-    b_cosine: float
-    update_cosine: float
-    fedit_cosine: float
-    delta_b_norm: float
-    delta_a_norm: float
 
 
 @dataclass(frozen=True)
@@ -1260,77 +1243,4 @@ def _lora_fair(
             out[name] = LoRAFactors(fixed[id(sol)][i], moved[id(sol)][i])
         else:
             out[name] = LoRAFactors(moved[id(sol)][i], fixed[id(sol)][i])
-    return out
-
-
-def _cos(inner: float, na: float, nb: float) -> float:
-    if na == 0.0 and nb == 0.0:
-        return 1.0
-    if na == 0.0 or nb == 0.0:
-        return 0.0
-    return max(-1.0, min(1.0, inner / (na * nb)))
-
-
-def lora_fair_report(
-    clients: _Clients,
-    aggregated: Mapping[str, LoRAFactors | tuple[Tensor, Tensor]],
-    weights: Sequence[float] | None = None,
-) -> dict[str, FairReport]:
-    """Table 4's diagnostics per layer: ``cos(B', B̄)``, ``cos(B'A', ΔW)``, ``‖B' − B̄‖``.
-
-    ``aggregated`` maps every layer to ``(A', B')`` (e.g. :func:`lora_fair`'s output); ``Ā``,
-    ``B̄`` (zero-padded to the largest client rank) and ``ΔW`` come from ``clients``. All
-    factored in float64: O((d_out + d_in) R²) flops per layer, R = Σ r_k + r.
-    """
-    prep = prepare(clients, weights, equal_ranks=False)
-    p = prep.weights
-    names = list(prep.layers)
-    if set(aggregated.keys()) != set(names):
-        missing = [n for n in names if n not in aggregated]
-        if missing:
-            raise LayerKeyError(f"aggregated is missing layer {missing[0]!r}")
-        extra = sorted(str(n) for n in set(aggregated.keys()) - set(names))
-        raise LayerKeyError(f"aggregated has layer {extra[0]!r} that the clients do not have")
-    out: dict[str, FairReport] = {}
-    for name, layer in prep.layers.items():
-        r = max(layer.ranks)
-        pair = aggregated[name]
-        A1, B1 = pair[0], pair[1]
-        if tuple(A1.shape) != (r, layer.d_in) or tuple(B1.shape) != (layer.d_out, r):
-            raise LoRAShapeError(
-                f"layer {name!r}: aggregated A {tuple(A1.shape)} and B {tuple(B1.shape)}; "
-                f"expected ({r}, {layer.d_in}) and ({layer.d_out}, {r})"
-            )
-        dev = layer.device
-        A1 = A1.to(device=dev, dtype=_F64)
-        B1 = B1.to(device=dev, dtype=_F64)
-        Abar = weighted_sum([_pad_rows(a, r) for a in layer.As], p, _F64)
-        Bbar = weighted_sum([_pad_rows(b.mT, r).mT for b in layer.Bs], p, _F64)
-        A_s = torch.cat([a.to(_F64) * w for a, w in zip(layer.As, p, strict=True)], dim=0)
-        B_s = torch.cat([b.to(_F64) for b in layer.Bs], dim=1)
-        vals = (
-            torch.stack(
-                [
-                    (B1 * Bbar).sum(),
-                    torch.linalg.matrix_norm(B1),
-                    torch.linalg.matrix_norm(Bbar),
-                    _linalg.fro_inner(B1, A1, B_s, A_s),
-                    _linalg.fro_norm(B1, A1),
-                    _linalg.fro_norm(B_s, A_s),
-                    _linalg.fro_inner(Bbar, Abar, B_s, A_s),
-                    _linalg.fro_norm(Bbar, Abar),
-                    torch.linalg.matrix_norm(B1 - Bbar),
-                    torch.linalg.matrix_norm(A1 - Abar),
-                ]
-            )
-            .cpu()
-            .tolist()
-        )
-        out[name] = FairReport(
-            _cos(vals[0], vals[1], vals[2]),
-            _cos(vals[3], vals[4], vals[5]),
-            _cos(vals[6], vals[7], vals[5]),
-            vals[8],
-            vals[9],
-        )
     return out

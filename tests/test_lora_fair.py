@@ -16,9 +16,9 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from lorafair._fair import FairReport, ResidualSolution, lora_fair, lora_fair_report, solve_residual
-from lorafair.aggregate import fedit
+from lorafair.aggregate import ResidualSolution, fedit, lora_fair, solve_residual
 from lorafair.errors import LayerKeyError, LoRAFairError, LoRAShapeError
+from lorafair.metrics import FairReport, lora_fair_report
 from lorafair.testing import strategies as lst
 from lorafair.types import LoRAFactors
 
