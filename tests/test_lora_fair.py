@@ -547,7 +547,7 @@ def _columns_reference(lam: float, norm: str, shape, X, xn, active, Z0, left, ri
 
 @pytest.mark.parametrize("norm", ["fro", "fro_squared"])
 def test_flat_closed_form_derivatives_match_autograd(norm) -> None:  # type: ignore[no-untyped-def]
-    from lorafair import _solve
+    from lorafair._fair import _flat as _solve
 
     gen = torch.Generator().manual_seed(21)
     n_layers, r, lam = 3, 4, 0.3
@@ -584,7 +584,7 @@ def _assert_matches_autograd(ref, x, f, val, grad, hess) -> None:  # type: ignor
 @pytest.mark.parametrize("norm", ["fro", "fro_squared"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_columns_closed_form_derivatives_match_autograd(norm, side, offset) -> None:  # type: ignore[no-untyped-def]
-    from lorafair import _solve
+    from lorafair._fair import _columns as _solve
 
     gen = torch.Generator().manual_seed(22)
     n_layers, m, p, q, n, lam = 2, 5, 3, 4, 6, 0.2
