@@ -37,6 +37,7 @@ from lorafair._fair._newton import (
     Batched,
     Norm,
     _pick,
+    _reg_coefs,
     _reg_grad_coef,
     _reg_value,
     _safe_sqrt,
@@ -184,14 +185,7 @@ def flat_objective(lam: float, norm: Norm) -> Batched:
         m = mask.flatten(-2)
         gd = (g.unsqueeze(-1) * mask).flatten(-2)
         c5 = torch.where(c3 != 0, 3.0 * s * c3 / torch.where(c3 != 0, q, torch.ones_like(q)), 0.0)
-        if norm == "fro_squared":
-            r_diag = torch.full_like(dsq, 2.0 * lam)
-            r_outer = torch.zeros_like(dsq)
-        else:
-            big = dsq > _tol.TINY
-            rho = _safe_sqrt(dsq)
-            r_diag = torch.where(big, lam / rho, torch.zeros_like(rho))
-            r_outer = torch.where(big, lam / (rho * rho * rho), torch.zeros_like(rho))
+        r_diag, r_outer = _reg_coefs(dsq, lam, norm)
         delta = r_diag[:, None] * m + (s * c3)[:, None] * gd
         U = torch.stack([u, v, d], dim=-1)  # (L, N, 3)
         zero = torch.zeros_like(c3)

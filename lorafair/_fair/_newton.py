@@ -38,29 +38,33 @@ def _reg_value(dsq: Tensor, lam: float, norm: Norm) -> Tensor:
     return regulariser(dsq, lam, norm)
 
 
-def _reg_grad_coef(dsq: Tensor, lam: float, norm: Norm) -> Tensor:
-    """``c`` with ``∇ reg = c · d`` (``d`` the masked difference): ``2λ`` or ``λ/ρ``."""
+def _reg_coefs(dsq: Tensor, lam: float, norm: Norm) -> tuple[Tensor, Tensor]:
+    """``(c₁, c₃)`` with ``∇ reg = c₁ d`` and ``∇² reg = c₁ diag(mask) − c₃ d dᵀ`` (``d`` the
+    masked difference, ``dsq = ‖d‖²``): ``(2λ, 0)`` for ``"fro_squared"``; ``(λ/ρ, λ/ρ³)`` for
+    ``"fro"`` (``ρ = ‖d‖``), 0 where ``ρ² ≤ TINY`` (the clamped square root's zero derivative).
+    The one place the regulariser is differentiated in torch (the host family has its own
+    NumPy copy in :func:`lorafair._fair._family._reg`)."""
     if norm == "fro_squared":
-        return torch.full_like(dsq, 2.0 * lam)
-    big = dsq > _tol.TINY
-    return torch.where(big, lam / _safe_sqrt(dsq), torch.zeros_like(dsq))
-
-
-def _reg_hessian(d: Tensor, dsq: Tensor, diag: Tensor, lam: float, norm: Norm) -> Tensor:
-    """Hessian of ``reg`` in ``x`` (…, N, N), ``d`` (…, N) the difference, ``diag`` its mask.
-
-    ``"fro_squared"``: ``2λ diag(mask)``. ``"fro"`` (``ρ = ‖d‖``): ``λ (diag(mask)/ρ − d dᵀ/ρ³)``,
-    and 0 where ``ρ² ≤ 1e-300`` (matching the clamped square root's zero derivative).
-    """
-    eye = torch.diag_embed(diag)
-    if norm == "fro_squared":
-        return (2.0 * lam) * eye
+        return torch.full_like(dsq, 2.0 * lam), torch.zeros_like(dsq)
     big = dsq > _tol.TINY
     rho = _safe_sqrt(dsq)
     c1 = torch.where(big, lam / rho, torch.zeros_like(rho))
     c3 = torch.where(big, lam / (rho * rho * rho), torch.zeros_like(rho))
-    outer = d.unsqueeze(-1) * d.unsqueeze(-2)
-    return c1[..., None, None] * eye - c3[..., None, None] * outer
+    return c1, c3
+
+
+def _reg_grad_coef(dsq: Tensor, lam: float, norm: Norm) -> Tensor:
+    """``c₁`` of :func:`_reg_coefs`: ``∇ reg = c₁ d``."""
+    return _reg_coefs(dsq, lam, norm)[0]
+
+
+def _reg_hessian(d: Tensor, dsq: Tensor, diag: Tensor, lam: float, norm: Norm) -> Tensor:
+    """Hessian of ``reg`` in ``x`` (…, N, N), ``d`` (…, N) the difference, ``diag`` its mask."""
+    c1, c3 = _reg_coefs(dsq, lam, norm)
+    eye = c1[..., None, None] * torch.diag_embed(diag)
+    if norm == "fro_squared":
+        return eye
+    return eye - c3[..., None, None] * (d.unsqueeze(-1) * d.unsqueeze(-2))
 
 
 class Batched(NamedTuple):
