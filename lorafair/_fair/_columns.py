@@ -225,7 +225,7 @@ def drop_columns(
     ‖P_L Z0 P_R‖²``; replacing that by ``‖W − Z0‖² + c0`` (equal wherever the part of ``W`` that
     ``Π`` removes equals ``Z0``'s, which minimises it) gives a problem with the same minimum
     and a non-singular Hessian. Either ``left`` (m, p) or ``right`` (q, n) is given (the
-    shapes of :func:`lorafair._fair._solve_columns`); with ``left`` only, ``P_R`` is the
+    shapes of :func:`_solve_columns`); with ``left`` only, ``P_R`` is the
     diagonal column mask. Cost: one ``pinv`` of ``left`` (m × p) or of ``right_J`` (q × n)
     and O(p q (p + q + n)) flops per layer.
     """
