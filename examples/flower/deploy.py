@@ -109,6 +109,17 @@ class _Processes:
             except psutil.Error:
                 continue
 
+    def orphans(self) -> None:
+        """Also remember processes that left the tree (ray daemonises its workers) but carry
+        this deployment's own FLWR_HOME, so they were started here."""
+        home = self.env["FLWR_HOME"]
+        for proc in psutil.process_iter():
+            try:
+                if proc.pid not in self.seen and proc.environ().get("FLWR_HOME") == home:
+                    self.seen[proc.pid] = proc
+            except psutil.Error:
+                continue
+
     def kill_tree(self, name: str) -> None:
         """SIGKILL ``name`` and every descendant of it (a crash, not a shutdown)."""
         root = self.seen[self.started[name].pid]
@@ -127,6 +138,7 @@ class _Processes:
     def stop_all(self, grace: float = 10.0) -> list[int]:
         """SIGTERM every process seen, SIGKILL what is left after ``grace``; the pids killed."""
         self.track()
+        self.orphans()
         alive = [p for p in self.seen.values() if _alive(p)]
         for proc in alive:
             try:
@@ -212,6 +224,61 @@ def _environment(workdir: Path) -> Iterator[dict[str, str]]:
     yield env
 
 
+def _start_superlink(procs: _Processes, deadline: float, *, simulation: bool = False) -> int:
+    """Start ``flower-superlink`` on a free loopback port, name it "deploy" in the Flower config."""
+    link = free_port()
+    (Path(procs.env["FLWR_HOME"]) / "config.toml").write_text(
+        '[superlink]\ndefault = "deploy"\n\n'
+        f'[superlink.deploy]\naddress = "{LOOPBACK}:{link}"\ninsecure = true\n'
+    )
+    argv = [str(BIN / "flower-superlink"), "--insecure", "--isolation", "subprocess"]
+    argv += ["--host", LOOPBACK, "--port", str(link), "--disable-runtime-dependency-installation"]
+    procs.start("superlink", [*argv, "--simulation"] if simulation else argv)
+    _wait("starting the SuperLink", lambda: _healthy(link), deadline, procs)
+    return link
+
+
+def simulate(
+    app: Path = APP,
+    *,
+    run_config: dict[str, str] | None = None,
+    supernodes: int = 2,
+    timeout: float = 300.0,
+    workdir: Path | None = None,
+) -> dict[str, Any]:
+    """``flwr run <app>`` on Flower's Simulation Engine, via a SuperLink started here.
+
+    What ``flwr run examples/flower`` does with Flower's default ``local`` connection, except
+    that the SuperLink gets a free port and is stopped (by pid) at the end. Returns the
+    ServerApp's result (``result-path``).
+    """
+    deadline = time.monotonic() + timeout
+    tmp = tempfile.TemporaryDirectory(prefix="lorafair-sim-") if workdir is None else None
+    work = Path(tmp.name) if tmp is not None else workdir
+    assert work is not None
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    with _environment(work) as env:
+        procs = _Processes(work / "logs", env)
+        try:
+            _start_superlink(procs, deadline, simulation=True)
+            result_path = work / "result.json"
+            config = {**(run_config or {}), "result-path": f"'{result_path}'"}
+            cmd = ["run", str(app), "deploy", "--format", "json"]
+            cmd += ["--run-config", " ".join(f"{k}={v}" for k, v in config.items())]
+            cmd += [
+                "--federation-config",
+                f"num-supernodes={supernodes} client-resources-num-cpus=1",
+            ]
+            _flwr(procs, *cmd)
+            _wait("running the simulation", result_path.exists, deadline, procs, poll=0.5)
+            time.sleep(0.2)
+            return dict(json.loads(result_path.read_text()))
+        finally:
+            procs.stop_all()
+            if tmp is not None:
+                tmp.cleanup()
+
+
 def deploy(
     runs: list[RunSpec],
     *,
@@ -236,26 +303,7 @@ def deploy(
     with _environment(work) as env:
         procs = _Processes(logs, env)
         try:
-            link = free_port()
-            (Path(env["FLWR_HOME"]) / "config.toml").write_text(
-                '[superlink]\ndefault = "deploy"\n\n'
-                f'[superlink.deploy]\naddress = "{LOOPBACK}:{link}"\ninsecure = true\n'
-            )
-            procs.start(
-                "superlink",
-                [
-                    str(BIN / "flower-superlink"),
-                    "--insecure",
-                    "--isolation",
-                    "subprocess",
-                    "--host",
-                    LOOPBACK,
-                    "--port",
-                    str(link),
-                    "--disable-runtime-dependency-installation",
-                ],
-            )
-            _wait("starting the SuperLink", lambda: _healthy(link), deadline, procs)
+            link = _start_superlink(procs, deadline)
             seconds["superlink-ready"] = time.monotonic() - start
             for k in range(supernodes):
                 procs.start(

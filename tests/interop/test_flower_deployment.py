@@ -17,6 +17,7 @@ import math
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,8 +37,6 @@ TIMEOUT = 480.0  # seconds, for both runs together; a hang fails here instead of
 
 @pytest.mark.deployment
 def test_two_runs_and_a_supernode_crash(tmp_path: Path) -> None:
-    import psutil
-
     runs = [RunSpec(rounds=2), RunSpec(rounds=2, kill_node=2)]
     done = deploy(runs, supernodes=3, timeout=TIMEOUT, workdir=tmp_path)
     print({"seconds": done.seconds, "runs": [r.seconds for r in done.runs]})
@@ -59,7 +58,39 @@ def test_two_runs_and_a_supernode_crash(tmp_path: Path) -> None:
     assert [faulty.result["train"][r]["num-replies"] for r in ("1", "2")] == [2, 2]
     assert "Received 2 results and 1 failures" in faulty.log, faulty.log[-3000:]
 
-    # Nothing this test started is left running.
+    assert _left_running(tmp_path) == []  # everything started was stopped
+
+
+def _left_running(work: Path) -> list[Any]:
+    """Live processes this test started: our children, or anything with our FLWR_HOME."""
+    import psutil
+
+    home = str(work / "flwr-home")
+    left = []
+    for proc in psutil.process_iter():
+        try:
+            ours = proc.environ().get("FLWR_HOME") == home
+            if ours and proc.status() != psutil.STATUS_ZOMBIE:
+                left.append(proc)
+        except psutil.Error:
+            continue
     here = psutil.Process()
-    left = [p for p in here.children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
-    assert left == [], left
+    left += [p for p in here.children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+    return left
+
+
+@pytest.mark.deployment
+def test_flwr_run_in_simulation(tmp_path: Path) -> None:
+    """``flwr run examples/flower`` on the Simulation Engine (a SuperLink with --simulation),
+    one round: the CLI, the FAB and the app's components, not the rounds (tested above)."""
+    from examples.flower.deploy import simulate
+
+    config = {"method": "'lora_fair'", "num-server-rounds": "1", "fraction-evaluate": "0.0"}
+    result = simulate(run_config=config, supernodes=2, timeout=300.0, workdir=tmp_path)
+    train = {int(k): v for k, v in result["train"].items()}
+    assert sorted(train) == [1]
+    assert train[1]["num-replies"] == 2
+    assert train[1]["solver-converged"] == 1.0
+    central = {int(k): v for k, v in result["central"].items()}
+    assert central[1]["loss"] < central[0]["loss"]
+    assert _left_running(tmp_path) == []
