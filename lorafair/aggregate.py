@@ -4,7 +4,9 @@ Every aggregator takes the K clients' adapters ``clients[k][layer] = (A_k, B_k)`
 shape (r_k, d_in) and ``B_k`` of shape (d_out, r_k), optional non-negative ``weights`` (normalised
 to ``p_k = w_k / Σ w_j``; ``None`` means ``p_k = 1/K``), keyword-only options, and returns a new
 ``dict[str, LoRAFactors]`` in the first client's layer order, on the inputs' device and dtype.
-Inputs are validated once (see :mod:`lorafair.errors`) and never mutated.
+Inputs are validated once (see :mod:`lorafair.errors`) and never mutated. A rank above both
+``d_in`` and ``d_out`` is rejected as a likely A/B swap (A must be (r, d_in), B (d_out, r));
+every aggregator takes ``allow_excess_rank=True`` to accept such a rank on purpose.
 
 The ideal global update of a layer is ``ΔW = Σ_k p_k B_k A_k``.
 """
@@ -48,7 +50,12 @@ _Clients = Sequence[Mapping[str, "LoRAFactors | tuple[Tensor, Tensor]"]]
 _BATCH_BYTES = 1 << 28
 
 
-def fedit(clients: _Clients, weights: Sequence[float] | None = None) -> dict[str, LoRAFactors]:
+def fedit(
+    clients: _Clients,
+    weights: Sequence[float] | None = None,
+    *,
+    allow_excess_rank: bool = False,
+) -> dict[str, LoRAFactors]:
     """FedIT: average A and B separately (Eq. 5 of LoRA-FAIR).
 
     Returns ``(Ā, B̄)`` with ``Ā = Σ p_k A_k`` and ``B̄ = Σ p_k B_k``. Biased: in general
@@ -65,7 +72,7 @@ def fedit(clients: _Clients, weights: Sequence[float] | None = None) -> dict[str
     >>> A.tolist(), B.flatten().tolist()
     ([[2.0, 2.0]], [0.5, 0.5, 0.5])
     """
-    prep = prepare(clients, weights, equal_ranks=True)
+    prep = prepare(clients, weights, equal_ranks=True, allow_excess_rank=allow_excess_rank)
     p = prep.weights
     out: dict[str, LoRAFactors] = {}
     for name, layer in prep.layers.items():
@@ -82,6 +89,7 @@ def ffa_lora(
     *,
     rtol: float = 1e-5,
     atol: float = 1e-8,
+    allow_excess_rank: bool = False,
 ) -> dict[str, LoRAFactors]:
     """FFA-LoRA: A is frozen at a shared initialisation; only B is averaged.
 
@@ -93,7 +101,7 @@ def ffa_lora(
     Cost: O(K r (d_in + d_out)) flops (the check reads every A once). Download: r·d_out per layer
     (A need not be sent again).
     """
-    prep = prepare(clients, weights, equal_ranks=True)
+    prep = prepare(clients, weights, equal_ranks=True, allow_excess_rank=allow_excess_rank)
     p = prep.weights
     if not (rtol >= 0 and atol >= 0):
         raise LoRAFairError(f"rtol and atol must be >= 0, got rtol={rtol}, atol={atol}")
@@ -114,7 +122,12 @@ def ffa_lora(
     return out
 
 
-def flora(clients: _Clients, weights: Sequence[float] | None = None) -> dict[str, LoRAFactors]:
+def flora(
+    clients: _Clients,
+    weights: Sequence[float] | None = None,
+    *,
+    allow_excess_rank: bool = False,
+) -> dict[str, LoRAFactors]:
     """FLoRA: stack all clients' factors along the rank axis.
 
     Returns ``A = cat_k(p_k A_k)`` of shape (Σ r_k, d_in) and ``B = cat_k(B_k)`` of shape
@@ -124,7 +137,7 @@ def flora(clients: _Clients, weights: Sequence[float] | None = None) -> dict[str
 
     Cost: O(K r d_in) flops plus copies; download Σ r_k (d_in + d_out) per layer (K× FedIT's).
     """
-    prep = prepare(clients, weights, equal_ranks=False)
+    prep = prepare(clients, weights, equal_ranks=False, allow_excess_rank=allow_excess_rank)
     p = prep.weights
     out: dict[str, LoRAFactors] = {}
     for name, layer in prep.layers.items():
@@ -139,6 +152,7 @@ def flexlora(
     *,
     rank: int | None = None,
     split: Literal["balanced", "left"] = "balanced",
+    allow_excess_rank: bool = False,
 ) -> dict[str, LoRAFactors]:
     """FlexLoRA: the best rank-``rank`` approximation of ``ΔW``, as LoRA factors.
 
@@ -162,7 +176,7 @@ def flexlora(
         raise LoRAFairError(f"split must be 'balanced' or 'left', got {split!r}")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise LoRAFairError(f"rank must be a positive int or None, got {rank!r}")
-    prep = prepare(clients, weights, equal_ranks=False)
+    prep = prepare(clients, weights, equal_ranks=False, allow_excess_rank=allow_excess_rank)
     p = prep.weights
     out: dict[str, LoRAFactors] = {}
     for group in group_by_shape(list(prep.layers.values())):

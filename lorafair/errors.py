@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "AdapterFormatError",
     "DeviceMismatchError",
     "DtypeMismatchError",
     "EmptyClientsError",
@@ -17,6 +18,10 @@ __all__ = [
 
 class LoRAFairError(ValueError):
     """Base class of every error lorafair raises on bad input."""
+
+
+class AdapterFormatError(LoRAFairError):
+    """A client's adapter is not laid out as ``layer -> (A, B)``: e.g. a raw peft state dict."""
 
 
 class EmptyClientsError(LoRAFairError):
