@@ -30,6 +30,7 @@ from examples.data import (
 )
 from examples.loop import FedConfig, MethodResult, run_method
 from examples.methods import METHODS, Method
+from examples.new_methods import NEW_METHODS, NewMethod, run_new_method
 from examples.report import accuracy_table, all_finite, write_outputs
 
 __all__ = ["build_parser", "main"]
@@ -129,9 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("federation")
     g.add_argument(
         "--methods",
-        type=_csv(list(METHODS)),
-        default=list(METHODS),
-        help="comma-separated subset of " + ",".join(METHODS),
+        type=_csv([*METHODS, *NEW_METHODS]),
+        default=[*METHODS, *NEW_METHODS],
+        help="comma-separated subset of " + ",".join([*METHODS, *NEW_METHODS]),
     )
     g.add_argument(
         "--partition",
@@ -300,7 +301,7 @@ def _run(
 ) -> dict[str, Path]:
     from examples import models as M  # timm from here on
 
-    methods: list[Method] = [cast(Method, m) for m in args.methods]
+    methods: list[Method | NewMethod] = list(args.methods)
     _seed_everything(args.seed)
     num_classes = _CLASSES[args.setup]
     weights = _weights_map(args.weights, args.models)
@@ -395,7 +396,10 @@ def _run(
             )
 
         results[arch] = [
-            run_method(m, make, clients, tests, cfg, label=f"{arch} ") for m in methods
+            run_new_method(m, make, clients, tests, cfg, label=f"{arch} ")
+            if m in NEW_METHODS
+            else run_method(cast(Method, m), make, clients, tests, cfg, label=f"{arch} ")
+            for m in methods
         ]
     paths = write_outputs(results, domain_names, out, config=config, plots=not args.no_plots)
     if not all_finite(results):

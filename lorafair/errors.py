@@ -8,6 +8,8 @@ __all__ = [
     "DtypeMismatchError",
     "EmptyClientsError",
     "FrozenAMismatchError",
+    "FrozenBMismatchError",
+    "FrozenFactorMismatchError",
     "InvalidWeightsError",
     "LayerKeyError",
     "LoRAFairError",
@@ -52,5 +54,13 @@ class DtypeMismatchError(LoRAFairError):
     """Factors of one layer have different dtypes, or a dtype that is not floating point."""
 
 
-class FrozenAMismatchError(LoRAFairError):
+class FrozenFactorMismatchError(LoRAFairError):
+    """A method that needs one factor frozen and shared was given clients whose copies differ."""
+
+
+class FrozenAMismatchError(FrozenFactorMismatchError):
     """FFA-LoRA was given clients whose ``A`` factors differ (``A`` must be frozen and shared)."""
+
+
+class FrozenBMismatchError(FrozenFactorMismatchError):
+    """A method freezing ``B`` (RoLoRA's A-rounds) was given clients whose ``B`` factors differ."""
