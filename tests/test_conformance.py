@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 from collections.abc import Callable
 
 import pytest
 import torch
 
 from lorafair import LoRAFactors, errors, registry
-from lorafair.aggregate import EnergyThreshold
+from lorafair.aggregate import EnergyThreshold, lora_fair
 
 Aggregator = Callable[..., dict[str, LoRAFactors]]
 
@@ -18,9 +19,20 @@ Aggregator = Callable[..., dict[str, LoRAFactors]]
 # method is covered by its entry. (FedEx-LoRA's and FedSA-LoRA's results are other types; they
 # have their own suite in test_conformance_methods.py.)
 AGGREGATORS: dict[str, Aggregator] = {
-    s.name: functools.partial(s.fn, **s.defaults)
-    for s in registry.specs()
-    if s.output == "adapters"
+    **{
+        s.name: functools.partial(s.fn, **s.defaults)
+        for s in registry.specs()
+        if s.output == "adapters"
+    },
+    # LoRA-FAIR in each of its forms: flat/columns cosine, both norms, both residual sides.
+    **{
+        f"lora_fair[{sim},{norm},{side}]": functools.partial(
+            lora_fair, lam=0.1, similarity=sim, norm=norm, residual_on=side
+        )
+        for sim, norm, side in itertools.product(
+            ("flat", "columns"), ("fro", "fro_squared"), ("B", "A")
+        )
+    },
 }
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -110,8 +122,9 @@ def test_zero_delta_w_gives_finite_output(aggregate):
 
 
 def test_single_client(aggregate, request):
-    spec = registry.get(request.node.callspec.params["aggregate"])
-    if isinstance(spec.defaults.get("rank"), EnergyThreshold):
+    name = request.node.callspec.params["aggregate"]
+    defaults = registry.get(name).defaults if name in registry.names() else {}
+    if isinstance(defaults.get("rank"), EnergyThreshold):
         pytest.skip("a rank chosen by energy may keep less than the one client's update")
     clients = make_clients(k=1)
     out = aggregate(clients)
