@@ -56,15 +56,16 @@ _SETUP_DEFAULTS: dict[str, dict[str, Any]] = {
     "nico": {"rounds": 30, "lr": 0.01, "batch_size": 128, "rank": 16},
 }
 # Offline presets override the offline defaults (flags given explicitly still win). "bias": a
-# setting where FedIT's B̄Ā departs from ΔW: five times the local work, a larger learning rate,
-# and a stronger feature shift (the base model is pre-trained on clean digits only, so five of
-# the six client styles are unseen). Chosen for the size of the bias alone, never for which
-# method wins; ViT only, to keep its run near the default's time.
+# setting where FedIT's B̄Ā departs from ΔW: five times the local work (5 epochs a round) and a
+# stronger feature shift (the base model is pre-trained on clean digits only, so five of the six
+# client styles are unseen). A larger learning rate was tried and diverged (lr 0.5: FedIT's loss
+# 8.8 then 14.3, chance accuracy), so the lr stays 0.3. Chosen for the size of the bias alone,
+# never for which method wins; ViT only and 4 rounds, to keep its run near the default's time.
 _PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "bias": {
         "local_iters": 5,
-        "rounds": 6,
+        "rounds": 4,
         "models": ["vit"],
         "pretrain_styles": ("clean",),
     },
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=list(_PRESETS),
         default="default",
-        help="offline only; bias: more local work, larger lr, stronger feature shift, "
+        help="offline only; bias: 5x the local work and a stronger feature shift, "
         "where FedIT's B̄Ā departs from ΔW (see examples/README.md)",
     )
     g.add_argument(
@@ -185,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds",
         type=int,
         default=None,
-        help="default: 50 domainnet, 30 nico, 8 offline (6 with --preset bias)",
+        help="default: 50 domainnet, 30 nico, 8 offline (4 with --preset bias)",
     )
     g.add_argument(
         "--local-iters",
@@ -207,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr",
         type=float,
         default=None,
-        help="SGD lr; default 0.01 (paper), 0.3 offline (0.5 with --preset bias)",
+        help="SGD lr; default 0.01 (paper), 0.3 offline",
     )
     g.add_argument("--momentum", type=float, default=0.0)
     g.add_argument("--weight-decay", type=float, default=0.0)
