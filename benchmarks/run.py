@@ -25,6 +25,7 @@ import torch
 if __package__ in (None, ""):  # run as ``python benchmarks/run.py``
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import new_methods
 from benchmarks import references as ref
 from benchmarks.shapes import SHAPE_SETS, LayerShape, factor_bytes, make_clients
 from lorafair.aggregate import fedit, ffa_lora, flexlora, flora, lora_fair
@@ -33,6 +34,7 @@ from lorafair.types import LoRAFactors
 __all__ = ["AGGREGATORS", "Inputs", "Row", "call_aggregator", "layers_for", "main", "make_inputs"]
 
 LIBRARY = ("fedit", "ffa_lora", "flora", "flexlora", "lora_fair", "lora_fair_sq")
+LIBRARY += new_methods.NAMES  # issue 16's methods, through the registry
 DENSE = ("dense_svd", "dense_sgd", "dense_sgd_sq")
 AGGREGATORS = LIBRARY + DENSE
 """``lora_fair``: ``norm="fro"``; ``lora_fair_sq``: ``norm="fro_squared"``; ``dense_svd``: the
@@ -116,6 +118,9 @@ def call_aggregator(
             kwargs["similarity"] = similarity
         out: dict[str, LoRAFactors] = lora_fair(inputs.free, **kwargs)
         return out, {}
+    if name in new_methods.NAMES:
+        clients = inputs.shared if new_methods.needs_shared_A(name) else inputs.free
+        return new_methods.call(name, clients), {}
     if name == "dense_svd":
         return ref.dense_svd_flexlora(inputs.free, layers=ref_layers), {}
     if name in ("dense_sgd", "dense_sgd_sq"):
@@ -160,7 +165,8 @@ def check(
     dense: Mapping[str, Mapping[str, LoRAFactors]],
 ) -> Quality:
     """Check ``result`` of aggregator ``name``; problems are collected, never ignored."""
-    clients = inputs.shared if name == "ffa_lora" else inputs.free
+    shared = name == "ffa_lora" or (name in new_methods.NAMES and new_methods.needs_shared_A(name))
+    clients = inputs.shared if shared else inputs.free
     p = ref.normalised(None, len(clients))
     tol = REL_TOL[inputs.dtype]
     otol = OBJ_TOL[inputs.dtype]
@@ -227,6 +233,8 @@ def check(
                     problems.append(
                         f"{layer}: objective {obj:.8f} worse than the dense SGD's {o_ref:.8f}"
                     )
+    if name in new_methods.NAMES:
+        problems += new_methods.check(name, result, clients, tol)
     return Quality(
         cos_mean=statistics.fmean(cosines) if cosines else float("nan"),
         cos_min=min(cosines) if cosines else float("nan"),
@@ -314,7 +322,7 @@ def run_cell(
         dtype,
         args.device,
         seed=args.seed,
-        need_shared="ffa_lora" in aggs,
+        need_shared=any(a == "ffa_lora" or a in new_methods.SHARED_A for a in aggs),
     )
     n_layers = len(inputs.layers)
     all_ref = args.ref_layers_per_shape <= 0

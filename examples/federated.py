@@ -32,6 +32,7 @@ from examples.data import (
 )
 from examples.loop import FedConfig, MethodResult, run_method
 from examples.methods import METHODS
+from examples.new_methods import NEW_METHODS, run_new_method
 from examples.report import accuracy_table, all_finite, write_outputs
 
 __all__ = ["build_parser", "main"]
@@ -163,9 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("federation")
     g.add_argument(
         "--methods",
-        type=_csv(list(METHODS)),
-        default=list(METHODS),
-        help="comma-separated subset of " + ",".join(METHODS),
+        type=_csv([*METHODS, *NEW_METHODS]),
+        default=[*METHODS, *NEW_METHODS],
+        help="comma-separated subset of " + ",".join([*METHODS, *NEW_METHODS]),
     )
     g.add_argument(
         "--partition",
@@ -495,15 +496,15 @@ def _run(
             for m in methods:
                 if bar is not None:
                     bar.set_description(f"{arch} seed {i + 1}/{len(seeds)} {m}")
-                run = run_method(
-                    m,
-                    make,
-                    clients,
-                    tests,
-                    replace(cfg, seed=seed),
-                    label=f"{arch} seed {seed} ",
-                    on_round=tick,
-                )
+                cfg_s = replace(cfg, seed=seed)
+                label = f"{arch} seed {seed} "
+                if m in NEW_METHODS:
+                    run = run_new_method(cast(Any, m), make, clients, tests, cfg_s, label=label)
+                    run.seed = seed
+                    if bar is not None:
+                        bar.update(rounds)
+                else:
+                    run = run_method(m, make, clients, tests, cfg_s, label=label, on_round=tick)
                 results[arch][m].append(run)
     if bar is not None:
         bar.close()

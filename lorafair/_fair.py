@@ -1103,9 +1103,11 @@ def _columns_minimise(
 
 
 def _run(
-    clients: _Clients, weights: Sequence[float] | None, opts: _Options
+    clients: _Clients, weights: Sequence[float] | None, opts: _Options, allow_excess_rank: bool
 ) -> tuple[list[_Group], list[_Solved]]:
-    prep = prepare(clients, weights, equal_ranks=False, check_finite=False)
+    prep = prepare(
+        clients, weights, equal_ranks=False, check_finite=False, allow_excess_rank=allow_excess_rank
+    )
     single = prep.n_clients == 1
     groups = [_build_group(g, prep.weights) for g in group_by_shape(list(prep.layers.values()))]
     if opts.similarity == "flat":
@@ -1137,6 +1139,7 @@ def solve_residual(
     residual_on: ResidualOn = "B",
     tol: float = 1e-8,
     max_iter: int = 500,
+    allow_excess_rank: bool = False,
 ) -> dict[str, ResidualSolution]:
     """Solve LoRA-FAIR's residual problem (Eq. 8) per layer; see :func:`lora_fair` for the math.
 
@@ -1151,7 +1154,7 @@ def solve_residual(
     0.707107
     """
     opts = _check_options(lam, norm, similarity, residual_on, tol, max_iter)
-    groups, solved = _run(clients, weights, opts)
+    groups, solved = _run(clients, weights, opts, allow_excess_rank)
     host = [
         (
             s.objective.cpu().tolist(),
@@ -1185,6 +1188,7 @@ def lora_fair(
     residual_on: ResidualOn = "B",
     tol: float = 1e-8,
     max_iter: int = 500,
+    allow_excess_rank: bool = False,
 ) -> dict[str, LoRAFactors]:
     """LoRA-FAIR: FedIT's average with the residual correction of Eq. 8, solved to ``tol``.
 
@@ -1214,7 +1218,9 @@ def lora_fair(
     plus r spare directions (≤ ``(K+2) r`` rows): multi-start Newton (four starts), restricted
     problems where columns vanish, and for ``λ > 0`` the λ = 0 problem too (the whole product
     vanishing). ``residual_on="A"`` solves the transposed problem. Clients of different ranks
-    are zero-padded to the largest rank (so ``Ā``, ``B̄`` and the result have that rank). One
+    are zero-padded to the largest rank (so ``Ā``, ``B̄`` and the result have that rank); a rank
+    above both ``d_in`` and ``d_out`` is rejected as a likely A/B swap unless
+    ``allow_excess_rank=True``. One
     client: FedIT is exact and ``ΔB* = 0``. ``ΔW = 0``: ``ΔB* = 0``. Details:
     ``docs/lora_fair.md``.
 
@@ -1233,7 +1239,7 @@ def lora_fair(
     (torch.Size([1, 2]), torch.Size([2, 1]))
     """
     opts = _check_options(lam, norm, similarity, residual_on, tol, max_iter)
-    groups, solved = _run(clients, weights, opts)
+    groups, solved = _run(clients, weights, opts, allow_excess_rank)
     out: dict[str, LoRAFactors] = {}
     fixed: dict[int, Tensor] = {}
     moved: dict[int, Tensor] = {}

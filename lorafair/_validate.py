@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from lorafair.errors import (
+    AdapterFormatError,
     DeviceMismatchError,
     DtypeMismatchError,
     EmptyClientsError,
@@ -109,7 +110,41 @@ def _as_pair(value: object, name: str, k: int) -> tuple[Tensor, Tensor]:
     return A, B
 
 
-def _check_layer(name: str, As: list[Tensor], Bs: list[Tensor], *, equal_ranks: bool) -> None:
+_PEFT_MARKERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+
+
+def _reject_peft_state_dict(client: Mapping[str, object], k: int) -> None:
+    """A peft state dict (``'….lora_A.weight' -> Tensor``) is the commonest wrong input."""
+    for key, value in client.items():
+        parts = str(key).split(".")
+        if isinstance(value, Tensor) and any(m in parts for m in _PEFT_MARKERS):
+            raise AdapterFormatError(
+                f"client {k} looks like a peft state dict (key {str(key)!r} maps to a tensor); "
+                "lorafair aggregators take layer -> (A, B) pairs: convert it with "
+                "lorafair.interop.peft.from_peft_state_dict(state_dict).factors"
+            )
+
+
+def _check_rank(name: str, k: int, A: Tensor, B: Tensor) -> None:
+    r, d_in, d_out = int(A.shape[0]), int(A.shape[1]), int(B.shape[0])
+    if r > d_in and r > d_out:
+        raise LoRAShapeError(
+            f"layer {name!r}: client {k} has A of shape {tuple(A.shape)} and B of shape "
+            f"{tuple(B.shape)}: rank {r} exceeds both d_in = {d_in} and d_out = {d_out}. "
+            "A and B look swapped: A must be (r, d_in) and B (d_out, r), as peft's "
+            "lora_A.weight and lora_B.weight. If this rank is on purpose, pass "
+            "allow_excess_rank=True"
+        )
+
+
+def _check_layer(
+    name: str,
+    As: list[Tensor],
+    Bs: list[Tensor],
+    *,
+    equal_ranks: bool,
+    allow_excess_rank: bool = False,
+) -> None:
     A0, B0 = As[0], Bs[0]
     for k, (A, B) in enumerate(zip(As, Bs, strict=True)):
         for label, t in (("A", A), ("B", B)):
@@ -150,6 +185,8 @@ def _check_layer(name: str, As: list[Tensor], Bs: list[Tensor], *, equal_ranks: 
                 f"layer {name!r}: client {k} has B of shape {tuple(B.shape)} but client 0 has "
                 f"{tuple(B0.shape)} (d_out differs)"
             )
+        if not allow_excess_rank:
+            _check_rank(name, k, A, B)
         if equal_ranks and A.shape[0] != A0.shape[0]:
             raise LoRAShapeError(
                 f"layer {name!r}: client {k} has A of shape {tuple(A.shape)} but client 0 has "
@@ -186,20 +223,34 @@ def raise_if_nonfinite(layers: Mapping[str, Layer]) -> None:
             raise NonFiniteError(f"layer {name!r}: client {k} has NaN or Inf in {label}")
 
 
+def _listed(names: Sequence[str], noun: str, limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{noun}{'s' if len(names) > 1 else ''} {shown}{more}"
+
+
 def same_keys(mappings: Sequence[Mapping[str, object]], *, noun: str) -> list[str]:
-    """Client 0's keys, after checking every client has exactly them (naming the first odd one)."""
+    """Client 0's keys, after checking every client has exactly them.
+
+    The error names both sides of the first difference: the keys client k lacks and the keys
+    it has that client 0 does not.
+    """
     names = list(mappings[0].keys())
     reference = set(names)
     for k, m in enumerate(mappings[1:], start=1):
         keys = set(m.keys())
         if keys != reference:
-            missing = [n for n in names if n not in keys]
+            missing = [str(n) for n in names if n not in keys]
+            extra = [str(n) for n in m if n not in reference]
+            parts = []
             if missing:
-                raise LayerKeyError(
-                    f"client {k} is missing {noun} {missing[0]!r} (client 0 has it)"
+                they = "them" if len(missing) > 1 else "it"
+                parts.append(
+                    f"client {k} is missing {_listed(missing, noun)} (client 0 has {they})"
                 )
-            extra = sorted(str(n) for n in keys - reference)
-            raise LayerKeyError(f"client {k} has {noun} {extra[0]!r} that client 0 does not have")
+            if extra:
+                parts.append(f"client {k} has {_listed(extra, noun)} that client 0 does not have")
+            raise LayerKeyError("; ".join(parts))
     return names
 
 
@@ -209,6 +260,7 @@ def prepare(
     *,
     equal_ranks: bool,
     check_finite: bool = True,
+    allow_excess_rank: bool = False,
 ) -> Prepared:
     """Validate clients and weights once at the API boundary.
 
@@ -216,7 +268,9 @@ def prepare(
     (the first missing or extra one is named); each factor is a 2-D floating tensor, finite;
     within a layer all factors share dtype and device, ``A_k.shape[0] == B_k.shape[1]``, and
     ``d_in``/``d_out`` agree across clients (and ranks too when ``equal_ranks``); weights as in
-    :func:`normalise_weights`. Nothing is copied or mutated. ``check_finite=False`` leaves the
+    :func:`normalise_weights`; a rank above both ``d_in`` and ``d_out`` (almost always A and B
+    swapped) unless ``allow_excess_rank``; a peft state dict passed as a client is named as
+    such. Nothing is copied or mutated. ``check_finite=False`` leaves the
     NaN/Inf check to a caller that gets it for free from its own arithmetic (and then calls
     :func:`raise_if_nonfinite` to name the culprit).
     """
@@ -233,6 +287,7 @@ def prepare(
             raise LayerKeyError(
                 f"client {k} must be a mapping of layer name to (A, B), got {type(c).__name__}"
             )
+        _reject_peft_state_dict(c, k)
     names = same_keys(clients, noun="layer")
     if not names:
         raise EmptyClientsError("client 0 has no layers")
@@ -242,7 +297,7 @@ def prepare(
         pairs = [_as_pair(c[name], name, k) for k, c in enumerate(clients)]
         As = [a for a, _ in pairs]
         Bs = [b for _, b in pairs]
-        _check_layer(name, As, Bs, equal_ranks=equal_ranks)
+        _check_layer(name, As, Bs, equal_ranks=equal_ranks, allow_excess_rank=allow_excess_rank)
         layers[name] = Layer(name, tuple(As), tuple(Bs))
     if check_finite:
         raise_if_nonfinite(layers)

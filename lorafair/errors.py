@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 __all__ = [
+    "AdapterFormatError",
     "DeviceMismatchError",
     "DtypeMismatchError",
     "EmptyClientsError",
     "FrozenAMismatchError",
+    "FrozenBMismatchError",
+    "FrozenFactorMismatchError",
     "InvalidWeightsError",
     "LayerKeyError",
     "LoRAFairError",
@@ -17,6 +20,10 @@ __all__ = [
 
 class LoRAFairError(ValueError):
     """Base class of every error lorafair raises on bad input."""
+
+
+class AdapterFormatError(LoRAFairError):
+    """A client's adapter is not laid out as ``layer -> (A, B)``: e.g. a raw peft state dict."""
 
 
 class EmptyClientsError(LoRAFairError):
@@ -47,5 +54,13 @@ class DtypeMismatchError(LoRAFairError):
     """Factors of one layer have different dtypes, or a dtype that is not floating point."""
 
 
-class FrozenAMismatchError(LoRAFairError):
+class FrozenFactorMismatchError(LoRAFairError):
+    """A method that needs one factor frozen and shared was given clients whose copies differ."""
+
+
+class FrozenAMismatchError(FrozenFactorMismatchError):
     """FFA-LoRA was given clients whose ``A`` factors differ (``A`` must be frozen and shared)."""
+
+
+class FrozenBMismatchError(FrozenFactorMismatchError):
+    """A method freezing ``B`` (RoLoRA's A-rounds) was given clients whose ``B`` factors differ."""

@@ -10,6 +10,11 @@ under ``weighted_by_key`` (``"num-examples"`` by default). The server splits eac
 LoRA factors and other tensors, aggregates the factors with the chosen lorafair function, averages
 the other tensors (FedAvg), and returns one ``ArrayRecord`` in the first reply's key format.
 
+bfloat16 adapters: Flower's ``ArrayRecord(state_dict)`` cannot hold them (it goes through
+NumPy). Encode with :func:`to_array_record` and decode with :func:`from_array_record`, which
+carry bfloat16 bit for bit as raw bytes; the strategy reads both encodings and aggregates in
+the adapters' own dtype.
+
 If clients' LoRA ranks or alphas differ, clients should upload factors with peft's scaling folded
 into B (:func:`lorafair.interop.peft.fold_scaling`) and unfold their own scaling from what they
 receive (:func:`~lorafair.interop.peft.unfold_scaling`); the strategy itself is scaling-agnostic.
@@ -24,29 +29,62 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO
 from typing import Any, Literal
 
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 from flwr.supercore import log
+from torch import Tensor
 
+from lorafair.aggregate import ResidualSolution, fedit, lora_fair, solve_residual
 from lorafair.interop.peft import fedavg_others, from_peft_state_dict, to_peft_state_dict
 from lorafair.metrics import aggregation_bias
 from lorafair.types import LoRAFactors
 
-__all__ = ["LoRAStrategy"]
+__all__ = ["BF16_STYPE", "LoRAStrategy", "from_array_record", "to_array_record"]
 
 Aggregator = Callable[..., Mapping[str, LoRAFactors]]
 
+BF16_STYPE = "lorafair.bfloat16.le-bytes"
+"""The ``Array.stype`` of a bfloat16 tensor carried as its raw little-endian bytes."""
 
-def _lora_fair_solver() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
-    """``(lora_fair, solve_residual)`` from :mod:`lorafair.aggregate`, if that build has them."""
-    from lorafair import aggregate
 
-    fair = getattr(aggregate, "lora_fair", None)
-    solve = getattr(aggregate, "solve_residual", None)
-    if fair is None or solve is None:
-        return None
-    return fair, solve
+def to_array_record(state_dict: Mapping[str, Tensor]) -> ArrayRecord:
+    """An ``ArrayRecord`` of ``state_dict`` that also carries bfloat16 tensors, bit for bit.
+
+    Flower 1.42's ``ArrayRecord(state_dict)`` goes through NumPy, which has no bfloat16, and
+    raises ``TypeError: Got unsupported ScalarType BFloat16``. Here a bfloat16 tensor becomes an
+    ``Array(dtype="bfloat16", shape, stype=BF16_STYPE, data)`` with its 2 bytes per entry
+    (little-endian), so it travels at its own size and is not rounded; every other dtype uses
+    Flower's own NumPy encoding, so receivers that do not know ``BF16_STYPE`` read those as
+    usual. Read back with :func:`from_array_record`. Cost: one copy of the tensors.
+    """
+    arrays: dict[str, Array] = {}
+    for key, tensor in state_dict.items():
+        t = tensor.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            raw = t.contiguous().view(torch.int16).numpy().astype("<i2", copy=False)
+            arrays[key] = Array("bfloat16", tuple(t.shape), BF16_STYPE, raw.tobytes())
+        else:
+            arrays[key] = Array.from_torch_tensor(t)
+    return ArrayRecord(arrays)
+
+
+def from_array_record(record: ArrayRecord) -> dict[str, Tensor]:
+    """The torch state dict of ``record``, decoding :data:`BF16_STYPE` arrays to bfloat16.
+
+    The inverse of :func:`to_array_record`; for records without bfloat16 arrays it equals
+    ``record.to_torch_state_dict()``. Keys keep the record's order.
+    """
+    out: dict[str, Tensor] = {}
+    for key, array in record.items():
+        if array.stype == BF16_STYPE:
+            raw = np.frombuffer(array.data, dtype="<i2").astype(np.int16)
+            out[key] = torch.from_numpy(raw).view(torch.bfloat16).reshape(array.shape)
+        else:
+            out[key] = torch.from_numpy(array.numpy())
+    return out
 
 
 class LoRAStrategy(FedAvg):
@@ -64,8 +102,10 @@ class LoRAStrategy(FedAvg):
     ``"bias-cosine/<layer>"``, its minimum ``"bias-cosine-min"`` and mean ``"bias-cosine-mean"``
     and the largest relative error ``"bias-relative-error-max"`` (factored, float64, via
     :func:`lorafair.metrics.aggregation_bias`); and, when ``aggregator`` is ``lora_fair``, the
-    solver's ``"solver-iterations-max"`` and ``"solver-converged"`` (fraction of layers), which
-    costs one more residual solve (:func:`lorafair.aggregate.solve_residual`, same options).
+    solver's ``"solver-iterations-max"`` and ``"solver-converged"`` (fraction of layers). For
+    ``lora_fair`` the residual problem is solved once per round: the strategy calls
+    :func:`lorafair.aggregate.solve_residual` (same options) and builds LoRA-FAIR's output
+    ``(Ā, B̄ + ΔB*)`` from it (see :func:`_lora_fair_once`).
 
     Every other argument is :class:`flwr.serverapp.strategy.FedAvg`'s, keyword-only.
     """
@@ -152,29 +192,78 @@ class LoRAStrategy(FedAvg):
         validate_message_reply_consistency(
             replies=contents, weighted_by_key=self.weighted_by_key, check_arrayrecord=True
         )
-        state_dicts = [next(iter(c.array_records.values())).to_torch_state_dict() for c in contents]
+        state_dicts = [from_array_record(next(iter(c.array_records.values()))) for c in contents]
         weights = [_weight(c, self.weighted_by_key) for c in contents]
         splits = [from_peft_state_dict(sd, adapter_name=self.adapter_name) for sd in state_dicts]
         clients = [s.factors for s in splits]
-        aggregated = dict(self.aggregator(clients, weights, **self.options))
+        solved: dict[str, ResidualSolution] | None = None
+        if self.aggregator is lora_fair:
+            aggregated, solved = _lora_fair_once(clients, weights, self.options)
+        else:
+            aggregated = dict(self.aggregator(clients, weights, **self.options))
         others = (
             fedavg_others([s.others for s in splits], weights, nonfloat=self.nonfloat)
             if splits[0].others
             else {}
         )
-        arrays = ArrayRecord(to_peft_state_dict(aggregated, like=splits[0], others=others))
+        arrays = to_array_record(to_peft_state_dict(aggregated, like=splits[0], others=others))
 
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         if self.report_bias:
             _add_bias_metrics(metrics, aggregation_bias(clients, aggregated, weights))
-        fair = _lora_fair_solver()
-        if fair is not None and self.aggregator is fair[0]:
-            solved = fair[1](clients, weights, **self.options)
+        if solved is not None:
             iterations = [int(s.iterations) for s in solved.values()]
             converged = [bool(s.converged) for s in solved.values()]
             metrics["solver-iterations-max"] = max(iterations)
             metrics["solver-converged"] = sum(converged) / len(converged)
         return arrays, metrics
+
+
+def _lora_fair_once(
+    clients: Sequence[Mapping[str, LoRAFactors]],
+    weights: Sequence[float],
+    options: Mapping[str, Any],
+) -> tuple[dict[str, LoRAFactors], dict[str, ResidualSolution]]:
+    """:func:`lorafair.aggregate.lora_fair`'s output from one residual solve, and the solutions.
+
+    ``(Ā, B̄ + ΔB*)`` per layer (``residual_on="A"``: ``(Ā + ΔA*, B̄)``) with ``Ā, B̄`` from
+    :func:`~lorafair.aggregate.fedit` on the clients zero-padded to the largest rank (as
+    ``lora_fair`` pads them) and ``ΔB*`` from :func:`~lorafair.aggregate.solve_residual`. The
+    sum is formed in float64 and rounded once to the inputs' dtype; a zero residual returns
+    FedIT's factors bit for bit. Against ``lora_fair`` itself the result differs only by the
+    rounding of ``ΔB*`` (returned in the inputs' dtype) and of ``B̄``: about one unit in the
+    last place of the inputs' dtype (bf16: 2⁻⁸ relative). Cost: one ``solve_residual`` plus
+    FedIT's O(K r (d_in + d_out)).
+    """
+    solved = solve_residual(clients, weights, **options)
+    on_a = options.get("residual_on", "B") == "A"
+    mean = fedit(_pad_ranks(clients), weights)
+    out: dict[str, LoRAFactors] = {}
+    for name, (A, B) in mean.items():
+        delta = solved[name].delta
+        if not bool(delta.any()):
+            out[name] = LoRAFactors(A, B)
+        elif on_a:
+            out[name] = LoRAFactors((A.double() + delta.double()).to(A.dtype), B)
+        else:
+            out[name] = LoRAFactors(A, (B.double() + delta.double()).to(B.dtype))
+    return out, solved
+
+
+def _pad_ranks(clients: Sequence[Mapping[str, LoRAFactors]]) -> list[dict[str, LoRAFactors]]:
+    """The clients with every layer zero-padded to its largest rank (``B_k A_k`` unchanged)."""
+    top = {name: max(int(c[name][0].shape[0]) for c in clients) for name in clients[0]}
+    out: list[dict[str, LoRAFactors]] = []
+    for c in clients:
+        padded: dict[str, LoRAFactors] = {}
+        for name, (A, B) in c.items():
+            extra = top[name] - int(A.shape[0])
+            if extra:
+                A = torch.cat([A, A.new_zeros(extra, A.shape[1])])
+                B = torch.cat([B, B.new_zeros(B.shape[0], extra)], dim=1)
+            padded[name] = LoRAFactors(A, B)
+        out.append(padded)
+    return out
 
 
 def _weight(content: RecordDict, key: str) -> float:

@@ -45,6 +45,7 @@ def ideal_update(
     weights: Sequence[float] | None = None,
     *,
     dtype: torch.dtype | None = None,
+    allow_excess_rank: bool = False,
 ) -> dict[str, Tensor]:
     """The dense ideal update ``ΔW = Σ p_k B_k A_k`` per layer (Eq. 7), for small layers and tests.
 
@@ -52,7 +53,7 @@ def ideal_update(
     Cost: O(d_out d_in Σ r_k) flops and a d_out × d_in buffer per layer — this is the one
     function in lorafair that forms ΔW; everything else works on the factors.
     """
-    prep = prepare(clients, weights, equal_ranks=False)
+    prep = prepare(clients, weights, equal_ranks=False, allow_excess_rank=allow_excess_rank)
     out: dict[str, Tensor] = {}
     for name, layer in prep.layers.items():
         A_s, B_s = stacked(layer, prep.weights, torch.float64)
@@ -100,6 +101,8 @@ def aggregation_bias(
     clients: _Clients,
     aggregated: Mapping[str, LoRAFactors | tuple[Tensor, Tensor]],
     weights: Sequence[float] | None = None,
+    *,
+    allow_excess_rank: bool = False,
 ) -> dict[str, BiasReport]:
     """Server-side aggregation bias of ``aggregated`` against ``ΔW = Σ p_k B_k A_k``, per layer.
 
@@ -112,7 +115,7 @@ def aggregation_bias(
     ``aggregated`` may have any rank (FLoRA's stacked result included) and must hold the
     clients' layers on their device; see :class:`BiasReport` for zero-norm conventions.
     """
-    prep = prepare(clients, weights, equal_ranks=False)
+    prep = prepare(clients, weights, equal_ranks=False, allow_excess_rank=allow_excess_rank)
     pairs = _aggregated_pairs(prep, aggregated)
     out: dict[str, BiasReport] = {}
     for name, layer in prep.layers.items():

@@ -17,12 +17,37 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Literal, NamedTuple
 
-from lorafair import aggregate
+import torch
 
-__all__ = ["AggregatorSpec", "Floor", "get", "names", "specs"]
+from lorafair import aggregate
+from lorafair.aggregate import EnergyThreshold
+from lorafair.types import FedExResult, LoRAFactors
+
+__all__ = ["AggregatorSpec", "Floor", "Output", "get", "names", "specs"]
 
 Floor = Literal["memory", "gram"]
 """What bounds a method's cost from below: one read of its inputs, or the float64 Grams."""
+
+Output = Literal["adapters", "adapters+residual", "per_client"]
+"""What a method returns: ``dict[str, LoRAFactors]``; FedEx-LoRA's
+:class:`~lorafair.types.FedExResult` (adapters plus a residual for the frozen weights); or
+one adapter per client (:class:`~lorafair.types.FedSAResult`, personalised)."""
+
+
+def _as_is(out: Any) -> dict[str, LoRAFactors]:
+    return dict(out)
+
+
+def _adapters_plus_residual(out: Any) -> dict[str, LoRAFactors]:
+    """FedEx-LoRA's update ``B̄Ā + B_res A_res`` as one factored pair (ranks concatenated)."""
+    result: FedExResult = out
+    return {
+        name: LoRAFactors(
+            torch.cat([A, result.residual[name].A], dim=0),
+            torch.cat([B, result.residual[name].B], dim=1),
+        )
+        for name, (A, B) in result.adapters.items()
+    }
 
 
 class AggregatorSpec(NamedTuple):
@@ -47,6 +72,13 @@ class AggregatorSpec(NamedTuple):
     """Every client must have the same rank."""
     floor: Floor
     summary: str
+    output: Output = "adapters"
+    """The kind of result ``fn`` returns (see :data:`Output`)."""
+    update_factors: Callable[[Any], dict[str, LoRAFactors]] | None = _as_is
+    """Maps ``fn``'s result to factors whose ``B @ A`` is the global update the clients apply
+    (FedEx-LoRA: adapters and residual concatenated); ``None`` for personalised methods."""
+    personalised: bool = False
+    """Each client ends the round with its own adapter; there is no single global update."""
 
 
 def _spec(
@@ -61,6 +93,7 @@ def _spec(
     shared_A: bool = False,
     equal_ranks: bool = True,
     floor: Floor = "memory",
+    output: Output = "adapters",
 ) -> AggregatorSpec:
     return AggregatorSpec(
         name=name,
@@ -73,6 +106,13 @@ def _spec(
         equal_ranks=equal_ranks,
         floor=floor,
         summary=summary,
+        output=output,
+        update_factors={
+            "adapters": _as_is,
+            "adapters+residual": _adapters_plus_residual,
+            "per_client": None,
+        }[output],
+        personalised=output == "per_client",
     )
 
 
@@ -106,6 +146,49 @@ _SPECS: tuple[AggregatorSpec, ...] = (
         "keep Ā, correct B̄ by the residual that best aligns (B̄+ΔB)Ā with ΔW",
         defaults={"lam": 0.01},
         never_worse_than_fedit=True,
+        equal_ranks=False,
+        floor="gram",
+    ),
+    _spec(
+        "fedex_lora",
+        aggregate.fedex_lora,
+        "FedIT's (Ā, B̄) plus the factored residual ΔW − B̄Ā for the frozen weights (exact)",
+        exact=True,
+        output="adapters+residual",
+    ),
+    _spec(
+        "fedsa_lora",
+        aggregate.fedsa_lora,
+        "average and share A; each client keeps its own B (personalised)",
+        output="per_client",
+    ),
+    _spec(
+        "rolora",
+        aggregate.rolora,
+        "alternate rounds: average the trained factor, the other is shared (exact)",
+        defaults={"trained": "B"},
+        exact=True,
+        shared_A=True,
+    ),
+    _spec(
+        "hetlora",
+        aggregate.hetlora,
+        "zero-pad ranks to the largest; average weighted by p_k ‖B_k A_k‖_F (biased)",
+        equal_ranks=False,
+    ),
+    _spec(
+        "fedsvd",
+        aggregate.fedsvd,
+        "B trained on a shared A; re-factor B̄A as (Vᵀ, UΣ), A orthonormal (exact)",
+        exact=True,
+        shared_A=True,
+    ),
+    _spec(
+        "flexlora_energy",
+        aggregate.flexlora,
+        "FlexLoRA with per-layer ranks keeping 99% of ‖ΔW‖_F² (FLoRIST's rule)",
+        defaults={"rank": EnergyThreshold(0.99)},
+        optimal=True,
         equal_ranks=False,
         floor="gram",
     ),

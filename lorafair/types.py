@@ -12,7 +12,17 @@ from typing import NamedTuple, TypeAlias
 
 from torch import Tensor
 
-__all__ = ["ClientFactors", "Clients", "LoRAFactors", "Weights"]
+__all__ = [
+    "ClientFactors",
+    "Clients",
+    "FedExResult",
+    "FedSAResult",
+    "FlexLoRAReport",
+    "LoRAFactors",
+    "RankChoice",
+    "ResidualReport",
+    "Weights",
+]
 
 
 class LoRAFactors(NamedTuple):
@@ -30,3 +40,53 @@ Clients: TypeAlias = Sequence[ClientFactors]
 
 Weights: TypeAlias = "Sequence[float] | None"
 """Non-negative client weights (data sizes or proportions), normalised; ``None`` means equal."""
+
+
+class ResidualReport(NamedTuple):
+    """What FedEx-LoRA's residual of one layer costs and, when truncated, what it loses.
+
+    ``rank``: the rank of the residual sent (its factors' inner dimension); ``norm``:
+    ``‖ΔW − B̄Ā‖_F`` (float64); ``lost``: ``‖(ΔW − B̄Ā) − sent‖_F``, zero when not truncated
+    (the Eckart–Young tail ``sqrt(Σ_{i>q} σ_i²)`` when truncated to rank q).
+    """
+
+    rank: int
+    norm: float
+    lost: float
+
+
+class FedExResult(NamedTuple):
+    """FedEx-LoRA's download: FedIT's adapters, the factored residual, and a per-layer report.
+
+    Clients add ``residual[name].B @ residual[name].A`` to their frozen weight and load
+    ``adapters[name]`` as their LoRA factors, so their effective weight moves by exactly ΔW.
+    """
+
+    adapters: dict[str, LoRAFactors]
+    residual: dict[str, LoRAFactors]
+    report: dict[str, ResidualReport]
+
+
+class FedSAResult(NamedTuple):
+    """FedSA-LoRA's output: the shared ``Ā`` per layer, and each client's personal adapter.
+
+    ``adapters[k][name] = (Ā, B_k)``: client k keeps its own ``B_k`` and loads the shared ``Ā``.
+    Only ``shared_A`` is downloaded.
+    """
+
+    shared_A: dict[str, Tensor]
+    adapters: tuple[dict[str, LoRAFactors], ...]
+
+
+class RankChoice(NamedTuple):
+    """The rank a layer kept and the fraction of ``‖ΔW‖_F²`` it keeps (1.0 when ``ΔW = 0``)."""
+
+    rank: int
+    energy: float
+
+
+class FlexLoRAReport(NamedTuple):
+    """FlexLoRA's adapters plus, per layer, the rank chosen and the energy it keeps."""
+
+    adapters: dict[str, LoRAFactors]
+    ranks: dict[str, RankChoice]

@@ -149,6 +149,10 @@ def test_layers_with_d_below_3_fall_back_to_the_general_solver(monkeypatch) -> N
     torch.testing.assert_close(sol.delta, expected.extra[0], rtol=0, atol=1e-12)
 
 
+# Rank 3 on a 1 × 1 layer, on purpose (the scalar case of the unattained infimum).
+EXCESS = {"allow_excess_rank": True}
+
+
 @pytest.mark.parametrize("norm", ["fro", "fro_squared"])
 @pytest.mark.parametrize("residual_on", ["B", "A"])
 def test_unattained_infimum_is_approached_the_same_way_at_any_weight_scale(
@@ -169,7 +173,9 @@ def test_unattained_infimum_is_approached_the_same_way_at_any_weight_scale(
     dist = float((fixed @ moved).abs() / fixed.norm())
     infimum = 0.1 * (dist if norm == "fro" else dist * dist)
     runs = [
-        solve_residual(clients, [3 * s, 7 * s], lam=0.1, norm=norm, residual_on=residual_on)["fc"]
+        solve_residual(
+            clients, [3 * s, 7 * s], lam=0.1, norm=norm, residual_on=residual_on, **EXCESS
+        )["fc"]
         for s in (1.0, 1e-3, 0.73, 1.1e3)
     ]
     for sol in runs:
@@ -179,7 +185,7 @@ def test_unattained_infimum_is_approached_the_same_way_at_any_weight_scale(
     # Narrow outputs stop where their own rounding keeps the product on the right side.
     for dtype in (torch.float32, torch.bfloat16):
         narrow = [{"fc": (a[k].to(dtype), b[k].to(dtype))} for k in range(2)]
-        out = lora_fair(narrow, [3, 7], lam=0.1, norm=norm, residual_on=residual_on)["fc"]
+        out = lora_fair(narrow, [3, 7], lam=0.1, norm=norm, residual_on=residual_on, **EXCESS)["fc"]
         f64 = [(f["fc"][0].to(F64), f["fc"][1].to(F64)) for f in narrow]
         dW = 0.3 * f64[0][1] @ f64[0][0] + 0.7 * f64[1][1] @ f64[1][0]
         assert float((out.B.to(F64) @ out.A.to(F64)) * dW) > 0

@@ -11,7 +11,8 @@ from lorafair.metrics import ideal_update
 
 
 def test_every_public_aggregator_is_registered_once() -> None:
-    public = {n for n in agg.__all__ if n[0].islower() and n != "solve_residual"}
+    helpers = {"solve_residual", "rolora_trained", "hetlora_truncate", "flexlora_report"}
+    public = {n for n in agg.__all__ if n[0].islower() and n not in helpers}
     assert set(registry.names()) >= public
     assert len(registry.names()) == len(set(registry.names()))
 
@@ -35,7 +36,9 @@ def test_exact_flag_holds(name: str) -> None:
         }
         for _ in range(3)
     ]
-    out = spec.fn(clients, [1.0, 2.0, 3.0], **spec.defaults)
+    if spec.update_factors is None:  # personalised: no single global update to compare
+        pytest.skip(f"{name} returns one adapter per client")
+    out = spec.update_factors(spec.fn(clients, [1.0, 2.0, 3.0], **spec.defaults))
     A, B = out["fc"]
     err = float((B @ A - ideal_update(clients, [1.0, 2.0, 3.0])["fc"]).norm())
     if spec.exact:

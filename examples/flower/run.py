@@ -1,4 +1,7 @@
-"""Simulate the Flower app in-process: ``python -m examples.flower.run --method lora_fair``."""
+"""Simulate the Flower app in-process: ``python -m examples.flower.run --method lora_fair``.
+
+The same app runs with Flower's CLI: ``flwr run examples/flower`` (see README.md here).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +12,8 @@ import os
 from flwr.serverapp.strategy import Result
 from flwr.simulation import run_simulation
 
-from examples.flower.client_app import app as client_app
-from examples.flower.server_app import METHODS, make_server_app
+from examples.flower.lorafair_app.client_app import app as client_app
+from examples.flower.lorafair_app.server_app import METHODS, make_server_app, summary
 
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence a ray FutureWarning
 
@@ -18,7 +21,8 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence a ra
 def simulate(method: str, *, rounds: int = 3, num_clients: int = 3, backend: str = "ray") -> Result:
     """Run the simulation and return the strategy's Result (global metrics per round)."""
     results: list[Result] = []
-    server = make_server_app(method=method, rounds=rounds, num_clients=num_clients, results=results)
+    run_config = {"method": method, "num-server-rounds": rounds, "min-nodes": num_clients}
+    server = make_server_app(run_config, results=results)
     run_simulation(
         server_app=server,
         client_app=client_app,
@@ -40,12 +44,8 @@ def main() -> None:
     args = parser.parse_args()
     result = simulate(args.method, rounds=args.rounds, num_clients=args.clients)
     if args.json:
-        summary = {
-            "central": {r: dict(m) for r, m in result.evaluate_metrics_serverapp.items()},
-            "train": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
-        }
         with open(args.json, "w") as f:
-            json.dump(summary, f, indent=1)
+            json.dump(summary(result, method=args.method, seconds=0.0), f, indent=1)
     for rnd, metrics in sorted(result.evaluate_metrics_serverapp.items()):
         print(f"round {rnd}: {dict(metrics)}")
     for rnd, metrics in sorted(result.train_metrics_clientapp.items()):

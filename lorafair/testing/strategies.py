@@ -46,7 +46,7 @@ def layer_shapes(*, min_dim: int = 1, max_dim: int = 12) -> st.SearchStrategy[tu
 
 
 def ranks(*, min_rank: int = 1, max_rank: int = 4) -> st.SearchStrategy[int]:
-    """LoRA ranks in ``[min_rank, max_rank]`` (may exceed a layer's dimensions: r > d is legal)."""
+    """LoRA ranks in ``[min_rank, max_rank]`` (may exceed one of a layer's dimensions)."""
     return st.integers(min_rank, max_rank)
 
 
@@ -73,13 +73,16 @@ def clients(
     zero_B: bool = False,
     dtype: torch.dtype = torch.float64,
     device: str | torch.device = "cpu",
+    excess_rank: bool = False,
 ) -> list[dict[str, LoRAFactors]]:
     """K clients' adapters with the same layer names ``"layer0"``, ``"layer1"``, ….
 
     Per layer: a drawn ``(d_out, d_in)`` and rank(s) (one rank for all clients when
     ``equal_ranks``, else one per client); ``shared_A`` gives every client the same ``A``
     (FFA-LoRA's frozen A); ``zero_B`` makes every ``B`` zero (peft's initialisation, ΔW = 0).
-    Entries are Gaussian with a per-client scale drawn from 1e-2 … 1e2.
+    Entries are Gaussian with a per-client scale drawn from 1e-2 … 1e2. A drawn rank above
+    both ``d_in`` and ``d_out``, which aggregators reject as a likely A/B swap unless told
+    ``allow_excess_rank=True``, is cut to ``max(d_in, d_out)`` unless ``excess_rank``.
     """
     k = n_clients if isinstance(n_clients, int) else draw(n_clients)
     n = n_layers if isinstance(n_layers, int) else draw(n_layers)
@@ -92,6 +95,8 @@ def clients(
     for i in range(n):
         d_out, d_in = draw(shapes)
         rs: Sequence[int] = [draw(rank)] * k if equal_ranks else [draw(rank) for _ in range(k)]
+        if not excess_rank:
+            rs = [min(r, max(d_in, d_out)) for r in rs]
         shared = torch.randn(rs[0], d_in, generator=gen, dtype=torch.float64)
         for c in range(k):
             A = shared if shared_A else torch.randn(rs[c], d_in, generator=gen, dtype=torch.float64)

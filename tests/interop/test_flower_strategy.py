@@ -20,7 +20,7 @@ with warnings.catch_warnings():
     from flwr.serverapp.exception import InconsistentMessageReplies
     from flwr.serverapp.strategy import FedAvg
 
-    from lorafair.flower import LoRAStrategy
+    from lorafair.flower import LoRAStrategy, from_array_record, to_array_record
 
 from lorafair import aggregate
 
@@ -82,12 +82,19 @@ def cosine(X: Tensor, Y: Tensor) -> float:
     return float((X * Y).sum() / (X.norm() * Y.norm()))
 
 
+def record(sd: dict[str, Tensor]) -> ArrayRecord:
+    """Flower's own ArrayRecord, or lorafair's encoding where NumPy cannot hold the dtype."""
+    if any(v.dtype == torch.bfloat16 for v in sd.values()):
+        return to_array_record(sd)
+    return ArrayRecord(sd)
+
+
 def run(strategy: LoRAStrategy, sds: list[dict[str, Tensor]], n: list[float], **kw: Any) -> Any:
-    replies = [create_mock_reply(ArrayRecord(sd), nk, **kw) for sd, nk in zip(sds, n, strict=True)]
+    replies = [create_mock_reply(record(sd), nk, **kw) for sd, nk in zip(sds, n, strict=True)]
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is not None
     assert metrics is not None
-    return arrays.to_torch_state_dict(), metrics
+    return from_array_record(arrays), metrics
 
 
 def test_fedit_matches_dense_reference_and_reports_bias() -> None:
@@ -207,3 +214,74 @@ def test_lora_fair_reports_solver_metrics() -> None:
         assert metrics[f"bias-cosine/{P}{layer}"] == pytest.approx(ref, abs=1e-6)
         assert ref >= fedit_metrics[f"bias-cosine/{P}{layer}"] - 1e-9
     assert math.isfinite(metrics["bias-relative-error-max"])
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """Wrap ``lorafair.flower.<name>`` so each call appends to the returned list."""
+    import lorafair.flower as module
+
+    calls: list[int] = []
+    inner = getattr(module, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("dtype", "ranks", "options"),
+    [
+        (torch.float32, [3, 3, 3], {"lam": 0.01}),
+        (torch.float64, [2, 3, 4], {"lam": 0.05}),
+        (torch.float32, [3, 3, 3], {"lam": 0.01, "residual_on": "A"}),
+        (torch.bfloat16, [3, 3, 3], {"lam": 0.01}),
+    ],
+)
+def test_lora_fair_solves_once_and_matches_lora_fair(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, ranks: list[int], options: dict[str, Any]
+) -> None:
+    sds = [{k: v.to(dtype) for k, v in client_sd(s, r).items()} for s, r in enumerate(ranks)]
+    n = [1.0, 2.0, 3.0]
+    solves = _count_calls(monkeypatch, "solve_residual")
+    strategy = LoRAStrategy(aggregate.lora_fair, options=options)
+    out, metrics = run(strategy, sds, n)
+    assert len(solves) == 1  # one residual solve per round, metrics included
+    monkeypatch.undo()
+    clients = [
+        {layer: factors(sd, layer) for layer in LAYERS} for sd in sds
+    ]  # float64 copies of the uploaded factors
+    low = [{k: (A.to(dtype), B.to(dtype)) for k, (A, B) in c.items()} for c in clients]
+    expected = aggregate.lora_fair(low, n, **options)
+    solved = aggregate.solve_residual(low, n, **options)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    p = [w / sum(n) for w in n]
+    r_max = max(ranks)
+    for layer in LAYERS:
+        A, B = factors(out, layer)
+        assert out[f"{P}{layer}.lora_B.weight"].dtype == dtype
+        # FedIT's mean of the zero-padded clients, plus the residual, formed independently here.
+        A_bar = sum(
+            pk * torch.nn.functional.pad(factors(sd, layer)[0], (0, 0, 0, r_max - r))
+            for pk, sd, r in zip(p, sds, ranks, strict=True)
+        )
+        B_bar = sum(
+            pk * torch.nn.functional.pad(factors(sd, layer)[1], (0, r_max - r))
+            for pk, sd, r in zip(p, sds, ranks, strict=True)
+        )
+        delta = solved[layer].delta.double()
+        if options.get("residual_on") == "A":
+            A_bar = A_bar + delta
+        else:
+            B_bar = B_bar + delta
+        torch.testing.assert_close(A, A_bar, rtol=tol, atol=tol)
+        torch.testing.assert_close(B, B_bar, rtol=tol, atol=tol)
+        A_ref, B_ref = (t.double() for t in expected[layer])
+        torch.testing.assert_close(B @ A, B_ref @ A_ref, rtol=tol, atol=4 * tol)
+        ref = cosine(B @ A, dense_delta(sds, n, layer))
+        assert metrics[f"bias-cosine/{P}{layer}"] == pytest.approx(ref, abs=1e-6)
+    iterations = [s.iterations for s in solved.values()]
+    assert metrics["solver-iterations-max"] == max(iterations)
+    assert metrics["solver-converged"] == sum(s.converged for s in solved.values()) / 2

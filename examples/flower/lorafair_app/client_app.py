@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from examples.flower.task import client_data, download, evaluate, lora_model, train, upload
+from .task import client_data, download, evaluate, lora_model, train, upload
 
 app = ClientApp()
 

@@ -1,0 +1,1 @@
+"""The Flower App's package: ServerApp, ClientApp and the task they share."""

@@ -1,0 +1,145 @@
+"""The ServerApp: a :class:`lorafair.flower.LoRAStrategy` driving a few rounds.
+
+Every option comes from the run config (``[tool.flwr.app.config]`` in ``pyproject.toml``,
+overridden with ``flwr run . --run-config "method='fedit' num-server-rounds=2"``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Result
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from lorafair import aggregate
+from lorafair.flower import LoRAStrategy
+
+from .task import client_data, download, evaluate, lora_model, upload
+
+METHODS = ("fedit", "ffa_lora", "flexlora", "lora_fair")
+
+
+def _global_rank(method: str) -> int:
+    return 8 if method == "flexlora" else 4
+
+
+def _counting(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """FedAvg's metric average, plus ``num-replies``: how many replies the round aggregated."""
+    metrics = aggregate_metricrecords(records, weighted_by_key)
+    metrics["num-replies"] = len(records)
+    return metrics
+
+
+def run_strategy(
+    grid: Grid,
+    *,
+    method: str,
+    rounds: int,
+    min_nodes: int,
+    lam: float = 0.01,
+    local_steps: int = 5,
+    lr: float = 0.1,
+    fraction_evaluate: float = 1.0,
+    round_timeout: float = 3600.0,
+) -> Result:
+    """Run ``rounds`` rounds of ``method`` on ``grid``; returns Flower's ``Result``.
+
+    Every connected node trains each round (``fraction_train = 1``), once at least
+    ``min_nodes`` are connected; a round whose replies have not all arrived after
+    ``round_timeout`` seconds is aggregated from those that have (Flower's FedAvg behaviour).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    aggregator: Callable[..., Any] = getattr(aggregate, method)
+    rank = _global_rank(method)
+    options: dict[str, Any] = {"rank": rank} if method == "flexlora" else {}
+    if method == "lora_fair":
+        options["lam"] = lam
+    strategy = LoRAStrategy(
+        aggregator,  # FlowerTune's server would say FedAvg(...) here
+        options=options,
+        fraction_evaluate=fraction_evaluate,
+        min_train_nodes=min_nodes,
+        min_evaluate_nodes=min_nodes,
+        min_available_nodes=min_nodes,
+        train_metrics_aggr_fn=_counting,
+    )
+    initial = lora_model(rank, 8.0)  # B = 0: the round-0 adapter is the base model itself
+    xs, ys = zip(*(client_data(k, train=False) for k in range(3)), strict=True)
+    x_test, y_test = torch.cat(xs), torch.cat(ys)
+
+    def central_eval(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model = lora_model(rank, 8.0)
+        download(model, arrays.to_torch_state_dict())
+        loss, acc = evaluate(model, x_test, y_test)
+        return MetricRecord({"loss": loss, "accuracy": acc})
+
+    config = ConfigRecord({"method": method, "local-steps": local_steps, "lr": lr})
+    return strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(upload(initial)),
+        num_rounds=rounds,
+        timeout=round_timeout,
+        train_config=config,
+        evaluate_config=ConfigRecord(dict(config)),
+        evaluate_fn=central_eval,
+    )
+
+
+def summary(result: Result, *, method: str, seconds: float) -> dict[str, Any]:
+    """The Result as JSON-ready dicts: per round, the central and the clients' train metrics."""
+    return {
+        "method": method,
+        "seconds": seconds,
+        "central": {r: dict(m) for r, m in result.evaluate_metrics_serverapp.items()},
+        "train": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
+    }
+
+
+def make_server_app(
+    defaults: Mapping[str, Any] | None = None, results: list[Result] | None = None
+) -> ServerApp:
+    """A ServerApp running :func:`run_strategy` from the run config.
+
+    Run config keys: ``method``, ``num-server-rounds``, ``min-nodes``, ``lam``,
+    ``local-steps``, ``lr``, ``fraction-evaluate``, ``round-timeout`` and ``result-path`` (if
+    not empty, the per-round metrics are written there as JSON when the run ends).
+    ``defaults`` fills keys the run config lacks (``run_simulation`` passes none); ``results``
+    (if given) receives the Result, for in-process simulations.
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = {**(defaults or {}), **context.run_config}
+        method = str(cfg.get("method", "lora_fair"))
+        start = time.perf_counter()
+        result = run_strategy(
+            grid,
+            method=method,
+            rounds=int(cfg.get("num-server-rounds", 3)),
+            min_nodes=int(cfg.get("min-nodes", 2)),
+            lam=float(cfg.get("lam", 0.01)),
+            local_steps=int(cfg.get("local-steps", 5)),
+            lr=float(cfg.get("lr", 0.1)),
+            fraction_evaluate=float(cfg.get("fraction-evaluate", 1.0)),
+            round_timeout=float(cfg.get("round-timeout", 3600.0)),
+        )
+        if results is not None:
+            results.append(result)
+        path = str(cfg.get("result-path", ""))
+        if path:
+            out = summary(result, method=method, seconds=time.perf_counter() - start)
+            Path(path).write_text(json.dumps(out, indent=1))
+
+    return app
+
+
+app = make_server_app()
