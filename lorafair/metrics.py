@@ -10,8 +10,7 @@ import torch
 from torch import Tensor
 
 from lorafair import _linalg
-from lorafair._fair import FairReport, lora_fair_report
-from lorafair._validate import Prepared, prepare, stacked
+from lorafair._validate import Prepared, prepare, stacked, weighted_sum
 from lorafair.errors import (
     DeviceMismatchError,
     LayerKeyError,
@@ -38,6 +37,22 @@ class BiasReport(NamedTuple):
     error_norm: float
     ideal_norm: float
     aggregated_norm: float
+
+
+class FairReport(NamedTuple):
+    """Table 4's columns for one layer, from the clients and an aggregated ``(A', B')``.
+
+    ``b_cosine``: ``cos(B', B̄)``; ``update_cosine``: ``cos(B'A', ΔW)``; ``fedit_cosine``:
+    ``cos(B̄Ā, ΔW)`` (the uncorrected FedIT product); ``delta_b_norm``: ``‖B' − B̄‖_F``;
+    ``delta_a_norm``: ``‖A' − Ā‖_F``. Flattened (Frobenius) cosines in float64; 1.0 when both
+    sides are zero, 0.0 when exactly one is.
+    """
+
+    b_cosine: float
+    update_cosine: float
+    fedit_cosine: float
+    delta_b_norm: float
+    delta_a_norm: float
 
 
 def ideal_update(
@@ -135,4 +150,77 @@ def aggregation_bias(
             cosine = max(-1.0, min(1.0, inner / (agg * ideal)))
             rel = err / ideal
         out[name] = BiasReport(cosine, rel, err, ideal, agg)
+    return out
+
+
+def _cos(inner: float, na: float, nb: float) -> float:
+    if na == 0.0 and nb == 0.0:
+        return 1.0
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return max(-1.0, min(1.0, inner / (na * nb)))
+
+
+def _pad_rows(t: Tensor, r: int) -> Tensor:
+    """``t`` (…, r_k, n) with zero rows appended up to ``r``."""
+    if t.shape[-2] == r:
+        return t
+    return torch.cat([t, t.new_zeros(*t.shape[:-2], r - t.shape[-2], t.shape[-1])], dim=-2)
+
+
+def lora_fair_report(
+    clients: _Clients,
+    aggregated: Mapping[str, LoRAFactors | tuple[Tensor, Tensor]],
+    weights: Sequence[float] | None = None,
+    *,
+    allow_excess_rank: bool = False,
+) -> dict[str, FairReport]:
+    """Table 4's diagnostics per layer: ``cos(B', B̄)``, ``cos(B'A', ΔW)``, ``‖B' − B̄‖``.
+
+    ``aggregated`` maps every layer to ``(A', B')`` of the largest client rank ``r`` (e.g.
+    :func:`lorafair.aggregate.lora_fair`'s output), on the clients' device, finite (validated as
+    in :func:`aggregation_bias`); ``Ā``, ``B̄`` (zero-padded to ``r``) and ``ΔW`` come from
+    ``clients``. All factored in float64: O((d_out + d_in) R²) flops per layer, R = Σ r_k + r.
+    """
+    prep = prepare(clients, weights, equal_ranks=False, allow_excess_rank=allow_excess_rank)
+    pairs = _aggregated_pairs(prep, aggregated)
+    p = prep.weights
+    out: dict[str, FairReport] = {}
+    for name, layer in prep.layers.items():
+        r = max(layer.ranks)
+        A1, B1 = pairs[name]
+        if A1.shape[0] != r:
+            raise LoRAShapeError(
+                f"layer {name!r}: aggregated A {tuple(A1.shape)} and B {tuple(B1.shape)}; "
+                f"expected ({r}, {layer.d_in}) and ({layer.d_out}, {r})"
+            )
+        A1, B1 = A1.to(torch.float64), B1.to(torch.float64)
+        Abar = weighted_sum([_pad_rows(a, r) for a in layer.As], p, torch.float64)
+        Bbar = weighted_sum([_pad_rows(b.mT, r).mT for b in layer.Bs], p, torch.float64)
+        A_s, B_s = stacked(layer, p, torch.float64)
+        vals = (
+            torch.stack(
+                [
+                    (B1 * Bbar).sum(),
+                    torch.linalg.matrix_norm(B1),
+                    torch.linalg.matrix_norm(Bbar),
+                    _linalg.fro_inner(B1, A1, B_s, A_s),
+                    _linalg.fro_norm(B1, A1),
+                    _linalg.fro_norm(B_s, A_s),
+                    _linalg.fro_inner(Bbar, Abar, B_s, A_s),
+                    _linalg.fro_norm(Bbar, Abar),
+                    torch.linalg.matrix_norm(B1 - Bbar),
+                    torch.linalg.matrix_norm(A1 - Abar),
+                ]
+            )
+            .cpu()
+            .tolist()
+        )
+        out[name] = FairReport(
+            _cos(vals[0], vals[1], vals[2]),
+            _cos(vals[3], vals[4], vals[5]),
+            _cos(vals[6], vals[7], vals[5]),
+            vals[8],
+            vals[9],
+        )
     return out

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+import functools
+import itertools
 from collections.abc import Callable
 
 import pytest
 import torch
 
 from lorafair import LoRAFactors, errors
-from lorafair.aggregate import fedit, ffa_lora, flexlora, flora
+from lorafair.aggregate import fedit, ffa_lora, flexlora, flora, lora_fair
 
 Aggregator = Callable[..., dict[str, LoRAFactors]]
 
@@ -18,6 +20,15 @@ AGGREGATORS: dict[str, Aggregator] = {
     "ffa_lora": ffa_lora,
     "flora": flora,
     "flexlora": flexlora,
+    # LoRA-FAIR in each of its forms: flat/columns cosine, both norms, both residual sides.
+    **{
+        f"lora_fair[{sim},{norm},{side}]": functools.partial(
+            lora_fair, lam=0.1, similarity=sim, norm=norm, residual_on=side
+        )
+        for sim, norm, side in itertools.product(
+            ("flat", "columns"), ("fro", "fro_squared"), ("B", "A")
+        )
+    },
 }
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -1,7 +1,7 @@
 """LoRA-FAIR (issue 4): the factored, batched residual solver against a plain dense reference.
 
 The reference below forms ΔW and (B̄ + ΔB)Ā densely in float64 and runs torch's L-BFGS with a
-strong-Wolfe line search from several starts; it shares no code with ``lorafair._solve``.
+strong-Wolfe line search from several starts; it shares no code with ``lorafair._fair``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from lorafair._fair import FairReport, ResidualSolution, lora_fair, lora_fair_report, solve_residual
-from lorafair.aggregate import fedit
+from lorafair.aggregate import ResidualSolution, fedit, lora_fair, solve_residual
 from lorafair.errors import LayerKeyError, LoRAFairError, LoRAShapeError
+from lorafair.metrics import FairReport, lora_fair_report
 from lorafair.testing import strategies as lst
 from lorafair.types import LoRAFactors
 
@@ -548,7 +548,7 @@ def _columns_reference(lam: float, norm: str, shape, X, xn, active, Z0, left, ri
 
 @pytest.mark.parametrize("norm", ["fro", "fro_squared"])
 def test_flat_closed_form_derivatives_match_autograd(norm) -> None:  # type: ignore[no-untyped-def]
-    from lorafair import _solve
+    from lorafair._fair import _flat as _solve
 
     gen = torch.Generator().manual_seed(21)
     n_layers, r, lam = 3, 4, 0.3
@@ -585,7 +585,7 @@ def _assert_matches_autograd(ref, x, f, val, grad, hess) -> None:  # type: ignor
 @pytest.mark.parametrize("norm", ["fro", "fro_squared"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_columns_closed_form_derivatives_match_autograd(norm, side, offset) -> None:  # type: ignore[no-untyped-def]
-    from lorafair import _solve
+    from lorafair._fair import _columns as _solve
 
     gen = torch.Generator().manual_seed(22)
     n_layers, m, p, q, n, lam = 2, 5, 3, 4, 6, 0.2
@@ -615,3 +615,29 @@ def test_columns_closed_form_derivatives_match_autograd(norm, side, offset) -> N
             lam, norm, shape, X[i], xn[i], active[i], Z0[i], left, right, c0[i] if offset else 0.0
         )
         _assert_matches_autograd(ref, x[i], f[i], vals[i], grad[i], hess[i])
+
+
+def test_lora_fair_restores_the_thread_pools() -> None:
+    # The solver pins torch's and NumPy's pools to one thread for the call (lorafair._threads)
+    # and must hand both back as it found them.
+    from threadpoolctl import threadpool_info
+
+    from lorafair import _threads
+
+    g = torch.Generator().manual_seed(0)
+    clients = [
+        {"fc": (torch.randn(2, 5, generator=g), torch.randn(4, 2, generator=g))} for _ in range(3)
+    ]
+    before = torch.get_num_threads()
+    blas_before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    torch.set_num_threads(2)
+    try:
+        with _threads.single_threaded():
+            assert torch.get_num_threads() == 1
+        lora_fair(clients)
+        solve_residual(clients, similarity="columns")
+        assert torch.get_num_threads() == 2
+        blas_after = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+        assert blas_after == blas_before
+    finally:
+        torch.set_num_threads(before)

@@ -1,8 +1,8 @@
-"""The two-unknown flat solver (``lorafair._flat``) against the general r × 3 solver and by hand.
+"""The two-unknown flat solver (``lorafair._fair._family``) against the general r × 3 solver.
 
-``_flat`` reduces the flat problem to the stationary family ``c_i = (a h_i + b_i)/(1 + k g_i)``;
+``_family`` reduces the flat problem to the stationary family ``c_i = (a h_i + b_i)/(1 + k g_i)``;
 these tests check its derivatives numerically, its answers against the independent general
-solver (``_fair._solve_flat_general``, itself tested against a dense L-BFGS reference in
+solver (``_fair._flat._solve_flat_general``, itself tested against a dense L-BFGS reference in
 ``test_lora_fair.py``), the fallback for layers it cannot certify, the NaN/Inf check it takes
 from its Grams, and that a zero residual hands back FedIT's factors bit for bit.
 """
@@ -15,7 +15,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lorafair import _fair, _flat
+from lorafair._fair import _api, _batch, _family
+from lorafair._fair import _flat as _flat_form
 from lorafair._validate import prepare
 from lorafair.aggregate import fedit, lora_fair, solve_residual
 from lorafair.errors import NonFiniteError
@@ -25,7 +26,7 @@ from lorafair.types import LoRAFactors
 F64 = torch.float64
 
 
-def _data(seed: int, n_layers: int = 5, r: int = 4) -> _flat._Data:
+def _data(seed: int, n_layers: int = 5, r: int = 4) -> _family._Data:
     rng = np.random.default_rng(seed)
     g = rng.random((n_layers, r)) * 3
     g[0, 0] = 0.0
@@ -34,7 +35,7 @@ def _data(seed: int, n_layers: int = 5, r: int = 4) -> _flat._Data:
     gmax = g.max(-1)
     gh = g / gmax[:, None]
     D = (gh[..., None] ** np.arange(5.0))[..., None] * np.stack([hh, hb, bb], -1)[..., None, :]
-    return _flat._Data(
+    return _family._Data(
         D.reshape(n_layers, r, 15),
         gh,
         rng.random(n_layers) + 0.5,
@@ -51,15 +52,15 @@ def test_family_derivatives_match_finite_differences(norm, seed) -> None:  # typ
     rng = np.random.default_rng(seed + 10)
     theta = rng.standard_normal((5, 2)) * 0.5
     theta[:, 1] = np.abs(theta[:, 1])  # k ≥ 0: inside the family
-    f, grad, hess = _flat._family_derivatives(theta, d, 0.1, norm)
-    np.testing.assert_allclose(f, _flat._family_value(theta[:, None], d, 0.1, norm)[:, 0])
+    f, grad, hess = _family._family_derivatives(theta, d, 0.1, norm)
+    np.testing.assert_allclose(f, _family._family_value(theta[:, None], d, 0.1, norm)[:, 0])
     h = 1e-6
     eye = np.eye(2)
     fd_grad = np.stack(
         [
             (
-                _flat._family_value((theta + h * eye[j])[:, None], d, 0.1, norm)
-                - _flat._family_value((theta - h * eye[j])[:, None], d, 0.1, norm)
+                _family._family_value((theta + h * eye[j])[:, None], d, 0.1, norm)
+                - _family._family_value((theta - h * eye[j])[:, None], d, 0.1, norm)
             )[:, 0]
             / (2 * h)
             for j in range(2)
@@ -69,8 +70,8 @@ def test_family_derivatives_match_finite_differences(norm, seed) -> None:  # typ
     fd_hess = np.stack(
         [
             (
-                _flat._family_derivatives(theta + h * eye[j], d, 0.1, norm)[1]
-                - _flat._family_derivatives(theta - h * eye[j], d, 0.1, norm)[1]
+                _family._family_derivatives(theta + h * eye[j], d, 0.1, norm)[1]
+                - _family._family_derivatives(theta - h * eye[j], d, 0.1, norm)[1]
             )
             / (2 * h)
             for j in range(2)
@@ -86,15 +87,15 @@ def test_family_derivatives_match_finite_differences(norm, seed) -> None:  # typ
 def test_family_is_infinite_outside_its_domain() -> None:
     d = _data(3)
     theta = np.array([[[0.0, -1e6]]]).repeat(5, axis=0)  # 1 + k ĝ < 0 for every layer
-    assert np.isinf(_flat._family_value(theta, d, 0.01, "fro")).all()
+    assert np.isinf(_family._family_value(theta, d, 0.01, "fro")).all()
 
 
 def _general(clients, weights, lam, norm, residual_on):  # type: ignore[no-untyped-def]
-    opts = _fair._check_options(lam, norm, "flat", residual_on, 1e-8, 500)
+    opts = _api._check_options(lam, norm, "flat", residual_on, 1e-8, 500)
     prep = prepare(clients, weights, equal_ranks=False)
-    grp = _fair._build_group(list(prep.layers.values()), prep.weights)
+    grp = _batch._build_group(list(prep.layers.values()), prep.weights)
     rows = torch.ones(grp.n, dtype=torch.bool)
-    return _fair._solve_flat_general(grp, opts, False, rows)
+    return _flat_form._solve_flat_general(grp, opts, False, rows)
 
 
 wide_clients = lst.clients_and_weights(
@@ -135,13 +136,13 @@ def test_layers_with_d_below_3_fall_back_to_the_general_solver(monkeypatch) -> N
         for _ in range(3)
     ]
     calls: list[int] = []
-    real = _fair._solve_flat_general
+    real = _flat_form._solve_flat_general
 
     def spy(grp, opts, single, rows, w=None):  # type: ignore[no-untyped-def]
         calls.append(int(rows.sum()))
         return real(grp, opts, single, rows, w)
 
-    monkeypatch.setattr(_fair, "_solve_flat_general", spy)
+    monkeypatch.setattr(_flat_form, "_solve_flat_general", spy)
     sol = solve_residual(clients, lam=0.05)["fc"]  # d_out = 2: the family is not certified
     assert calls == [1]
     expected = _general(clients, None, 0.05, "fro", "B")

@@ -10,7 +10,7 @@ from hypothesis import given
 
 from lorafair import LoRAFactors, errors
 from lorafair.aggregate import fedit, flora
-from lorafair.metrics import aggregation_bias, ideal_update
+from lorafair.metrics import aggregation_bias, ideal_update, lora_fair_report
 from lorafair.testing import strategies as lst
 from tests import reference as ref
 
@@ -81,3 +81,20 @@ def test_aggregation_bias_validates_the_aggregated_result():
         aggregation_bias(clients, {"x": (torch.randn(2, 5), torch.randn(4, 2))})
     with pytest.raises(errors.NonFiniteError, match="layer 'x'"):
         aggregation_bias(clients, {"x": (torch.full((2, 3), math.nan), torch.randn(4, 2))})
+
+
+def test_lora_fair_report_validates_like_aggregation_bias():
+    # One validation of the aggregated adapter for both diagnostics: keys, shapes, device, NaN.
+    clients = [{"x": LoRAFactors(torch.randn(2, 3), torch.randn(4, 2))} for _ in range(2)]
+    good = fedit(clients)
+    assert set(lora_fair_report(clients, good)) == {"x"}
+    with pytest.raises(errors.LayerKeyError, match="missing layer 'x'"):
+        lora_fair_report(clients, {})
+    with pytest.raises(errors.LayerKeyError, match="layer 'y'"):
+        lora_fair_report(clients, {"x": good["x"], "y": good["x"]})
+    with pytest.raises(errors.LoRAShapeError, match="layer 'x'"):
+        lora_fair_report(clients, {"x": (torch.randn(1, 3), torch.randn(4, 1))})
+    with pytest.raises(errors.NonFiniteError, match="layer 'x'"):
+        lora_fair_report(clients, {"x": (good["x"].A, torch.full((4, 2), math.nan))})
+    with pytest.raises(errors.DeviceMismatchError, match="layer 'x'"):
+        lora_fair_report(clients, {"x": (good["x"].A.to("meta"), good["x"].B)})

@@ -26,7 +26,7 @@ with closed-form gradient and Hessian in θ. These tiny problems are solved in N
 host (one transfer each way). The answer is certified afterwards from the full problem's
 gradient ``∇_{c_i} f = (μ + κ g_i) c_i − α h_i − μ b_i``, which vanishes on the family exactly
 when ``a μ = α`` and ``k μ = κ``; a layer that fails (or has ``d < 3``) is handed back to the
-general ``r × 3`` solver in :mod:`lorafair._solve`. The residual comes out as
+general ``r × 3`` solver in :mod:`lorafair._fair._flat`. The residual comes out as
 ``ΔP = H V diag(x) Vᵀ − P V diag(y) Vᵀ`` with ``x_i = a/(1 + k g_i)``, ``y_i = k g_i/(1 + k g_i)``.
 """
 
@@ -39,11 +39,10 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
-from lorafair._solve import Norm
+from lorafair._fair import _tolerances as _tol
+from lorafair._fair._newton import Norm
 
 Arr = NDArray[np.float64]
-
-_TINY = 1e-300
 
 
 class Reduced(NamedTuple):
@@ -61,7 +60,7 @@ def eig_basis(G: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``g, V, null`` of the PSD ``G`` (L, r, r): eigenvalues at most ``r·1e-13·max g`` zeroed."""
     g, V = torch.linalg.eigh(G)
     scale = g.abs().amax(dim=-1, keepdim=True)
-    null = g <= scale * (g.shape[-1] * 1e-13)
+    null = g <= scale * (g.shape[-1] * _tol.EIG_NULL)
     return torch.where(null, torch.zeros_like(g), g), V, null
 
 
@@ -106,8 +105,8 @@ def _reg(p: Arr, lam: float, norm: Norm) -> tuple[Arr, Arr, Arr]:
     """``R(p)``, ``R'(p)``, ``R''(p)`` of ``λ√p`` or ``λp`` (derivatives 0 where ``p ≤ 1e-300``)."""
     if norm == "fro_squared":
         return lam * p, np.full_like(p, lam), np.zeros_like(p)
-    big = p > _TINY
-    root = np.sqrt(np.maximum(p, _TINY))
+    big = p > _tol.TINY
+    root = np.sqrt(np.maximum(p, _tol.TINY))
     r1 = np.where(big, lam / (2.0 * root), 0.0)
     r2 = np.where(big, -lam / (4.0 * root**3), 0.0)
     return lam * np.where(big, root, 0.0), r1, r2
@@ -115,7 +114,7 @@ def _reg(p: Arr, lam: float, norm: Norm) -> tuple[Arr, Arr, Arr]:
 
 def _cos_parts(s: Arr, q: Arr, w: Arr) -> tuple[Arr, ...]:
     """``φ = −s/(w√q)`` and its partials ``φ_s, φ_q, φ_sq, φ_qq`` (all 0 where ``w q = 0``)."""
-    ok = (w > 0) & (q > _TINY)
+    ok = (w > 0) & (q > _tol.TINY)
     qs = np.where(ok, q, 1.0)
     ws = np.where(ok, w, 1.0)
     inv = 1.0 / (ws * np.sqrt(qs))  # 1/(w√q)
@@ -246,9 +245,6 @@ def _family_derivatives(x: Arr, d: _Data, lam: float, norm: Norm) -> tuple[Arr, 
     return 1.0 + phi + reg, g, h
 
 
-_STEPS = 0.3 ** np.arange(10.0)
-
-
 def newton(
     d: _Data, x0: Arr, *, lam: float, norm: Norm, tol: float, max_iter: int
 ) -> tuple[Arr, NDArray[np.int64], NDArray[np.bool_]]:
@@ -275,12 +271,14 @@ def newton(
         gd = (g * step).sum(-1)
         pd = (evals > floor).all(axis=-1)
         done |= pd & (-gd <= tol * (1.0 + np.abs(f)))
-        fc = _family_value(x[:, None, :] + _STEPS[:, None] * step[:, None, :], d, lam, norm)
+        fc = _family_value(
+            x[:, None, :] + _tol.FAMILY_STEPS[:, None] * step[:, None, :], d, lam, norm
+        )
         fc = np.where(np.isfinite(fc), fc, np.inf)
-        armijo = fc <= f[:, None] + 1e-4 * _STEPS * gd[:, None]
+        armijo = fc <= f[:, None] + _tol.ARMIJO * _tol.FAMILY_STEPS * gd[:, None]
         pick = np.where(armijo.any(axis=1), np.argmax(armijo, axis=1), np.argmin(fc, axis=1))
         move = (fc[rows, pick] < f) & ~done
-        x = np.where(move[:, None], x + _STEPS[pick][:, None] * step, x)
+        x = np.where(move[:, None], x + _tol.FAMILY_STEPS[pick][:, None] * step, x)
         iters += ~done
         done |= ~move
         if done.all():
@@ -313,11 +311,6 @@ def _ray(g: Arr, hh: Arr) -> tuple[Arr, Arr]:
     return gi, (hh * gi * gi).sum(-1)
 
 
-_END_STEPS = 10.0 ** -np.arange(1.0, 15.0)
-"""Distances ``‖t z‖ / ‖P‖`` that :func:`_end` tries when the λ = 0 ray's best point is at
-``t → 0⁺``."""
-
-
 def _turn(n_sq: Arr, g: Arr, bb: Arr, eps: Arr, noise: Arr) -> Arr:
     """``½ u²``, ``u = (ε ‖P‖ + noise) √max g / n``: the angle by which rounding ``P'`` (or
     ``ΔP``) as computed and returned can turn a product of norm ``n``, squared: what that costs
@@ -325,7 +318,7 @@ def _turn(n_sq: Arr, g: Arr, bb: Arr, eps: Arr, noise: Arr) -> Arr:
     ``eps``, ``noise`` (L,) (see :func:`_end`); ``n_sq`` (L,) or (L, S)."""
     u_sq = (eps * np.sqrt(bb.sum(-1)) + noise) ** 2 * g.max(-1)
     u_sq = u_sq[:, None] if n_sq.ndim == 2 else u_sq
-    out: Arr = 0.5 * u_sq / np.maximum(n_sq, _TINY)
+    out: Arr = 0.5 * u_sq / np.maximum(n_sq, _tol.TINY)
     return out
 
 
@@ -339,7 +332,7 @@ def _end(
     Where that ray points towards ``P`` (``Σ hb_i/g_i > 0``), ``t = τ``, its best point, and
     ``floor = f``. Otherwise the infimum ``floor = 1 − cos_max + λ R(‖P Q⁺Q‖²)`` is only approached
     as ``t → 0⁺`` (the product vanishes), where no stationary point lies: ``t`` is the one with
-    ``‖t z‖ = s ‖P‖`` (``s ‖z‖`` if ``P = 0``), ``s`` of ``_END_STEPS``, that minimises
+    ``‖t z‖ = s ‖P‖`` (``s ‖z‖`` if ``P = 0``), ``s`` of ``_tol.FAMILY_END_STEPS``, that minimises
     ``f(t) + _turn(n²(t))``, the second term bounding how much rounding ``P'`` or ``ΔP`` (unit
     roundoff ``eps`` of the output dtype, relative to ``‖P‖``; ``noise``: an absolute error
     floor, from float64 cancellation and the output's subnormals; both per layer) turns the
@@ -354,7 +347,7 @@ def _end(
     y = np.where(pos & has[:, None], 1.0, 0.0)
     p_norm = np.sqrt(bb.sum(-1))
     ref = np.where(p_norm > 0, p_norm / np.sqrt(zz1), 1.0)  # t at which ‖t z‖ = ‖P‖ (or ‖z‖)
-    t_k = ref[:, None] * _END_STEPS  # (L, S)
+    t_k = ref[:, None] * _tol.FAMILY_END_STEPS  # (L, S)
     x_k = t_k[..., None] * gi[:, None, :]
     data = (g, hh, hb, bb)
     terms_k = _terms(x_k, y[:, None, :], *(a[:, None, :] for a in data))
@@ -415,18 +408,6 @@ class Solution(NamedTuple):
     end_floor: Tensor
 
 
-_GRID_A = np.arange(-26.0, 27.0, 4.0)
-_GRID_K = np.array([-16.0, -4.0, -1.0, 0.0, 0.5, 1.0, 2.0])
-_GRID_LAM0 = np.array([0.5, 0.8, 1.0, 1.25, 2.0])
-_STARTS = 3
-_SCOUT = 2  # Newton steps every start takes before the best one per layer is kept
-_GRID_COS = np.array([0.97, 0.99, 1.0, 1.01, 1.03])
-_TIE = 1e-14  # the family must beat ΔP = 0 by more than this
-_GAIN = 1e-12
-_ZERO_GAIN = 1e-13
-_INNER_TOL = 1e-13  # two unknowns: Newton to float64 resolution costs an iteration or two
-
-
 def solve(
     red: Reduced,
     wide: Tensor,
@@ -446,11 +427,12 @@ def solve(
     One client: ``ΔP = 0`` (FedIT is exact). ``λ = 0``: closed form (:func:`_lam0`).
     Otherwise the family objective is evaluated on a fixed grid of ``θ`` (14 values of
     ``log(a/σ)`` over ``±26`` by 17 of ``θ₂``, five of them around FedIT's cosine and five around
-    the λ = 0 end), damped Newton (:func:`newton`) takes ``_SCOUT`` steps from each of the
-    ``_STARTS`` best grid points and goes on to convergence from the best of them; ``ΔP = 0`` is
-    returned unless beaten by more than 1e-14. ``wide`` (L,) bool: ``d ≥ 3``, where the family
-    provably holds every local minimum; other layers are never certified. ``eps``, ``noise`` (L,):
-    each layer's output rounding (for :func:`_end`). Cost O(L r) per point.
+    the λ = 0 end), damped Newton (:func:`newton`) takes ``FAMILY_SCOUT`` steps from each of
+    the ``FAMILY_STARTS`` best grid points and goes on to convergence from the best of them;
+    ``ΔP = 0`` is returned unless beaten by more than ``TIE``. ``wide`` (L,) bool: ``d ≥ 3``,
+    where the family provably holds every local minimum; other layers are never certified.
+    ``eps``, ``noise`` (L,): each layer's output rounding (for :func:`_end`). Cost O(L r) per
+    point.
     """
     dev = red.g.device
     g, hh, hb, bb, w = (t.detach().cpu().numpy() for t in (red.g, red.hh, red.hb, red.bb, red.w))
@@ -513,31 +495,32 @@ def _solve_host(
     k_lam0 = np.where(tau > 0, n_ref / (np.where(tau > 0, tau, 1.0) * np.where(w > 0, w, 1.0)), 1.0)
     k_vals = np.concatenate(
         [
-            np.broadcast_to(_GRID_K, (n_layers, _GRID_K.size)),
-            cos0[:, None] * _GRID_COS,
-            k_lam0[:, None] * _GRID_LAM0,
+            np.broadcast_to(_tol.GRID_K, (n_layers, _tol.GRID_K.size)),
+            cos0[:, None] * _tol.GRID_COS,
+            k_lam0[:, None] * _tol.GRID_LAM0,
         ],
         axis=1,
     )
     grid = np.stack(
         [
             np.broadcast_to(
-                np.repeat(_GRID_A, k_vals.shape[1]), (n_layers, _GRID_A.size * k_vals.shape[1])
+                np.repeat(_tol.GRID_A, k_vals.shape[1]),
+                (n_layers, _tol.GRID_A.size * k_vals.shape[1]),
             ),
-            np.tile(k_vals, (1, _GRID_A.size)),
+            np.tile(k_vals, (1, _tol.GRID_A.size)),
         ],
         axis=-1,
     )
     fg = _family_value(grid, d, lam, norm)
     fg = np.where(np.isfinite(fg), fg, np.inf)
-    # Newton from the _STARTS best grid points of every layer, all at once, for _SCOUT steps;
-    # then only the best of them per layer goes on to convergence.
-    top = np.argsort(fg, axis=1)[:, :_STARTS]  # (L, m)
+    # Newton from the FAMILY_STARTS best grid points of every layer, all at once, for
+    # FAMILY_SCOUT steps; then only the best of them per layer goes on to convergence.
+    top = np.argsort(fg, axis=1)[:, : _tol.FAMILY_STARTS]  # (L, m)
     m = top.shape[1]
     theta0 = np.take_along_axis(grid, top[..., None], axis=1).reshape(n_layers * m, 2)
     rep = _Data(*(np.repeat(t, m, axis=0) for t in d))
-    inner = min(tol, _INNER_TOL)
-    ends, it_m, _ = newton(rep, theta0, lam=lam, norm=norm, tol=inner, max_iter=_SCOUT)
+    inner = min(tol, _tol.FAMILY_INNER_TOL)
+    ends, it_m, _ = newton(rep, theta0, lam=lam, norm=norm, tol=inner, max_iter=_tol.FAMILY_SCOUT)
     f_end = _family_value(ends[:, None, :], rep, lam, norm)[:, 0].reshape(n_layers, m)
     best = np.argmin(np.where(np.isfinite(f_end), f_end, np.inf), axis=1)
     pick = np.arange(n_layers) * m + best
@@ -550,7 +533,7 @@ def _solve_host(
     y = t * u
     s, n_sq, rho_sq = _terms(x, y, g, hh, hb, bb)
     f, cos = _objective(s, n_sq, rho_sq, w, lam, norm)
-    zero = ~(f < f0 - _TIE)
+    zero = ~(f < f0 - _tol.TIE)
     # Certificate: the full problem's gradient per column is ∇_i = (μ + κ g_i) c_i − α h_i − μ b_i
     # (α = 1/(w n), κ = s/(w n³), μ = λ/ρ or 2λ; zero exactly on the family's stationary points).
     # Accept when the curvature μ + κ g_i off the family is positive and the Newton gain
@@ -558,11 +541,11 @@ def _solve_host(
     mu = (
         np.full_like(rho_sq, 2.0 * lam)
         if norm == "fro_squared"
-        else lam / np.sqrt(np.maximum(rho_sq, _TINY))
+        else lam / np.sqrt(np.maximum(rho_sq, _tol.TINY))
     )
-    wn = w * np.sqrt(np.maximum(n_sq, _TINY))
+    wn = w * np.sqrt(np.maximum(n_sq, _tol.TINY))
     alpha = 1.0 / wn
-    kappa = s / (wn * np.maximum(n_sq, _TINY))
+    kappa = s / (wn * np.maximum(n_sq, _tol.TINY))
     curv = mu[:, None] + kappa[:, None] * g
     gx = curv * x - alpha[:, None]
     gz = curv * (1.0 - y) - mu[:, None]
@@ -570,7 +553,7 @@ def _solve_host(
     gain = (grad_i / (2.0 * curv)).sum(-1)
     good = (
         (curv > 0).all(axis=-1)
-        & (gain <= _GAIN * (1.0 + np.abs(f)))
+        & (gain <= _tol.CERTIFY_GAIN * (1.0 + np.abs(f)))
         & (rho_sq > 0)
         & (n_sq > 0)
         & (w > 0)
@@ -579,11 +562,11 @@ def _solve_host(
     # ΔP = 0 is a (strict) local minimum for "fro" when ‖∇cos‖ < λ there; "fro_squared": it is
     # within ‖∇cos‖²/(4λ) (the quadratic model's gain) of optimal; H = 0: cos ≡ 0.
     q0 = (g * bb).sum(-1)
-    wn0 = w * np.sqrt(np.maximum(q0, _TINY))
+    wn0 = w * np.sqrt(np.maximum(q0, _tol.TINY))
     al0 = (1.0 / wn0)[:, None]
-    ka0 = (hb.sum(-1) / (wn0 * np.maximum(q0, _TINY)))[:, None] * g
+    ka0 = (hb.sum(-1) / (wn0 * np.maximum(q0, _tol.TINY)))[:, None] * g
     grad_sq = (al0 * al0 * hh - 2.0 * al0 * ka0 * hb + ka0 * ka0 * bb).sum(-1)
-    near = grad_sq < lam * lam if norm == "fro" else grad_sq <= 4.0 * lam * _ZERO_GAIN
+    near = grad_sq < lam * lam if norm == "fro" else grad_sq <= 4.0 * lam * _tol.ZERO_GAIN
     zero_ok = (hh.sum(-1) == 0) | (w == 0) | ((q0 > 0) & near)
     # The λ = 0 end of the trade-off, c_i = t h_i/g_i, sits at θ₂ → ∞ when its best t is at
     # (or near) 0⁺ (the ray points away from P): the family cannot get there, so a layer where
@@ -592,7 +575,7 @@ def _solve_host(
     # (_turn): the family too may creep towards that end, to a point the output cannot hold.
     *end, cost_end = _end(g, hh, hb, bb, w, eps, noise, lam, norm)
     cost = f + _turn(n_sq, g, bb, eps, noise)
-    beaten = (_ray(g, hh)[1] > 0) & (cost_end < np.minimum(cost, f0) - _TIE)
+    beaten = (_ray(g, hh)[1] > 0) & (cost_end < np.minimum(cost, f0) - _tol.TIE)
     certified = np.where(zero, zero_ok, good) & ~beaten
     x = np.where(zero[:, None], 0.0, x)
     y = np.where(zero[:, None], 0.0, y)

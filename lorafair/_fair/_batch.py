@@ -1,0 +1,331 @@
+"""Private: the same-shape batch of layers: stacks, Grams, ``P_u @ coef``, the output.
+
+Same-shaped layers travel together as one :class:`_Group` (a leading dimension ``L``). Every
+product with the clients' stacked factors (the two ``R × R`` Grams, ``P_u @ coef``, the
+corrected factor returned in the inputs' dtype, and how that dtype rounds it) is computed here,
+one layer at a time through reused float64 buffers for narrow dtypes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Literal, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import Tensor
+
+from lorafair import _linalg
+from lorafair._validate import Layer, accumulation_dtype, weighted_sum
+
+if TYPE_CHECKING:
+    from lorafair._fair._api import _Options
+
+_F64 = torch.float64
+
+
+@dataclass
+class _Group:
+    """Same-shaped layers batched along a leading dimension ``L`` (R = Σ r_k).
+
+    The float64 stacks ``A_u`` (L, R, d_in) and ``B_s`` (L, d_out, R) are built on first use;
+    the narrow-dtype flat path never builds them (it converts one layer at a time into a reused
+    buffer, see :func:`_layer_grams`).
+    """
+
+    layers: list[Layer]
+    p: Sequence[float]
+    pw: Tensor  # (R,) float64, p_k on client k's rows: ΔW = B_s diag(pw) A_u
+    E: Tensor  # (R, r) float64, block k = p_k I (zero-padded to r): Ā = Eᵀ A_u, B̄ = B_s E
+
+    @property
+    def names(self) -> list[str]:
+        return [ly.name for ly in self.layers]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].device
+
+    @property
+    def n(self) -> int:
+        return len(self.layers)
+
+    @property
+    def r(self) -> int:
+        return int(self.E.shape[-1])
+
+    @cached_property
+    def A_u(self) -> Tensor:
+        """(L, R, d_in) float64, the clients' ``A_k`` stacked (unweighted)."""
+        first = self.layers[0]
+        out = torch.empty(self.n, sum(first.ranks), first.d_in, dtype=_F64, device=self.device)
+        for i, layer in enumerate(self.layers):
+            torch.cat(layer.As, dim=0, out=out[i])
+        return out
+
+    @cached_property
+    def B_s(self) -> Tensor:
+        """(L, d_out, R) float64, the clients' ``B_k`` side by side."""
+        first = self.layers[0]
+        out = torch.empty(self.n, first.d_out, sum(first.ranks), dtype=_F64, device=self.device)
+        for i, layer in enumerate(self.layers):
+            torch.cat(layer.Bs, dim=1, out=out[i])
+        return out
+
+    @cached_property
+    def A_s(self) -> Tensor:
+        """(L, R, d_in) float64, rows ``p_k A_k`` (so ``ΔW = B_s A_s``)."""
+        return self.A_u * self.pw[:, None]
+
+    @cached_property
+    def Abar(self) -> Tensor:
+        """(L, r, d_in) float64 ``Ā``."""
+        return self.E.mT @ self.A_u
+
+    @cached_property
+    def Bbar(self) -> Tensor:
+        """(L, d_out, r) float64 ``B̄``."""
+        return self.B_s @ self.E
+
+    @cached_property
+    def A_acc(self) -> Tensor:
+        """(L, r, d_in) FedIT's ``Ā`` in the accumulation dtype, exactly as :func:`fedit` sums."""
+        acc = accumulation_dtype(self.dtype)
+        return torch.stack(
+            [weighted_sum([_pad_rows(a, self.r) for a in ly.As], self.p, acc) for ly in self.layers]
+        )
+
+    @cached_property
+    def B_acc(self) -> Tensor:
+        """(L, d_out, r) FedIT's ``B̄`` in the accumulation dtype, exactly as :func:`fedit` sums."""
+        acc = accumulation_dtype(self.dtype)
+        return torch.stack(
+            [
+                weighted_sum([_pad_rows(b.mT, self.r).mT for b in ly.Bs], self.p, acc)
+                for ly in self.layers
+            ]
+        )
+
+
+def _pad_rows(t: Tensor, r: int) -> Tensor:
+    return (
+        t
+        if t.shape[-2] == r
+        else torch.cat([t, t.new_zeros(*t.shape[:-2], r - t.shape[-2], t.shape[-1])], dim=-2)
+    )
+
+
+def _build_group(layers: list[Layer], p: Sequence[float]) -> _Group:
+    """Same-shaped layers as one group; the weights live in the small ``pw`` and ``E``."""
+    ranks = layers[0].ranks
+    r = max(ranks)
+    pw = torch.cat([torch.full((rk,), w, dtype=_F64) for rk, w in zip(ranks, p, strict=True)])
+    E = torch.zeros(sum(ranks), r, dtype=_F64)
+    start = 0
+    for rk, w in zip(ranks, p, strict=True):
+        E[start : start + rk, :rk] = w * torch.eye(rk, dtype=_F64)
+        start += rk
+    dev = layers[0].device
+    return _Group(list(layers), p, pw.to(dev), E.to(dev))
+
+
+def _stacked_layer(layer: Layer, side: Literal["A", "B"], buf: Tensor) -> Tensor:
+    """One layer's ``A_u`` (R, d_in) or ``B_s`` (d_out, R) converted into the float64 ``buf``."""
+    if side == "A":
+        return torch.cat(layer.As, dim=0, out=buf)
+    return torch.cat(layer.Bs, dim=1, out=buf)
+
+
+def _stacked_layer_host(
+    layer: Layer, side: Literal["A", "B"], buf: npt.NDArray[np.float64]
+) -> None:
+    """:func:`_stacked_layer` for CPU tensors into a NumPy buffer (``B_s`` as ``B_sᵀ``, R × d)."""
+    start = 0
+    for A, B in zip(layer.As, layer.Bs, strict=True):
+        rk = A.shape[0]
+        t = A if side == "A" else B.mT
+        if t.dtype == torch.bfloat16:  # NumPy has no bfloat16; float32 holds it exactly
+            t = t.float()
+        buf[start : start + rk] = t.numpy(force=True)
+        start += rk
+
+
+def _layer_grams(grp: _Group) -> tuple[Tensor, Tensor]:
+    """``M_A = A_u A_uᵀ`` and ``M_B = B_sᵀ B_s`` (L, R, R), float64, one layer at a time.
+
+    Each layer's factors are converted into two reused float64 buffers (a few MB, cache-sized)
+    instead of one float64 copy of the whole group: same flops, no large fresh allocation. On
+    CPU the buffers are NumPy arrays and ``X Xᵀ`` goes through NumPy's matmul, which hands a
+    product of a matrix with its own transpose to BLAS ``syrk`` (half the flops of the general
+    product torch runs).
+    """
+    first = grp.layers[0]
+    R = sum(first.ranks)
+    if grp.device.type == "cpu":
+        host_a = np.empty((R, first.d_in))
+        host_b = np.empty((R, first.d_out))
+        MA = np.empty((grp.n, R, R))
+        MB = np.empty((grp.n, R, R))
+        for i, layer in enumerate(grp.layers):
+            _stacked_layer_host(layer, "A", host_a)
+            _stacked_layer_host(layer, "B", host_b)
+            np.matmul(host_a, host_a.T, out=MA[i])
+            np.matmul(host_b, host_b.T, out=MB[i])
+        return torch.from_numpy(MA), torch.from_numpy(MB)
+    buf_a = torch.empty(R, first.d_in, dtype=_F64, device=grp.device)
+    buf_b = torch.empty(first.d_out, R, dtype=_F64, device=grp.device)
+    M_A = torch.empty(grp.n, R, R, dtype=_F64, device=grp.device)
+    M_B = torch.empty(grp.n, R, R, dtype=_F64, device=grp.device)
+    for i, layer in enumerate(grp.layers):
+        a = _stacked_layer(layer, "A", buf_a)
+        b = _stacked_layer(layer, "B", buf_b)
+        torch.matmul(a, a.mT, out=M_A[i])
+        torch.matmul(b.mT, b, out=M_B[i])
+    return M_A, M_B
+
+
+def _p_times(grp: _Group, opts: _Options, coef: Tensor) -> Tensor:
+    """``P_u @ coef`` (L, d, r) float64 for the corrected side ``P_u`` (see :func:`_flat_sides`).
+
+    From the float64 stacks when they exist (float64 inputs), else one layer at a time through
+    a reused buffer (NumPy on CPU, as in :func:`_layer_grams`). Computed as ``(coefᵀ P_uᵀ)ᵀ``:
+    BLAS runs the tall-skinny product about twice as fast with the long dimension last.
+    """
+    if grp.dtype == _F64:
+        P_u = _flat_sides(grp, opts)[0]
+        return (coef.mT @ P_u.mT).mT
+    first = grp.layers[0]
+    R = sum(first.ranks)
+    side: Literal["A", "B"] = "B" if opts.residual_on == "B" else "A"
+    d = first.d_out if side == "B" else first.d_in
+    if grp.device.type == "cpu":
+        host = np.empty((R, d))
+        coef_t = coef.mT.numpy()
+        out_np = np.empty((grp.n, grp.r, d))
+        for i, layer in enumerate(grp.layers):
+            _stacked_layer_host(layer, side, host)
+            np.matmul(coef_t[i], host, out=out_np[i])
+        return torch.from_numpy(out_np).mT
+    out = torch.empty(grp.n, grp.r, d, dtype=_F64, device=grp.device)
+    if side == "B":
+        buf = torch.empty(first.d_out, R, dtype=_F64, device=grp.device)
+        for i, layer in enumerate(grp.layers):
+            torch.matmul(coef[i].mT, _stacked_layer(layer, "B", buf).mT, out=out[i])
+    else:
+        buf = torch.empty(R, first.d_in, dtype=_F64, device=grp.device)
+        for i, layer in enumerate(grp.layers):
+            torch.matmul(coef[i].mT, _stacked_layer(layer, "A", buf), out=out[i])
+    return out.mT
+
+
+class _Solved(NamedTuple):
+    """A group's residuals: ``ΔP = P_u coef`` (flat) plus ``extra`` (explicit, float64, in the
+    corrected factor's own orientation: (L, d_out, r) for ΔB, (L, r, d_in) for ΔA)."""
+
+    objective: Tensor  # (L,)
+    cosine: Tensor  # (L,)
+    iterations: Tensor  # (L,)
+    converged: Tensor  # (L,)
+    coef: Tensor | None = None  # (L, R, r)
+    extra: Tensor | None = None
+
+
+def _orient(t: Tensor, opts: _Options) -> Tensor:
+    """From the corrected factor ``P`` (d × r) orientation to ``ΔB`` (as is) or ``ΔA`` (``Pᵀ``)."""
+    return t if opts.residual_on == "B" else t.mT
+
+
+def _delta(grp: _Group, sol: _Solved, opts: _Options) -> Tensor:
+    """The explicit residual (L, …) in float64 (one ``(d × R)(R × r)`` GEMM per layer)."""
+    parts = []
+    if sol.coef is not None:
+        parts.append(_orient(_p_times(grp, opts, sol.coef), opts))
+    if sol.extra is not None:
+        parts.append(sol.extra)
+    return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
+
+def _corrected(grp: _Group, sol: _Solved, opts: _Options) -> Tensor:
+    """The corrected factor (``B̄ + ΔB`` or ``Ā + ΔA``, L layers) in the inputs' dtype.
+
+    Flat: one float64 GEMM ``P_u (E + coef)`` per layer, rounded once. Layers whose residual is
+    exactly zero return FedIT's factor bit for bit.
+    """
+
+    def fedit_side() -> Tensor:  # FedIT's corrected factor, as fedit computes it
+        return grp.B_acc if opts.residual_on == "B" else grp.A_acc
+
+    if sol.coef is None:
+        assert sol.extra is not None
+        acc = fedit_side()
+        return (acc + sol.extra.to(acc.dtype)).to(grp.dtype)
+    full = _orient(_p_times(grp, opts, grp.E + sol.coef), opts)
+    if sol.extra is not None:
+        full = full + sol.extra
+    out = full.to(grp.dtype, memory_format=torch.contiguous_format)
+    still = (sol.coef == 0).all(dim=(-2, -1))
+    if sol.extra is not None:
+        still &= (sol.extra == 0).all(dim=(-2, -1))
+    if bool(still.any()):
+        out[still] = fedit_side()[still].to(grp.dtype)
+    return out
+
+
+def _update_norm(grp: _Group) -> Tensor:
+    """``‖ΔW‖_F = ‖B_s diag(pw) A_u‖_F`` per layer (L,), float64, never forming ``ΔW``.
+
+    float64 inputs: a thin QR of the factor with fewer rows (``‖B_s A_s‖ = ‖A_sᵀ B_sᵀ‖``), whose
+    relative error is about ``ε κ`` (``κ = ‖B_s‖‖A_s‖/‖ΔW‖``, no cancellation). Narrower inputs
+    (float32/16, bfloat16): the float64 Gram trace ``<B_sᵀB_s, pw pwᵀ ⊙ A_u A_uᵀ>``, two GEMMs
+    and no Householder sweep; its relative error is about ``d ε₆₄ κ²``, below the inputs' own
+    rounding (``ε₃₂ κ``) unless ``κ ≳ 10⁵``, i.e. unless the clients' updates cancel almost
+    exactly. Cost: O((d_out + d_in) R²) either way (R = Σ r_k).
+    """
+    if grp.dtype != _F64:
+        M_A, M_B = _layer_grams(grp)
+        return _gram_norm(M_B, M_A, grp.pw)
+    if grp.A_s.shape[-1] < grp.B_s.shape[-2]:
+        return _linalg.fro_norm(grp.A_s.mT, grp.B_s.mT)
+    return _linalg.fro_norm(grp.B_s, grp.A_s)
+
+
+def _gram_norm(M_B: Tensor, M_A: Tensor, pw: Tensor) -> Tensor:
+    """``‖B diag(pw) A‖_F`` from ``M_B = BᵀB`` and ``M_A = AAᵀ`` (R × R each)."""
+    gram = (M_B * M_A * (pw[:, None] * pw[None, :])).sum(dim=(-2, -1))
+    return torch.sqrt(torch.clamp(gram, min=0.0))
+
+
+def _corrected_dim(grp: _Group, opts: _Options) -> int:
+    """``d``: rows of the corrected factor ``P`` (d_out for ``"B"``, d_in for ``"A"``)."""
+    first = grp.layers[0]
+    return first.d_out if opts.residual_on == "B" else first.d_in
+
+
+def _flat_sides(grp: _Group, opts: _Options) -> tuple[Tensor, Tensor]:
+    """``(P_u, Q_u)`` with ``ΔW' = P_u diag(pw) Q_u``, the corrected ``P = P_u E`` and the fixed
+    ``Q = Eᵀ Q_u``: ``(B_s, A_u)`` for ``"B"``; ``(A_uᵀ, B_sᵀ)`` for ``"A"`` (transposed)."""
+    if opts.residual_on == "B":
+        return grp.B_s, grp.A_u
+    return grp.A_u.mT, grp.B_s.mT
+
+
+class _Rounding(NamedTuple):
+    """The output dtype's machine epsilon, and the norm below which the corrected factor's
+    entries lose relative precision (its smallest normal × √(number of entries))."""
+
+    eps: float
+    floor: float
+
+
+def _rounding(grp: _Group, opts: _Options) -> _Rounding:
+    """How the corrected factor (``d × r``) is rounded to the inputs' dtype."""
+    info = torch.finfo(grp.dtype)
+    return _Rounding(info.eps, info.tiny * math.sqrt(_corrected_dim(grp, opts) * grp.r))

@@ -1,0 +1,753 @@
+"""Private: the column cosine (``similarity="columns"``): mean over the d_in columns.
+
+Solved in the coordinates of an orthonormal basis of ``span(B_s, B̄) ⊕ (r orthogonal
+directions)`` (at most ``(K + 2) r`` rows; residual on A: ``Y = R_B A'``), never d_out × d_in:
+multi-start :func:`~lorafair._fair._newton.minimise` from four starts, restricted problems where
+product columns vanish (:func:`drop_columns`), for ``λ > 0`` the λ = 0 end, and for residual on
+A a column-wise mix. Every point is scored by the true objective, with points whose objective
+float64 cannot resolve in the output dtype (:func:`_unsafe`) left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from torch import Tensor
+
+from lorafair._fair import _tolerances as _tol
+from lorafair._fair._batch import _Group, _Rounding, _rounding, _Solved
+from lorafair._fair._newton import (
+    Batched,
+    Norm,
+    _pick,
+    _reg_grad_coef,
+    _reg_hessian,
+    _safe_sqrt,
+    minimise,
+    regulariser,
+)
+
+if TYPE_CHECKING:
+    from lorafair._fair._api import _Options
+
+
+def linear_map(Z: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
+    """``left @ Z @ right`` (a missing side is the identity); any leading dimensions."""
+    Y = Z if left is None else left @ Z
+    return Y if right is None else Y @ right
+
+
+def adjoint_map(G: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
+    """``leftᵀ @ G @ rightᵀ``, the adjoint of :func:`linear_map` (pulls a gradient back to Z)."""
+    out = G if left is None else left.mT @ G
+    return out if right is None else out @ right.mT
+
+
+def columns_terms(
+    Z: Tensor,
+    left: Tensor | None,
+    right: Tensor | None,
+    X: Tensor,
+    xn: Tensor,
+    active: Tensor,
+) -> Tensor:
+    """Mean over columns ``j`` of ``<X_j, Y_j> / (xn_j ‖Y_j‖)`` with ``Y = left @ Z @ right``.
+
+    Any leading (batch) dimensions, broadcast: ``Z`` (…, p, q); ``left`` (…, m, p) or None
+    (identity); ``right`` (…, q, n) or None; ``X`` (…, m, n) the projection of ΔW on the
+    coordinates of ``Y``; ``xn`` (…, n) the full column norms of ΔW; ``active`` (…, n): columns
+    whose cosine can be non-zero (the others count as 0). Cost: O(m p q + m q n) per point.
+    """
+    Y = linear_map(Z, left, right)
+    inner = (Y * X).sum(dim=-2)
+    ynorm = _safe_sqrt((Y * Y).sum(dim=-2))
+    xs = torch.where(active, xn, torch.ones_like(xn))
+    cos = torch.where(active, inner / (xs * ynorm), torch.zeros_like(inner))
+    return cos.mean(dim=-1)
+
+
+def columns_objective(
+    lam: float,
+    norm: Norm,
+    shape: tuple[int, int],
+    has_left: bool,
+    has_right: bool,
+    has_offset: bool = False,
+) -> Batched:
+    """``f(Z) = 1 − mean_j cos(X_j, Y_j) + λ R(Z − Z0)``, ``Y = left Z right``, closed forms.
+
+    Data ``(X, xn, active, Z0, c0?, left?, right?)`` (see :func:`columns_terms`), ``Z`` of
+    ``shape`` flattened row-major. With ``has_offset`` the regulariser is ``λ R`` of
+    ``‖Z − Z0‖² + c0`` (``c0`` (L,) ≥ 0; used by :func:`drop_columns`). Per column, with
+    ``a = X_j/xn_j``, ``y = Y_j``, ``ν = ‖y‖``, ``s = <a, y>``: ``∇_y cos_j = a/ν − s y/ν³`` and
+    ``∇²_y cos_j = −(a yᵀ + y aᵀ)/ν³ − s I/ν³ + 3 s y yᵀ/ν⁵``; the chain rule through the linear
+    map gives ``∇_Z = leftᵀ (∇_Y) rightᵀ`` and
+    ``∇²_Z[(a,k),(b,l)] = Σ_j right[k,j] right[l,j] (leftᵀ ∇²_y cos_j left)[a,b] / n``.
+    Regulariser derivatives as in :func:`flat_objective` (mask of ones). Cost: a value or a
+    gradient O(m p q + m q n); the Hessian O(n (m² p + p² q²)) (only used for small ``p q``).
+    """
+    p, q = shape
+
+    def split(lr: tuple[Tensor, ...]) -> tuple[Tensor | None, Tensor | None]:
+        return (lr[0] if has_left else None), (lr[-1] if has_right else None)
+
+    def offset(rest: tuple[Tensor, ...]) -> tuple[Tensor | None, tuple[Tensor, ...]]:
+        return (rest[0], rest[1:]) if has_offset else (None, rest)
+
+    def with_offset(dsq: Tensor, c0: Tensor | None) -> Tensor:
+        return dsq if c0 is None else dsq + c0
+
+    def values(
+        x: Tensor, X: Tensor, xn: Tensor, active: Tensor, Z0: Tensor, *rest: Tensor
+    ) -> Tensor:
+        n_layers, n_cand, _ = x.shape
+        Z = x.reshape(n_layers, n_cand, p, q)
+        c0, lr = offset(rest)
+        left, right = split(lr)
+        cos = columns_terms(
+            Z,
+            None if left is None else left.unsqueeze(1),
+            None if right is None else right.unsqueeze(1),
+            X.unsqueeze(1),
+            xn.unsqueeze(1),
+            active.unsqueeze(1),
+        )
+        diff = Z - Z0.unsqueeze(1)
+        dsq = (diff * diff).sum(dim=(-2, -1))
+        if c0 is not None:
+            dsq = dsq + c0[:, None]
+        return 1.0 - cos + regulariser(dsq, lam, norm)
+
+    def _parts(
+        x: Tensor, X: Tensor, xn: Tensor, active: Tensor, lr: tuple[Tensor, ...]
+    ) -> tuple[Tensor, ...]:
+        Z = x.reshape(x.shape[0], p, q)
+        Y = linear_map(Z, *split(lr))
+        inner = (Y * X).sum(dim=-2)
+        nsq = (Y * Y).sum(dim=-2)
+        nu = _safe_sqrt(nsq)
+        xs = torch.where(active, xn, torch.ones_like(xn))
+        big = active & (nsq > _tol.TINY)
+        zero = torch.zeros_like(nu)
+        k1 = torch.where(active, 1.0 / (xs * nu), zero)  # 1/(xn ν)
+        k3 = torch.where(big, 1.0 / (nu * nu * nu), zero)  # 1/ν³
+        s = torch.where(active, inner / xs, zero)  # <a, y>
+        cos = (s * torch.where(active, 1.0 / nu, zero)).mean(dim=-1)
+        return Z, Y, cos, k1, k3, s, xs, nsq
+
+    def value_and_grad(
+        x: Tensor, X: Tensor, xn: Tensor, active: Tensor, Z0: Tensor, *rest: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        c0, lr = offset(rest)
+        Z, Y, cos, k1, k3, s, _, _ = _parts(x, X, xn, active, lr)
+        n_cols = Y.shape[-1]
+        GY = (k1.unsqueeze(-2) * X - (s * k3).unsqueeze(-2) * Y) / n_cols
+        GZ = adjoint_map(GY, *split(lr))
+        diff = Z - Z0
+        dsq = with_offset((diff * diff).sum(dim=(-2, -1)), c0)
+        f = 1.0 - cos + regulariser(dsq, lam, norm)
+        grad = _reg_grad_coef(dsq, lam, norm)[:, None, None] * diff - GZ
+        return f, grad.flatten(-2)
+
+    def hessian(
+        x: Tensor, X: Tensor, xn: Tensor, active: Tensor, Z0: Tensor, *rest: Tensor
+    ) -> Tensor:
+        c0, lr = offset(rest)
+        Z, Y, _, _, k3, s, xs, nsq = _parts(x, X, xn, active, lr)
+        n_layers, m, n_cols = Y.shape
+        k5 = torch.where(
+            k3 != 0, 3.0 * s * k3 / torch.where(k3 != 0, nsq, torch.ones_like(nsq)), 0.0
+        )
+        a = (X / xs.unsqueeze(-2)).mT  # (L, n, m)
+        y = Y.mT
+        ay = a.unsqueeze(-1) * y.unsqueeze(-2)
+        eye_m = torch.eye(m, dtype=Y.dtype, device=Y.device)
+        Hj = (
+            -k3[..., None, None] * (ay + ay.mT)
+            - (s * k3)[..., None, None] * eye_m
+            + k5[..., None, None] * (y.unsqueeze(-1) * y.unsqueeze(-2))
+        ) / n_cols  # (L, n, m, m): Hessian of cos_j / n in Y_j
+        left, right = split(lr)
+        if left is not None:
+            Hj = left.mT.unsqueeze(1) @ Hj @ left.unsqueeze(1)  # (L, n, p, p)
+        if right is None:
+            right = torch.eye(n_cols, dtype=Y.dtype, device=Y.device).expand(n_layers, -1, -1)
+        hz = torch.einsum("lkj,lqj,ljab->lakbq", right, right, Hj).reshape(n_layers, p * q, p * q)
+        diff = (Z - Z0).flatten(-2)
+        dsq = with_offset((diff * diff).sum(dim=-1), c0)
+        return _reg_hessian(diff, dsq, torch.ones_like(diff), lam, norm) - hz
+
+    return Batched(values, value_and_grad, hessian)
+
+
+class DroppedColumns(NamedTuple):
+    """The columns problem restricted to the points whose product columns ``J`` vanish.
+
+    ``data``: the restricted problem's data for :func:`columns_objective` with ``has_offset``
+    (``X``, ``xn``, ``active`` without ``J``, ``Z0``, ``c0``, ``left`` or the reduced
+    ``right``); ``drop`` (L, n) the mask of ``J``; ``PL`` (L, p, p) / ``PR`` (L, q, q) the
+    projectors of :func:`drop_columns` (``PR`` None on the left-only form, where it is the
+    column mask ``drop``); ``E`` (L, p, q) the direction along which the dropped columns
+    reappear with their best cosines.
+    """
+
+    data: tuple[Tensor, ...]
+    drop: Tensor
+    PL: Tensor | None
+    PR: Tensor | None
+    E: Tensor
+
+
+def drop_columns(
+    X: Tensor,
+    xn: Tensor,
+    active: Tensor,
+    Z0: Tensor,
+    left: Tensor | None,
+    right: Tensor | None,
+    drop: Tensor,
+) -> DroppedColumns:
+    """Restrict the columns problem (data of :func:`columns_objective`) to ``left Z right_J = 0``.
+
+    ``J`` = the columns where ``drop`` (L, n) is set. The cosine of column ``j`` is
+    discontinuous where ``Y_j = left Z right_j`` vanishes: arbitrarily close to such a ``Z``,
+    ``Y_j = ε left E right_j`` takes any direction of ``range(left)``, so the objective's
+    infimum there counts column ``j`` at its best cosine ``‖P X_j‖ / xn_j`` (``P`` the
+    projector on ``range(left)``), not 0. Such infima (LoRA-FAIR with ``d_in > r``: a column
+    driven to zero frees the others) are not attained; they are found here as exact minima of
+    a smooth restricted problem, then approached by :func:`dropped_points`.
+
+    The restriction is ``Z = Π(W) = W − P_L W P_R`` (``P_L = left⁺ left``, ``P_R = right_J
+    right_J⁺``: the orthogonal projection onto the constraint's subspace). On it
+    ``Y = left W (I − P_R) right`` and ``‖Π(W) − Z0‖² = ‖Π(W − Z0)‖² + c0``, ``c0 =
+    ‖P_L Z0 P_R‖²``; replacing that by ``‖W − Z0‖² + c0`` (equal wherever the part of ``W`` that
+    ``Π`` removes equals ``Z0``'s, which minimises it) gives a problem with the same minimum
+    and a non-singular Hessian. Either ``left`` (m, p) or ``right`` (q, n) is given (the
+    shapes of :func:`_solve_columns`); with ``left`` only, ``P_R`` is the
+    diagonal column mask. Cost: one ``pinv`` of ``left`` (m × p) or of ``right_J`` (q × n)
+    and O(p q (p + q + n)) flops per layer.
+    """
+    dm = drop.unsqueeze(-2).to(X.dtype)
+    keep = active & ~drop
+    if right is None:
+        assert left is not None
+        pinv = torch.linalg.pinv(left)
+        PL = pinv @ left
+        c0 = ((PL @ Z0) * dm).square().sum(dim=(-2, -1))
+        E = (pinv @ X) * dm
+        return DroppedColumns((X, xn, keep, Z0, c0, left), drop, PL, None, E)
+    assert left is None
+    RJ = right * dm
+    pinv = torch.linalg.pinv(RJ)  # (n, q), zero rows outside J
+    PR = RJ @ pinv
+    reduced = right - PR @ right
+    reduced = reduced * (1.0 - dm)
+    # Columns in span(right_J) vanish with J (numerically: a tiny remainder); they count 0.
+    rest = torch.linalg.vector_norm(reduced, dim=-2)
+    keep = keep & (rest > 1e-10 * torch.linalg.vector_norm(right, dim=-2))
+    c0 = (Z0 @ PR).square().sum(dim=(-2, -1))
+    E = (X * dm) @ pinv
+    return DroppedColumns((X, xn, keep, Z0, c0, reduced), drop, None, PR, E)
+
+
+def drop_start(dc: DroppedColumns, W: Tensor) -> Tensor:
+    """``Π(W) + P_L Z0 P_R`` (L, p, q): a start for the restricted problem whose (relaxed)
+    objective equals the true one at ``Π(W)``, i.e. ``W`` with the columns ``J`` projected out."""
+    Z0 = dc.data[3]
+    if dc.PR is None:
+        assert dc.PL is not None
+        dm = dc.drop.unsqueeze(-2).to(W.dtype)
+        return W - (dc.PL @ (W - Z0)) * dm
+    if dc.PL is None:
+        return W - (W - Z0) @ dc.PR
+    return W - dc.PL @ (W - Z0) @ dc.PR
+
+
+def drop_project(dc: DroppedColumns, W: Tensor) -> Tensor:
+    """``Π(W) = W − P_L W P_R`` (L, p, q): the point of the full problem that ``W`` stands for."""
+    if dc.PR is None:
+        assert dc.PL is not None
+        return W - (dc.PL @ W) * dc.drop.unsqueeze(-2).to(W.dtype)
+    if dc.PL is None:
+        return W - W @ dc.PR
+    return W - dc.PL @ W @ dc.PR
+
+
+def dropped_points(dc: DroppedColumns, Zc: Tensor, E: Tensor, steps: Tensor) -> Tensor:
+    """Points ``Zc + ε_s E`` (L, S, p, q) approaching the restricted problem's value at ``Zc``.
+
+    ``Zc = Π(W)`` (L, p, q) from :func:`drop_project`; ``ε_s = steps_s (‖Zc‖ + ‖Z0‖) / ‖E‖``.
+    The dropped columns of ``Y`` are then ``ε_s left E right_j`` (their best directions when
+    ``right_J`` has full column rank), the others move by O(ε_s): the objective tends to the
+    restricted value minus the dropped columns' cosines / n as ``steps → 0``. Float64 rounding
+    of the vanished part (~1e-16 (‖Zc‖ + ‖Z0‖)) turns those directions by ~1e-16 / steps, which
+    costs only second order in a cosine at its best direction.
+    """
+    base = torch.linalg.matrix_norm(Zc) + torch.linalg.matrix_norm(dc.data[3])
+    base = torch.where(base > 0, base, torch.ones_like(base))
+    en = torch.linalg.matrix_norm(E)
+    scale = torch.where(en > 0, base / torch.where(en > 0, en, torch.ones_like(en)), 0.0)
+    eps = steps[None, :] * scale[:, None]  # (L, S)
+    return Zc.unsqueeze(1) + eps[..., None, None] * E.unsqueeze(1)
+
+
+def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Solved:
+    """Per-column cosine: iterate in a basis of at most ``(K + 2) r`` rows (never d_out × d_in)."""
+    n_layers = grp.Abar.shape[0]
+    d_out = grp.Bbar.shape[-2]
+    kr = grp.B_s.shape[-1]
+    r = grp.r
+    left: Tensor | None
+    right: Tensor | None
+    Q: Tensor | None = None
+    if opts.residual_on == "B":
+        # Y = Z Ā with Z = Qᵀ B' in a basis Q ⊇ span(B_s, B̄) plus r spare orthogonal directions.
+        if kr + 2 * r < d_out:
+            pad = grp.B_s.new_zeros(n_layers, d_out, r)
+            Q, _ = torch.linalg.qr(torch.cat([grp.B_s, grp.Bbar, pad], dim=-1))
+            Bq = Q.mT @ grp.B_s
+            Z0 = Q.mT @ grp.Bbar
+        else:  # cost model: d_out <= (K + 2) r, so d_out × d_in is no bigger than the factors
+            Bq = grp.B_s
+            Z0 = grp.Bbar
+        X = Bq @ grp.A_s
+        xn = torch.linalg.vector_norm(X, dim=-2)
+        left, right = None, grp.Abar
+        active = (xn > 0) & (torch.linalg.vector_norm(grp.Abar, dim=-2) > 0)
+        G_pinv = torch.linalg.pinv(grp.Abar @ grp.Abar.mT, hermitian=True)
+        Z_ls = (Bq @ (grp.A_s @ grp.Abar.mT)) @ G_pinv
+        Z_unit = (_unit_columns(X, xn) @ grp.Abar.mT) @ G_pinv
+    else:
+        # Y = R_B A' with B̄ = Q_B R_B; column norms of ΔW from a QR of B_s.
+        Q_B, R_B = torch.linalg.qr(grp.Bbar)
+        X = (Q_B.mT @ grp.B_s) @ grp.A_s
+        _, R_s = torch.linalg.qr(grp.B_s, mode="r")
+        xn = torch.linalg.vector_norm(R_s @ grp.A_s, dim=-2)
+        left, right = R_B, None
+        nonzero_b = torch.linalg.matrix_norm(R_B) > 0
+        active = (xn > 0) & nonzero_b[:, None]
+        Z0 = grp.Abar
+        R_pinv = torch.linalg.pinv(R_B)
+        Z_ls = R_pinv @ X
+        Z_unit = R_pinv @ _unit_columns(X, xn)
+    shape = (int(Z0.shape[-2]), int(Z0.shape[-1]))
+    lam, norm = opts.lam, opts.norm
+    extra = tuple(t for t in (left, right) if t is not None)
+    data = (X, xn, active, Z0, *extra)
+    obj = columns_objective(lam, norm, shape, left is not None, right is not None)
+    if single:
+        iters = torch.zeros(n_layers, dtype=torch.int64, device=X.device)
+        conv = torch.ones(n_layers, dtype=torch.bool, device=X.device)
+        Z = Z0
+    else:
+        # FedIT, the least-squares fit, their midpoint, and the least-squares fit of the unit
+        # columns X_j/‖X_j‖ (every column counts alike in the mean cosine; scaled to Z_ls's
+        # product norm).
+        yl = torch.linalg.matrix_norm(linear_map(Z_ls, left, right))
+        yu = torch.linalg.matrix_norm(linear_map(Z_unit, left, right))
+        ratio = torch.where(yu > 0, yl / torch.where(yu > 0, yu, 1.0), 0.0)
+        starts = [Z0, Z_ls, 0.5 * (Z0 + Z_ls), Z_unit * ratio[:, None, None]]
+        unit = _rounding(grp, opts)  # rounding of the output, in the dtype it comes in
+        Z, iters, conv = _columns_minimise(obj, data, starts, left is not None, opts, unit)
+        if opts.lam > 0:
+            Z = _columns_end(obj, data, starts, Z, left is not None, opts, unit)
+    f_final = obj.values(Z.reshape(n_layers, 1, -1), *data).squeeze(1)
+    diff = Z - Z0
+    reg = regulariser((diff * diff).sum(dim=(-2, -1)), lam, norm)
+    cos = 1.0 - (f_final - reg)
+    obj_val = f_final
+    delta = diff if Q is None else Q @ diff
+    return _Solved(obj_val, cos, iters, conv, extra=delta)
+
+
+def _unit_columns(X: Tensor, xn: Tensor) -> Tensor:
+    """``X`` with each non-zero column scaled to unit norm."""
+    return X / torch.where(xn > 0, xn, torch.ones_like(xn)).unsqueeze(-2)
+
+
+def _columns_end(
+    obj: Batched,
+    data: tuple[Tensor, ...],
+    starts: list[Tensor],
+    Z: Tensor,
+    has_left: bool,
+    opts: _Options,
+    unit: _Rounding,
+) -> Tensor:
+    """``Z``, or where lower, a point of the λ = 0 end: ``Z0`` with its product-facing part
+    replaced by ``t D``, ``D`` that part of a λ = 0 minimiser (scale-free).
+
+    The infimum ``f*_{λ=0} + λ R(‖part‖²)`` is approached as ``t → 0⁺`` (the whole product
+    vanishes with the λ = 0 directions; no stationary point gets there, so the multi-start runs
+    creep towards it and stop short). First the λ = 0 problem is solved (anchor ``Z0``) for the
+    layers whose result is above ``λ R(‖part‖²)``, and its ``D`` is scored at ``t = τ`` (the best
+    scale, where positive: the end attained) and at ``‖t D‖ = s ‖Z0‖`` for each ``s`` of
+    ``COLUMNS_END_STEPS``. Where that leaves a layer above the infimum because its small points
+    are unsafe (:func:`_unsafe`: the λ = 0 minimiser has a vanishing column of its own, which
+    shrinking the whole product pushes below what rounding ``B̄ + ΔB`` resolves), the λ = 0
+    problem is solved again with the anchor ``Z0 / s`` for every ``s < 1`` (the anchor sets how
+    small a column may get), and those minimisers are scored at their ``s``. Cost: one more
+    multi-start λ = 0 solve for most layers, ``len(COLUMNS_END_STEPS)`` for the few that need
+    them.
+    """
+    Z0, mat = data[3], data[4]
+    n_layers = Z0.shape[0]
+    shape = (int(Z0.shape[-2]), int(Z0.shape[-1]))
+    Pi = torch.linalg.pinv(mat) @ mat if has_left else mat @ torch.linalg.pinv(mat)
+
+    def facing(W: Tensor) -> Tensor:  # the part of W that reaches the product (W: …, p, q)
+        P = Pi.reshape(Pi.shape[0], *([1] * (W.ndim - 3)), *Pi.shape[-2:])
+        return torch.matmul(P, W) if has_left else torch.matmul(W, P)
+
+    part = facing(Z0)
+    keep = Z0 - part
+    f_now = obj.values(Z.reshape(n_layers, 1, -1), *data).squeeze(1)
+    floor = regulariser((part * part).sum(dim=(-2, -1)), opts.lam, opts.norm)
+    steps = torch.tensor(_tol.COLUMNS_END_STEPS, dtype=Z0.dtype, device=Z0.device)
+    n_s = steps.shape[0]
+    opts0 = dataclasses.replace(opts, lam=0.0)
+    obj0 = columns_objective(0.0, opts.norm, shape, has_left, not has_left)
+
+    def score(rows: Tensor, D: Tensor, st: Tensor, with_tau: bool) -> tuple[Tensor, Tensor]:
+        """Best point and value among ``keep + t D_s`` (D: rows, S, p, q; ``D_s`` scaled to
+        ``‖t D_s‖ = st_s ‖Z0‖``)."""
+        sub = tuple(t[rows] for t in data)
+        dd = (D * D).sum(dim=(-2, -1))
+        ok = dd > 0
+        dd1 = torch.where(ok, dd, torch.ones_like(dd))
+        c = st * torch.linalg.matrix_norm(Z0[rows])[:, None] / torch.sqrt(dd1)
+        if with_tau:
+            tau = (D[:, 0] * part[rows]).sum(dim=(-2, -1)) / dd1[:, 0]
+            D, c, ok = (torch.cat([x[:, :1], x], dim=1) for x in (D, c, ok))
+            c[:, 0] = tau
+        pts = keep[rows].unsqueeze(1) + (c * ok)[..., None, None] * D
+        f = obj.values(pts.flatten(-2), *sub)
+        f = torch.where(_unsafe(pts, sub, has_left, unit) | ~(ok & (c > 0)), torch.inf, f)
+        best = torch.argmin(f, dim=1)
+        at = torch.arange(best.shape[0], device=best.device)
+        return pts[at, best], f[at, best]
+
+    out, f_out = Z.clone(), f_now.clone()
+
+    def take(rows: Tensor, W: Tensor, f: Tensor) -> None:
+        better = f < f_out[rows]
+        out[rows[better]] = W[better]
+        f_out[rows[better]] = f[better]
+
+    rows = torch.nonzero(f_now > floor + _tol.TIE).squeeze(-1)
+    if rows.numel() == 0:
+        return out
+    sub = tuple(t[rows] for t in data)
+    Zs, _, _ = _columns_minimise(obj0, sub, [x[rows] for x in starts], has_left, opts0, unit)
+    limit = obj0.values(Zs.reshape(rows.shape[0], 1, -1), *sub).squeeze(1) + floor[rows]
+    W, f = score(rows, facing(Zs).unsqueeze(1).expand(-1, n_s, -1, -1), steps, True)
+    take(rows, W, f)
+    # Layers whose end could still win by more than the plain points' reach: anchors Z0 / s
+    # (s < 1; the anchor Z0 itself was solved and scored just above).
+    rows = rows[f_out[rows] - limit > _tol.END_REACH * (1.0 + limit.abs())]
+    if rows.numel() == 0:
+        return out
+    m, small = rows.shape[0], steps[1:]
+    rep = [t[rows].repeat(n_s - 1, *([1] * (t.ndim - 1))) for t in data]
+    rep[3] = rep[3] / small.repeat_interleave(m)[:, None, None]
+    Zs, _, _ = _columns_minimise(
+        obj0, tuple(rep), [x[rows].repeat(n_s - 1, 1, 1) for x in starts], has_left, opts0, unit
+    )
+    W, f = score(rows, facing(Zs.reshape(n_s - 1, m, *shape).transpose(0, 1)), small, False)
+    take(rows, W, f)
+    return out
+
+
+def _drop_direction(
+    dc: DroppedColumns,
+    sub: tuple[Tensor, ...],
+    approach: Tensor,
+    has_left: bool,
+    opts: _Options,
+) -> Tensor:
+    """The direction ``E`` (rows, p, q) along which the dropped columns ``J`` reappear.
+
+    In the limit the dropped columns are ``left E right_J`` for the ``E`` that maximises
+    ``Σ_{j∈J} cos(X_j, left E right_j)`` (λ = 0, columns ``J`` only). With ``left`` (residual on
+    A) or a full-rank ``right_J`` each column takes any direction of ``range(left)``, and
+    ``dc.E`` (least squares) is that maximiser. Otherwise (``right_J`` rank-deficient, e.g. the
+    whole product vanishing, ``B' → 0``) the columns share directions: the λ = 0 problem is
+    minimised from ``dc.E`` and from ``approach`` (the part of the seed that the projection
+    removed: the direction the seed was vanishing along), and the better result is kept.
+    """
+    if has_left:
+        return dc.E
+    assert dc.PR is not None
+    X, xn, active, Z0, right = sub
+    rank = torch.linalg.matrix_rank(right * dc.drop.unsqueeze(-2).to(right.dtype))
+    shared = dc.drop.sum(dim=-1) > rank
+    if not bool(shared.any()):
+        return dc.E
+    E_all = dc.E.clone()
+    X, xn, active, Z0, right = X[shared], xn[shared], active[shared], Z0[shared], right[shared]
+    drop, approach, E_ls = dc.drop[shared], approach[shared], dc.E[shared]
+    rows = Z0.shape[0]
+    shape = (int(Z0.shape[-2]), int(Z0.shape[-1]))
+    en = torch.linalg.matrix_norm(E_ls)
+    an = torch.linalg.matrix_norm(approach)
+    ok = (an > 0) & (en > 0)
+    ratio = torch.where(ok, en / torch.where(ok, an, torch.ones_like(an)), 0.0)
+    approach = torch.where(ok[:, None, None], approach * ratio[:, None, None], E_ls)
+    obj_e = columns_objective(0.0, "fro_squared", shape, False, True)
+    data_e = (X, xn, active & drop, torch.zeros_like(Z0), right)
+    rep = tuple(torch.cat([t, t]) for t in data_e)
+    x0 = torch.cat([E_ls, approach]).reshape(2 * rows, -1)
+    res = minimise(obj_e, rep, x0, tol=opts.tol, max_iter=opts.max_iter)
+    f = res.f.reshape(2, rows)
+    best = torch.argmin(f, dim=0)
+    E = res.x.reshape(2, rows, *shape)[best, torch.arange(rows, device=best.device)]
+    E_all[shared] = E @ dc.PR[shared]
+    return E_all
+
+
+def _mix_columns(
+    Z: Tensor, f: Tensor, layer: Tensor, data: tuple[Tensor, ...], opts: _Options
+) -> Tensor:
+    """Per layer, the point (L, p, n) made of each column's best among the candidates ``Z``
+    (rows, p, n) of ``layer`` (rows,) with finite ``f`` (residual on A: ``Y = left Z``).
+
+    A column's score is its share of the objective, ``−cos_j / n + λ ‖Z_j − Z0_j‖²`` (exact
+    for ``"fro_squared"``; for ``"fro"``, ``λ ‖D‖`` linearised in ``‖D‖²`` at the layer's best
+    candidate, ``λ ‖D_j‖² / (2 ‖D_best‖)``).
+    """
+    X, xn, active, Z0, left = data
+    n_layers, n = xn.shape
+    sub_Z0 = Z0[layer]
+    Y = left[layer] @ Z
+    inner = (Y * X[layer]).sum(dim=-2)
+    ynorm = torch.linalg.vector_norm(Y, dim=-2)
+    act = active[layer] & (ynorm > 0)
+    den = torch.where(act, xn[layer] * ynorm, torch.ones_like(ynorm))
+    cos = torch.where(act, inner / den, torch.zeros_like(inner))
+    dsq = (Z - sub_Z0).square().sum(dim=-2)  # (rows, n)
+    lam = torch.full_like(f, opts.lam)
+    if opts.norm == "fro":
+        f_best = torch.full((n_layers,), torch.inf, dtype=f.dtype, device=f.device)
+        f_best = f_best.scatter_reduce(0, layer, f, reduce="amin")
+        rows = torch.arange(f.shape[0], device=f.device)
+        at = torch.full((n_layers,), 0, dtype=torch.int64, device=f.device)
+        at = at.scatter_reduce(0, layer[f == f_best[layer]], rows[f == f_best[layer]], "amax")
+        rho = torch.sqrt(dsq.sum(dim=-1))[at]
+        lam = opts.lam / (2.0 * torch.clamp(rho, min=1e-12))[layer]
+    score = -cos / n + lam[:, None] * dsq
+    score = torch.where(torch.isfinite(f)[:, None], score, torch.inf)
+    best = torch.full((n_layers, n), torch.inf, dtype=f.dtype, device=f.device)
+    best = best.scatter_reduce(0, layer[:, None].expand(-1, n), score, reduce="amin")
+    rows = torch.arange(f.shape[0], device=f.device)[:, None].expand(-1, n)
+    hit = score == best[layer]
+    pick = torch.full((n_layers, n), f.shape[0], dtype=torch.int64, device=f.device)
+    pick = pick.scatter_reduce(
+        0, layer[:, None].expand(-1, n), torch.where(hit, rows, f.shape[0]), reduce="amin"
+    )
+    pick = torch.clamp(pick, max=f.shape[0] - 1)
+    cols = torch.arange(n, device=f.device)
+    mixed = Z[pick, :, cols[None, :]]  # (L, n, p)
+    mixed = mixed.mT
+    return torch.where(torch.isfinite(best).all(dim=-1)[:, None, None], mixed, Z0)
+
+
+def _column_scale(
+    Z: Tensor, Z0: Tensor, left: Tensor | None, right: Tensor | None, floor: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(‖Y_j‖, s_j, Y)`` for ``Y = left Z right`` (``‖Y_j‖``, ``s_j``: …, n), with
+    ``s_j = ‖left‖ (‖Z‖ + ‖Z0‖ + floor) ‖right_j‖`` bounding the rounding of ``Y_j`` (here and in
+    ``(B̄ + ΔB) Ā``) by ~ε s_j (``floor``: where the output's entries lose relative precision)."""
+    Y = linear_map(Z, left, right)
+    scale = torch.linalg.matrix_norm(Z) + torch.linalg.matrix_norm(Z0) + floor
+    if left is not None:
+        scale = scale * torch.linalg.matrix_norm(left)
+    scale = scale.unsqueeze(-1)
+    if right is not None:
+        scale = scale * torch.linalg.vector_norm(right, dim=-2)
+    return torch.linalg.vector_norm(Y, dim=-2), scale, Y
+
+
+def _unsafe(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: _Rounding) -> Tensor:
+    """Whether the output cannot resolve the objective at ``Z`` (rows, [S,] p, q) to
+    ``max(_tol.DROP_UNSAFE, 10 ε)`` (``ε = unit.eps``: machine epsilon of the output dtype, ``ε₆₄``
+    below; ``‖Z‖ + ‖Z0‖`` below also gets ``unit.floor``, for float16's subnormals).
+
+    ``data`` per row (as in :func:`_solve_columns`). Evaluating the product perturbs the point
+    by rounding of relative size ``ε₆₄`` (``Z`` itself, or ``B̄ + ΔB`` / ``Ā + ΔA`` in the
+    caller's dense check), which cancels where a column nearly vanishes. To first order that
+    moves the cosines by ``ε₆₄ (‖Z‖ + ‖Z0‖) ‖∇_Z mean_j cos_j‖``: large near a vanishing column
+    unless it points at its best direction (then the gradient cancels); to second order by
+    ``mean_j u_j²``, ``u_j = ε₆₄ s_j / ‖Y_j‖`` the angle by which the column can turn
+    (:func:`_column_scale`). Unsafe: their sum exceeds ``_tol.DROP_UNSAFE``.
+    """
+    X, xn, active, Z0, mat = data
+    if Z.ndim == Z0.ndim + 1:
+        X, xn, active, Z0, mat = (t.unsqueeze(1) for t in (X, xn, active, Z0, mat))
+    left, right = (mat, None) if has_left else (None, mat)
+    yn, sc, Y = _column_scale(Z, Z0, left, right, unit.floor)
+    n = Y.shape[-1]
+    ok = active & (yn > 0)
+    one = torch.ones_like(yn)
+    k1 = torch.where(ok, 1.0 / torch.where(ok, xn * yn, one), 0.0)  # 1/(‖X_j‖ ν)
+    k3 = torch.where(ok, 1.0 / torch.where(ok, yn, one) ** 3, 0.0)  # 1/ν³
+    s = torch.where(ok, (Y * X).sum(dim=-2) / torch.where(ok, xn, one), 0.0)
+    GY = (k1.unsqueeze(-2) * X - (s * k3).unsqueeze(-2) * Y) / n
+    GZ = adjoint_map(GY, left, right)
+    size = torch.linalg.matrix_norm(Z) + torch.linalg.matrix_norm(Z0) + unit.floor
+    first = unit.eps * size * torch.linalg.matrix_norm(GZ)
+    u = unit.eps * sc / torch.where(ok, yn, one)
+    second = torch.where(ok, u * u, 0.0).mean(dim=-1)
+    exact_zero: Tensor = (active & (yn == 0)).any(dim=-1)  # an active zero column counts 0
+    resolved: Tensor = first + second <= max(_tol.DROP_UNSAFE, 10.0 * unit.eps)  # False for NaN too
+    return exact_zero | ~resolved
+
+
+def _columns_minimise(
+    obj: Batched,
+    data: tuple[Tensor, ...],
+    starts: list[Tensor],
+    has_left: bool,
+    opts: _Options,
+    unit: _Rounding,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Multi-start minimisation of the columns objective, through its unattained infima.
+
+    The cosine of a product column jumps where the column vanishes, and the best values are
+    often approached as some columns shrink to zero (``d_in > r``: dropping a column frees the
+    others; it counts at its best cosine in the limit). Newton's iterates then creep towards
+    the limit with vanishing steps and stop short of it, or pass the point where float64 can
+    still resolve the column's direction. So after the plain runs, every result with columns
+    that are being driven to zero (below ``_tol.DROP_TINY`` of their scale), and for few columns the
+    best result with each single column, seeds a restricted problem (:func:`drop_columns`)
+    in which those columns are exactly zero: a smooth problem whose minimum is the infimum. Its
+    own vanishing columns are dropped in turn (at most ``n`` rounds; each adds columns). Each
+    restricted minimum is returned as a real point at a small distance ``ε`` from it
+    (:func:`dropped_points`, ``_tol.DROP_STEPS``), and every candidate is scored by the true
+    objective; points whose objective float64 cannot resolve (:func:`_unsafe`) are not
+    returned. Residual on A also tries the column-wise best mix of all candidates
+    (:func:`_mix_columns`), polished. ``ΔB = 0`` is kept unless beaten (:func:`_pick`).
+    Host syncs: one per round of dropping (the number of restricted problems is data
+    dependent). Returns ``(Z, iterations, converged)``.
+    """
+    X, xn, active, Z0 = data[:4]
+    has_right = not has_left  # the two shapes of _solve_columns: Z Ā (right) or R_B A' (left)
+
+    def sides(d: tuple[Tensor, ...]) -> tuple[Tensor | None, Tensor | None]:
+        return (d[4], None) if has_left else (None, d[4])
+
+    n_layers, n = xn.shape
+    shape = (int(Z0.shape[-2]), int(Z0.shape[-1]))
+    dev = X.device
+    m = len(starts)
+    rep = tuple(t.repeat(m, *([1] * (t.ndim - 1))) for t in data)
+    x0 = torch.cat(starts).reshape(m * n_layers, -1)
+    res = minimise(obj, rep, x0, tol=opts.tol, max_iter=opts.max_iter)
+    layer = torch.arange(n_layers, device=dev).repeat(m)
+    Zr = res.x.reshape(m * n_layers, *shape)
+    f_raw = obj.values(res.x.unsqueeze(1), *rep).squeeze(1)
+    yn, sc, _ = _column_scale(Zr, rep[3], *sides(rep))
+    unsafe = _unsafe(Zr, rep, has_left, unit)
+    tiny = rep[2] & (yn <= _tol.DROP_TINY * sc)
+    c_x = [res.x]
+    c_f = [torch.where(unsafe, torch.inf, f_raw)]
+    c_layer = [layer]
+    c_it = [res.iterations]
+    c_cv = [res.converged]
+    # Seeds of restricted problems: (layer, dropped columns, point, iterations so far).
+    seed = tiny.any(dim=-1)
+    s_layer, s_drop, s_W, s_it = layer[seed], tiny[seed], Zr[seed], res.iterations[seed]
+    steps = torch.tensor(_tol.DROP_STEPS, dtype=X.dtype, device=dev)
+    n_steps = len(_tol.DROP_STEPS)
+    if n <= _tol.DROP_SINGLES:
+        # Each single column dropped from the best run: scored as is (projected), and the
+        # _tol.DROP_SINGLES_SOLVE best of them per layer seed restricted problems.
+        best = torch.argmin(f_raw.reshape(m, n_layers), dim=0)
+        rows = (best * n_layers + torch.arange(n_layers, device=dev)).repeat(n)
+        eye = torch.eye(n, dtype=torch.bool, device=dev)
+        single = (eye.unsqueeze(1) & active.unsqueeze(0)).reshape(n * n_layers, n)
+        sub = tuple(t[layer[rows]] for t in data)
+        s_left, s_right = sides(sub)
+        dc = drop_columns(sub[0], sub[1], sub[2], sub[3], s_left, s_right, single)
+        Zc = drop_project(dc, drop_start(dc, Zr[rows]))
+        pts = dropped_points(dc, Zc, dc.E, steps)
+        f_pts = obj.values(pts.flatten(-2), *sub)
+        f_pts = torch.where(
+            _unsafe(pts, sub, has_left, unit) | ~single.any(-1, keepdim=True), torch.inf, f_pts
+        )
+        c_x.append(pts.flatten(-2).flatten(0, 1))
+        c_f.append(f_pts.flatten())
+        c_layer.append(layer[rows].repeat_interleave(n_steps))
+        c_it.append(res.iterations[rows].repeat_interleave(n_steps))
+        c_cv.append(res.converged[rows].repeat_interleave(n_steps))
+        score = f_pts.amin(dim=-1).reshape(n, n_layers)
+        k = min(n, _tol.DROP_SINGLES_SOLVE)
+        top = torch.topk(score, k, dim=0, largest=False).indices  # (k, L)
+        chosen = (top * n_layers + torch.arange(n_layers, device=dev)).flatten()
+        chosen = chosen[torch.isfinite(score.flatten()[chosen])]
+        s_layer = torch.cat([s_layer, layer[rows[chosen]]])
+        s_drop = torch.cat([s_drop, single[chosen]])
+        s_W = torch.cat([s_W, Zr[rows[chosen]]])
+        s_it = torch.cat([s_it, res.iterations[rows[chosen]]])
+    obj_d = columns_objective(opts.lam, opts.norm, shape, has_left, has_right, True)
+    for _ in range(n):
+        if s_layer.numel() == 0:
+            break
+        sub = tuple(t[s_layer] for t in data)
+        s_left, s_right = sides(sub)
+        dc = drop_columns(sub[0], sub[1], sub[2], sub[3], s_left, s_right, s_drop)
+        x0 = drop_start(dc, s_W)
+        rd = minimise(
+            obj_d, dc.data, x0.reshape(s_W.shape[0], -1), tol=opts.tol, max_iter=opts.max_iter
+        )
+        it = s_it + rd.iterations
+        E = _drop_direction(dc, sub, s_W - drop_project(dc, s_W), has_left, opts)
+        # The seed itself with its columns J dropped, and the restricted problem's result.
+        for W, its in ((x0, s_it), (rd.x, it)):
+            Zc = drop_project(dc, W.reshape(s_W.shape))
+            pts = dropped_points(dc, Zc, E, steps)  # (rows, S, p, q)
+            f_pts = obj.values(pts.flatten(-2), *sub)
+            yn, sc, _ = _column_scale(Zc, sub[3], *sides(sub))
+            tiny = dc.data[2] & (yn <= _tol.DROP_TINY * sc)
+            unsafe = _unsafe(pts, sub, has_left, unit)
+            c_x.append(pts.flatten(-2).flatten(0, 1))
+            c_f.append(torch.where(unsafe, torch.inf, f_pts).flatten())
+            c_layer.append(s_layer.repeat_interleave(n_steps))
+            c_it.append(its.repeat_interleave(n_steps))
+            c_cv.append(rd.converged.repeat_interleave(n_steps))
+        seed = tiny.any(dim=-1)
+        s_layer, s_drop, s_W, s_it = s_layer[seed], (s_drop | tiny)[seed], Zc[seed], it[seed]
+    if has_left:
+        # Residual on A: column j of the product depends on column j of A' only, so the
+        # objective couples the columns only through the regulariser (not at all for
+        # "fro_squared"). Mix the best column of every candidate, then polish.
+        mixed = _mix_columns(
+            torch.cat(c_x).reshape(-1, *shape), torch.cat(c_f), torch.cat(c_layer), data, opts
+        )
+        rp = minimise(obj, data, mixed.flatten(-2), tol=opts.tol, max_iter=opts.max_iter)
+        for W, its in ((mixed.flatten(-2), rp.iterations), (rp.x, rp.iterations)):
+            unsafe = _unsafe(W.reshape(-1, *shape), data, has_left, unit)
+            f_w = obj.values(W.unsqueeze(1), *data).squeeze(1)
+            c_x.append(W)
+            c_f.append(torch.where(unsafe, torch.inf, f_w))
+            c_layer.append(torch.arange(n_layers, device=dev))
+            c_it.append(its)
+            c_cv.append(rp.converged)
+    x_all = torch.cat(c_x)
+    f_all = torch.cat(c_f)
+    l_all = torch.cat(c_layer)
+    f_best = torch.full((n_layers,), torch.inf, dtype=X.dtype, device=dev)
+    f_best = f_best.scatter_reduce(0, l_all, f_all, reduce="amin")
+    idx = torch.arange(f_all.shape[0], device=dev)
+    hit = f_all == f_best[l_all]
+    first = torch.full((n_layers,), f_all.shape[0], dtype=torch.int64, device=dev)
+    first = first.scatter_reduce(0, l_all[hit], idx[hit], reduce="amin")
+    first = torch.clamp(first, max=f_all.shape[0] - 1)
+    f_zero = obj.values(Z0.reshape(n_layers, 1, -1), *data).squeeze(1)
+    _, zero = _pick(f_best[None], f_zero, False)
+    Z = torch.where(zero[:, None, None], Z0, x_all[first].reshape(n_layers, *shape))
+    it_all, cv_all = torch.cat(c_it), torch.cat(c_cv)
+    iters = torch.where(zero, res.iterations[:n_layers], it_all[first])
+    conv = torch.where(zero, res.converged[:n_layers], cv_all[first])
+    return Z, iters, conv

@@ -1,0 +1,421 @@
+"""Private: the flat cosine: reduce, solve by the two-unknown family, certify, fall back.
+
+:func:`_solve_flat` reduces every group to the family data of :mod:`lorafair._fair._family`
+(from two ``R × R`` Grams, or explicitly for float64 inputs), solves all layers sharing ``r`` at
+once, and hands the layers the family cannot certify to the general ``r × 3`` reduction below
+(:func:`flat_reduce`, :func:`flat_objective`, minimised by :func:`~lorafair._fair._newton.minimise`
+from three starts), keeping the family's λ = 0 end where that does not get below the end's floor.
+
+The general reduction: with ``G = ĀĀᵀ = V diag(g) Vᵀ`` and ``H = ΔW Āᵀ`` the objective
+``1 − <B', H> / (w ‖B'Ā‖) + λ R(B' − B̄)`` depends on column ``c_i`` of ``B'V`` only through its
+coordinates in an orthonormal 3-frame of ``span(h_i, b_i) ⊕ (one orthogonal direction)``,
+because ``‖B'Ā‖² = Σ g_i ‖c_i‖²`` has no cross-column terms: an ``r × 3`` problem per layer,
+and layers of every shape that share ``r`` are solved in one batch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from torch import Tensor
+
+from lorafair._fair import _family
+from lorafair._fair import _tolerances as _tol
+from lorafair._fair._batch import (
+    _corrected_dim,
+    _flat_sides,
+    _gram_norm,
+    _Group,
+    _layer_grams,
+    _orient,
+    _rounding,
+    _Solved,
+    _update_norm,
+)
+from lorafair._fair._newton import (
+    Batched,
+    Norm,
+    _pick,
+    _reg_coefs,
+    _reg_grad_coef,
+    _reg_value,
+    _safe_sqrt,
+    minimise,
+    regulariser,
+)
+from lorafair._validate import Prepared, raise_if_nonfinite
+from lorafair.errors import NonFiniteError
+
+if TYPE_CHECKING:
+    from lorafair._fair._api import _Options
+
+_F64 = torch.float64
+
+
+class FlatProblem(NamedTuple):
+    """One batch of reduced flat problems (all float64, ``L`` layers, rank ``r``).
+
+    ``eta``/``beta`` (L, r, 3): coordinates of ``h_i``/``b_i`` in each column's frame;
+    ``mask`` (L, r, 3): 1 where the frame direction exists (``d_out ≥ 3`` gives all three);
+    ``g`` (L, r): eigenvalues of ``G`` (tiny ones zeroed); ``w`` (L,): ``‖ΔW‖_F``.
+    ``frame`` (L, r, d, 3) and ``V`` (L, r, r) map a solution back to ``ΔB``.
+    """
+
+    eta: Tensor
+    beta: Tensor
+    mask: Tensor
+    g: Tensor
+    w: Tensor
+    frame: Tensor
+    V: Tensor
+
+
+def flat_reduce(G: Tensor, H: Tensor, base: Tensor, w: Tensor) -> FlatProblem:
+    """Reduce ``min_B' 1 − <B',H>/(w sqrt(<B'G,B'>)) + λR(B' − base)`` to ``r × 3`` coordinates.
+
+    ``G`` (L, r, r), ``H`` and ``base`` (L, d, r), ``w`` (L,). Cost: one batched ``eigh`` of
+    ``r × r``, two ``(d × r)(r × r)`` products and ``L r`` Householder QRs of ``d × 3``:
+    O(L (d r² + r³)) flops and O(L d r) memory.
+    """
+    g, V = torch.linalg.eigh(G)
+    scale = g.abs().amax(dim=-1, keepdim=True)
+    small = g <= scale * (g.shape[-1] * _tol.EIG_NULL)
+    g = torch.where(small, torch.zeros_like(g), g)
+    Hv = H @ V  # columns h_i
+    Bv = base @ V  # columns b_i
+    Hv = torch.where(small.unsqueeze(-2), torch.zeros_like(Hv), Hv)
+    n_layers, d, r = Hv.shape
+    cols = torch.stack([Hv.mT, Bv.mT, torch.zeros_like(Hv.mT)], dim=-1)  # (L, r, d, 3)
+    frame, R = torch.linalg.qr(cols)  # frame (L, r, d, q), R (L, r, q, 3); q = min(d, 3)
+    q = frame.shape[-1]
+    eta = R[..., :, 0]
+    beta = R[..., :, 1]
+    mask = torch.ones_like(eta)
+    if q < 3:
+        pad = 3 - q
+        eta = torch.cat([eta, eta.new_zeros(n_layers, r, pad)], dim=-1)
+        beta = torch.cat([beta, beta.new_zeros(n_layers, r, pad)], dim=-1)
+        mask = torch.cat([mask, mask.new_zeros(n_layers, r, pad)], dim=-1)
+        frame = torch.cat([frame, frame.new_zeros(n_layers, r, d, pad)], dim=-1)
+    return FlatProblem(eta, beta, mask, g, w, frame, V)
+
+
+def flat_delta(problem: FlatProblem, x: Tensor) -> Tensor:
+    """``ΔB = Σ_i frame_i (x_i − β_i) v_iᵀ`` (L, d, r) from reduced coordinates ``x`` (L, r, 3)."""
+    coef = (x - problem.beta) * problem.mask
+    cols = torch.einsum("lidq,liq->ldi", problem.frame, coef)
+    return cols @ problem.V.mT
+
+
+def flat_terms(
+    x: Tensor, eta: Tensor, beta: Tensor, mask: Tensor, g: Tensor, w: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(cos, ‖Δ‖²)`` at reduced points ``x`` (…, r, 3); data with the same leading dims.
+
+    ``cos = <x, η> / (w sqrt(Σ_i g_i ‖x_i‖²))``; defined as 0 where ``w = 0`` or the product
+    ``B'Ā`` is zero. Plain batched tensor ops (any number of leading dimensions).
+    """
+    xm = x * mask
+    s = (xm * eta).sum(dim=(-2, -1))
+    n_sq = ((xm * xm).sum(dim=-1) * g).sum(dim=-1)
+    ok = (w > 0) & (n_sq > 0)
+    denom = torch.where(ok, w * _safe_sqrt(n_sq), torch.ones_like(s))
+    cos = torch.where(ok, s / denom, torch.zeros_like(s))
+    diff = (x - beta) * mask
+    return cos, (diff * diff).sum(dim=(-2, -1))
+
+
+def flat_objective(lam: float, norm: Norm) -> Batched:
+    """The reduced flat objective ``f(x) = 1 − cos(x) + λ R(x − β)`` with closed-form derivatives.
+
+    Data ``(eta, beta, mask, g, w)`` with shapes (L, r, 3), (L, r, 3), (L, r, 3), (L, r), (L,);
+    ``x`` is the flattened (3 r) point. With ``x̃ = mask ⊙ x``, ``s = <x̃, η>``,
+    ``q = Σ_i g_i ‖x̃_i‖²``, ``n = √q``, ``u = vec(mask ⊙ η)``, ``v = vec(g_i x̃_i)``,
+    ``m = vec(mask)``, ``D = diag(m ⊙ (g ⊗ 1₃))``:
+
+        ∇cos  = u/(w n) − s v/(w n³)
+        ∇²cos = −(u vᵀ + v uᵀ)/(w n³) − s D/(w n³) + 3 s v vᵀ/(w n⁵)
+
+    (0 where ``w = 0`` or ``q = 0``), and for ``d = m ⊙ (x − β)``: ``"fro_squared"``
+    ``∇ = 2λ d``, ``∇² = 2λ diag(m)``; ``"fro"`` (``ρ = ‖d‖``) ``∇ = λ d/ρ``,
+    ``∇² = λ (diag(m)/ρ − d dᵀ/ρ³)``. Cost per layer: O(r) for a value or gradient, O(r²)
+    for the Hessian.
+    """
+
+    def values(x: Tensor, eta: Tensor, beta: Tensor, mask: Tensor, g: Tensor, w: Tensor) -> Tensor:
+        n_layers, n_cand, _ = x.shape
+        data = (eta, beta, mask, g, w)
+        cos, dsq = flat_terms(
+            x.reshape(n_layers, n_cand, *eta.shape[1:]), *(t.unsqueeze(1) for t in data)
+        )
+        return 1.0 - cos + _reg_value(dsq, lam, norm)
+
+    def _parts(
+        x: Tensor, eta: Tensor, beta: Tensor, mask: Tensor, g: Tensor, w: Tensor
+    ) -> tuple[Tensor, ...]:
+        x3 = x.reshape(eta.shape)
+        xm = x3 * mask
+        s = (xm * eta).sum(dim=(-2, -1))
+        v = g.unsqueeze(-1) * xm
+        q = (v * xm).sum(dim=(-2, -1))
+        ok = (w > 0) & (q > 0)
+        n = _safe_sqrt(q)
+        wn = torch.where(ok, w * n, torch.ones_like(n))
+        cos = torch.where(ok, s / wn, torch.zeros_like(s))
+        big = ok & (q > _tol.TINY)
+        c1 = torch.where(ok, 1.0 / wn, torch.zeros_like(wn))  # 1/(w n)
+        c3 = torch.where(big, c1 / torch.where(big, q, torch.ones_like(q)), torch.zeros_like(q))
+        d = (x3 - beta) * mask
+        dsq = (d * d).sum(dim=(-2, -1))
+        return cos, s, v.flatten(-2), (mask * eta).flatten(-2), c1, c3, q, d.flatten(-2), dsq
+
+    def value_and_grad(
+        x: Tensor, eta: Tensor, beta: Tensor, mask: Tensor, g: Tensor, w: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        cos, s, v, u, c1, c3, _, d, dsq = _parts(x, eta, beta, mask, g, w)
+        gcos = c1[:, None] * u - (s * c3)[:, None] * v
+        f = 1.0 - cos + _reg_value(dsq, lam, norm)
+        return f, _reg_grad_coef(dsq, lam, norm)[:, None] * d - gcos
+
+    def hessian(x: Tensor, eta: Tensor, beta: Tensor, mask: Tensor, g: Tensor, w: Tensor) -> Tensor:
+        # Diagonal plus rank 3: ∇²f = diag(δ) + U C Uᵀ with U = [u, v, d] and C symmetric 3 × 3,
+        # built as one batched (N × 3)(3 × N) product plus the diagonal.
+        _, s, v, u, _, c3, q, d, dsq = _parts(x, eta, beta, mask, g, w)
+        m = mask.flatten(-2)
+        gd = (g.unsqueeze(-1) * mask).flatten(-2)
+        c5 = torch.where(c3 != 0, 3.0 * s * c3 / torch.where(c3 != 0, q, torch.ones_like(q)), 0.0)
+        r_diag, r_outer = _reg_coefs(dsq, lam, norm)
+        delta = r_diag[:, None] * m + (s * c3)[:, None] * gd
+        U = torch.stack([u, v, d], dim=-1)  # (L, N, 3)
+        zero = torch.zeros_like(c3)
+        C = torch.stack(
+            [
+                torch.stack([zero, c3, zero], dim=-1),
+                torch.stack([c3, -c5, zero], dim=-1),
+                torch.stack([zero, zero, -r_outer], dim=-1),
+            ],
+            dim=-2,
+        )
+        hess = (U @ C) @ U.mT
+        return hess + torch.diag_embed(delta)
+
+    return Batched(values, value_and_grad, hessian)
+
+
+def flat_lam0(problem: FlatProblem) -> Tensor:
+    """The λ = 0 minimiser closest to ``B̄`` in reduced coordinates (L, r, 3).
+
+    Every ``x`` with ``x_i = t g_i⁻¹ η_i`` (``g_i > 0``, ``t > 0``) and free ``x_i`` where
+    ``g_i = 0`` maximises the cosine (it reaches ``‖ΔW Ā⁺Ā‖ / ‖ΔW‖``). Closest to ``β``: the null
+    columns keep ``β_i`` and ``t = <z, β>/‖z‖²`` with ``z = g⁺η``; where that ``t ≤ 0`` (no
+    closest point on the open ray) ``t = 1``, i.e. ``B'Ā`` is the least-squares fit of ``ΔW``.
+    Where ``η = 0`` (``ΔW Āᵀ = 0``: every ``B'`` has cosine 0) ``x = β``.
+    """
+    g = problem.g.unsqueeze(-1)
+    pos = g > 0
+    z = torch.where(pos, problem.eta / torch.where(pos, g, torch.ones_like(g)), 0.0)
+    z = z * problem.mask
+    zz = (z * z).sum(dim=(-2, -1))
+    zb = (z * problem.beta).sum(dim=(-2, -1))
+    t = torch.where(zz > 0, zb / torch.where(zz > 0, zz, torch.ones_like(zz)), 0.0)
+    t = torch.where(t > 0, t, torch.ones_like(t))
+    x = torch.where(pos, t[:, None, None] * z, problem.beta)
+    return torch.where((zz > 0)[:, None, None], x, problem.beta)
+
+
+def _flat_reduce(
+    grp: _Group, opts: _Options, grams: tuple[Tensor, Tensor] | None
+) -> tuple[_family.Reduced, Tensor]:
+    """The family solver's data and ``N = diag(pw) Q_u Qᵀ`` (L, R, r), so ``H = ΔW' Qᵀ = P_u N``.
+
+    float64 inputs: ``H`` and ``P`` explicitly (accurate to ε even when clients cancel), ‖ΔW‖ by a
+    thin QR. Narrower inputs: everything from the two R × R Grams ``M_P = P_uᵀP_u`` and
+    ``M_Q = Q_u Q_uᵀ`` (``G = Eᵀ M_Q E``, ``N = diag(pw) M_Q E``, ``HᵀH = Nᵀ M_P N``,
+    ``HᵀP = Nᵀ M_P E``, ``PᵀP = Eᵀ M_P E``, ``‖ΔW‖² = <M_P, pw pwᵀ ⊙ M_Q>``), whose error
+    ``ε₆₄ κ²`` stays below the inputs' own rounding (see :func:`_update_norm`); ``grams`` is
+    ``(M_A, M_B)`` from :func:`_layer_grams` when already computed. Cost O((d + e) R²) flops
+    (the Grams) or O((d + e) R r) plus a QR (float64).
+    """
+    E, pw = grp.E, grp.pw
+    if grp.dtype == _F64:
+        P_u, Q_u = _flat_sides(grp, opts)
+        Q = E.mT @ Q_u
+        N = pw[:, None] * (Q_u @ Q.mT)
+        red = _family.reduced_from_columns(Q @ Q.mT, P_u @ N, P_u @ E, _update_norm(grp))
+        return red, N
+    M_A, M_B = grams if grams is not None else _layer_grams(grp)
+    M_P, M_Q = (M_B, M_A) if opts.residual_on == "B" else (M_A, M_B)
+    N = pw[:, None] * (M_Q @ E)
+    MN = M_P @ N
+    red = _family.reduced_from_grams(
+        E.mT @ M_Q @ E, N.mT @ MN, MN.mT @ E, E.mT @ M_P @ E, _gram_norm(M_P, M_Q, pw)
+    )
+    return red, N
+
+
+def _absolute_error(grp: _Group, opts: _Options, grams: tuple[Tensor, Tensor] | None) -> Tensor:
+    """Per layer, an absolute error size of the corrected factor as computed and returned:
+    ``ε₆₄ ‖P_u‖_F`` (the float64 GEMM ``P_u (E + coef)``; ``‖E‖₂ ≤ 1``) plus the output dtype's
+    smallest normal times ``√(d r)`` times its unit roundoff (its subnormal spacing)."""
+    if grams is None:
+        P_u = _flat_sides(grp, opts)[0]
+        pu = torch.linalg.matrix_norm(P_u)
+    else:
+        M_A, M_B = grams
+        M_P = M_B if opts.residual_on == "B" else M_A
+        pu = torch.sqrt(M_P.diagonal(dim1=-2, dim2=-1).sum(-1))
+    unit = _rounding(grp, opts)
+    out: Tensor = torch.finfo(_F64).eps * pu.to(_F64) + unit.eps / 2 * unit.floor
+    return out
+
+
+def _solve_flat(
+    groups: list[_Group], opts: _Options, single: bool, prep: Prepared
+) -> list[_Solved]:
+    """Solve every group's flat problem, all groups sharing ``r`` in one batch (see :mod:`_flat`).
+
+    Layers the two-parameter solve cannot certify are re-solved by the general ``r × 3`` solver.
+    The inputs' NaN/Inf check (skipped by :func:`prepare`) comes from the Grams' diagonals for
+    narrow dtypes (see :func:`_flat_reduce`) and from :func:`raise_if_nonfinite` otherwise; either
+    way a bad input raises before anything is solved, naming its layer and client.
+    """
+    if any(grp.dtype == _F64 for grp in groups):
+        raise_if_nonfinite(prep.layers)
+    grams = [None if grp.dtype == _F64 else _layer_grams(grp) for grp in groups]
+    # diag(M) holds float64 sums of squares of narrow floats: finite exactly when every input is
+    # (|x| ≤ 6.6e4 or 3.4e38, squared and summed over < 2³¹ terms, cannot overflow float64).
+    diag_sums = [M.diagonal(dim1=-2, dim2=-1).sum() for pair in grams if pair for M in pair]
+    if diag_sums and not bool(torch.isfinite(torch.stack(diag_sums).sum())):
+        raise_if_nonfinite(prep.layers)
+        raise NonFiniteError("NaN or Inf in the clients' factors")  # pragma: no cover
+    reduced = [_flat_reduce(grp, opts, gm) for grp, gm in zip(groups, grams, strict=True)]
+    out: list[_Solved | None] = [None] * len(groups)
+    buckets: dict[tuple[int, torch.device], list[int]] = {}
+    for i, grp in enumerate(groups):
+        buckets.setdefault((grp.r, grp.device), []).append(i)
+    for idx in buckets.values():
+        joint = _family.Reduced(*(torch.cat([reduced[i][0][j] for i in idx]) for j in range(6)))
+        wide = torch.cat(
+            [
+                torch.full(
+                    (groups[i].n,),
+                    _corrected_dim(groups[i], opts) >= 3,
+                    device=joint.g.device,
+                )
+                for i in idx
+            ]
+        )
+        # Output rounding: the output dtype's unit roundoff (relative to ‖P‖), and an absolute
+        # floor: float64 cancellation in P_u (E + coef) (~ε₆₄ ‖P_u‖, large where clients cancel
+        # in B̄) and where the d × r entries lose relative precision (float16's subnormals).
+        eps = torch.cat(
+            [torch.full((groups[i].n,), _rounding(groups[i], opts).eps / 2) for i in idx]
+        ).to(joint.g)
+        noise = torch.cat([_absolute_error(groups[i], opts, grams[i]) for i in idx]).to(joint.g)
+        sol = _family.solve(
+            joint,
+            wide,
+            eps,
+            noise,
+            lam=opts.lam,
+            norm=opts.norm,
+            tol=opts.tol,
+            max_iter=opts.max_iter,
+            single=single,
+        )
+        start = 0
+        for i in idx:
+            grp = groups[i]
+            n = grp.n
+            sl = slice(start, start + n)
+            start += n
+            red, N = reduced[i]
+            V = red.V
+            X = (V * sol.x[sl].unsqueeze(-2)) @ V.mT
+            Y = (V * sol.y[sl].unsqueeze(-2)) @ V.mT
+            coef = N @ X - grp.E @ Y
+            obj, cos = sol.objective[sl], sol.cosine[sl]
+            iters, conv = sol.iterations[sl], sol.converged[sl]
+            extra = None
+            bad = ~sol.certified[sl]
+            if bool(bad.any()):
+                # The general solver, unless it does not get below the λ = 0 end's floor: that
+                # end is often an infimum which the general solver can only approach (stopping
+                # wherever its steps fade), while _family._end approaches it by a fixed rule.
+                fb = _solve_flat_general(grp, opts, single, bad, red.w[bad])
+                assert fb.extra is not None
+                f_general = torch.full_like(obj, torch.inf)
+                f_general[bad] = fb.objective
+                floor = sol.end_floor[sl]
+                end = bad & (f_general >= floor - _tol.END_MARGIN * (1.0 + floor.abs()))
+                general = bad & ~end
+                X_end = (V * sol.end_x[sl].unsqueeze(-2)) @ V.mT
+                Y_end = (V * sol.end_y[sl].unsqueeze(-2)) @ V.mT
+                coef = torch.where(end[:, None, None], N @ X_end - grp.E @ Y_end, coef)
+                obj = torch.where(end, sol.end_objective[sl], obj)
+                cos = torch.where(end, sol.end_cosine[sl], cos)
+                iters, conv = iters.clone(), conv.clone()
+                coef[general] = 0.0
+                extra = _orient(fb.extra.new_zeros(n, *fb.extra.shape[-2:]), opts).clone()
+                extra[general] = _orient(fb.extra[general[bad]], opts)
+                obj[general], cos[general] = fb.objective[general[bad]], fb.cosine[general[bad]]
+                iters[bad], conv[bad] = fb.iterations, fb.converged
+            out[i] = _Solved(obj, cos, iters, conv, coef, extra)
+    return [s for s in out if s is not None]
+
+
+def _solve_flat_general(
+    grp: _Group, opts: _Options, single: bool, rows: Tensor, w: Tensor | None = None
+) -> _Solved:
+    """The general ``r × 3`` reduction (:func:`flat_reduce`) for the layers ``rows``.
+
+    ``w``: their ``‖ΔW‖_F`` where already known (else :func:`_update_norm`). Returns ``ΔP`` in
+    the corrected factor's orientation (``d × r``), float64.
+    """
+    Abar, Bbar = grp.Abar[rows], grp.Bbar[rows]
+    A_s, B_s = grp.A_s[rows], grp.B_s[rows]
+    if opts.residual_on == "B":
+        G = Abar @ Abar.mT
+        H = B_s @ (A_s @ Abar.mT)
+        base = Bbar
+    else:  # transposed problem: B̄ (Ā + ΔA) ~ ΔW  <=>  (Āᵀ + ΔAᵀ) B̄ᵀ ~ ΔWᵀ
+        G = Bbar.mT @ Bbar
+        H = A_s.mT @ (B_s.mT @ Bbar)
+        base = Abar.mT
+    problem = flat_reduce(G, H, base, _update_norm(grp)[rows] if w is None else w)
+    x_sol, iters, conv = _flat_minimise(problem, opts, single)
+    cos, dsq = flat_terms(x_sol, *problem[:5])
+    obj = 1.0 - cos + regulariser(dsq, opts.lam, opts.norm)
+    return _Solved(obj, cos, iters, conv, extra=flat_delta(problem, x_sol))
+
+
+def _flat_minimise(
+    problem: FlatProblem, opts: _Options, single: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    beta = problem.beta
+    n = beta.shape[0]
+    x_ls = flat_lam0(problem)
+    zeros_i = torch.zeros(n, dtype=torch.int64, device=beta.device)
+    if opts.lam == 0.0 or single:
+        x = beta if single else x_ls
+        return x, zeros_i, torch.ones(n, dtype=torch.bool, device=beta.device)
+    starts = [beta, x_ls, 0.5 * (beta + x_ls)]
+    m = len(starts)
+    data = tuple(problem[:5])
+    obj = flat_objective(opts.lam, opts.norm)
+    rep = tuple(t.repeat(m, *([1] * (t.ndim - 1))) for t in data)
+    x0 = torch.cat(starts).reshape(m * n, -1)
+    res = minimise(obj, rep, x0, tol=opts.tol, max_iter=opts.max_iter)
+    f_runs = res.f.reshape(m, n)
+    f_zero = obj.values(beta.reshape(n, 1, -1), *data).squeeze(1)
+    best, zero = _pick(f_runs, f_zero, single)
+    xs = res.x.reshape(m, n, *beta.shape[1:])
+    rows = torch.arange(n, device=beta.device)
+    x = xs[best, rows]
+    x = torch.where(zero[:, None, None], beta, x)
+    iters = res.iterations.reshape(m, n)
+    conv = res.converged.reshape(m, n)
+    it = torch.where(zero, iters[0], iters[best, rows])
+    cv = torch.where(zero, conv[0], conv[best, rows])
+    return x, it, cv

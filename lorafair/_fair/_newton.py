@@ -1,0 +1,245 @@
+"""Private: one batched damped Newton / L-BFGS with one line search, shared by both forms.
+
+Everything here is float64, batched over a leading layer dimension ``L`` and free of host syncs
+except every ``sync_every`` iterations of :func:`minimise` (every iteration on CPU). Objectives
+(:class:`Batched`) come with closed-form gradients and Hessians (no autograd). The regulariser
+``λ‖Δ‖`` / ``λ‖Δ‖²`` and its torch derivatives live here once. :func:`_pick` is the rule both
+forms use to return ΔB = 0 unless a solver result beats it. (The flat family's two-unknown
+Newton in :mod:`lorafair._fair._family` runs in NumPy on the host, with the same step ladder
+and Armijo constant from :mod:`lorafair._fair._tolerances`.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from lorafair._fair import _tolerances as _tol
+
+Norm = Literal["fro", "fro_squared"]
+
+
+def _safe_sqrt(x: Tensor) -> Tensor:
+    """``sqrt`` with a zero (not NaN) gradient at 0."""
+    return torch.sqrt(torch.clamp(x, min=_tol.TINY))
+
+
+def regulariser(delta_sq: Tensor, lam: float, norm: Norm) -> Tensor:
+    """``λ‖Δ‖_F`` (``"fro"``) or ``λ‖Δ‖_F²`` (``"fro_squared"``) from ``‖Δ‖_F²``."""
+    if norm == "fro":
+        return lam * _safe_sqrt(delta_sq)
+    return lam * delta_sq
+
+
+def _reg_value(dsq: Tensor, lam: float, norm: Norm) -> Tensor:
+    return regulariser(dsq, lam, norm)
+
+
+def _reg_coefs(dsq: Tensor, lam: float, norm: Norm) -> tuple[Tensor, Tensor]:
+    """``(c₁, c₃)`` with ``∇ reg = c₁ d`` and ``∇² reg = c₁ diag(mask) − c₃ d dᵀ`` (``d`` the
+    masked difference, ``dsq = ‖d‖²``): ``(2λ, 0)`` for ``"fro_squared"``; ``(λ/ρ, λ/ρ³)`` for
+    ``"fro"`` (``ρ = ‖d‖``), 0 where ``ρ² ≤ TINY`` (the clamped square root's zero derivative).
+    The one place the regulariser is differentiated in torch (the host family has its own
+    NumPy copy in :func:`lorafair._fair._family._reg`)."""
+    if norm == "fro_squared":
+        return torch.full_like(dsq, 2.0 * lam), torch.zeros_like(dsq)
+    big = dsq > _tol.TINY
+    rho = _safe_sqrt(dsq)
+    c1 = torch.where(big, lam / rho, torch.zeros_like(rho))
+    c3 = torch.where(big, lam / (rho * rho * rho), torch.zeros_like(rho))
+    return c1, c3
+
+
+def _reg_grad_coef(dsq: Tensor, lam: float, norm: Norm) -> Tensor:
+    """``c₁`` of :func:`_reg_coefs`: ``∇ reg = c₁ d``."""
+    return _reg_coefs(dsq, lam, norm)[0]
+
+
+def _reg_hessian(d: Tensor, dsq: Tensor, diag: Tensor, lam: float, norm: Norm) -> Tensor:
+    """Hessian of ``reg`` in ``x`` (…, N, N), ``d`` (…, N) the difference, ``diag`` its mask."""
+    c1, c3 = _reg_coefs(dsq, lam, norm)
+    eye = c1[..., None, None] * torch.diag_embed(diag)
+    if norm == "fro_squared":
+        return eye
+    return eye - c3[..., None, None] * (d.unsqueeze(-1) * d.unsqueeze(-2))
+
+
+class Batched(NamedTuple):
+    """A batched objective: ``values(x (L, S, N), *data) -> (L, S)``; ``value_and_grad(x (L, N),
+    *data) -> ((L,), (L, N))``; ``hessian(x (L, N), *data) -> (L, N, N)``. Closed forms only
+    (no ``torch.func``/autograd), so no per-layer Python loop and no host sync.
+    """
+
+    values: Callable[..., Tensor]
+    value_and_grad: Callable[..., tuple[Tensor, Tensor]]
+    hessian: Callable[..., Tensor]
+
+
+def _modified_newton(hess: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """``−|H|⁻¹ g`` with ``|H|`` the Hessian's eigenvalues made positive (and bounded below)."""
+    evals, evecs = torch.linalg.eigh(hess)
+    floor = evals.abs().amax(dim=-1, keepdim=True) * 1e-12 + 1e-300
+    pd = (evals > floor).all(dim=-1)
+    coef = (evecs.mT @ g.unsqueeze(-1)).squeeze(-1) / torch.clamp(evals.abs(), min=floor)
+    return -(evecs @ coef.unsqueeze(-1)).squeeze(-1), pd
+
+
+def _newton_direction(hess: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """Newton direction and a positive-definiteness flag per layer.
+
+    On CPU (where reading a flag costs no device sync) a batched Cholesky serves the positive
+    definite Hessians and only the others pay for an eigendecomposition; on accelerators every
+    layer takes the (sync-free) eigendecomposition path.
+    """
+    if hess.device.type != "cpu":
+        return _modified_newton(hess, g)
+    chol, info = torch.linalg.cholesky_ex(hess)
+    ok = info == 0
+    d = torch.cholesky_solve(-g.unsqueeze(-1), chol).squeeze(-1)
+    ok = ok & torch.isfinite(d).all(dim=-1)
+    if bool(ok.all()):
+        return d, ok
+    bad = ~ok
+    d_bad, _ = _modified_newton(hess[bad], g[bad])
+    d = d.clone()
+    d[bad] = d_bad
+    return d, ok
+
+
+class SolveResult(NamedTuple):
+    """Per-layer result of :func:`minimise`: point, objective, iterations, convergence flag."""
+
+    x: Tensor
+    f: Tensor
+    iterations: Tensor
+    converged: Tensor
+
+
+def minimise(
+    obj: Batched,
+    data: tuple[Tensor, ...],
+    x0: Tensor,
+    *,
+    tol: float,
+    max_iter: int,
+    n_steps: int = _tol.STEPS,
+    shrink: float = _tol.SHRINK,
+    memory: int = 10,
+    sync_every: int = 5,
+) -> SolveResult:
+    """Minimise ``obj`` independently for each of the ``L`` rows of ``x0`` (L, N).
+
+    Direction: Newton's with the exact (closed-form) Hessian, its eigenvalues replaced by
+    their absolute values (bounded below), when ``N <= _tol.NEWTON_MAX_UNKNOWNS``; else L-BFGS.
+    Step: ``n_steps`` lengths ``shrink**k`` tried in one batched evaluation; per layer the
+    longest satisfying Armijo's condition (else the best that lowers the objective), so there
+    is no data-dependent control flow and no host sync; ``converged.all()`` is read every
+    ``sync_every`` iterations (every iteration on CPU, where that costs no device sync). A
+    layer has converged when the Hessian is positive definite and the Newton decrement
+    ``gᵀH⁻¹g`` is at most ``tol (1 + |f|)`` (L-BFGS: the step changed the objective by at most
+    ``tol (1 + |f|)`` and the quasi-Newton decrement is that small), or when a step lowers the
+    objective by less than ``1e-3 tol (1 + |f|)`` (an infimum that is only approached, e.g. as
+    a product column shrinks to zero), or when no step length lowers the objective along the
+    steepest-descent direction either (no float64 progress).
+    Cost per iteration: Newton O(L N³) plus the Hessian; L-BFGS
+    O(L N memory) plus ``n_steps + 1`` objective evaluations.
+    """
+    n_layers, n = x0.shape
+    newton = n <= _tol.NEWTON_MAX_UNKNOWNS
+    every = 1 if x0.device.type == "cpu" else sync_every  # reading a CPU flag costs no sync
+    dev, dt = x0.device, x0.dtype
+    x = x0.clone()
+    f, g = obj.value_and_grad(x, *data)
+    S = x.new_zeros(n_layers, memory, n)
+    Yh = x.new_zeros(n_layers, memory, n)
+    rho = x.new_zeros(n_layers, memory)
+    gamma = x.new_ones(n_layers)
+    filled = 0
+    head = 0
+    ts = shrink ** torch.arange(n_steps, device=dev, dtype=dt)
+    done = torch.zeros(n_layers, dtype=torch.bool, device=dev)
+    use_sd = torch.zeros(n_layers, dtype=torch.bool, device=dev) if newton else ~done
+    iters = torch.zeros(n_layers, dtype=torch.int64, device=dev)
+    for it in range(max_iter):
+        if newton:
+            hess = obj.hessian(x, *data)
+            hess = 0.5 * (hess + hess.mT)
+            hess = torch.where(torch.isfinite(hess), hess, torch.zeros_like(hess))
+            d, pd = _newton_direction(hess, g)
+        else:
+            q = g.clone()
+            order = [(head - 1 - j) % memory for j in range(filled)]
+            alphas = []
+            for j in order:
+                a = rho[:, j] * (S[:, j] * q).sum(-1)
+                q = q - a[:, None] * Yh[:, j]
+                alphas.append(a)
+            r = gamma[:, None] * q
+            for j, a in zip(reversed(order), reversed(alphas), strict=True):
+                b = rho[:, j] * (Yh[:, j] * r).sum(-1)
+                r = r + S[:, j] * (a - b)[:, None]
+            d = -r
+            pd = torch.ones_like(done)
+        gd = (g * d).sum(-1)
+        gnorm = torch.linalg.vector_norm(g, dim=-1)
+        xnorm = torch.linalg.vector_norm(x, dim=-1)
+        sd_scale = (xnorm + 1.0) / torch.clamp(gnorm, min=1e-300)
+        steepest = use_sd | ~(gd < 0) | ~torch.isfinite(gd)
+        d = torch.where(steepest[:, None], -g * sd_scale[:, None], d)
+        gd = torch.where(steepest, -gnorm * gnorm * sd_scale, gd)
+        bound = tol * (1.0 + f.abs())
+        if newton:
+            small = pd & ~steepest & (-gd <= bound)
+            done = done | small
+        xc = x.unsqueeze(1) + ts[None, :, None] * d.unsqueeze(1)
+        fc = obj.values(xc, *data)
+        fc = torch.where(torch.isfinite(fc), fc, torch.full_like(fc, float("inf")))
+        armijo = fc <= f[:, None] + _tol.ARMIJO * ts[None, :] * gd[:, None]
+        first = torch.argmax(armijo.to(torch.int8), dim=1)
+        pick = torch.where(armijo.any(dim=1), first, torch.argmin(fc, dim=1))
+        f_pick = fc.gather(1, pick[:, None]).squeeze(1)
+        improved = f_pick < f
+        move = improved & ~done
+        x_new = torch.where(move[:, None], x + ts[pick][:, None] * d, x)
+        f_new, g_new = obj.value_and_grad(x_new, *data)
+        f_new = torch.where(move, f_new, f)
+        g_new = torch.where(move[:, None], g_new, g)
+        iters = iters + (~done).to(torch.int64)
+        stalled = ~improved & steepest
+        if not newton:
+            small = (f - f_new <= bound) & (-gd <= bound) & ~steepest
+            done = done | (move & small)
+        # No minimiser (an infimum approached as the product vanishes) or float64 resolution.
+        negligible = move & (f - f_new <= 1e-3 * bound)
+        done = done | stalled | negligible
+        use_sd = ~improved & ~steepest
+        if not newton:
+            s_vec = x_new - x
+            y_vec = g_new - g
+            sy = (s_vec * y_vec).sum(-1)
+            yy = (y_vec * y_vec).sum(-1)
+            ss = (s_vec * s_vec).sum(-1)
+            valid = move & (sy > 1e-12 * torch.sqrt(yy * ss))
+            S[:, head] = s_vec
+            Yh[:, head] = y_vec
+            rho[:, head] = torch.where(
+                valid, 1.0 / torch.where(valid, sy, torch.ones_like(sy)), 0.0
+            )
+            gamma = torch.where(valid, sy / torch.where(valid, yy, torch.ones_like(yy)), gamma)
+            head = (head + 1) % memory
+            filled = min(filled + 1, memory)
+        x, f, g = x_new, f_new, g_new
+        if (it + 1) % every == 0 and bool(done.all()):
+            break
+    return SolveResult(x, f, iters, done)
+
+
+def _pick(f_runs: Tensor, f_zero: Tensor, single: bool) -> tuple[Tensor, Tensor]:
+    """Index of the best start per layer (runs stacked first) and whether ΔB = 0 wins instead."""
+    best = torch.argmin(f_runs, dim=0)
+    f_best = f_runs.gather(0, best[None]).squeeze(0)
+    zero = (f_zero <= f_best + _tol.TIE) | torch.full_like(f_zero, single, dtype=torch.bool)
+    return best, zero

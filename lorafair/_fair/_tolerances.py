@@ -1,0 +1,72 @@
+"""Every tolerance and step ladder of the LoRA-FAIR solver, in one place.
+
+Grouped by the step that uses it. Values are unchanged from the solver's validation (see
+``docs/lora_fair.md``, validation history); each says what it decides.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# ---------------------------------------------------------------- shared by both forms
+TINY = 1e-300
+"""Below this a squared norm counts as zero (square roots and their derivatives are guarded)."""
+TIE = 1e-14
+"""A solver result must beat ΔB = 0 (FedIT) by more than this to be returned (both forms)."""
+NEWTON_MAX_UNKNOWNS = 192
+"""Above this many unknowns per layer, :func:`~lorafair._fair._newton.minimise` uses L-BFGS."""
+STEPS = 14
+"""Step lengths ``SHRINK**k`` (k < STEPS) that one line search of ``minimise`` tries at once."""
+SHRINK = 0.3
+"""Ratio of consecutive step lengths in every line search (``minimise`` and the family's)."""
+ARMIJO = 1e-4
+"""Armijo's sufficient-decrease constant of every line search."""
+
+# ---------------------------------------------------------------- flat: the two-unknown family
+FAMILY_STEPS = SHRINK ** np.arange(10.0)
+"""Step lengths of the family's damped Newton (:func:`~lorafair._fair._family.newton`)."""
+GRID_A = np.arange(-26.0, 27.0, 4.0)
+"""Grid of ``θ₁ = log(a/σ)`` the family is first evaluated on."""
+GRID_K = np.array([-16.0, -4.0, -1.0, 0.0, 0.5, 1.0, 2.0])
+"""Fixed values of ``θ₂`` on that grid."""
+GRID_LAM0 = np.array([0.5, 0.8, 1.0, 1.25, 2.0])
+"""Multiples of the λ = 0 end's ``θ₂`` added to the grid."""
+GRID_COS = np.array([0.97, 0.99, 1.0, 1.01, 1.03])
+"""Multiples of FedIT's cosine (the ``θ₂`` leaving ΔP = 0 along ∇cos) added to the grid."""
+FAMILY_STARTS = 3
+"""Best grid points per layer that Newton starts from."""
+FAMILY_SCOUT = 2
+"""Newton steps every start takes before only the best one per layer goes on."""
+FAMILY_INNER_TOL = 1e-13
+"""Newton decrement tolerance of the family (two unknowns: float64 resolution is cheap)."""
+CERTIFY_GAIN = 1e-12
+"""Certificate: the full problem's diagonal-Newton gain must be below this (relative to 1 + |f|)."""
+ZERO_GAIN = 1e-13
+"""``fro_squared``: ΔP = 0 is accepted as optimal within this quadratic-model gain."""
+FAMILY_END_STEPS = 10.0 ** -np.arange(1.0, 15.0)
+"""Distances ``‖t z‖ / ‖P‖`` the family's λ = 0 end tries when its best point is at t → 0⁺."""
+END_MARGIN = 1e-12
+"""The general flat solver replaces the λ = 0 end only when below the end's floor by more than
+this (relative): one approaching the same infimum can only get below it by rounding."""
+
+# ---------------------------------------------------------------- columns
+COLUMNS_END_STEPS = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
+"""Sizes ``‖t D‖ / ‖Z0‖`` of the λ = 0-end points that the columns solver scores."""
+END_REACH = 1e-9
+"""The columns λ = 0 end is re-solved from shrunken anchors where it could still win by more
+than this (relative) over the plain points."""
+DROP_TINY = 1e-3
+"""A product column below this fraction of its rounding scale is taken as one the minimiser is
+driving to zero: the columns problem is re-solved with it dropped."""
+DROP_UNSAFE = 2e-10
+"""Largest float64 error of the objective (estimated by ``_unsafe``) of a returned point: near a
+vanishing column its cosine is sensitive to rounding; such points are not returned (their
+dropped counterparts stand in for them)."""
+DROP_STEPS = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10)
+"""Relative distances ``ε`` at which a dropped column reappears (``dropped_points``)."""
+DROP_SINGLES = 64
+"""Up to this many columns, dropping each single column from the best run is scored as well."""
+DROP_SINGLES_SOLVE = 4
+"""Of those, the best this many per layer seed restricted problems."""
+EIG_NULL = 1e-13
+"""Eigenvalues of ``G`` at most ``r · EIG_NULL · max g`` are zeroed (both flat reductions)."""
