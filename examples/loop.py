@@ -55,7 +55,6 @@ class FedConfig:
     device: str = "cpu"
     workers: int = 0
     eval_batch_size: int = 512
-    progress: bool = True
 
 
 @dataclass
@@ -63,6 +62,7 @@ class MethodResult:
     """Per-round history of one method on one model."""
 
     method: str
+    seed: int = 0
     accuracy: list[dict[str, float]] = field(default_factory=list)
     bytes_up: list[int] = field(default_factory=list)
     bytes_down: list[int] = field(default_factory=list)
@@ -170,27 +170,25 @@ def run_method(
     ``make_model()`` returns ``(model, head)`` where ``head`` is the classifier submodule of
     ``model`` (trained by every client, FedAvg'd). Client ``k``'s SGD order in round ``t`` is
     seeded by ``(seed, t, k)``, the partial-participation sample by ``(seed, t)``, so all
-    methods see the same data order.
+    methods see the same data order. ``on_round(t, result)`` is called after every round
+    (the driver's progress bar).
     """
     start = time.perf_counter()
     model, head = make_model()
     model.to(cfg.device)
     state: GlobalState = initial_state(model, head)
-    result = MethodResult(method)
+    result = MethodResult(method, cfg.seed)
     k_all = len(clients)
     per_round = k_all if cfg.clients_per_round is None else min(cfg.clients_per_round, k_all)
-    rounds: range | Iterator[int] = range(cfg.rounds)
-    if cfg.progress:
-        from tqdm.auto import tqdm
-
-        rounds = iter(tqdm(range(cfg.rounds), desc=f"{label}{method}", leave=False))
-    for t in rounds:
+    for t in range(cfg.rounds):
         t0 = time.perf_counter()
         rng = np.random.default_rng([cfg.seed, t])
         chosen = sorted(rng.choice(k_all, size=per_round, replace=False).tolist())
         uploads, losses = [], []
         for k in chosen:
-            client_start(method, model, head, state, seed=cfg.seed * 7919 + t * 104_729 + k + 1)
+            client_start(
+                method, model, head, state, seed=cfg.seed * 7919 + t * 104_729 + k + 1, client=k
+            )
             params = trainable_parameters(method, model, head)
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + t * 1009 + k)
             losses.append(local_train(model, params, clients[k].data, cfg, generator=g))

@@ -22,12 +22,15 @@ from examples.lora import (
     set_factors,
 )
 from examples.methods import (
+    METHODS,
+    SIDES,
     ClientUpload,
     client_start,
     initial_state,
     server_step,
     trainable_parameters,
 )
+from lorafair import registry
 from lorafair.types import LoRAFactors
 
 D_IN, HIDDEN, CLASSES, RANK = 6, 10, 3, 2
@@ -90,7 +93,6 @@ def _cfg(**kw: object) -> FedConfig:
         "batch_size": 4,
         "lr": 0.2,
         "rank": RANK,
-        "progress": False,
     }
     base.update(kw)
     return FedConfig(**base)  # type: ignore[arg-type]
@@ -322,3 +324,31 @@ def test_partial_participation_samples_clients_per_round() -> None:
     model, _ = _make()
     ab = sum((m.lora_A.numel() + m.lora_B.numel()) * 4 for m in lora_layers(model).values())
     assert r.bytes_up == [2 * ab, 2 * ab]
+
+
+def test_every_method_dispatches_to_a_registered_aggregator() -> None:
+    assert set(METHODS) == set(SIDES)
+    assert {"fedit", "ffa_lora", "flora", "flexlora", "lora_fair"} <= set(METHODS)
+    for name, side in SIDES.items():
+        assert side.aggregator in registry.names(), name
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        server_step("nope", _make()[0], [], rank=RANK)
+
+
+def test_fedit_reports_its_own_bias_and_exact_methods_report_none() -> None:
+    model, head = _make()
+    cfg, clients = _cfg(), _clients()
+    state = initial_state(model, head)
+    for method, exact in (("fedit", False), ("ffa_lora", True)):
+        uploads = _local_round(method, model, head, state, clients, cfg)
+        rr = server_step(method, model, uploads, rank=RANK)
+        cos = []
+        for n in uploads[0].factors:
+            A, B = rr.state.factors[n]
+            cos.append(_flat_cos(B.to(F64) @ A.to(F64), _dense_dw(uploads, n)))
+        assert rr.diagnostics["cos_agg_dW"] == pytest.approx(sum(cos) / len(cos), abs=1e-9)
+        assert rr.diagnostics["min_cos_agg_dW"] == pytest.approx(min(cos), abs=1e-9)
+        if exact:
+            assert min(cos) == pytest.approx(1.0, abs=1e-6)
+        else:
+            assert min(cos) < 1.0 - 1e-9  # trained A_k differ, so B̄Ā ≠ ΔW

@@ -70,7 +70,7 @@ def _clients(n: tuple[int, ...] = (12, 20, 8)) -> list[ClientData]:
 
 def _cfg(**kw: object) -> FedConfig:
     base = {"rounds": 2, "local_iters": 3, "local_unit": "steps", "batch_size": 4, "lr": 0.2}
-    base.update({"rank": RANK, "progress": False, **kw})
+    base.update({"rank": RANK, **kw})
     return FedConfig(**base)  # type: ignore[arg-type]
 
 

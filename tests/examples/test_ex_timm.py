@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,42 +50,104 @@ def _finite(obj: object) -> bool:
     return True
 
 
-def test_offline_default_smoke_every_method_both_models(tmp_path: Path) -> None:
+def test_offline_default_smoke_every_method_both_models_two_seeds(tmp_path: Path) -> None:
     methods = list(METHODS)
-    paths = main([*TINY, "--out", str(tmp_path), "--methods", ",".join(methods)])
-    for key in ("markdown", "json", "accuracy_plot", "communication_plot"):
+    paths = main([*TINY, "--seeds", "2", "--out", str(tmp_path), "--methods", ",".join(methods)])
+    for key in ("markdown", "json", "accuracy_plot", "communication_plot", "bias_plot"):
         assert paths[key].is_file()
         assert paths[key].stat().st_size > 0
-    assert (tmp_path / "log.txt").read_text().count("round 2/2") == 2 * len(methods)
+    assert (tmp_path / "log.txt").read_text().count("round 2/2") == 2 * 2 * len(methods)
     data = json.loads(paths["json"].read_text())
+    assert data["config"]["seed_list"] == [0, 1]
     assert set(data["results"]) == {"vit", "mixer"}
     for model in ("vit", "mixer"):
         got = data["results"][model]
         assert list(got) == methods
         for m in methods:
-            assert len(got[m]["accuracy"]) == 2
-            assert set(got[m]["final"]) == {
-                "clean",
-                "inverted",
-                "rotated",
-                "noisy",
-                "blurred",
-                "edges",
-                "avg",
-            }
-            assert _finite(got[m])
-            assert all(b > 0 for b in got[m]["bytes_up"] + got[m]["bytes_down"])
+            assert [run["seed"] for run in got[m]] == [0, 1]
+            for run in got[m]:
+                assert len(run["accuracy"]) == 2
+                assert set(run["final"]) == {
+                    "clean",
+                    "inverted",
+                    "rotated",
+                    "noisy",
+                    "blurred",
+                    "edges",
+                    "avg",
+                }
+                assert _finite(run)
+                assert all(b > 0 for b in run["bytes_up"] + run["bytes_down"])
+                assert all("cos_agg_dW" in d for d in run["diagnostics"])
+        run0 = {m: got[m][0] for m in methods}
         # communication ordering of the paper's Fig. 7
-        down = {m: got[m]["bytes_down"][0] for m in methods}
+        down = {m: run0[m]["bytes_down"][0] for m in methods}
         assert down["ffa_lora"] < down["fedit"] == down["flexlora"] < down["flora"]
         assert down["lora_fair"] == down["fedit"]
-        diag = got["lora_fair"]["diagnostics"]
-        assert len(diag) == 2
-        for d in diag:
-            assert 0.0 < d["cos_B_prime_A_bar_dW"] <= 1.0 + 1e-9
-            assert d["cos_B_prime_A_bar_dW"] >= d["fedit_cos_B_bar_A_bar_dW"] - 1e-9
+        for run in got["lora_fair"]:
+            for d in run["diagnostics"]:
+                assert 0.0 < d["cos_B_prime_A_bar_dW"] <= 1.0 + 1e-9
+                assert d["cos_B_prime_A_bar_dW"] >= d["fedit_cos_B_bar_A_bar_dW"] - 1e-9
+        # The summary is recomputable from the per-seed numbers written next to it.
+        summ = data["summary"][model]["methods"]
+        for m in methods:
+            finals = [run["final"]["avg"] for run in got[m]]
+            assert summ[m]["per_seed"] == finals
+            assert summ[m]["mean"] == pytest.approx(sum(finals) / 2, abs=1e-9)
+        d = [
+            a["final"]["avg"] - b["final"]["avg"]
+            for a, b in zip(got["flora"], got["fedit"], strict=True)
+        ]
+        assert summ["flora"]["vs_fedit"]["mean"] == pytest.approx(sum(d) / 2, abs=1e-9)
+        best = data["summary"][model]["verdict"]["best"]
+        assert best is None or best in methods
     md = paths["markdown"].read_text()
-    assert "| method | clean | inverted | rotated | noisy | blurred | edges | avg |" in md
+    assert (
+        "| method | clean | inverted | rotated | noisy | blurred | edges | avg (mean ± std) |" in md
+    )
+    assert "Verdict: " in md
+    # Bold appears only for a verdict's winner.
+    winners = [data["summary"][m]["verdict"]["best"] for m in ("vit", "mixer")]
+    assert md.count("**") == 2 * sum(w is not None for w in winners)
+
+
+def _comparable(path: Path) -> dict[str, object]:
+    data = json.loads(path.read_text())
+    data["config"].pop("out")
+    for by_method in data["results"].values():
+        for runs in by_method.values():
+            for run in runs:
+                run.pop("seconds")
+    return data
+
+
+def test_a_second_run_on_the_same_machine_gives_identical_results(tmp_path: Path) -> None:
+    """Bit-reproducible on one machine and torch: in-process, then a fresh interpreter."""
+    args = [
+        *TINY,
+        "--models",
+        "mixer",
+        "--methods",
+        "fedit,flexlora,lora_fair",
+        "--seeds",
+        "2",
+        "--no-plots",
+    ]
+    main([*args, "--out", str(tmp_path / "a")])
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    subprocess.run(
+        [sys.executable, "-m", "examples.federated", *args, "--out", str(tmp_path / "b")],
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    a, b = (
+        _comparable(tmp_path / "a" / "results.json"),
+        _comparable(tmp_path / "b" / "results.json"),
+    )
+    assert a == b  # exact float equality of every accuracy and diagnostic, every seed
 
 
 def test_feature_label_partition_flag(tmp_path: Path) -> None:
@@ -181,11 +246,16 @@ def test_real_data_path_end_to_end_on_tiny_tree(tmp_path: Path) -> None:
             "0",
             "--no-progress",
             "--no-plots",
+            "--seeds",
+            "1",
             "--out",
             str(out),
         ]
     )
     data = json.loads((out / "results.json").read_text())
-    final = data["results"]["vit"]["fedit"]["final"]
-    assert set(final) == {*DOMAINNET_DOMAINS, "avg"}
+    (run,) = data["results"]["vit"]["fedit"]
+    assert set(run["final"]) == {*DOMAINNET_DOMAINS, "avg"}
+    # One seed: no interval exists, so none is printed and no method is declared best.
+    assert data["summary"]["vit"]["methods"]["lora_fair"]["vs_fedit"]["low"] is None
+    assert data["summary"]["vit"]["verdict"]["best"] is None
     assert _finite(data["results"])
