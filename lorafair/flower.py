@@ -37,7 +37,8 @@ from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consis
 from flwr.supercore import log
 from torch import Tensor
 
-from lorafair.aggregate import ResidualSolution, fedit, lora_fair, solve_residual
+from lorafair._fair import lora_fair_solved
+from lorafair.aggregate import ResidualSolution, lora_fair
 from lorafair.interop.peft import fedavg_others, from_peft_state_dict, to_peft_state_dict
 from lorafair.metrics import aggregation_bias
 from lorafair.types import LoRAFactors
@@ -103,9 +104,8 @@ class LoRAStrategy(FedAvg):
     and the largest relative error ``"bias-relative-error-max"`` (factored, float64, via
     :func:`lorafair.metrics.aggregation_bias`); and, when ``aggregator`` is ``lora_fair``, the
     solver's ``"solver-iterations-max"`` and ``"solver-converged"`` (fraction of layers). For
-    ``lora_fair`` the residual problem is solved once per round: the strategy calls
-    :func:`lorafair.aggregate.solve_residual` (same options) and builds LoRA-FAIR's output
-    ``(Ā, B̄ + ΔB*)`` from it (see :func:`_lora_fair_once`).
+    ``lora_fair`` the residual problem is solved once per round: one solve gives both
+    ``lora_fair``'s output (bit for bit) and the solutions behind the metrics.
 
     Every other argument is :class:`flwr.serverapp.strategy.FedAvg`'s, keyword-only.
     """
@@ -198,7 +198,7 @@ class LoRAStrategy(FedAvg):
         clients = [s.factors for s in splits]
         solved: dict[str, ResidualSolution] | None = None
         if self.aggregator is lora_fair:
-            aggregated, solved = _lora_fair_once(clients, weights, self.options)
+            aggregated, solved = lora_fair_solved(clients, weights, **self.options)
         else:
             aggregated = dict(self.aggregator(clients, weights, **self.options))
         others = (
@@ -217,53 +217,6 @@ class LoRAStrategy(FedAvg):
             metrics["solver-iterations-max"] = max(iterations)
             metrics["solver-converged"] = sum(converged) / len(converged)
         return arrays, metrics
-
-
-def _lora_fair_once(
-    clients: Sequence[Mapping[str, LoRAFactors]],
-    weights: Sequence[float],
-    options: Mapping[str, Any],
-) -> tuple[dict[str, LoRAFactors], dict[str, ResidualSolution]]:
-    """:func:`lorafair.aggregate.lora_fair`'s output from one residual solve, and the solutions.
-
-    ``(Ā, B̄ + ΔB*)`` per layer (``residual_on="A"``: ``(Ā + ΔA*, B̄)``) with ``Ā, B̄`` from
-    :func:`~lorafair.aggregate.fedit` on the clients zero-padded to the largest rank (as
-    ``lora_fair`` pads them) and ``ΔB*`` from :func:`~lorafair.aggregate.solve_residual`. The
-    sum is formed in float64 and rounded once to the inputs' dtype; a zero residual returns
-    FedIT's factors bit for bit. Against ``lora_fair`` itself the result differs only by the
-    rounding of ``ΔB*`` (returned in the inputs' dtype) and of ``B̄``: about one unit in the
-    last place of the inputs' dtype (bf16: 2⁻⁸ relative). Cost: one ``solve_residual`` plus
-    FedIT's O(K r (d_in + d_out)).
-    """
-    solved = solve_residual(clients, weights, **options)
-    on_a = options.get("residual_on", "B") == "A"
-    mean = fedit(_pad_ranks(clients), weights)
-    out: dict[str, LoRAFactors] = {}
-    for name, (A, B) in mean.items():
-        delta = solved[name].delta
-        if not bool(delta.any()):
-            out[name] = LoRAFactors(A, B)
-        elif on_a:
-            out[name] = LoRAFactors((A.double() + delta.double()).to(A.dtype), B)
-        else:
-            out[name] = LoRAFactors(A, (B.double() + delta.double()).to(B.dtype))
-    return out, solved
-
-
-def _pad_ranks(clients: Sequence[Mapping[str, LoRAFactors]]) -> list[dict[str, LoRAFactors]]:
-    """The clients with every layer zero-padded to its largest rank (``B_k A_k`` unchanged)."""
-    top = {name: max(int(c[name][0].shape[0]) for c in clients) for name in clients[0]}
-    out: list[dict[str, LoRAFactors]] = []
-    for c in clients:
-        padded: dict[str, LoRAFactors] = {}
-        for name, (A, B) in c.items():
-            extra = top[name] - int(A.shape[0])
-            if extra:
-                A = torch.cat([A, A.new_zeros(extra, A.shape[1])])
-                B = torch.cat([B, B.new_zeros(B.shape[0], extra)], dim=1)
-            padded[name] = LoRAFactors(A, B)
-        out.append(padded)
-    return out
 
 
 def _weight(content: RecordDict, key: str) -> float:

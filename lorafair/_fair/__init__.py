@@ -1,6 +1,7 @@
 """Private: the LoRA-FAIR solver, one module per problem.
 
-- :mod:`._api`: the entry points :func:`lora_fair`, :func:`solve_residual` and their options.
+- :mod:`._api`: the entry points :func:`lora_fair`, :func:`solve_residual` (and both from one
+  solve, :func:`lora_fair_solved`) and their options.
 - :mod:`._batch`: the same-shape batch: stacks, Grams, ``P_u @ coef``, the corrected factor and
   how the output dtype rounds it.
 - :mod:`._flat`: the flat cosine: reduce, solve, certify, and the general ``r × 3`` fallback.
@@ -13,6 +14,12 @@
 ``docs/lora_fair.md`` describes the design.
 """
 
-from lorafair._fair._api import ResidualSolution, lora_fair, solve_residual
+from lorafair._fair._api import (
+    FairSolved,
+    ResidualSolution,
+    lora_fair,
+    lora_fair_solved,
+    solve_residual,
+)
 
-__all__ = ["ResidualSolution", "lora_fair", "solve_residual"]
+__all__ = ["FairSolved", "ResidualSolution", "lora_fair", "lora_fair_solved", "solve_residual"]

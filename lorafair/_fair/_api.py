@@ -151,6 +151,12 @@ def _solve_residual(
     clients: _Clients, weights: Sequence[float] | None, opts: _Options, allow_excess_rank: bool
 ) -> dict[str, ResidualSolution]:
     groups, solved = _run(clients, weights, opts, allow_excess_rank)
+    return _solutions(clients, groups, solved, opts)
+
+
+def _solutions(
+    clients: _Clients, groups: list[_Group], solved: list[_Solved], opts: _Options
+) -> dict[str, ResidualSolution]:
     host = [
         (
             s.objective.cpu().tolist(),
@@ -243,6 +249,12 @@ def _lora_fair(
     clients: _Clients, weights: Sequence[float] | None, opts: _Options, allow_excess_rank: bool
 ) -> dict[str, LoRAFactors]:
     groups, solved = _run(clients, weights, opts, allow_excess_rank)
+    return _factors(clients, groups, solved, opts)
+
+
+def _factors(
+    clients: _Clients, groups: list[_Group], solved: list[_Solved], opts: _Options
+) -> dict[str, LoRAFactors]:
     out: dict[str, LoRAFactors] = {}
     fixed: dict[int, Tensor] = {}
     moved: dict[int, Tensor] = {}
@@ -255,3 +267,36 @@ def _lora_fair(
         else:
             out[name] = LoRAFactors(moved[id(sol)][i], fixed[id(sol)][i])
     return out
+
+
+class FairSolved(NamedTuple):
+    """:func:`lora_fair`'s output and :func:`solve_residual`'s solutions, from one solve."""
+
+    adapters: dict[str, LoRAFactors]
+    solutions: dict[str, ResidualSolution]
+
+
+def lora_fair_solved(
+    clients: _Clients,
+    weights: Sequence[float] | None = None,
+    *,
+    lam: float = 0.01,
+    norm: Norm = "fro",
+    similarity: Similarity = "flat",
+    residual_on: ResidualOn = "B",
+    tol: float = 1e-8,
+    max_iter: int = 500,
+    allow_excess_rank: bool = False,
+) -> FairSolved:
+    """``lora_fair(...)`` and ``solve_residual(...)`` of the same call, solving the problem once.
+
+    ``adapters`` equals :func:`lora_fair`'s result bit for bit and ``solutions`` equals
+    :func:`solve_residual`'s; for callers (the Flower strategy) that need both every round.
+    Cost: one solve, as :func:`lora_fair`.
+    """
+    opts = _check_options(lam, norm, similarity, residual_on, tol, max_iter)
+    with single_threaded():
+        groups, solved = _run(clients, weights, opts, allow_excess_rank)
+        return FairSolved(
+            _factors(clients, groups, solved, opts), _solutions(clients, groups, solved, opts)
+        )
