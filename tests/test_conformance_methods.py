@@ -12,34 +12,11 @@ import torch
 from torch import Tensor
 
 from lorafair import LoRAFactors, errors, registry
+from tests.test_conformance import make_clients, with_layer
 
 NAMES = ["fedex_lora", "fedsa_lora", "rolora", "hetlora", "fedsvd", "flexlora_energy"]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-SHAPES = {"blocks.0.attn.qkv": (12, 4), "blocks.0.mlp.fc1": (6, 10)}
-
-
-def make_clients(*, k=3, dtype=torch.float32, device="cpu", seed=0, zero_B=False):
-    """Clients with a shared A (so the frozen-A methods accept them) and distinct Bs."""
-    g = torch.Generator().manual_seed(seed)
-    shared = {n: torch.randn(3, d_in, generator=g) for n, (_, d_in) in SHAPES.items()}
-    out = []
-    for _ in range(k):
-        client = {}
-        for n, (d_out, _) in SHAPES.items():
-            B = torch.zeros(d_out, 3) if zero_B else torch.randn(d_out, 3, generator=g)
-            client[n] = LoRAFactors(
-                shared[n].to(dtype=dtype, device=device), B.to(dtype=dtype, device=device)
-            )
-        out.append(client)
-    return out
-
-
-def with_layer(clients, k, name, A=None, B=None):
-    out = [dict(c) for c in clients]
-    A0, B0 = out[k][name]
-    out[k][name] = (A0 if A is None else A, B0 if B is None else B)
-    return out
 
 
 def tensors(x: object) -> Iterator[Tensor]:
