@@ -144,14 +144,8 @@ def solve_residual(
     """
     opts = _check_options(lam, norm, similarity, residual_on, tol, max_iter)
     with single_threaded():
-        return _solve_residual(clients, weights, opts, allow_excess_rank)
-
-
-def _solve_residual(
-    clients: _Clients, weights: Sequence[float] | None, opts: _Options, allow_excess_rank: bool
-) -> dict[str, ResidualSolution]:
-    groups, solved = _run(clients, weights, opts, allow_excess_rank)
-    return _solutions(clients, groups, solved, opts)
+        groups, solved = _run(clients, weights, opts, allow_excess_rank)
+        return _solutions(clients, groups, solved, opts)
 
 
 def _solutions(
@@ -242,14 +236,8 @@ def lora_fair(
     """
     opts = _check_options(lam, norm, similarity, residual_on, tol, max_iter)
     with single_threaded():
-        return _lora_fair(clients, weights, opts, allow_excess_rank)
-
-
-def _lora_fair(
-    clients: _Clients, weights: Sequence[float] | None, opts: _Options, allow_excess_rank: bool
-) -> dict[str, LoRAFactors]:
-    groups, solved = _run(clients, weights, opts, allow_excess_rank)
-    return _factors(clients, groups, solved, opts)
+        groups, solved = _run(clients, weights, opts, allow_excess_rank)
+        return _factors(clients, groups, solved, opts)
 
 
 def _factors(
