@@ -11,38 +11,10 @@ from examples.data import ArrayDataset, ClientData
 from examples.loop import FedConfig, local_train
 from examples.lora import VIT_TARGETS, get_factors, inject_lora, lora_layers
 from examples.new_methods import CLIENT_SIDES, NEW_METHODS, _trainable, run_new_method
+from tests.examples.test_ex_lora_semantics import CLASSES, D_IN, _Toy
 
-D_IN, HIDDEN, CLASSES, RANK = 6, 10, 3, 4
+RANK = 4  # the HetLoRA client ranks are RANK // 4, RANK // 2 and RANK
 F64 = torch.float64
-
-
-class _Mlp(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(D_IN, HIDDEN)
-        self.fc2 = nn.Linear(HIDDEN, D_IN)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.fc2(torch.tanh(self.fc1(x)))
-
-
-class _Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.mlp = _Mlp()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.mlp(x)
-
-
-class _Toy(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = nn.Sequential(_Block(), _Block())
-        self.head = nn.Linear(D_IN, CLASSES)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.blocks(x))
 
 
 def _make() -> tuple[nn.Module, nn.Module]:
