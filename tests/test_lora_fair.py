@@ -617,6 +617,55 @@ def test_columns_closed_form_derivatives_match_autograd(norm, side, offset) -> N
         _assert_matches_autograd(ref, x[i], f[i], vals[i], grad[i], hess[i])
 
 
+@pytest.mark.parametrize("through", ["nothing", "zero", "fedit"])
+@pytest.mark.parametrize("offset", [False, True])
+@pytest.mark.parametrize("norm", ["fro", "fro_squared"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_columns_line_values_match_the_reference(norm, side, offset, through) -> None:  # type: ignore[no-untyped-def]
+    # The line search's values along x + t d (polynomials in t, with an exact fallback where
+    # they cancel): lines through a generic point, near Z = 0 (every product column shrinks
+    # by 1e9 at ts[3]: the polynomials lose every digit there) and through Z0 (the
+    # regulariser's root, at ts[3]).
+    from lorafair._fair import _columns as _solve
+    from lorafair._fair import _tolerances as _tol
+
+    gen = torch.Generator().manual_seed(23)
+    n_layers, m, p, q, n, lam = 2, 5, 3, 4, 6, 0.2
+    shape = (p, q) if side == "left" else (m, q)
+    n = q if side == "left" else n
+    X = torch.randn(n_layers, m, n, generator=gen, dtype=F64)
+    xn = X.norm(dim=-2) * 1.3
+    active = torch.ones(n_layers, n, dtype=torch.bool)
+    active[0, 1] = False
+    Z0 = torch.randn(n_layers, *shape, generator=gen, dtype=F64)
+    mat = (
+        torch.randn(n_layers, m, p, generator=gen, dtype=F64)
+        if side == "left"
+        else torch.randn(n_layers, q, n, generator=gen, dtype=F64)
+    )
+    ts = _tol.SHRINK ** torch.arange(_tol.STEPS, dtype=F64)
+    x = torch.randn(n_layers, shape[0] * shape[1], generator=gen, dtype=F64)
+    d = torch.randn(n_layers, shape[0] * shape[1], generator=gen, dtype=F64)
+    if through == "zero":
+        d = -x / (ts[3] * (1.0 + 1e-9))  # at ts[3]: 1e-9 x, columns of norm ~1e-9
+    elif through == "fedit":
+        d = (Z0.flatten(-2) - x) / ts[3]
+    obj = _solve.columns_objective(lam, norm, shape, side == "left", side == "right", offset)  # type: ignore[arg-type]
+    c0 = torch.rand(n_layers, generator=gen, dtype=F64) + 0.5
+    data = (X, xn, active, Z0, c0, mat) if offset else (X, xn, active, Z0, mat)
+    assert obj.line is not None
+    got = obj.line(x, d, ts, *data)
+    for i in range(n_layers):
+        left = mat[i] if side == "left" else None
+        right = mat[i] if side == "right" else None
+        ref = _columns_reference(
+            lam, norm, shape, X[i], xn[i], active[i], Z0[i], left, right, c0[i] if offset else 0.0
+        )
+        for k in range(ts.shape[0]):
+            want = ref(x[i] + ts[k] * d[i])
+            torch.testing.assert_close(got[i, k], want, rtol=1e-10, atol=1e-12)
+
+
 def test_lora_fair_restores_the_thread_pools() -> None:
     # The solver pins torch's and NumPy's pools to one thread for the call (lorafair._threads)
     # and must hand both back as it found them.

@@ -179,7 +179,49 @@ def columns_objective(
         dsq = with_offset((diff * diff).sum(dim=-1), c0)
         return _reg_hessian(diff, dsq, torch.ones_like(diff), lam, norm) - hz
 
-    return Batched(values, value_and_grad, hessian)
+    def line(
+        x: Tensor,
+        d: Tensor,
+        ts: Tensor,
+        X: Tensor,
+        xn: Tensor,
+        active: Tensor,
+        Z0: Tensor,
+        *rest: Tensor,
+    ) -> Tensor:
+        # Along Z + t D every column's <X_j, Y_j>, ‖Y_j‖² and ‖Z − Z0‖² are polynomials in t of
+        # degree ≤ 2: two products (Y, V = left D right) serve every step length. Where a
+        # quadratic cancels (the point nears a zero column or Z0), the layer is evaluated exactly.
+        c0, lr = offset(rest)
+        left, right = split(lr)
+        n_layers = x.shape[0]
+        Z = x.reshape(n_layers, p, q)
+        D = d.reshape(n_layers, p, q)
+        Y, V = linear_map(Z, left, right), linear_map(D, left, right)
+        t = ts[None, :, None]
+        inner = (Y * X).sum(dim=-2).unsqueeze(1) + t * (V * X).sum(dim=-2).unsqueeze(1)
+        ends = (Y * Y).sum(dim=-2).unsqueeze(1) + t * t * (V * V).sum(dim=-2).unsqueeze(1)
+        nsq = ends + 2.0 * t * (Y * V).sum(dim=-2).unsqueeze(1)  # (L, S, n)
+        act = active.unsqueeze(1)
+        xs = torch.where(act, xn.unsqueeze(1), torch.ones_like(inner))
+        cos = torch.where(act, inner / (xs * _safe_sqrt(nsq)), torch.zeros_like(inner))
+        diff = Z - Z0
+        t2 = ts[None, :]
+        e0 = (diff * diff).sum(dim=(-2, -1))[:, None] + t2 * t2 * (D * D).sum(dim=(-2, -1))[:, None]
+        dsq = e0 + 2.0 * t2 * (diff * D).sum(dim=(-2, -1))[:, None]
+        lost = (act & (nsq <= _tol.LINE_CANCEL * ends) & (ends > 0)).any(dim=-1)
+        lost |= (dsq <= _tol.LINE_CANCEL * e0) & (e0 > 0)
+        if c0 is not None:
+            dsq = dsq + c0[:, None]
+        f = 1.0 - cos.mean(dim=-1) + regulariser(torch.clamp(dsq, min=0.0), lam, norm)
+        redo = lost.any(dim=-1)
+        if bool(redo.any()):
+            sub = (X, xn, active, Z0, *rest)
+            pts = x[redo].unsqueeze(1) + t2.unsqueeze(-1) * d[redo].unsqueeze(1)
+            f[redo] = values(pts, *(a[redo] for a in sub))
+        return f
+
+    return Batched(values, value_and_grad, hessian, line)
 
 
 class DroppedColumns(NamedTuple):

@@ -71,11 +71,16 @@ class Batched(NamedTuple):
     """A batched objective: ``values(x (L, S, N), *data) -> (L, S)``; ``value_and_grad(x (L, N),
     *data) -> ((L,), (L, N))``; ``hessian(x (L, N), *data) -> (L, N, N)``. Closed forms only
     (no ``torch.func``/autograd), so no per-layer Python loop and no host sync.
+
+    ``line(x (L, N), d (L, N), ts (S,), *data) -> (L, S)``, if given: the values at
+    ``x + ts_s d``, computed more cheaply than ``values`` would (the line search's points);
+    None: ``values`` at those points.
     """
 
     values: Callable[..., Tensor]
     value_and_grad: Callable[..., tuple[Tensor, Tensor]]
     hessian: Callable[..., Tensor]
+    line: Callable[..., Tensor] | None = None
 
 
 def _modified_newton(hess: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
@@ -194,8 +199,10 @@ def minimise(
         if newton:
             small = pd & ~steepest & (-gd <= bound)
             done = done | small
-        xc = x.unsqueeze(1) + ts[None, :, None] * d.unsqueeze(1)
-        fc = obj.values(xc, *data)
+        if obj.line is None:
+            fc = obj.values(x.unsqueeze(1) + ts[None, :, None] * d.unsqueeze(1), *data)
+        else:
+            fc = obj.line(x, d, ts, *data)
         fc = torch.where(torch.isfinite(fc), fc, torch.full_like(fc, float("inf")))
         armijo = fc <= f[:, None] + _tol.ARMIJO * ts[None, :] * gd[:, None]
         first = torch.argmax(armijo.to(torch.int8), dim=1)
