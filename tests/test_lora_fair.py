@@ -666,6 +666,32 @@ def test_columns_line_values_match_the_reference(norm, side, offset, through) ->
             torch.testing.assert_close(got[i, k], want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("residual_on", ["B", "A"])
+def test_columns_chunked_rows_match_one_batch(monkeypatch, residual_on) -> None:  # type: ignore[no-untyped-def]
+    # On CPU the columns objective runs over cache-sized chunks of rows; one row per chunk must
+    # give the one-batch answer up to rounding.
+    from lorafair._fair import _tolerances as _tol
+
+    gen = torch.Generator().manual_seed(31)
+    clients = [
+        {
+            f"l{i}": (
+                torch.randn(2, 7, generator=gen, dtype=F64),
+                torch.randn(9, 2, generator=gen, dtype=F64),
+            )
+            for i in range(3)
+        }
+        for _ in range(3)
+    ]
+    opts = {"lam": 0.05, "similarity": "columns", "residual_on": residual_on}
+    whole = solve_residual(clients, **opts)  # type: ignore[arg-type]
+    monkeypatch.setattr(_tol, "CHUNK_BYTES", 1)
+    rows = solve_residual(clients, **opts)  # type: ignore[arg-type]
+    for name, sol in whole.items():
+        assert rows[name].objective == pytest.approx(sol.objective, rel=0, abs=1e-12)
+        torch.testing.assert_close(rows[name].delta, sol.delta, rtol=1e-6, atol=1e-9)
+
+
 def test_lora_fair_restores_the_thread_pools() -> None:
     # The solver pins torch's and NumPy's pools to one thread for the call (lorafair._threads)
     # and must hand both back as it found them.

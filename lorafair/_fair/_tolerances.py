@@ -55,6 +55,9 @@ END_MARGIN = 1e-12
 this (relative): one approaching the same infimum can only get below it by rounding."""
 
 # ---------------------------------------------------------------- columns
+CHUNK_BYTES = 1 << 21
+"""On CPU the columns objective is evaluated over chunks of rows whose ``m × n`` arrays hold at
+most this many bytes (cache-sized; not a tolerance: it changes results only by rounding)."""
 COLUMNS_END_STEPS = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
 """Sizes ``‖t D‖ / ‖Z0‖`` of the λ = 0-end points that the columns solver scores."""
 END_REACH = 1e-9
