@@ -209,6 +209,27 @@ def test_columns_cases_from_random_search(seed, lam, norm) -> None:  # type: ign
     assert mine <= ref + 1e-7
 
 
+@pytest.mark.parametrize(
+    ("lam", "norm", "residual_on"),
+    [(1.0, "fro_squared", "B"), (0.01, "fro", "B"), (0.05, "fro", "A")],
+)
+def test_columns_large_problems_at_most_dense_reference(lam, norm, residual_on) -> None:  # type: ignore[no-untyped-def]
+    # Above NEWTON_MAX_UNKNOWNS unknowns the columns form runs L-BFGS, with the line search's
+    # polynomial values and the starts scouted (one best start per layer goes on).
+    from lorafair._fair import _tolerances as _tol
+
+    clients = make_clients(41, k=4, d_out=40, d_in=34, r=6)
+    # unknowns: (K + 2) r basis rows × r (residual on B), r × d_in (on A)
+    assert min((4 + 2) * 6 * 6, 6 * 34) > _tol.NEWTON_MAX_UNKNOWNS
+    parts = dense_parts(clients, None, "fc")
+    opts = {"lam": lam, "norm": norm, "similarity": "columns", "residual_on": residual_on}
+    sol = solve_residual(clients, **opts)["fc"]  # type: ignore[arg-type]
+    mine = ours(sol, parts, lam, norm, "columns", residual_on)
+    assert math.isclose(mine, sol.objective, rel_tol=0, abs_tol=1e-9)
+    ref, _ = dense_reference(*parts, lam, norm, "columns", residual_on)
+    assert mine <= ref + 1e-7
+
+
 # --------------------------------------------------------------------------- λ = 0
 @pytest.mark.parametrize("residual_on", ["B", "A"])
 @settings(max_examples=10, deadline=None)

@@ -22,6 +22,7 @@ from lorafair._fair._batch import _Group, _Rounding, _rounding, _Solved
 from lorafair._fair._newton import (
     Batched,
     Norm,
+    SolveResult,
     _pick,
     _reg_grad_coef,
     _reg_hessian,
@@ -233,27 +234,35 @@ def columns_objective(
 def _by_rows(
     fn: Callable[..., Any], *, candidates: bool = False, keep: int = -1
 ) -> Callable[..., Any]:
-    """``fn`` over its leading (row) dimension in chunks whose ``m × n`` arrays (``Y`` and its
-    temporaries, one per candidate with ``candidates``) fill at most ``_tol.CHUNK_BYTES``: on
-    CPU the elementwise passes then run from cache, not memory (3–7× per pass at ViT sizes).
-    Argument ``keep`` (the line's step lengths) is not split; accelerators take one chunk."""
+    """``fn(x, …)`` over its leading (row) dimension in cache-sized chunks (:func:`_in_chunks`);
+    ``x`` (rows, S, N) with ``candidates``; argument ``keep`` (the line's step lengths) is not
+    split; the data's ``X`` comes first after ``x`` (after ``x, d, ts`` for the line)."""
 
     def run(*args: Tensor) -> Any:
         x, X = args[0], args[1 if keep < 0 else 3]
         per_row = X.shape[-2] * X.shape[-1] * X.element_size() * (x.shape[1] if candidates else 1)
-        step = max(1, _tol.CHUNK_BYTES // max(per_row, 1))
-        n_rows = x.shape[0]
-        if x.device.type != "cpu" or n_rows <= step:
-            return fn(*args)
-        parts = [
-            fn(*(a if k == keep else a[i : i + step] for k, a in enumerate(args)))
-            for i in range(0, n_rows, step)
-        ]
-        if isinstance(parts[0], tuple):
-            return tuple(torch.cat(z) for z in zip(*parts, strict=True))
-        return torch.cat(parts)
+        return _in_chunks(fn, args, per_row, keep)
 
     return run
+
+
+def _in_chunks(fn: Callable[..., Any], args: tuple[Tensor, ...], per_row: int, keep: int) -> Any:
+    """``fn(*args)`` over chunks of the arguments' leading (row) dimension (``args[keep]`` whole)
+    whose ``m × n`` arrays hold at most ``_tol.CHUNK_BYTES`` (``per_row`` bytes a row), results
+    concatenated: on CPU the elementwise passes then run from cache, not memory (3–7× per pass
+    at ViT sizes). Accelerators take one chunk. Rows are independent, so only rounding changes.
+    """
+    step = max(1, _tol.CHUNK_BYTES // max(per_row, 1))
+    n_rows = args[0].shape[0]
+    if args[0].device.type != "cpu" or n_rows <= step:
+        return fn(*args)
+    parts = [
+        fn(*(a if k == keep else a[i : i + step] for k, a in enumerate(args)))
+        for i in range(0, n_rows, step)
+    ]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(z) for z in zip(*parts, strict=True))
+    return torch.cat(parts)
 
 
 class DroppedColumns(NamedTuple):
@@ -629,10 +638,30 @@ def _mix_columns(
 
 def _column_scale(
     Z: Tensor, Z0: Tensor, left: Tensor | None, right: Tensor | None, floor: float = 0.0
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(‖Y_j‖, s_j, Y)`` for ``Y = left Z right`` (``‖Y_j‖``, ``s_j``: …, n), with
+) -> tuple[Tensor, Tensor]:
+    """``(‖Y_j‖, s_j)`` (…, n) for ``Y = left Z right`` (``Z`` (rows, p, q)), with
     ``s_j = ‖left‖ (‖Z‖ + ‖Z0‖ + floor) ‖right_j‖`` bounding the rounding of ``Y_j`` (here and in
     ``(B̄ + ΔB) Ā``) by ~ε s_j (``floor``: where the output's entries lose relative precision)."""
+    mat = left if right is None else right
+    assert mat is not None
+    has_left = right is None
+
+    def rows(Z: Tensor, Z0: Tensor, mat: Tensor) -> tuple[Tensor, Tensor]:
+        if has_left:
+            yn, sc, _ = _scale_rows(Z, Z0, mat, None, floor)
+        else:
+            yn, sc, _ = _scale_rows(Z, Z0, None, mat, floor)
+        return yn, sc
+
+    m, n = (mat.shape[-2], Z.shape[-1]) if has_left else (Z.shape[-2], mat.shape[-1])
+    out: tuple[Tensor, Tensor] = _in_chunks(rows, (Z, Z0, mat), m * n * Z.element_size(), -1)
+    return out
+
+
+def _scale_rows(
+    Z: Tensor, Z0: Tensor, left: Tensor | None, right: Tensor | None, floor: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_column_scale` and ``Y`` (one chunk of rows)."""
     Y = linear_map(Z, left, right)
     scale = torch.linalg.matrix_norm(Z) + torch.linalg.matrix_norm(Z0) + floor
     if left is not None:
@@ -656,11 +685,21 @@ def _unsafe(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: _Rounding
     ``mean_j u_j²``, ``u_j = ε₆₄ s_j / ‖Y_j‖`` the angle by which the column can turn
     (:func:`_column_scale`). Unsafe: their sum exceeds ``_tol.DROP_UNSAFE``.
     """
+    X = data[0]
+    per_row = X.shape[-2] * X.shape[-1] * X.element_size() * (Z.shape[1] if Z.ndim == 4 else 1)
+    out: Tensor = _in_chunks(
+        lambda *a: _unsafe_rows(a[0], a[1:], has_left, unit), (Z, *data), per_row, -1
+    )
+    return out
+
+
+def _unsafe_rows(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: _Rounding) -> Tensor:
+    """:func:`_unsafe` on one chunk of rows."""
     X, xn, active, Z0, mat = data
     if Z.ndim == Z0.ndim + 1:
         X, xn, active, Z0, mat = (t.unsqueeze(1) for t in (X, xn, active, Z0, mat))
     left, right = (mat, None) if has_left else (None, mat)
-    yn, sc, Y = _column_scale(Z, Z0, left, right, unit.floor)
+    yn, sc, Y = _scale_rows(Z, Z0, left, right, unit.floor)
     n = Y.shape[-1]
     ok = active & (yn > 0)
     one = torch.ones_like(yn)
@@ -676,6 +715,37 @@ def _unsafe(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: _Rounding
     exact_zero: Tensor = (active & (yn == 0)).any(dim=-1)  # an active zero column counts 0
     resolved: Tensor = first + second <= max(_tol.DROP_UNSAFE, 10.0 * unit.eps)  # False for NaN too
     return exact_zero | ~resolved
+
+
+def _multistart(
+    obj: Batched, rep: tuple[Tensor, ...], x0: Tensor, m: int, opts: _Options
+) -> SolveResult:
+    """:func:`minimise` from ``m`` starts per layer (rows start-major, as ``x0`` (m L, N)).
+
+    Up to ``NEWTON_MAX_UNKNOWNS`` unknowns every start runs to convergence. Above (L-BFGS,
+    where each evaluation costs ``O((K + 2) r)`` per column and the starts dominate the cost)
+    every start takes ``COLUMNS_SCOUT`` iterations and only the best one per layer goes on; the
+    others' scouted points stay candidates. (On ViT-B/16 shapes all four starts end at the same
+    minimum to ~1e-9; see ``docs/lora_fair.md``, validation history.)
+    """
+    n_layers = x0.shape[0] // m
+    if x0.shape[-1] <= _tol.NEWTON_MAX_UNKNOWNS or m == 1 or opts.max_iter <= _tol.COLUMNS_SCOUT:
+        return minimise(obj, rep, x0, tol=opts.tol, max_iter=opts.max_iter)
+    scout = minimise(obj, rep, x0, tol=opts.tol, max_iter=_tol.COLUMNS_SCOUT)
+    best = torch.argmin(scout.f.reshape(m, n_layers), dim=0)
+    rows = best * n_layers + torch.arange(n_layers, device=x0.device)
+    sub = tuple(t[rows] for t in rep)
+    more = minimise(
+        obj, sub, scout.x[rows], tol=opts.tol, max_iter=opts.max_iter - _tol.COLUMNS_SCOUT
+    )
+    x, f, it, cv = (t.clone() for t in scout)
+    x[rows], f[rows], it[rows], cv[rows] = (
+        more.x,
+        more.f,
+        it[rows] + more.iterations,
+        more.converged,
+    )
+    return SolveResult(x, f, it, cv)
 
 
 def _columns_minimise(
@@ -717,11 +787,11 @@ def _columns_minimise(
     m = len(starts)
     rep = tuple(t.repeat(m, *([1] * (t.ndim - 1))) for t in data)
     x0 = torch.cat(starts).reshape(m * n_layers, -1)
-    res = minimise(obj, rep, x0, tol=opts.tol, max_iter=opts.max_iter)
+    res = _multistart(obj, rep, x0, m, opts)
     layer = torch.arange(n_layers, device=dev).repeat(m)
     Zr = res.x.reshape(m * n_layers, *shape)
     f_raw = obj.values(res.x.unsqueeze(1), *rep).squeeze(1)
-    yn, sc, _ = _column_scale(Zr, rep[3], *sides(rep))
+    yn, sc = _column_scale(Zr, rep[3], *sides(rep))
     unsafe = _unsafe(Zr, rep, has_left, unit)
     tiny = rep[2] & (yn <= _tol.DROP_TINY * sc)
     c_x = [res.x]
@@ -782,7 +852,7 @@ def _columns_minimise(
             Zc = drop_project(dc, W.reshape(s_W.shape))
             pts = dropped_points(dc, Zc, E, steps)  # (rows, S, p, q)
             f_pts = obj.values(pts.flatten(-2), *sub)
-            yn, sc, _ = _column_scale(Zc, sub[3], *sides(sub))
+            yn, sc = _column_scale(Zc, sub[3], *sides(sub))
             tiny = dc.data[2] & (yn <= _tol.DROP_TINY * sc)
             unsafe = _unsafe(pts, sub, has_left, unit)
             c_x.append(pts.flatten(-2).flatten(0, 1))

@@ -427,7 +427,7 @@ def solve(
     One client: ``ΔP = 0`` (FedIT is exact). ``λ = 0``: closed form (:func:`_lam0`).
     Otherwise the family objective is evaluated on a fixed grid of ``θ`` (14 values of
     ``log(a/σ)`` over ``±26`` by 17 of ``θ₂``, five of them around FedIT's cosine and five around
-    the λ = 0 end), damped Newton (:func:`newton`) takes ``FAMILY_SCOUT`` steps from each of
+    the λ = 0 end), damped Newton (:func:`newton`) takes ``SCOUT`` steps from each of
     the ``FAMILY_STARTS`` best grid points and goes on to convergence from the best of them;
     ``ΔP = 0`` is returned unless beaten by more than ``TIE``. ``wide`` (L,) bool: ``d ≥ 3``,
     where the family provably holds every local minimum; other layers are never certified.
@@ -514,13 +514,13 @@ def _solve_host(
     fg = _family_value(grid, d, lam, norm)
     fg = np.where(np.isfinite(fg), fg, np.inf)
     # Newton from the FAMILY_STARTS best grid points of every layer, all at once, for
-    # FAMILY_SCOUT steps; then only the best of them per layer goes on to convergence.
+    # SCOUT steps; then only the best of them per layer goes on to convergence.
     top = np.argsort(fg, axis=1)[:, : _tol.FAMILY_STARTS]  # (L, m)
     m = top.shape[1]
     theta0 = np.take_along_axis(grid, top[..., None], axis=1).reshape(n_layers * m, 2)
     rep = _Data(*(np.repeat(t, m, axis=0) for t in d))
     inner = min(tol, _tol.FAMILY_INNER_TOL)
-    ends, it_m, _ = newton(rep, theta0, lam=lam, norm=norm, tol=inner, max_iter=_tol.FAMILY_SCOUT)
+    ends, it_m, _ = newton(rep, theta0, lam=lam, norm=norm, tol=inner, max_iter=_tol.SCOUT)
     f_end = _family_value(ends[:, None, :], rep, lam, norm)[:, 0].reshape(n_layers, m)
     best = np.argmin(np.where(np.isfinite(f_end), f_end, np.inf), axis=1)
     pick = np.arange(n_layers) * m + best

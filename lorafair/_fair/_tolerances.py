@@ -19,6 +19,11 @@ STEPS = 14
 """Step lengths ``SHRINK**k`` (k < STEPS) that one line search of ``minimise`` tries at once."""
 SHRINK = 0.3
 """Ratio of consecutive step lengths in every line search (``minimise`` and the family's)."""
+SCOUT = 2
+"""Newton steps every start of the flat family takes before only the best one per layer goes on."""
+COLUMNS_SCOUT = 1
+"""Above ``NEWTON_MAX_UNKNOWNS`` unknowns, the iterations every start of the columns form takes
+before only the best one per layer goes on."""
 ARMIJO = 1e-4
 """Armijo's sufficient-decrease constant of every line search."""
 LINE_CANCEL = 1e-4
@@ -40,8 +45,6 @@ GRID_COS = np.array([0.97, 0.99, 1.0, 1.01, 1.03])
 """Multiples of FedIT's cosine (the ``θ₂`` leaving ΔP = 0 along ∇cos) added to the grid."""
 FAMILY_STARTS = 3
 """Best grid points per layer that Newton starts from."""
-FAMILY_SCOUT = 2
-"""Newton steps every start takes before only the best one per layer goes on."""
 FAMILY_INNER_TOL = 1e-13
 """Newton decrement tolerance of the family (two unknowns: float64 resolution is cheap)."""
 CERTIFY_GAIN = 1e-12
