@@ -1,80 +1,144 @@
-"""LoRA-FAIR's column form against its flat form and the re-implementations' SGD, side by side.
+"""LoRA-FAIR's column form against its flat form and the re-implementations' SGD, in one run.
 
-One ViT-B/16 layer of each shape (K clients, rank r, fp32): ``lora_fair(similarity="flat")``,
-``lora_fair(similarity="columns", norm="fro_squared", lam=1)`` and the public
-re-implementations' procedure on that same objective (dense ΔW, SGD lr 0.01 up to 1000 steps,
-:func:`benchmarks.references.dense_sgd_lora_fair`), each timed in the same run, with the column
-objective of every result evaluated in float64 (:func:`benchmarks.references.fair_objective`).
+On ViT-B/16 adapters (``--blocks`` × {qkv 2304×768, proj 768×768, fc1 3072×768, fc2 768×3072},
+default 12 blocks = 48 layers; K clients of rank r, fp32):
 
-    python -m benchmarks.columns [--shapes qkv proj fc1 fc2] [--clients 6] [--rank 16]
+- ``lora_fair(similarity="flat")`` and ``lora_fair(similarity="columns")`` on all layers in one
+  call each, ``--repeats`` calls run alternately (flat, columns, flat, …); medians;
+- the public re-implementations' procedure on the same objective (dense ΔW, SGD lr 0.01 up to
+  ``--sgd-steps`` steps, :func:`benchmarks.references.dense_sgd_lora_fair`), timed on the first
+  layer of each shape and scaled by that shape's layer count (``Σ_shape t(layer) × blocks``);
+- the column objective of every result in float64 (:func:`benchmarks.references.fair_objective`)
+  on those layers, columns vs SGD vs FedIT; the run fails if the column form is worse than
+  FedIT there or than SGD by more than 1e-9.
+
+Defaults are the SGD procedure's objective (``λ = 1``, ``norm="fro_squared"``); ``--lam 0.01
+--norm fro`` gives the library's defaults. ``--quick`` (1 block, 1 repeat, SGD capped at 20
+steps, so its SGD ratio is not the procedure's; about 10 s) checks that the script runs;
+``--sgd-steps 0`` leaves SGD out.
+
+    python -m benchmarks.columns [--blocks 12] [--repeats 3] [--lam 1] [--norm fro_squared]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import time
+from typing import Literal, cast
 
 import torch
 
-from benchmarks.references import dense_sgd_lora_fair, fair_objective, stack64, weighted_mean64
-from lorafair.aggregate import lora_fair
+from benchmarks.references import (
+    SGDInfo,
+    dense_sgd_lora_fair,
+    fair_objective,
+    stack64,
+    weighted_mean64,
+)
+from lorafair.aggregate import fedit, lora_fair
 from lorafair.types import LoRAFactors
 
 SHAPES = {"qkv": (2304, 768), "proj": (768, 768), "fc1": (3072, 768), "fc2": (768, 3072)}
-LAM = 1.0
+Norm = Literal["fro", "fro_squared"]
 
 
-def _clients(d_out: int, d_in: int, k: int, r: int, seed: int) -> list[dict[str, LoRAFactors]]:
+def vit_clients(blocks: int, k: int, r: int, seed: int) -> list[dict[str, LoRAFactors]]:
+    """``k`` clients' rank-``r`` fp32 adapters on ``blocks`` ViT-B/16 blocks (N(0, 0.02²))."""
     g = torch.Generator().manual_seed(seed)
-    return [
-        {
-            "layer": LoRAFactors(
-                torch.randn(r, d_in, generator=g) * 0.02, torch.randn(d_out, r, generator=g) * 0.02
-            )
-        }
-        for _ in range(k)
-    ]
+    clients: list[dict[str, LoRAFactors]] = [{} for _ in range(k)]
+    for b in range(blocks):
+        for name, (d_out, d_in) in SHAPES.items():
+            for c in clients:
+                c[f"{b}.{name}"] = LoRAFactors(
+                    torch.randn(r, d_in, generator=g) * 0.02,
+                    torch.randn(d_out, r, generator=g) * 0.02,
+                )
+    return clients
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--blocks", type=int, default=12)
     ap.add_argument("--clients", type=int, default=6)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--lam", type=float, default=1.0)
+    ap.add_argument("--norm", choices=["fro", "fro_squared"], default="fro_squared")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sgd-steps", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="1 block, 1 repeat, SGD ≤ 5 steps")
     args = ap.parse_args(argv)
-    warm = _clients(8, 8, 2, 2, 0)
-    lora_fair(warm, similarity="columns")  # first-call costs (imports, thread-pool lookup)
-    print("shape  flat_ms  columns_s  sgd_s  columns/flat  sgd/columns  f_columns  f_sgd")
-    for name in args.shapes:
-        d_out, d_in = SHAPES[name]
-        clients = _clients(d_out, d_in, args.clients, args.rank, args.seed)
-        p = [1.0 / len(clients)] * len(clients)
-        A_s, B_s = stack64(clients, "layer", p)
-        A_bar, B_bar = weighted_mean64(clients, "layer", p)
+    if args.quick:
+        args.blocks, args.repeats, args.sgd_steps = 1, 1, min(args.sgd_steps, 5)
+    lam, norm = float(args.lam), cast(Norm, args.norm)
+    clients = vit_clients(args.blocks, args.clients, args.rank, args.seed)
+    n_layers = len(clients[0])
+    lora_fair(vit_clients(1, 2, 2, 1)[:1] * 2, similarity="columns")  # first-call costs
+    print(
+        f"{n_layers} ViT-B/16 layers, K = {args.clients}, r = {args.rank}, fp32, λ = {lam}, "
+        f"norm = {norm}; torch {torch.__version__}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
 
+    base = fedit(clients)
+    t_flat: list[float] = []
+    t_cols: list[float] = []
+    cols: dict[str, LoRAFactors] = {}
+    for _ in range(args.repeats):
         t = time.perf_counter()
-        lora_fair(clients, lam=LAM, norm="fro_squared")
-        t_flat = time.perf_counter() - t
+        lora_fair(clients, lam=lam, norm=norm)
+        t_flat.append(time.perf_counter() - t)
         t = time.perf_counter()
-        cols = lora_fair(clients, lam=LAM, norm="fro_squared", similarity="columns")
-        t_cols = time.perf_counter() - t
-        t = time.perf_counter()
-        sgd, _ = dense_sgd_lora_fair(
-            clients, lam=LAM, norm="fro_squared", similarity="columns", lr=0.01, max_steps=1000
-        )
-        t_sgd = time.perf_counter() - t
-        f_cols, f_sgd = (
-            fair_objective(
-                A_s, B_s, A_bar, B_bar, out["layer"].B, lam=LAM, norm="fro_squared",
+        cols = lora_fair(clients, lam=lam, norm=norm, similarity="columns")
+        t_cols.append(time.perf_counter() - t)
+
+    p = [1.0 / len(clients)] * len(clients)
+    print("shape  d_out×d_in   sgd_s(1 layer)  sgd_steps  f_columns      f_sgd          f_fedit")
+    t_sgd = 0.0
+    worst = 0.0
+    for shape, (d_out, d_in) in SHAPES.items():
+        name = f"0.{shape}"
+        if args.sgd_steps > 0:
+            sgd, info = dense_sgd_lora_fair(
+                clients,
+                lam=lam,
+                norm=norm,
                 similarity="columns",
+                lr=0.01,
+                max_steps=args.sgd_steps,
+                layers=[name],
             )
-            for out in (cols, sgd)
-        )  # fmt: skip
-        print(
-            f"{name:5s} {t_flat * 1e3:8.1f} {t_cols:10.2f} {t_sgd:6.2f} {t_cols / t_flat:13.0f} "
-            f"{t_sgd / t_cols:12.2f} {f_cols:10.6f} {f_sgd:10.6f}"
+        else:  # no SGD: its columns show FedIT
+            sgd, info = base, {name: SGDInfo(0, "max_steps", 0.0, 0.0)}
+        t_sgd += info[name].seconds * args.blocks
+        A_s, B_s = stack64(clients, name, p)
+        A_bar, B_bar = weighted_mean64(clients, name, p)
+        f_cols, f_sgd, f_fedit = (
+            fair_objective(
+                A_s, B_s, A_bar, B_bar, out[name].B, lam=lam, norm=norm, similarity="columns"
+            )
+            for out in (cols, sgd, base)
         )
+        worst = max(worst, f_cols - min(f_sgd, f_fedit))
+        print(
+            f"{shape:5s} {d_out:5d}×{d_in:<5d} {info[name].seconds:14.2f}  {info[name].steps:9d}  "
+            f"{f_cols:.10f}  {f_sgd:.10f}  {f_fedit:.10f}"
+        )
+    flat_s, cols_s = statistics.median(t_flat), statistics.median(t_cols)
+    print(
+        f"flat: {flat_s * 1e3:.0f} ms, columns: {cols_s:.2f} s (medians of {args.repeats}, "
+        f"alternating; all {n_layers} layers per call)"
+    )
+    print(
+        f"SGD: {t_sgd:.1f} s (extrapolated: one layer per shape × {args.blocks} layers of it"
+        f"{', capped at ' + str(args.sgd_steps) + ' steps' if args.sgd_steps < 1000 else ''})"
+    )
+    ratio = f"{t_sgd / cols_s:.1f}×" if args.sgd_steps > 0 else "–"
+    print(f"columns / flat = {cols_s / flat_s:.1f}×   SGD / columns = {ratio}")
+    if worst > 1e-9:
+        raise SystemExit(f"columns objective above SGD's or FedIT's by {worst:.3g}")
 
 
 if __name__ == "__main__":
