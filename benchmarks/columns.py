@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
                 max_steps=args.sgd_steps,
                 layers=[name],
             )
-        else:  # no SGD: its columns show FedIT
+        else:  # no SGD: its column shows FedIT's objective
             sgd, info = base, {name: SGDInfo(0, "max_steps", 0.0, 0.0)}
         t_sgd += info[name].seconds * args.blocks
         A_s, B_s = stack64(clients, name, p)
@@ -131,10 +131,12 @@ def main(argv: list[str] | None = None) -> None:
         f"flat: {flat_s * 1e3:.0f} ms, columns: {cols_s:.2f} s (medians of {args.repeats}, "
         f"alternating; all {n_layers} layers per call)"
     )
-    print(
-        f"SGD: {t_sgd:.1f} s (extrapolated: one layer per shape × {args.blocks} layers of it"
-        f"{', capped at ' + str(args.sgd_steps) + ' steps' if args.sgd_steps < 1000 else ''})"
-    )
+    if args.sgd_steps > 0:
+        capped = f", capped at {args.sgd_steps} steps" if args.sgd_steps < 1000 else ""
+        print(
+            f"SGD: {t_sgd:.1f} s (extrapolated: one layer per shape × {args.blocks} layers of it"
+            f"{capped})"
+        )
     ratio = f"{t_sgd / cols_s:.1f}×" if args.sgd_steps > 0 else "–"
     print(f"columns / flat = {cols_s / flat_s:.1f}×   SGD / columns = {ratio}")
     if worst > 1e-9:

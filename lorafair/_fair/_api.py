@@ -10,16 +10,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
 from lorafair._fair._batch import _build_group, _corrected, _delta, _Group, _Solved
-from lorafair._fair._columns import _solve_columns
+from lorafair._fair._columns import solve_columns
 from lorafair._fair._flat import _solve_flat
 from lorafair._threads import single_threaded
-from lorafair._validate import group_by_shape, prepare, raise_if_nonfinite
+from lorafair._validate import Prepared, group_by_shape, prepare
 from lorafair.errors import LoRAFairError
 from lorafair.types import LoRAFactors
 
@@ -76,7 +76,7 @@ def _check_options(
         raise LoRAFairError(f"lam must be finite and >= 0, got {lam!r}")
     if norm not in ("fro", "fro_squared"):
         raise LoRAFairError(f"norm must be 'fro' or 'fro_squared', got {norm!r}")
-    if similarity not in ("flat", "columns"):
+    if similarity not in _FORMS:
         raise LoRAFairError(f"similarity must be 'flat' or 'columns', got {similarity!r}")
     if residual_on not in ("A", "B"):
         raise LoRAFairError(f"residual_on must be 'B' or 'A', got {residual_on!r}")
@@ -91,6 +91,22 @@ def _check_options(
     return _Options(lam_f, norm, similarity, residual_on, tol_f, max_iter)  # type: ignore[arg-type]
 
 
+class _Form(Protocol):
+    """One similarity's solver: every same-shape group's residuals, in the groups' order.
+
+    It checks the inputs for NaN/Inf itself (:func:`prepare` skips that, so the flat form can
+    read it off its Grams) and returns ΔB = 0 unless beaten; ``single``: one client.
+    """
+
+    def __call__(
+        self, groups: list[_Group], opts: _Options, single: bool, prep: Prepared
+    ) -> list[_Solved]: ...
+
+
+_FORMS: dict[str, _Form] = {"flat": _solve_flat, "columns": solve_columns}
+"""The forms, by ``similarity``: :mod:`._flat` and :mod:`._columns`."""
+
+
 def _run(
     clients: _Clients, weights: Sequence[float] | None, opts: _Options, allow_excess_rank: bool
 ) -> tuple[list[_Group], list[_Solved]]:
@@ -99,12 +115,7 @@ def _run(
     )
     single = prep.n_clients == 1
     groups = [_build_group(g, prep.weights) for g in group_by_shape(list(prep.layers.values()))]
-    if opts.similarity == "flat":
-        solved = _solve_flat(groups, opts, single, prep)
-    else:
-        raise_if_nonfinite(prep.layers)
-        solved = [_solve_columns(g, opts, single) for g in groups]
-    return groups, solved
+    return groups, _FORMS[opts.similarity](groups, opts, single, prep)
 
 
 def _unbatch(

@@ -30,6 +30,7 @@ from lorafair._fair._newton import (
     minimise,
     regulariser,
 )
+from lorafair._validate import Prepared, raise_if_nonfinite
 
 if TYPE_CHECKING:
     from lorafair._fair._api import _Options
@@ -374,6 +375,15 @@ def dropped_points(dc: DroppedColumns, Zc: Tensor, E: Tensor, steps: Tensor) -> 
     scale = torch.where(en > 0, base / torch.where(en > 0, en, torch.ones_like(en)), 0.0)
     eps = steps[None, :] * scale[:, None]  # (L, S)
     return Zc.unsqueeze(1) + eps[..., None, None] * E.unsqueeze(1)
+
+
+def solve_columns(
+    groups: list[_Group], opts: _Options, single: bool, prep: Prepared
+) -> list[_Solved]:
+    """The column form (a :class:`~lorafair._fair._api._Form`): each group by
+    :func:`_solve_columns`, after the inputs' NaN/Inf check (naming layer and client)."""
+    raise_if_nonfinite(prep.layers)
+    return [_solve_columns(g, opts, single) for g in groups]
 
 
 def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Solved:
@@ -794,11 +804,8 @@ def _columns_minimise(
     yn, sc = _column_scale(Zr, rep[3], *sides(rep))
     unsafe = _unsafe(Zr, rep, has_left, unit)
     tiny = rep[2] & (yn <= _tol.DROP_TINY * sc)
-    c_x = [res.x]
-    c_f = [torch.where(unsafe, torch.inf, f_raw)]
-    c_layer = [layer]
-    c_it = [res.iterations]
-    c_cv = [res.converged]
+    pool = _Pool()
+    pool.add(res.x, torch.where(unsafe, torch.inf, f_raw), layer, res.iterations, res.converged)
     # Seeds of restricted problems: (layer, dropped columns, point, iterations so far).
     seed = tiny.any(dim=-1)
     s_layer, s_drop, s_W, s_it = layer[seed], tiny[seed], Zr[seed], res.iterations[seed]
@@ -820,11 +827,13 @@ def _columns_minimise(
         f_pts = torch.where(
             _unsafe(pts, sub, has_left, unit) | ~single.any(-1, keepdim=True), torch.inf, f_pts
         )
-        c_x.append(pts.flatten(-2).flatten(0, 1))
-        c_f.append(f_pts.flatten())
-        c_layer.append(layer[rows].repeat_interleave(n_steps))
-        c_it.append(res.iterations[rows].repeat_interleave(n_steps))
-        c_cv.append(res.converged[rows].repeat_interleave(n_steps))
+        pool.add(
+            pts.flatten(-2).flatten(0, 1),
+            f_pts.flatten(),
+            layer[rows].repeat_interleave(n_steps),
+            res.iterations[rows].repeat_interleave(n_steps),
+            res.converged[rows].repeat_interleave(n_steps),
+        )
         score = f_pts.amin(dim=-1).reshape(n, n_layers)
         k = min(n, _tol.DROP_SINGLES_SOLVE)
         top = torch.topk(score, k, dim=0, largest=False).indices  # (k, L)
@@ -855,43 +864,74 @@ def _columns_minimise(
             yn, sc = _column_scale(Zc, sub[3], *sides(sub))
             tiny = dc.data[2] & (yn <= _tol.DROP_TINY * sc)
             unsafe = _unsafe(pts, sub, has_left, unit)
-            c_x.append(pts.flatten(-2).flatten(0, 1))
-            c_f.append(torch.where(unsafe, torch.inf, f_pts).flatten())
-            c_layer.append(s_layer.repeat_interleave(n_steps))
-            c_it.append(its.repeat_interleave(n_steps))
-            c_cv.append(rd.converged.repeat_interleave(n_steps))
+            pool.add(
+                pts.flatten(-2).flatten(0, 1),
+                torch.where(unsafe, torch.inf, f_pts).flatten(),
+                s_layer.repeat_interleave(n_steps),
+                its.repeat_interleave(n_steps),
+                rd.converged.repeat_interleave(n_steps),
+            )
         seed = tiny.any(dim=-1)
         s_layer, s_drop, s_W, s_it = s_layer[seed], (s_drop | tiny)[seed], Zc[seed], it[seed]
     if has_left:
         # Residual on A: column j of the product depends on column j of A' only, so the
         # objective couples the columns only through the regulariser (not at all for
         # "fro_squared"). Mix the best column of every candidate, then polish.
-        mixed = _mix_columns(
-            torch.cat(c_x).reshape(-1, *shape), torch.cat(c_f), torch.cat(c_layer), data, opts
-        )
+        sofar = pool.joined()
+        mixed = _mix_columns(sofar.x.reshape(-1, *shape), sofar.f, sofar.layer, data, opts)
         rp = minimise(obj, data, mixed.flatten(-2), tol=opts.tol, max_iter=opts.max_iter)
         for W, its in ((mixed.flatten(-2), rp.iterations), (rp.x, rp.iterations)):
             unsafe = _unsafe(W.reshape(-1, *shape), data, has_left, unit)
             f_w = obj.values(W.unsqueeze(1), *data).squeeze(1)
-            c_x.append(W)
-            c_f.append(torch.where(unsafe, torch.inf, f_w))
-            c_layer.append(torch.arange(n_layers, device=dev))
-            c_it.append(its)
-            c_cv.append(rp.converged)
-    x_all = torch.cat(c_x)
-    f_all = torch.cat(c_f)
-    l_all = torch.cat(c_layer)
-    f_best = torch.full((n_layers,), torch.inf, dtype=X.dtype, device=dev)
-    f_best = f_best.scatter_reduce(0, l_all, f_all, reduce="amin")
-    idx = torch.arange(f_all.shape[0], device=dev)
-    hit = f_all == f_best[l_all]
-    first = torch.full((n_layers,), f_all.shape[0], dtype=torch.int64, device=dev)
-    first = first.scatter_reduce(0, l_all[hit], idx[hit], reduce="amin")
-    first = torch.clamp(first, max=f_all.shape[0] - 1)
+            pool.add(
+                W,
+                torch.where(unsafe, torch.inf, f_w),
+                torch.arange(n_layers, device=dev),
+                its,
+                rp.converged,
+            )
+    every = pool.joined()
+    first, f_best = _best(every, n_layers)
     f_zero = obj.values(Z0.reshape(n_layers, 1, -1), *data).squeeze(1)
     _, zero = _pick(f_best[None], f_zero, False)
-    Z = torch.where(zero[:, None, None], Z0, x_all[first].reshape(n_layers, *shape))
-    it_all, cv_all = torch.cat(c_it), torch.cat(c_cv)
-    iters = torch.where(zero, res.iterations[:n_layers], it_all[first])
-    conv = torch.where(zero, res.converged[:n_layers], cv_all[first])
+    Z = torch.where(zero[:, None, None], Z0, every.x[first].reshape(n_layers, *shape))
+    iters = torch.where(zero, res.iterations[:n_layers], every.iterations[first])
+    conv = torch.where(zero, res.converged[:n_layers], every.converged[first])
     return Z, iters, conv
+
+
+class _Candidates(NamedTuple):
+    """Candidate points of the columns form, one per row: ``x`` (rows, N), ``f`` (rows,) the
+    true objective (``inf`` where :func:`_unsafe`), ``layer`` (rows,) which layer's, and the
+    ``iterations`` / ``converged`` of the run that produced it."""
+
+    x: Tensor
+    f: Tensor
+    layer: Tensor
+    iterations: Tensor
+    converged: Tensor
+
+
+@dataclasses.dataclass
+class _Pool:
+    """The one pool every heuristic of :func:`_columns_minimise` adds its candidates to."""
+
+    parts: list[_Candidates] = dataclasses.field(default_factory=list)
+
+    def add(self, x: Tensor, f: Tensor, layer: Tensor, iterations: Tensor, cv: Tensor) -> None:
+        self.parts.append(_Candidates(x, f, layer, iterations, cv))
+
+    def joined(self) -> _Candidates:
+        return _Candidates(*(torch.cat(z) for z in zip(*self.parts, strict=True)))
+
+
+def _best(c: _Candidates, n_layers: int) -> tuple[Tensor, Tensor]:
+    """The scorer: per layer, the index of its first candidate of lowest ``f``, and that ``f``."""
+    dev = c.f.device
+    f_best = torch.full((n_layers,), torch.inf, dtype=c.f.dtype, device=dev)
+    f_best = f_best.scatter_reduce(0, c.layer, c.f, reduce="amin")
+    idx = torch.arange(c.f.shape[0], device=dev)
+    hit = c.f == f_best[c.layer]
+    first = torch.full((n_layers,), c.f.shape[0], dtype=torch.int64, device=dev)
+    first = first.scatter_reduce(0, c.layer[hit], idx[hit], reduce="amin")
+    return torch.clamp(first, max=c.f.shape[0] - 1), f_best

@@ -32,7 +32,7 @@ general ``r × 3`` solver in :mod:`lorafair._fair._flat`. The residual comes out
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -322,9 +322,21 @@ def _turn(n_sq: Arr, g: Arr, bb: Arr, eps: Arr, noise: Arr) -> Arr:
     return out
 
 
+class _End(NamedTuple):
+    """The λ = 0 end of :func:`_end`: point ``(x, y)``, its objective and cosine, the infimum
+    ``floor`` it approaches, and its ``cost`` (objective plus what rounding can cost it)."""
+
+    x: Arr
+    y: Arr
+    objective: Arr
+    cosine: Arr
+    floor: Arr
+    cost: Arr
+
+
 def _end(
     g: Arr, hh: Arr, hb: Arr, bb: Arr, w: Arr, eps: Arr, noise: Arr, lam: float, norm: Norm
-) -> tuple[Arr, ...]:
+) -> _End:
     """The λ = 0 end of the trade-off: ``(x, y, f, cos, floor)`` of ``c_i = t h_i/g_i``
     (``g_i > 0``), ``c_i = b_i`` elsewhere, i.e. ``P' = P (I − Q Q⁺) + t Z`` with ``Z`` the λ = 0
     direction (``‖Z‖ = ‖z‖``).
@@ -337,7 +349,7 @@ def _end(
     roundoff ``eps`` of the output dtype, relative to ``‖P‖``; ``noise``: an absolute error
     floor, from float64 cancellation and the output's subnormals; both per layer) turns the
     vanishing product and so lowers its cosine. ``H = 0``: ``t = 0`` and ``floor = f``. Also
-    returns that cost of the point (``f + _turn``), last.
+    returns that cost of the point (``f + _turn``).
     """
     pos = g > 0
     gi, zz = _ray(g, hh)
@@ -363,7 +375,7 @@ def _end(
     cos_max = np.where(has & (w > 0), np.sqrt((hh * gi).sum(-1)) / np.where(w > 0, w, 1.0), 0.0)
     limit = 1.0 - cos_max + _reg(b_pos, lam, norm)[0]
     cost_end = f + _turn(terms[1], g, bb, eps, noise)
-    return x, y, f, cos, np.where(has & ~toward, limit, f), cost_end
+    return _End(x, y, f, cos, np.where(has & ~toward, limit, f), cost_end)
 
 
 def _lam0(g: Arr, hh: Arr, hb: Arr) -> tuple[Arr, Arr, Arr]:
@@ -435,13 +447,13 @@ def solve(
     point.
     """
     dev = red.g.device
-    g, hh, hb, bb, w = (t.detach().cpu().numpy() for t in (red.g, red.hh, red.hb, red.bb, red.w))
-    wide_np = wide.detach().cpu().numpy()
-    eps_np, noise_np = eps.detach().cpu().numpy(), noise.detach().cpu().numpy()
+
+    def host(t: Tensor) -> Any:
+        return t.detach().cpu().numpy()
+
+    data = _Host(*(host(t) for t in (red.g, red.hh, red.hb, red.bb, red.w, wide, eps, noise)))
     with np.errstate(all="ignore"):
-        out = _solve_host(
-            g, hh, hb, bb, w, wide_np, eps_np, noise_np, lam, norm, tol, max_iter, single
-        )
+        out = _solve_host(data, lam=lam, norm=norm, tol=tol, max_iter=max_iter, single=single)
 
     def back(a: NDArray[np.generic]) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
@@ -449,32 +461,52 @@ def solve(
     return Solution(*(back(a) for a in out))
 
 
+class _Host(NamedTuple):
+    """:func:`solve`'s inputs as NumPy arrays: the family data of :class:`Reduced` (less ``V``)
+    and each layer's ``wide``, ``eps``, ``noise``."""
+
+    g: Arr
+    hh: Arr
+    hb: Arr
+    bb: Arr
+    w: Arr
+    wide: NDArray[np.bool_]
+    eps: Arr
+    noise: Arr
+
+
+class _HostSolution(NamedTuple):
+    """:class:`Solution` as NumPy arrays (the same fields, in the same order)."""
+
+    x: Arr
+    y: Arr
+    objective: Arr
+    cosine: Arr
+    iterations: NDArray[np.int64]
+    converged: NDArray[np.bool_]
+    certified: NDArray[np.bool_]
+    end_x: Arr
+    end_y: Arr
+    end_objective: Arr
+    end_cosine: Arr
+    end_floor: Arr
+
+
 def _solve_host(
-    g: Arr,
-    hh: Arr,
-    hb: Arr,
-    bb: Arr,
-    w: Arr,
-    wide: NDArray[np.bool_],
-    eps: Arr,
-    noise: Arr,
-    lam: float,
-    norm: Norm,
-    tol: float,
-    max_iter: int,
-    single: bool,
-) -> tuple[NDArray[np.generic], ...]:
+    data: _Host, *, lam: float, norm: Norm, tol: float, max_iter: int, single: bool
+) -> _HostSolution:
+    g, hh, hb, bb, w, wide, eps, noise = data
     n_layers = g.shape[0]
     zeros = np.zeros_like(g)
     zero_it = np.zeros(n_layers, dtype=np.int64)
     yes = np.ones(n_layers, dtype=bool)
     f0, cos0 = _objective(*_terms(zeros, zeros, g, hh, hb, bb), w, lam, norm)
     if single:
-        return zeros, zeros, f0, cos0, zero_it, yes, yes, zeros, zeros, f0, cos0, f0
+        return _HostSolution(zeros, zeros, f0, cos0, zero_it, yes, yes, zeros, zeros, f0, cos0, f0)
     if lam == 0.0:
         x, y, _ = _lam0(g, hh, hb)
         f, cos = _objective(*_terms(x, y, g, hh, hb, bb), w, lam, norm)
-        return x, y, f, cos, zero_it, yes, yes, x, y, f, cos, f
+        return _HostSolution(x, y, f, cos, zero_it, yes, yes, x, y, f, cos, f)
     gmax = g.max(axis=-1)
     gmax = np.where(gmax > 0, gmax, 1.0)
     gh = g / gmax[:, None]
@@ -573,11 +605,13 @@ def _solve_host(
     # that point beats the family is handed to the general solver (with the point as its floor).
     # Both sides are charged what rounding to the output dtype can cost a vanishing product
     # (_turn): the family too may creep towards that end, to a point the output cannot hold.
-    *end, cost_end = _end(g, hh, hb, bb, w, eps, noise, lam, norm)
+    end = _end(g, hh, hb, bb, w, eps, noise, lam, norm)
     cost = f + _turn(n_sq, g, bb, eps, noise)
-    beaten = (_ray(g, hh)[1] > 0) & (cost_end < np.minimum(cost, f0) - _tol.TIE)
+    beaten = (_ray(g, hh)[1] > 0) & (end.cost < np.minimum(cost, f0) - _tol.TIE)
     certified = np.where(zero, zero_ok, good) & ~beaten
     x = np.where(zero[:, None], 0.0, x)
     y = np.where(zero[:, None], 0.0, y)
     f, cos = np.where(zero, f0, f), np.where(zero, cos0, cos)
-    return x, y, f, cos, iters, conv, certified, *end
+    return _HostSolution(
+        x, y, f, cos, iters, conv, certified, end.x, end.y, end.objective, end.cosine, end.floor
+    )
