@@ -40,7 +40,7 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from lorafair._fair import _tolerances as _tol
-from lorafair._fair._newton import Norm
+from lorafair._fair._newton import Norm, reg_terms
 
 Arr = NDArray[np.float64]
 
@@ -99,17 +99,6 @@ class _Data(NamedTuple):
     kscale: Arr  # (L,): k = a c θ₂ (k = k_true · max g)
     gmax: Arr  # (L,)
     w: Arr  # (L,): ‖ΔW‖
-
-
-def _reg(p: Arr, lam: float, norm: Norm) -> tuple[Arr, Arr, Arr]:
-    """``R(p)``, ``R'(p)``, ``R''(p)`` of ``λ√p`` or ``λp`` (derivatives 0 where ``p ≤ 1e-300``)."""
-    if norm == "fro_squared":
-        return lam * p, np.full_like(p, lam), np.zeros_like(p)
-    big = p > _tol.TINY
-    root = np.sqrt(np.maximum(p, _tol.TINY))
-    r1 = np.where(big, lam / (2.0 * root), 0.0)
-    r2 = np.where(big, -lam / (4.0 * root**3), 0.0)
-    return lam * np.where(big, root, 0.0), r1, r2
 
 
 def _cos_parts(s: Arr, q: Arr, w: Arr) -> tuple[Arr, ...]:
@@ -219,7 +208,7 @@ def _family_value(x: Arr, d: _Data, lam: float, norm: Norm) -> Arr:
     """``F = f(c(θ)) = 1 − s/(w n) + λ R(ρ²)`` (L, S) at ``x`` (L, S, 2); +inf outside the family
     (some ``1 + k ĝ_i ≤ 0``)."""
     s, q, p = _sqp(x, d)
-    f = 1.0 + _cos_parts(s, q, d.w[:, None])[0] + _reg(p, lam, norm)[0]
+    f = 1.0 + _cos_parts(s, q, d.w[:, None])[0] + reg_terms(p, lam, norm)[0]
     return np.where(np.isnan(s + q + p), np.inf, f)
 
 
@@ -231,7 +220,7 @@ def _family_derivatives(x: Arr, d: _Data, lam: float, norm: Norm) -> tuple[Arr, 
     """
     X, grad, hess = _sqp_derivatives(x, d)
     phi, phi_s, phi_q, phi_sq, phi_qq = _cos_parts(X[:, 0], X[:, 1], d.w)
-    reg, r1, r2 = _reg(X[:, 2], lam, norm)
+    reg, r1, r2 = reg_terms(X[:, 2], lam, norm)
     coef = np.stack([phi_s, phi_q, r1], axis=-1)
     gs, gq, gp = grad[:, 0], grad[:, 1], grad[:, 2]
     g = (coef[..., None] * grad).sum(axis=1)
@@ -301,7 +290,7 @@ def _objective(s: Arr, n_sq: Arr, rho_sq: Arr, w: Arr, lam: float, norm: Norm) -
     """``(f, cos)`` with ``cos = s/(w n)`` (0 where a side is 0), ``f = 1 − cos + λ R(ρ²)``."""
     ok = (w > 0) & (n_sq > 0)
     cos = np.where(ok, s / np.where(ok, w * np.sqrt(np.where(ok, n_sq, 1.0)), 1.0), 0.0)
-    return 1.0 - cos + _reg(rho_sq, lam, norm)[0], cos
+    return 1.0 - cos + reg_terms(rho_sq, lam, norm)[0], cos
 
 
 def _ray(g: Arr, hh: Arr) -> tuple[Arr, Arr]:
@@ -373,7 +362,7 @@ def _end(
     f, cos = _objective(*terms, w, lam, norm)
     b_pos = np.where(pos, bb, 0.0).sum(-1)
     cos_max = np.where(has & (w > 0), np.sqrt((hh * gi).sum(-1)) / np.where(w > 0, w, 1.0), 0.0)
-    limit = 1.0 - cos_max + _reg(b_pos, lam, norm)[0]
+    limit = 1.0 - cos_max + reg_terms(b_pos, lam, norm)[0]
     cost_end = f + _turn(terms[1], g, bb, eps, noise)
     return _End(x, y, f, cos, np.where(has & ~toward, limit, f), cost_end)
 

@@ -3,8 +3,9 @@
 Everything here is float64, batched over a leading layer dimension ``L`` and free of host syncs
 except every ``sync_every`` iterations of :func:`minimise` (every iteration on CPU). Objectives
 (:class:`Batched`) come with closed-form gradients and Hessians (no autograd). The regulariser
-``λ‖Δ‖`` / ``λ‖Δ‖²`` and its torch derivatives live here once. :func:`_pick` is the rule both
-forms use to return ΔB = 0 unless a solver result beats it. (The flat family's two-unknown
+``λ‖Δ‖`` / ``λ‖Δ‖²`` and its derivatives live here once (:func:`reg_terms`, for NumPy and
+torch). :func:`_pick` is the rule both forms use to return ΔB = 0 unless a solver result
+beats it. (The flat family's two-unknown
 Newton in :mod:`lorafair._fair._family` runs in NumPy on the host, with the same step ladder
 and Armijo constant from :mod:`lorafair._fair._tolerances`.)
 """
@@ -12,8 +13,10 @@ and Armijo constant from :mod:`lorafair._fair._tolerances`.)
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
@@ -27,11 +30,29 @@ def _safe_sqrt(x: Tensor) -> Tensor:
     return torch.sqrt(torch.clamp(x, min=_tol.TINY))
 
 
+_A = TypeVar("_A", Tensor, "npt.NDArray[np.float64]")
+
+
+def reg_terms(p: _A, lam: float, norm: Norm) -> tuple[_A, _A, _A]:
+    """``R(p)``, ``R'(p)``, ``R''(p)`` of the regulariser as a function of ``p = ‖Δ‖_F²``:
+    ``λ√p`` (``"fro"``; all three 0 where ``p ≤ TINY``) or ``λp`` (``"fro_squared"``).
+
+    The one place the regulariser is differentiated, for NumPy arrays (the flat family on the
+    host) and torch tensors (:func:`minimise`'s objectives) alike.
+    """
+    xp: Any = np if isinstance(p, np.ndarray) else torch
+    if norm == "fro_squared":
+        return lam * p, xp.full_like(p, lam), xp.zeros_like(p)
+    big = p > _tol.TINY
+    root = xp.sqrt(xp.where(big, p, 1.0))  # 1.0: no division by zero in the branches not taken
+    r1 = xp.where(big, lam / (2.0 * root), 0.0)
+    r2 = xp.where(big, -lam / (4.0 * root**3), 0.0)
+    return lam * xp.where(big, root, 0.0), r1, r2
+
+
 def regulariser(delta_sq: Tensor, lam: float, norm: Norm) -> Tensor:
     """``λ‖Δ‖_F`` (``"fro"``) or ``λ‖Δ‖_F²`` (``"fro_squared"``) from ``‖Δ‖_F²``."""
-    if norm == "fro":
-        return lam * _safe_sqrt(delta_sq)
-    return lam * delta_sq
+    return reg_terms(delta_sq, lam, norm)[0]
 
 
 def _reg_value(dsq: Tensor, lam: float, norm: Norm) -> Tensor:
@@ -40,17 +61,9 @@ def _reg_value(dsq: Tensor, lam: float, norm: Norm) -> Tensor:
 
 def _reg_coefs(dsq: Tensor, lam: float, norm: Norm) -> tuple[Tensor, Tensor]:
     """``(c₁, c₃)`` with ``∇ reg = c₁ d`` and ``∇² reg = c₁ diag(mask) − c₃ d dᵀ`` (``d`` the
-    masked difference, ``dsq = ‖d‖²``): ``(2λ, 0)`` for ``"fro_squared"``; ``(λ/ρ, λ/ρ³)`` for
-    ``"fro"`` (``ρ = ‖d‖``), 0 where ``ρ² ≤ TINY`` (the clamped square root's zero derivative).
-    The one place the regulariser is differentiated in torch (the host family has its own
-    NumPy copy in :func:`lorafair._fair._family._reg`)."""
-    if norm == "fro_squared":
-        return torch.full_like(dsq, 2.0 * lam), torch.zeros_like(dsq)
-    big = dsq > _tol.TINY
-    rho = _safe_sqrt(dsq)
-    c1 = torch.where(big, lam / rho, torch.zeros_like(rho))
-    c3 = torch.where(big, lam / (rho * rho * rho), torch.zeros_like(rho))
-    return c1, c3
+    masked difference, ``dsq = ‖d‖²``): ``c₁ = 2R'``, ``c₃ = −4R''`` of :func:`reg_terms`."""
+    _, r1, r2 = reg_terms(dsq, lam, norm)
+    return 2.0 * r1, -4.0 * r2
 
 
 def _reg_grad_coef(dsq: Tensor, lam: float, norm: Norm) -> Tensor:
