@@ -46,7 +46,7 @@ log = logging.getLogger("examples.federated")
 # three seeds in a few minutes on 2 cores; see examples/README.md for the measured time).
 _SETUP_DEFAULTS: dict[str, dict[str, Any]] = {
     "offline": {
-        "rounds": 8,
+        "rounds": 6,
         "lr": 0.3,
         "batch_size": 32,
         "rank": 8,
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds",
         type=int,
         default=None,
-        help="default: 50 domainnet, 30 nico, 8 offline (4 with --preset bias)",
+        help="default: 50 domainnet, 30 nico, 6 offline (4 with --preset bias)",
     )
     g.add_argument(
         "--local-iters",
