@@ -727,6 +727,31 @@ def _unsafe_rows(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: _Rou
     return exact_zero | ~resolved
 
 
+def _safe_best_first(
+    Z: Tensor, data: tuple[Tensor, ...], f: Tensor, m: int, unit: _Rounding
+) -> Tensor:
+    """``f`` (m L,) with ``inf`` where :func:`_unsafe`, as far as the scorer can tell: per layer
+    its runs are checked best first (ties: lowest row first) until one is safe; the unchecked
+    rest, all at least as high as that one and after it, can then never be picked. (Residual
+    on B; ``Z`` (m L, p, q) start-major.) Cost: one check per layer, more only where the best
+    run is unsafe."""
+    n_layers = f.shape[0] // m
+    out = torch.where(torch.isfinite(f), f, torch.inf).reshape(m, n_layers).clone()
+    left = torch.ones(n_layers, dtype=torch.bool, device=f.device)
+    cols = torch.arange(n_layers, device=f.device)
+    for _ in range(m):
+        if not bool(left.any()):
+            break
+        lay = cols[left]
+        best = torch.argmin(out[:, lay], dim=0)
+        rows = best * n_layers + lay
+        bad = _unsafe(Z[rows], tuple(t[rows] for t in data), False, unit)
+        bad |= ~torch.isfinite(out[best, lay])
+        out[best[bad], lay[bad]] = torch.inf
+        left[lay[~bad]] = False
+    return out.reshape(-1)
+
+
 def _multistart(
     obj: Batched, rep: tuple[Tensor, ...], x0: Tensor, m: int, opts: _Options
 ) -> SolveResult:
@@ -802,10 +827,13 @@ def _columns_minimise(
     Zr = res.x.reshape(m * n_layers, *shape)
     f_raw = obj.values(res.x.unsqueeze(1), *rep).squeeze(1)
     yn, sc = _column_scale(Zr, rep[3], *sides(rep))
-    unsafe = _unsafe(Zr, rep, has_left, unit)
+    if has_left:  # the column mix below reads every candidate's score
+        f_safe = torch.where(_unsafe(Zr, rep, has_left, unit), torch.inf, f_raw)
+    else:
+        f_safe = _safe_best_first(Zr, rep, f_raw, m, unit)
     tiny = rep[2] & (yn <= _tol.DROP_TINY * sc)
     pool = _Pool()
-    pool.add(res.x, torch.where(unsafe, torch.inf, f_raw), layer, res.iterations, res.converged)
+    pool.add(res.x, f_safe, layer, res.iterations, res.converged)
     # Seeds of restricted problems: (layer, dropped columns, point, iterations so far).
     seed = tiny.any(dim=-1)
     s_layer, s_drop, s_W, s_it = layer[seed], tiny[seed], Zr[seed], res.iterations[seed]
