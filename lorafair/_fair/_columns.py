@@ -517,7 +517,12 @@ def _columns_end(
             c[:, 0] = tau
         pts = keep[rows].unsqueeze(1) + (c * ok)[..., None, None] * D
         f = obj.values(pts.flatten(-2), *sub)
-        f = torch.where(_unsafe(pts, sub, has_left, unit) | ~(ok & (c > 0)), torch.inf, f)
+        f = torch.where(ok & (c > 0), f, torch.inf)
+
+        def unsafe_at(r: Tensor, k: Tensor) -> Tensor:
+            return _unsafe(pts[r, k], tuple(t[r] for t in sub), has_left, unit)
+
+        f = _first_safe(f, unsafe_at)
         best = torch.argmin(f, dim=1)
         at = torch.arange(best.shape[0], device=best.device)
         return pts[at, best], f[at, best]
@@ -727,29 +732,37 @@ def _unsafe_rows(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: _Rou
     return exact_zero | ~resolved
 
 
+def _first_safe(f: Tensor, unsafe_at: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """``f`` (rows, S) with ``inf`` where :func:`_unsafe`, as far as an argmin over ``S`` can
+    tell: per row the points are checked best first (ties: lowest index first) until one is
+    safe; the unchecked rest, at least as high and later, can never be picked. ``unsafe_at(rows,
+    s)`` checks point ``s[i]`` of row ``rows[i]``. Cost: one check per row, more only where the
+    best point is unsafe (instead of ``S``)."""
+    out = torch.where(torch.isfinite(f), f, torch.inf)
+    left = torch.ones(f.shape[0], dtype=torch.bool, device=f.device)
+    for _ in range(f.shape[1]):
+        if not bool(left.any()):
+            break
+        rows = torch.nonzero(left).squeeze(-1)
+        best = torch.argmin(out[rows], dim=1)
+        bad = unsafe_at(rows, best) | ~torch.isfinite(out[rows, best])
+        out[rows[bad], best[bad]] = torch.inf
+        left[rows[~bad]] = False
+    return out
+
+
 def _safe_best_first(
     Z: Tensor, data: tuple[Tensor, ...], f: Tensor, m: int, unit: _Rounding
 ) -> Tensor:
-    """``f`` (m L,) with ``inf`` where :func:`_unsafe`, as far as the scorer can tell: per layer
-    its runs are checked best first (ties: lowest row first) until one is safe; the unchecked
-    rest, all at least as high as that one and after it, can then never be picked. (Residual
-    on B; ``Z`` (m L, p, q) start-major.) Cost: one check per layer, more only where the best
-    run is unsafe."""
+    """:func:`_first_safe` over the ``m`` runs of each layer (``Z`` (m L, p, q) start-major,
+    residual on B), as (m L,)."""
     n_layers = f.shape[0] // m
-    out = torch.where(torch.isfinite(f), f, torch.inf).reshape(m, n_layers).clone()
-    left = torch.ones(n_layers, dtype=torch.bool, device=f.device)
-    cols = torch.arange(n_layers, device=f.device)
-    for _ in range(m):
-        if not bool(left.any()):
-            break
-        lay = cols[left]
-        best = torch.argmin(out[:, lay], dim=0)
-        rows = best * n_layers + lay
-        bad = _unsafe(Z[rows], tuple(t[rows] for t in data), False, unit)
-        bad |= ~torch.isfinite(out[best, lay])
-        out[best[bad], lay[bad]] = torch.inf
-        left[lay[~bad]] = False
-    return out.reshape(-1)
+
+    def unsafe_at(lay: Tensor, start: Tensor) -> Tensor:
+        rows = start * n_layers + lay
+        return _unsafe(Z[rows], tuple(t[rows] for t in data), False, unit)
+
+    return _first_safe(f.reshape(m, n_layers).mT, unsafe_at).mT.reshape(-1)
 
 
 def _multistart(
