@@ -18,6 +18,7 @@ steps, so its SGD ratio is not the procedure's; about 10 s) checks that the scri
 ``--sgd-steps 0`` leaves SGD out.
 
     python -m benchmarks.columns [--blocks 12] [--repeats 3] [--lam 1] [--norm fro_squared]
+                                 [--threads 1]   # SGD on one thread, as lora_fair runs
 """
 
 from __future__ import annotations
@@ -68,18 +69,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sgd-steps", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch.set_num_threads for SGD (0: torch's default)"
+    )
     ap.add_argument("--quick", action="store_true", help="1 block, 1 repeat, SGD ≤ 5 steps")
     args = ap.parse_args(argv)
     if args.quick:
         args.blocks, args.repeats, args.sgd_steps = 1, 1, min(args.sgd_steps, 5)
     lam, norm = float(args.lam), cast(Norm, args.norm)
+    if args.threads > 0:  # lora_fair pins its own pools to one thread per call either way
+        torch.set_num_threads(args.threads)
     clients = vit_clients(args.blocks, args.clients, args.rank, args.seed)
     n_layers = len(clients[0])
     lora_fair(vit_clients(1, 2, 2, 1)[:1] * 2, similarity="columns")  # first-call costs
     print(
         f"{n_layers} ViT-B/16 layers, K = {args.clients}, r = {args.rank}, fp32, λ = {lam}, "
         f"norm = {norm}; torch {torch.__version__}, {os.cpu_count()} CPUs, "
-        f"load average {os.getloadavg()[0]:.1f}"
+        f"{torch.get_num_threads()} torch threads (SGD), load average {os.getloadavg()[0]:.1f}"
     )
 
     base = fedit(clients)
