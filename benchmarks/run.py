@@ -405,6 +405,8 @@ def ratio_lines(rs: Iterable[dict[str, Any]], *, quick: bool = False) -> str:
                         if "gram" in t
                         else ""
                     )
+                    + (f", dense ΔW {_fmt_time(t['dense'])}" if "dense" in t else "")
+                    + (f", cheaper route {_fmt_time(t['route'])}" if "route" in t else "")
                 )
             elif isinstance(v, dict):
                 parts.append(f"{k} = {'≥ ' if v['lower_bound'] else ''}{v['ratio']:.3g}×")
