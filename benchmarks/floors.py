@@ -5,6 +5,8 @@
   buffer as large as the input, ``buf.sum()`` and a BLAS ``gemv`` with a vector of ones (the
   faster pure read on this machine), ``BW_write`` from ``buf.fill_(0)`` of one as large; all
   timed in the cell's round-robin (one kernel each: no per-tensor overhead, so a true floor).
+  A third probe, not a floor, reads the same bytes one ``sum`` per input tensor: what any eager
+  torch code that touches every input tensor once pays on top (per-kernel start-up).
 - **compute floor**: the method's essential flops at the GEMM rate measured in the same run, in
   its accumulation dtype. For the averaging methods (FedIT, FFA-LoRA, FLoRA) that is
   ``2·n_in`` flops (one multiply-add per input element) at the rate of a 512³ GEMM in float32
@@ -118,8 +120,11 @@ def make_probes(inputs: Inputs, *, gram: bool) -> Probes:
     write = torch.empty(n, dtype=dt, device=dev)
     acc = torch.float64 if dt == torch.float64 else torch.float32
     a = torch.randn(512, 512, dtype=acc, device=dev)
+    tensors = [t for c in clients for f in c.values() for t in f]
     calls: dict[str, Callable[[], object]] = {
         "read_sum": read.sum,
+        # not a floor: the same bytes read one kernel per input tensor, as eager torch must
+        "read_per_tensor": lambda: [t.sum() for t in tensors],
         "read_gemv": lambda: (rows @ ones, tail.sum()),
         "write": lambda: write.fill_(0),
         "gemm": lambda: a @ a,

@@ -398,7 +398,9 @@ def ratio_lines(rs: Iterable[dict[str, Any]], *, quick: bool = False) -> str:
             if k == "floors":
                 t = v["probe_times_s"]
                 parts.append(
-                    f"floors: read {v['read_gb_s']:.3g} GB/s, write {v['write_gb_s']:.3g} GB/s, "
+                    f"floors: read {v['read_gb_s']:.3g} GB/s, write {v['write_gb_s']:.3g} GB/s "
+                    f"(memory floor of the input {_fmt_time(t['read'])}; one sum per input "
+                    f"tensor {_fmt_time(t['read_per_tensor'])}), "
                     f"GEMM {v['gemm_gflops']:.3g} GFLOP/s"
                     + (
                         f", Grams {_fmt_time(t['gram'])} ({v['gram_gflops']:.3g} GFLOP/s)"
