@@ -9,7 +9,8 @@ frozen weights, and the personalised :func:`fedsa_lora`, which returns a :class:
 with one adapter per client). Inputs are validated once (see :mod:`lorafair.errors`) and never
 mutated. A rank above both ``d_in`` and ``d_out`` is rejected as a likely A/B swap (A must be
 (r, d_in), B (d_out, r)); every aggregator takes ``allow_excess_rank=True`` to accept such a
-rank on purpose.
+rank on purpose. Every aggregator runs its call with torch's intra-op pool pinned to one thread
+(restored after; :mod:`lorafair._threads` says why and what it costs).
 
 The ideal global update of a layer is ``ΔW = Σ_k p_k B_k A_k``.
 """
@@ -462,11 +463,14 @@ def flexlora(
       route's R × R eigensolves cost more there).
 
     Layers are processed in float64 batches whose working set is capped at 256 MiB (one layer
-    per batch on the dense route), so peak memory does not grow with the number of layers;
-    NaN/Inf are read off the Grams' traces (or the stacks) and the whole call synchronises with
-    the host once. Cost: O((d_out + d_in) R² + R³) flops and O((d_out + d_in) R) memory per layer
-    on the factored routes, O(d_out d_in (R + min(d_out, d_in))) and one d_out × d_in buffer on
-    the dense one. Download: rank·(d_in + d_out) per layer.
+    per batch on the dense route; on the Gram route the stacks of every batch share one reused
+    32 MiB buffer, and on the CPU the Grams go through BLAS ``syrk``), so peak memory does not
+    grow with the number of layers; NaN/Inf are read off the Grams' traces (or the stacks) and
+    the whole call synchronises with the host once. The call runs on one thread of torch's and
+    NumPy's pools (:mod:`lorafair._threads`). Cost: O((d_out + d_in) R² + R³) flops and
+    O((d_out + d_in) R) memory per layer on the factored routes,
+    O(d_out d_in (R + min(d_out, d_in))) and one d_out × d_in buffer on the dense one.
+    Download: rank·(d_in + d_out) per layer.
     """
     return _flexlora(
         clients, weights, rank=rank, split=split, report=False, allow_excess_rank=allow_excess_rank
