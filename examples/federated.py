@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from examples.data import (
+    ClientData,
     Domain,
     digits_domains,
     feature_label_noniid,
@@ -30,6 +31,7 @@ from examples.data import (
     load_domainnet,
     load_nico,
 )
+from examples.jobs import Job, Tick, available_cpus, run_jobs
 from examples.loop import FedConfig, MethodResult, run_method
 from examples.methods import METHODS
 from examples.new_methods import NEW_METHODS, run_new_method
@@ -44,7 +46,7 @@ log = logging.getLogger("examples.federated")
 # three seeds in a few minutes on 2 cores; see examples/README.md for the measured time).
 _SETUP_DEFAULTS: dict[str, dict[str, Any]] = {
     "offline": {
-        "rounds": 8,
+        "rounds": 6,
         "lr": 0.3,
         "batch_size": 32,
         "rank": 8,
@@ -187,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds",
         type=int,
         default=None,
-        help="default: 50 domainnet, 30 nico, 8 offline (4 with --preset bias)",
+        help="default: 50 domainnet, 30 nico, 6 offline (4 with --preset bias)",
     )
     g.add_argument(
         "--local-iters",
@@ -264,6 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="torch CPU threads; default 1 offline (tiny models gain nothing from "
         "more and lose a lot on a busy machine), torch's default otherwise",
+    )
+    g.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="processes for the independent runs (one per model, seed and method), each on "
+        "--threads threads; default: every CPU offline on the CPU, else 1. Results do not "
+        "depend on it",
     )
     g.add_argument("--out", type=Path, default=None, help="output folder; default runs/<UTC time>")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -379,6 +389,7 @@ def _run(
     from examples import models as M  # timm from here on
 
     methods: list[str] = list(args.methods)
+    jobs = args.jobs or (available_cpus() if args.setup == "offline" and device == "cpu" else 1)
     seeds = [args.seed + i for i in range(args.seeds)]
     _seed_everything(args.seed)
     num_classes = _CLASSES[args.setup]
@@ -398,7 +409,9 @@ def _run(
         for arch in args.models:
             if arch in weights:
                 raise SystemExit("--weights applies to --setup domainnet/nico only")
-            base = M.build_offline(arch, num_classes=10, img_size=img, seed=args.seed)
+
+        def pretrain_job(arch: str, tick: Tick) -> tuple[dict[str, torch.Tensor], float]:
+            base = M.build_offline(cast(M.Arch, arch), num_classes=10, img_size=img, seed=args.seed)
             acc = M.pretrain(base, pre, epochs=args.pretrain_epochs, seed=args.seed, device=device)
             log.info(
                 "pre-trained %s on %d source digits: train accuracy %.1f%% (%.1fs)",
@@ -407,7 +420,20 @@ def _run(
                 acc,
                 time.perf_counter() - t0,
             )
-            bases[arch] = base.cpu()
+            return {k: v.cpu() for k, v in base.state_dict().items()}, acc
+
+        trained = run_jobs(
+            pretrain_job,
+            [Job(f"pre-train {arch}", arch) for arch in args.models],
+            processes=jobs,
+            threads=torch.get_num_threads(),
+            on_tick=lambda job, t: None,
+            logger=log,
+        )
+        for arch, (state, _) in zip(args.models, trained, strict=True):
+            base = M.build_offline(cast(M.Arch, arch), num_classes=10, img_size=img, seed=args.seed)
+            base.load_state_dict(state)
+            bases[arch] = base.eval()
             domains_for[arch] = domains
     else:
         if args.data_root is None:
@@ -453,21 +479,11 @@ def _run(
         "pretrain_styles": list(pretrain_styles or ["all six"]),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "jobs": jobs,
     }
-    results: dict[str, dict[str, list[MethodResult]]] = {}
     domain_names: list[str] = []
-    bar: Any = None
-    if not args.no_progress:
-        from tqdm.auto import tqdm
-
-        total = len(args.models) * len(seeds) * len(methods) * rounds
-        bar = tqdm(total=total, unit="round", dynamic_ncols=True, file=sys.stderr)
-
-    def tick(t: int, _: MethodResult) -> None:
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(f"round {t + 1}/{rounds}")
-
+    work: list[Job[tuple[str, int, str]]] = []
+    inputs: dict[str, tuple[list[ClientData], dict[str, Any]]] = {}
     for arch in args.models:
         domains = domains_for[arch]
         domain_names = [dm.name for dm in domains]
@@ -481,33 +497,60 @@ def _run(
                 seed=args.seed,
             )
         log.info("%s: %d clients, sizes %s", arch, len(clients), [len(c) for c in clients])
-        tests = {dm.name: dm.test for dm in domains}
-        results[arch] = {m: [] for m in methods}
+        inputs[arch] = (list(clients), {dm.name: dm.test for dm in domains})
         for i, seed in enumerate(seeds):
-            make = partial(
-                M.with_lora,
-                bases[arch],
-                cast(M.Arch, arch),
-                num_classes=num_classes,
-                rank=rank,
-                alpha=alpha,
-                seed=seed,
-            )
             for m in methods:
-                if bar is not None:
-                    bar.set_description(f"{arch} seed {i + 1}/{len(seeds)} {m}")
-                cfg_s = replace(cfg, seed=seed)
-                label = f"{arch} seed {seed} "
-                if m in NEW_METHODS:
-                    run = run_new_method(cast(Any, m), make, clients, tests, cfg_s, label=label)
-                    run.seed = seed
-                    if bar is not None:
-                        bar.update(rounds)
-                else:
-                    run = run_method(m, make, clients, tests, cfg_s, label=label, on_round=tick)
-                results[arch][m].append(run)
+                work.append(Job(f"{arch} seed {i + 1}/{len(seeds)} {m}", (arch, seed, m)))
+
+    def run_job(job: tuple[str, int, str], tick: Tick) -> MethodResult:
+        arch, seed, m = job
+        clients, tests = inputs[arch]
+        make = partial(
+            M.with_lora,
+            bases[arch],
+            cast(M.Arch, arch),
+            num_classes=num_classes,
+            rank=rank,
+            alpha=alpha,
+            seed=seed,
+            merge_when_training=args.setup == "offline",
+        )
+        cfg_s = replace(cfg, seed=seed)
+        label = f"{arch} seed {seed} "
+        if m in NEW_METHODS:
+            run = run_new_method(
+                cast(Any, m), make, clients, tests, cfg_s, label=label, on_round=tick
+            )
+        else:
+            run = run_method(
+                m, make, clients, tests, cfg_s, label=label, on_round=lambda t, _: tick(t)
+            )
+        run.seed = seed
+        return run
+
+    bar: Any = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(work) * rounds, unit="round", dynamic_ncols=True, file=sys.stderr)
+        bar.set_description(f"{len(work)} runs on {min(jobs, len(work))} processes")
+
+    def on_tick(job: Job[tuple[str, int, str]], t: int) -> None:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"{job.label} round {t + 1}/{rounds}")
+
+    finished = run_jobs(
+        run_job, work, processes=jobs, threads=torch.get_num_threads(), on_tick=on_tick, logger=log
+    )
     if bar is not None:
         bar.close()
+    results: dict[str, dict[str, list[MethodResult]]] = {
+        arch: {m: [] for m in methods} for arch in args.models
+    }
+    for job, run in zip(work, finished, strict=True):
+        arch, _, m = job.payload
+        results[arch][m].append(run)
     paths = write_outputs(results, domain_names, out, config=config, plots=not args.no_plots)
     if not all_finite(results):
         log.warning("some accuracies or diagnostics are not finite; see %s", paths["json"])

@@ -148,15 +148,25 @@ def with_lora(
     rank: int,
     alpha: float,
     seed: int,
+    merge_when_training: bool = False,
 ) -> tuple[nn.Module, nn.Module]:
     """A copy of ``base`` with a fresh seeded head and LoRA on :data:`TARGETS` ``[arch]``.
+
+    ``merge_when_training``: see :class:`examples.lora.LoRALinear` (a speed choice only).
 
     Returns ``(model, head)``; every parameter except LoRA and the head is frozen.
     """
     model = copy.deepcopy(base)
     torch.manual_seed(seed)
     model.reset_classifier(num_classes)  # type: ignore[operator]
-    inject_lora(model, TARGETS[arch], rank=rank, alpha=alpha, seed=seed)
+    inject_lora(
+        model,
+        TARGETS[arch],
+        rank=rank,
+        alpha=alpha,
+        seed=seed,
+        merge_when_training=merge_when_training,
+    )
     head = model.get_classifier()  # type: ignore[operator]
     if not isinstance(head, nn.Module):
         raise TypeError(f"unexpected classifier {type(head).__name__}")

@@ -320,6 +320,7 @@ def run_new_method(
     cfg: FedConfig,
     *,
     label: str = "",
+    on_round: Callable[[int], None] | None = None,
 ) -> MethodResult:
     """:func:`examples.loop.run_method` for the methods of :data:`CLIENT_SIDES`.
 
@@ -370,5 +371,7 @@ def run_new_method(
             down / 2**20,
             time.perf_counter() - t0,
         )
+        if on_round is not None:
+            on_round(t)
     result.seconds = time.perf_counter() - start
     return result

@@ -11,6 +11,9 @@ so method ``m`` and FedIT form pairs ``(x_m,s, x_fedit,s)``; the paired differen
   interval against *every* other method lies above 0, each at the Bonferroni-adjusted level
   ``1 − α / (M − 1)`` (M methods). Otherwise: "no significant difference".
 
+A difference that is the same on every seed has zero variance and a zero-width interval; it is
+reported as such ("constant") and never counted as significant.
+
 Differences below :data:`TIE_TOL` percentage points (floating-point noise of averaging the
 same counts in another order, e.g. 68.1987000928505 vs 68.19870009285052) count as 0.
 """
@@ -48,9 +51,18 @@ class Paired(NamedTuple):
     level: float
 
     @property
+    def constant(self) -> bool:
+        """The same non-zero difference on every seed: zero variance, a zero-width interval.
+
+        Accuracies are counts, so with two or three seeds this happens by chance (one test
+        image more on each seed). The t-interval is then degenerate, not evidence.
+        """
+        return self.n >= 2 and self.low == self.high and self.mean != 0.0
+
+    @property
     def significant(self) -> bool:
-        """The interval excludes 0 (a strictly positive or strictly negative difference)."""
-        return self.low > 0.0 or self.high < 0.0
+        """The interval has positive width and excludes 0 (``constant`` differences never are)."""
+        return self.low < self.high and (self.low > 0.0 or self.high < 0.0)
 
     @property
     def tie(self) -> bool:
@@ -97,6 +109,8 @@ def paired(a: Sequence[float], b: Sequence[float], *, level: float = 0.95) -> Pa
     s = summarize(d)
     if s.n < 2:
         return Paired(s.mean, math.nan, math.nan, s.n, level)
+    if s.std < TIE_TOL:  # the same difference on every seed, up to float rounding
+        return Paired(s.mean, s.mean, s.mean, s.n, level)
     half = _t_quantile(0.5 + level / 2, s.n - 1) * s.std / math.sqrt(s.n)
     return Paired(s.mean, s.mean - half, s.mean + half, s.n, level)
 
@@ -116,7 +130,7 @@ def verdict(runs: Mapping[str, Sequence[float]], *, level: float = 0.95) -> Verd
     tied = []
     for m in others:
         pr = paired(runs[leader], runs[m], level=adj)
-        if not pr.low > 0.0:
+        if not (pr.significant and pr.low > 0.0):
             tied.append(m)
     if not others:
         return Verdict(leader, leader, (), adj, f"{leader} is the only method")

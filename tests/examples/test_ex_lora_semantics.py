@@ -149,6 +149,29 @@ def test_lora_linear_forward_matches_dense_reference() -> None:
     torch.testing.assert_close(layer(x).to(F64), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("merge_when_training", [False, True])
+def test_both_lora_forms_give_the_dense_output_and_gradients(merge_when_training: bool) -> None:
+    """Merged (one GEMM) and unmerged (two rank-r products): same output, same ∂A and ∂B."""
+    torch.manual_seed(1)
+    base = nn.Linear(6, 5)
+    layer = LoRALinear(base, rank=2, alpha=3.0, merge_when_training=merge_when_training)
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+    x, g = torch.randn(4, 3, 6), torch.randn(4, 3, 5)
+    A = layer.lora_A.detach().to(F64).requires_grad_(True)
+    B = layer.lora_B.detach().to(F64).requires_grad_(True)
+    want = x.to(F64) @ (base.weight.detach().to(F64) + 1.5 * B @ A).T + base.bias.detach()
+    (want * g.to(F64)).sum().backward()  # type: ignore[no-untyped-call]
+    (layer(x) * g).sum().backward()  # type: ignore[no-untyped-call]
+    assert layer.lora_A.grad is not None
+    assert layer.lora_B.grad is not None
+    torch.testing.assert_close(layer.lora_A.grad.to(F64), A.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_B.grad.to(F64), B.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # evaluation always takes the merged form
+        torch.testing.assert_close(layer(x).to(F64), want.detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_inject_wraps_targets_only_and_freezes_base() -> None:
     model, _ = _make()
     names = sorted(lora_layers(model))

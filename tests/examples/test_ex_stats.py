@@ -54,6 +54,21 @@ def test_float_noise_is_a_tie_not_a_win() -> None:
     assert v.text.startswith("no significant difference")
 
 
+def test_the_same_difference_on_every_seed_is_not_significant() -> None:
+    # Two seeds, one test image more on each: sd = 0, so the t-interval has zero width.
+    # Averages of per-domain percentages, so the two differences differ in their last bits.
+    fedit = [(50.0 + 100 / 3) / 2, 67.0]
+    other = [fedit[0] + 100 / 359, 67.0 + 100 / 359]
+    assert other[0] - fedit[0] != other[1] - fedit[1]
+    pr = paired(other, fedit)
+    assert pr.constant
+    assert pr.low == pr.high == pytest.approx(100 / 359)
+    assert not pr.significant
+    assert verdict({"fedit": fedit, "other": other}).best is None
+    # A varying difference of the same mean with a positive-width interval still can be.
+    assert paired([66.3, 67.26, 66.28], [66.0, 67.0, 66.0]).significant
+
+
 def test_verdict_needs_every_adjusted_interval_above_zero() -> None:
     base = [60.0, 62.0, 61.0, 63.0]
     runs = {
