@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -230,7 +231,7 @@ def run_cell(
     checked = {e.name: _check_library(cell, e, dense) for e in library}
     probes = make_probes(inputs, gram=any(e.floor == "gram" for e in chosen))
     calls: dict[str, Callable[[], object]] = {
-        e.name: (lambda e=e: e.run(inputs, cell.options, None)) for e in library
+        e.name: partial(e.run, inputs, cell.options, None) for e in library
     }
     calls.update({"floor:" + k: f for k, f in probes.calls.items()})
     times = round_robin(calls, inputs.device, args.warmup, args.repeats)
