@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from benchmarks import new_methods
 from benchmarks import references as ref
@@ -106,7 +106,11 @@ def _build() -> dict[str, Entry]:
     out["dense_svd"] = flex._replace(
         name="dense_svd", run=_dense_svd, dense=True, reproduces=flex.name
     )
-    for base, norm in ((out["lora_fair"], "fro"), (sq, "fro_squared")):
+    norms: tuple[tuple[Entry, Literal["fro", "fro_squared"]], ...] = (
+        (out["lora_fair"], "fro"),
+        (sq, "fro_squared"),
+    )
+    for base, norm in norms:
         name = "dense_sgd" + base.name.removeprefix("lora_fair")
         # SGD descends from FedIT's point but promises nothing: no guarantee is claimed for it
         out[name] = base._replace(

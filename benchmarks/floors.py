@@ -1,17 +1,23 @@
 """What the hardware allows: each aggregator's time against two floors measured in the same run.
 
 - **memory floor** ``= in_bytes / BW_read + out_bytes / BW_write``: one read of every input byte
-  and one write of the output. ``BW_read`` and ``BW_write`` come from two probes timed in the
-  cell's round-robin: ``buf.sum()`` over one contiguous buffer as large as the input, and
-  ``buf.fill_(0)`` of one as large (one kernel each: no per-tensor overhead, so a true floor).
+  and one write of the output. ``BW_read`` comes from the faster of two probes over one contiguous
+  buffer as large as the input, ``buf.sum()`` and a BLAS ``gemv`` with a vector of ones (the
+  faster pure read on this machine), ``BW_write`` from ``buf.fill_(0)`` of one as large; all
+  timed in the cell's round-robin (one kernel each: no per-tensor overhead, so a true floor).
+  A third probe, not a floor, reads the same bytes one ``sum`` per input tensor: what any eager
+  torch code that touches every input tensor once pays on top (per-kernel start-up).
 - **compute floor**: the method's essential flops at the GEMM rate measured in the same run, in
   its accumulation dtype. For the averaging methods (FedIT, FFA-LoRA, FLoRA) that is
   ``2·n_in`` flops (one multiply-add per input element) at the rate of a 512³ GEMM in float32
   (float64 for float64 inputs); it is far below the memory floor. For the Gram methods
-  (``lora_fair``, ``flexlora``) it is the two float64 R × R Grams per layer, ``A_s A_sᵀ`` and
-  ``B_sᵀ B_s`` with R = K·r, ``Σ_layers 2 (d_in + d_out) R²`` flops, *timed* on float64 stacks of
-  the cell's own shapes (batched per shape, at most 256 MiB of stacks at a time, scaled by the
-  number of layers of that shape): the GEMM rate on exactly these shapes.
+  (``lora_fair``, ``flexlora``) it is, per shape, the cheaper of two routes, each *timed* on
+  float64 stacks of the cell's own shapes (torch's product: the GEMM rate on exactly these
+  shapes): the two R × R Grams per layer, ``A_s A_sᵀ`` and ``B_sᵀ B_s`` with R = K·r,
+  ``2 (d_in + d_out) R²`` flops (batched per shape, at most 256 MiB of stacks at a time, scaled
+  by the number of layers of that shape), and forming ``ΔW = B_s A_s`` densely,
+  ``2 d_in d_out R`` flops (one layer per shape, scaled likewise; probed only where its flops
+  are within 4× of the Grams', i.e. large K).
 """
 
 from __future__ import annotations
@@ -43,16 +49,33 @@ class Probes:
     in_bytes: int
     calls: dict[str, Callable[[], object]]
     gram_flops: float
-    gram_scale: float  # the Gram probe covers 1/gram_scale of the layers
+    scales: dict[str, float]
+    """Per ``gram:…`` / ``dense:…`` probe: the layers of its shape over the layers it covers."""
     gemm_flops: float
 
 
 @dataclass
 class Floors:
-    """Median probe times of one cell and the floors they give."""
+    """Median probe times of one cell and the floors they give.
+
+    ``times`` gets the derived entries ``read`` (the faster read probe), ``gram`` (every layer's
+    Grams), ``dense`` (every layer's dense product, where probed) and ``route`` (per shape the
+    cheaper of the two: the Gram methods' compute floor)."""
 
     probes: Probes
     times: dict[str, float]
+
+    def __post_init__(self) -> None:
+        t, sc = self.times, self.probes.scales
+        t["read"] = min(t["read_sum"], t["read_gemv"])
+        shapes = [k[5:] for k in t if k.startswith("gram:")]
+        if shapes:
+            gram = {s: t["gram:" + s] * sc["gram:" + s] for s in shapes}
+            dense = {s: t["dense:" + s] * sc["dense:" + s] for s in shapes if "dense:" + s in t}
+            t["gram"] = sum(gram.values())
+            if dense:
+                t["dense"] = sum(dense.values())
+            t["route"] = sum(min(g, dense.get(s, g)) for s, g in gram.items())
 
     def memory(self, in_bytes: int, out_bytes: int) -> float:
         t = self.times
@@ -60,7 +83,7 @@ class Floors:
 
     def compute(self, floor: Floor, in_elements: int) -> float:
         if floor == "gram":
-            return self.times["gram"] * self.probes.gram_scale
+            return self.times["route"]
         return 2.0 * in_elements / self.gemm_rate
 
     @property
@@ -71,27 +94,44 @@ class Floors:
     def gram_rate(self) -> float:
         if "gram" not in self.times:
             return float("nan")
-        return self.probes.gram_flops / (self.times["gram"] * self.probes.gram_scale)
+        return self.probes.gram_flops / self.times["gram"]
+
+
+def _grams(A: torch.Tensor, B: torch.Tensor) -> Callable[[], object]:
+    return lambda: (A @ A.mT, B.mT @ B)
+
+
+def _dense(A: torch.Tensor, B: torch.Tensor) -> Callable[[], object]:
+    return lambda: B @ A
 
 
 def make_probes(inputs: Inputs, *, gram: bool) -> Probes:
-    """Buffers for the read/write/GEMM probes and, if ``gram``, float64 stacks for the Grams."""
+    """Buffers for the read/write/GEMM probes and, if ``gram``, float64 stacks for the Grams
+    (and the dense products, where they may be the cheaper route)."""
     clients = inputs.free or inputs.shared
     in_bytes = factor_bytes(clients)
     dev, dt = inputs.device, inputs.dtype
     n = in_bytes // torch.empty((), dtype=dt).element_size()
     read = torch.ones(n, dtype=dt, device=dev)
+    cols = 4096
+    rows = read[: n // cols * cols].view(-1, cols)
+    tail = read[n // cols * cols :]
+    ones = torch.ones(cols, dtype=dt, device=dev)
     write = torch.empty(n, dtype=dt, device=dev)
     acc = torch.float64 if dt == torch.float64 else torch.float32
     a = torch.randn(512, 512, dtype=acc, device=dev)
+    tensors = [t for c in clients for f in c.values() for t in f]
     calls: dict[str, Callable[[], object]] = {
-        "read": read.sum,
+        "read_sum": read.sum,
+        # not a floor: the same bytes read one kernel per input tensor, as eager torch must
+        "read_per_tensor": lambda: [t.sum() for t in tensors],
+        "read_gemv": lambda: (rows @ ones, tail.sum()),
         "write": lambda: write.fill_(0),
         "gemm": lambda: a @ a,
     }
-    gram_flops, scale = 0.0, 1.0
+    gram_flops = 0.0
+    scales: dict[str, float] = {}
     if gram:
-        stacks, covered, total = [], 0, 0
         shapes: dict[tuple[int, int], list[str]] = {}
         for s in inputs.layers:
             shapes.setdefault((s.d_out, s.d_in), []).append(s.name)
@@ -102,15 +142,12 @@ def make_probes(inputs: Inputs, *, gram: bool) -> Probes:
             take = names[: max(1, _BUDGET // max(1, per * len(shapes)))]
             A_s = torch.stack([torch.cat([c[n].A for c in clients]).double() / K for n in take])
             B_s = torch.stack([torch.cat([c[n].B for c in clients], dim=1).double() for n in take])
-            stacks.append((A_s, B_s))
+            key = f"{d_out}x{d_in}"
+            calls["gram:" + key] = _grams(A_s, B_s)
+            scales["gram:" + key] = len(names) / len(take)
             flops = 2.0 * (d_in + d_out) * R * R
             gram_flops += flops * len(names)
-            covered += flops * len(take)
-            total += flops * len(names)
-        scale = total / covered
-
-        def grams() -> object:
-            return [(A @ A.mT, B.mT @ B) for A, B in stacks]
-
-        calls["gram"] = grams
-    return Probes(in_bytes, calls, gram_flops, scale, 2.0 * 512**3)
+            if 2.0 * d_in * d_out * R <= 4 * flops:  # the dense route may be the cheaper one
+                calls["dense:" + key] = _dense(A_s[0], B_s[0])
+                scales["dense:" + key] = float(len(names))
+    return Probes(in_bytes, calls, gram_flops, scales, 2.0 * 512**3)

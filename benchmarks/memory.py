@@ -97,8 +97,9 @@ def _child(spec: MemorySpec) -> dict[str, Any]:
     from benchmarks import entries
     from benchmarks.cells import layers_for, make_inputs
 
-    if spec.get("threads"):
-        torch.set_num_threads(int(spec["threads"]))
+    threads = spec.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
     device = torch.device(spec["device"])
     entry = entries.get(spec["aggregator"])
     warm = make_inputs("tiny", None, 2, 2, spec["dtype"], spec["device"], seed=1)

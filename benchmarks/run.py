@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -230,7 +231,7 @@ def run_cell(
     checked = {e.name: _check_library(cell, e, dense) for e in library}
     probes = make_probes(inputs, gram=any(e.floor == "gram" for e in chosen))
     calls: dict[str, Callable[[], object]] = {
-        e.name: (lambda e=e: e.run(inputs, cell.options, None)) for e in library
+        e.name: partial(e.run, inputs, cell.options, None) for e in library
     }
     calls.update({"floor:" + k: f for k, f in probes.calls.items()})
     times = round_robin(calls, inputs.device, args.warmup, args.repeats)
@@ -398,13 +399,17 @@ def ratio_lines(rs: Iterable[dict[str, Any]], *, quick: bool = False) -> str:
             if k == "floors":
                 t = v["probe_times_s"]
                 parts.append(
-                    f"floors: read {v['read_gb_s']:.3g} GB/s, write {v['write_gb_s']:.3g} GB/s, "
+                    f"floors: read {v['read_gb_s']:.3g} GB/s, write {v['write_gb_s']:.3g} GB/s "
+                    f"(memory floor of the input {_fmt_time(t['read'])}; one sum per input "
+                    f"tensor {_fmt_time(t['read_per_tensor'])}), "
                     f"GEMM {v['gemm_gflops']:.3g} GFLOP/s"
                     + (
                         f", Grams {_fmt_time(t['gram'])} ({v['gram_gflops']:.3g} GFLOP/s)"
                         if "gram" in t
                         else ""
                     )
+                    + (f", dense ΔW {_fmt_time(t['dense'])}" if "dense" in t else "")
+                    + (f", cheaper route {_fmt_time(t['route'])}" if "route" in t else "")
                 )
             elif isinstance(v, dict):
                 parts.append(f"{k} = {'≥ ' if v['lower_bound'] else ''}{v['ratio']:.3g}×")

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from lorafair import _linalg
 from lorafair._frozen import check_tolerances, shared_factor
+from lorafair._threads import torch_single_threaded
 from lorafair._validate import accumulation_dtype, prepare, stacked, weighted_sum
 from lorafair.errors import LoRAFairError
 from lorafair.types import FedExResult, LoRAFactors, ResidualReport
@@ -24,6 +25,7 @@ __all__ = ["fedex_lora", "fedsvd"]
 _Clients = Sequence[Mapping[str, "LoRAFactors | tuple[Tensor, Tensor]"]]
 
 
+@torch_single_threaded
 def fedex_lora(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -119,6 +121,7 @@ def _orthonormal_refactor(B: Tensor, A: Tensor) -> LoRAFactors:
     return LoRAFactors(A_new, B_new)
 
 
+@torch_single_threaded
 def fedsvd(
     clients: _Clients,
     weights: Sequence[float] | None = None,

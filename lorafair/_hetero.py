@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from lorafair import _linalg
+from lorafair._threads import torch_single_threaded
 from lorafair._validate import accumulation_dtype, prepare
 from lorafair.errors import LoRAFairError, LoRAShapeError
 from lorafair.types import LoRAFactors
@@ -28,6 +29,7 @@ def _mixing(p: Sequence[float], norms: Sequence[float]) -> tuple[float, ...]:
     return tuple(x / total for x in raw)
 
 
+@torch_single_threaded
 def hetlora(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -87,6 +89,7 @@ def hetlora(
     return out
 
 
+@torch_single_threaded
 def hetlora_truncate(
     adapters: Mapping[str, LoRAFactors | tuple[Tensor, Tensor]],
     ranks: Sequence[int | Mapping[str, int]],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -63,8 +64,30 @@ def _pinv_diag(values: Tensor) -> Tensor:
     return torch.where(values > 0, 1.0 / values.clamp_min(torch.finfo(values.dtype).tiny), 0.0)
 
 
+def _gram_host(X: Tensor, left: bool) -> Tensor:
+    """``X Xᵀ`` (``left``) or ``Xᵀ X`` of a CPU float64 tensor through NumPy, matrix by matrix:
+    NumPy's matmul hands a product of a matrix with its own transpose to BLAS ``syrk``, which
+    computes one triangle (half the flops of torch's general product) and mirrors it."""
+    x = X.detach().numpy()
+    n = x.shape[-2] if left else x.shape[-1]
+    out = np.empty((*x.shape[:-2], n, n))
+    for idx in np.ndindex(*x.shape[:-2]):
+        m = x[idx]
+        if left:
+            np.matmul(m, m.T, out=out[idx])
+        else:
+            np.matmul(m.T, m, out=out[idx])
+    return torch.from_numpy(out)
+
+
 def grams(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
-    """The two R × R Grams ``G_a = A Aᵀ`` and ``G_b = Bᵀ B``: O((d_in + d_out) R²)."""
+    """The two R × R Grams ``G_a = A Aᵀ`` and ``G_b = Bᵀ B``: O((d_in + d_out) R²).
+
+    CPU float64 Grams go through BLAS ``syrk`` (:func:`_gram_host`; callers pin NumPy's BLAS
+    pool with torch's, see :mod:`lorafair._threads`); elsewhere torch's product.
+    """
+    if A.device.type == "cpu" and A.dtype == B.dtype == torch.float64:
+        return _gram_host(A, left=True), _gram_host(B, left=False)
     return A @ A.mT, B.mT @ B
 
 
@@ -156,7 +179,9 @@ def split(svd: FactoredSVD, rank: int, left_power: float) -> tuple[Tensor, Tenso
     """
     k = min(rank, svd.S.shape[-1])
     S = svd.S[..., :k]
-    B = svd.left @ (svd.U_core[..., :k] * S.pow(left_power).unsqueeze(-2))
+    # B as (Mᵀ leftᵀ)ᵀ: BLAS runs the tall-skinny product faster with the long dimension last
+    # (the result is a transposed view; callers make their output contiguous)
+    B = ((svd.U_core[..., :k] * S.pow(left_power).unsqueeze(-2)).mT @ svd.left.mT).mT
     A = (S.pow(1.0 - left_power).unsqueeze(-1) * svd.Vh_core[..., :k, :]) @ svd.right
     return _pad(B, -1, rank), _pad(A, -2, rank)
 

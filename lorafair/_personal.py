@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor
 
+from lorafair._threads import torch_single_threaded
 from lorafair._validate import accumulation_dtype, prepare, weighted_sum
 from lorafair.types import FedSAResult, LoRAFactors
 
@@ -14,6 +15,7 @@ __all__ = ["fedsa_lora"]
 _Clients = Sequence[Mapping[str, "LoRAFactors | tuple[Tensor, Tensor]"]]
 
 
+@torch_single_threaded
 def fedsa_lora(
     clients: _Clients,
     weights: Sequence[float] | None = None,

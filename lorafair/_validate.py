@@ -116,8 +116,11 @@ _PEFT_MARKERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 def _reject_peft_state_dict(client: Mapping[str, object], k: int) -> None:
     """A peft state dict (``'….lora_A.weight' -> Tensor``) is the commonest wrong input."""
     for key, value in client.items():
-        parts = str(key).split(".")
-        if isinstance(value, Tensor) and any(m in parts for m in _PEFT_MARKERS):
+        text = key if type(key) is str else str(key)
+        if "lora_" not in text or not isinstance(value, Tensor):  # every marker has "lora_"
+            continue
+        parts = text.split(".")
+        if any(m in parts for m in _PEFT_MARKERS):
             raise AdapterFormatError(
                 f"client {k} looks like a peft state dict (key {str(key)!r} maps to a tensor); "
                 "lorafair aggregators take layer -> (A, B) pairs: convert it with "
@@ -192,6 +195,47 @@ def _check_layer(
                 f"layer {name!r}: client {k} has A of shape {tuple(A.shape)} but client 0 has "
                 f"{tuple(A0.shape)}; this aggregator needs equal ranks"
             )
+
+
+def _pairs(values: Sequence[object]) -> list[tuple[Tensor, Tensor]] | None:
+    """The clients' ``(A, B)`` of one layer when every value is a tuple of two tensors (the
+    common case, checked in one pass); ``None`` sends the layer to :func:`_as_pair`'s messages."""
+    out = []
+    for v in values:
+        if not isinstance(v, tuple) or len(v) != 2:
+            return None
+        A, B = v
+        if not isinstance(A, Tensor) or not isinstance(B, Tensor):
+            return None
+        out.append((A, B))
+    return out
+
+
+def _layer_ok(
+    As: Sequence[Tensor], Bs: Sequence[Tensor], *, equal_ranks: bool, allow_excess_rank: bool
+) -> bool:
+    """True only if :func:`_check_layer` would pass: the same conditions, read once per tensor
+    (its shape, dtype and device), so that valid input costs a few attribute reads per factor.
+    False sends the layer to :func:`_check_layer`, which names the first failure."""
+    A0, B0 = As[0], Bs[0]
+    dtype, device = A0.dtype, A0.device
+    sa0, sb0 = A0.shape, B0.shape
+    if dtype not in _FLOAT_DTYPES or len(sa0) != 2 or len(sb0) != 2:
+        return False
+    r0, d_in = sa0
+    d_out = sb0[0]
+    for A, B in zip(As, Bs, strict=True):
+        sa, sb = A.shape, B.shape
+        if len(sa) != 2 or len(sb) != 2 or A.dtype != dtype or B.dtype != dtype:
+            return False
+        r = sa[0]
+        if r == 0 or sb[1] != r or sa[1] != d_in or sb[0] != d_out:
+            return False
+        if (equal_ranks and r != r0) or (not allow_excess_rank and r > d_in and r > d_out):
+            return False
+        if A.device != device or B.device != device:
+            return False
+    return True
 
 
 def raise_if_nonfinite(layers: Mapping[str, Layer]) -> None:
@@ -294,10 +338,14 @@ def prepare(
     p = normalise_weights(weights, len(clients))
     layers: dict[str, Layer] = {}
     for name in names:
-        pairs = [_as_pair(c[name], name, k) for k, c in enumerate(clients)]
+        values = [c[name] for c in clients]
+        pairs = _pairs(values)
+        if pairs is None:
+            pairs = [_as_pair(v, name, k) for k, v in enumerate(values)]
         As = [a for a, _ in pairs]
         Bs = [b for _, b in pairs]
-        _check_layer(name, As, Bs, equal_ranks=equal_ranks, allow_excess_rank=allow_excess_rank)
+        if not _layer_ok(As, Bs, equal_ranks=equal_ranks, allow_excess_rank=allow_excess_rank):
+            _check_layer(name, As, Bs, equal_ranks=equal_ranks, allow_excess_rank=allow_excess_rank)
         layers[name] = Layer(name, tuple(As), tuple(Bs))
     if check_finite:
         raise_if_nonfinite(layers)

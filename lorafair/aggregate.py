@@ -9,7 +9,8 @@ frozen weights, and the personalised :func:`fedsa_lora`, which returns a :class:
 with one adapter per client). Inputs are validated once (see :mod:`lorafair.errors`) and never
 mutated. A rank above both ``d_in`` and ``d_out`` is rejected as a likely A/B swap (A must be
 (r, d_in), B (d_out, r)); every aggregator takes ``allow_excess_rank=True`` to accept such a
-rank on purpose.
+rank on purpose. Every aggregator runs its call with torch's intra-op pool pinned to one thread
+(restored after; :mod:`lorafair._threads` says why and what it costs).
 
 The ideal global update of a layer is ``ΔW = Σ_k p_k B_k A_k``.
 """
@@ -29,6 +30,7 @@ from lorafair._frozen import check_factor, check_tolerances, shared_factor
 from lorafair._hetero import hetlora, hetlora_truncate
 from lorafair._personal import fedsa_lora
 from lorafair._rank import EnergyThreshold, check_policy, choose_rank, energy_kept
+from lorafair._threads import single_threaded, torch_single_threaded
 from lorafair._validate import (
     Layer,
     chunked,
@@ -70,6 +72,7 @@ _Clients = Sequence[Mapping[str, "LoRAFactors | tuple[Tensor, Tensor]"]]
 _BATCH_BYTES = 1 << 28
 
 
+@torch_single_threaded
 def fedit(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -122,6 +125,7 @@ def _max_drift(copies: Sequence[Sequence[Tensor]]) -> list[Tensor]:
     return out
 
 
+@torch_single_threaded
 def ffa_lora(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -159,18 +163,28 @@ def ffa_lora(
         [la.Bs if which == "A" else la.As for la in layers], prep.weights
     )
     kept = [xs[0].clone() for xs in copies]
-    drift = _max_drift(copies) if len(prep.weights) > 1 else []
-    # per client k ≥ 1 and layer: the frozen copy drifts beyond atol (or is NaN); the exact
-    # test (shared_factor, torch.allclose) then decides for those layers only
+    # the layers whose frozen copies may differ (or hold NaN); the exact test (shared_factor,
+    # torch.allclose) then decides for those layers only. On the CPU, torch.equal reads each copy
+    # once with no temporary and answers on the host at no cost: bit-equal copies (FFA-LoRA's
+    # normal case) pass whatever the tolerances. Elsewhere the drift ``max |X_k − X_0|`` of all
+    # layers comes back with the call's single host check; a drift ≤ atol passes.
+    on_cpu = all(la.device.type == "cpu" for la in layers)
+    suspects: list[int] = []
+    if on_cpu:
+        suspects = [
+            j for j, xs in enumerate(copies) if not all(torch.equal(x, xs[0]) for x in xs[1:])
+        ]
+    drift = _max_drift(copies) if len(prep.weights) > 1 and not on_cpu else []
     beyond = [~(d <= atol) for d in drift]
     host = _average.check(
         _average.nonfinite_flag(averaged + kept),
         prep.layers,
         torch.stack(beyond) if beyond else None,
     )
-    if any(host):  # a NaN/Inf copy also drifts: name it as non-finite before any mismatch
+    suspects += [j % len(layers) for j, bad in enumerate(host) if bad]
+    if suspects:  # a NaN/Inf copy also differs: name it as non-finite before any mismatch
         raise_if_nonfinite(prep.layers)
-        for j in sorted({j % len(layers) for j, bad in enumerate(host) if bad}):
+        for j in sorted(set(suspects)):
             shared_factor(layers[j], which, rtol=rtol, atol=atol, method="FFA-LoRA/RoLoRA")
     return {
         la.name: LoRAFactors(X, Y) if which == "A" else LoRAFactors(Y, X)
@@ -189,6 +203,7 @@ def rolora_trained(round_index: int) -> Literal["A", "B"]:
     return "B" if round_index % 2 == 0 else "A"
 
 
+@torch_single_threaded
 def rolora(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -223,6 +238,7 @@ def rolora(
     )
 
 
+@torch_single_threaded
 def flora(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -237,7 +253,8 @@ def flora(
     re-initialise their LoRA factors.
 
     Cost: O(K r d_in) flops plus copies: one read of the input, one write of the output (which is
-    as large), one read of the output for the NaN/Inf flag, one host synchronisation per call.
+    as large), a read of each layer's output while it is in cache for the NaN/Inf flag, one host
+    synchronisation per call.
     Download Σ r_k (d_in + d_out) per layer (K× FedIT's).
     """
     prep = prepare(
@@ -249,14 +266,18 @@ def flora(
     )
     p = prep.weights
     out: dict[str, LoRAFactors] = {}
+    sums: list[Tensor] = []
     for name, layer in prep.layers.items():
         A_s = torch.empty(sum(layer.ranks), layer.d_in, dtype=layer.dtype, device=layer.device)
         start = 0
         for A, w in zip(layer.As, p, strict=True):
             torch.mul(A, w, out=A_s[start : start + A.shape[0]])
             start += A.shape[0]
-        out[name] = LoRAFactors(A_s, torch.cat(layer.Bs, dim=1))
-    _average.check(_average.nonfinite_flag([t for f in out.values() for t in f]), prep.layers)
+        B_s = torch.cat(layer.Bs, dim=1)
+        # the NaN/Inf flag reads each output while it is still in cache, not in a pass after
+        sums += [A_s.sum(), B_s.sum()]
+        out[name] = LoRAFactors(A_s, B_s)
+    _average.check(_average.nonfinite_flag(sums), prep.layers)
     return out
 
 
@@ -312,13 +333,40 @@ class _Pending(NamedTuple):
     gram_ok: Tensor | None  # per layer: κ within the Gram route's limit (None: not the Gram route)
 
 
-def _stack64(batch: list[Layer], p: Sequence[float]) -> tuple[Tensor, Tensor, Tensor]:
-    """Float64 ``Â = cat_k A_k`` (L, R, d_in), ``B_s = cat_k B_k`` (L, d_out, R), and the row
-    weights ``d`` (R,) with ``A_s = diag(d) Â``: one cast-copy of each input, no scaling pass."""
-    first = batch[0]
+# The Gram route's float64 stacks: one buffer of at most this size (or one layer, if larger) per
+# call, reused by every batch of every shape group. Fresh stacks per batch (tens of MB each) would
+# cost page faults as large as the stacks on every call; this one is cache-sized.
+_GRAM_SCRATCH_BYTES = 1 << 25
+
+
+class _Scratch(NamedTuple):
+    """Float64 stacks of one batch, views of the call's reused buffer: ``A`` (L, R, d_in) and
+    ``B`` (L, d_out, R)."""
+
+    A: Tensor
+    B: Tensor
+
+
+def _gram_batch(first: Layer, n_layers: int) -> int:
+    """Layers per Gram-route batch: as many as fit in ``_GRAM_SCRATCH_BYTES`` (at least one)."""
+    per = 8 * (first.d_in + first.d_out) * sum(first.ranks)
+    return max(1, min(n_layers, _GRAM_SCRATCH_BYTES // per))
+
+
+def _scratch(buffer: Tensor, first: Layer, n: int) -> _Scratch:
     R = sum(first.ranks)
-    A = torch.empty(len(batch), R, first.d_in, dtype=torch.float64, device=first.device)
-    B = torch.empty(len(batch), first.d_out, R, dtype=torch.float64, device=first.device)
+    a, b = n * R * first.d_in, n * first.d_out * R
+    return _Scratch(buffer[:a].view(n, R, first.d_in), buffer[a : a + b].view(n, first.d_out, R))
+
+
+def _stack64(
+    batch: list[Layer], p: Sequence[float], scratch: _Scratch
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Float64 ``Â = cat_k A_k`` (L, R, d_in), ``B_s = cat_k B_k`` (L, d_out, R), and the row
+    weights ``d`` (R,) with ``A_s = diag(d) Â``: one cast-copy of each input into ``scratch``,
+    no scaling pass."""
+    first = batch[0]
+    A, B = scratch
     for i, layer in enumerate(batch):
         torch.cat(layer.As, dim=0, out=A[i])
         torch.cat(layer.Bs, dim=1, out=B[i])
@@ -331,15 +379,21 @@ def _stack64(batch: list[Layer], p: Sequence[float]) -> tuple[Tensor, Tensor, Te
 
 
 def _flexlora_svd(
-    batch: list[Layer], p: Sequence[float], route: Route
+    batch: list[Layer], p: Sequence[float], route: Route, scratch: _Scratch | None = None
 ) -> tuple[_linalg.FactoredSVD, Tensor, Tensor | None]:
     """Every triplet of each layer of one same-shaped batch, by ``route``; with per-layer
-    non-finite flags and (Gram route) whether κ is within the route's limit. No host sync."""
+    non-finite flags and (Gram route) whether κ is within the route's limit. No host sync.
+    The Gram route's factors live in ``scratch`` (overwritten by the next batch)."""
     gram_ok = None
     if route == "gram":
         # unweighted float64 stacks (one cast-copy per factor); the weights p_k enter through the
         # R × R Gram, A_s = D Â with D = diag(p_k repeated r_k times): G_a = D (Â Âᵀ) D
-        A_s, B_s, d = _stack64(batch, p)
+        if scratch is None:
+            first = batch[0]
+            n = 8 * len(batch) * (first.d_in + first.d_out) * sum(first.ranks)
+            buffer = torch.empty(n // 8, dtype=torch.float64, device=first.device)
+            scratch = _scratch(buffer, first, len(batch))
+        A_s, B_s, d = _stack64(batch, p, scratch)
         G_a, G_b = _linalg.grams(B_s, A_s)
         G_a = G_a * d.unsqueeze(-1) * d.unsqueeze(-2)
         tr_a = G_a.diagonal(dim1=-2, dim2=-1).sum(-1)
@@ -361,6 +415,11 @@ def _flexlora_svd(
         A_s, B_s = torch.nan_to_num(A_s) * keep, torch.nan_to_num(B_s) * keep
         svd = _linalg.qr_svd(B_s, A_s) if route == "qr" else _linalg.dense_svd(B_s, A_s)
     return svd, bad, gram_ok
+
+
+def _output(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """A result factor: ``t`` in the inputs' dtype, contiguous (``split`` may give a view)."""
+    return t.to(dtype, memory_format=torch.contiguous_format)
 
 
 def _layer(svd: _linalg.FactoredSVD, i: int) -> _linalg.FactoredSVD:
@@ -404,11 +463,14 @@ def flexlora(
       route's R × R eigensolves cost more there).
 
     Layers are processed in float64 batches whose working set is capped at 256 MiB (one layer
-    per batch on the dense route), so peak memory does not grow with the number of layers;
-    NaN/Inf are read off the Grams' traces (or the stacks) and the whole call synchronises with
-    the host once. Cost: O((d_out + d_in) R² + R³) flops and O((d_out + d_in) R) memory per layer
-    on the factored routes, O(d_out d_in (R + min(d_out, d_in))) and one d_out × d_in buffer on
-    the dense one. Download: rank·(d_in + d_out) per layer.
+    per batch on the dense route; on the Gram route the stacks of every batch share one reused
+    32 MiB buffer, and on the CPU the Grams go through BLAS ``syrk``), so peak memory does not
+    grow with the number of layers; NaN/Inf are read off the Grams' traces (or the stacks) and
+    the whole call synchronises with the host once. The call runs on one thread of torch's and
+    NumPy's pools (:mod:`lorafair._threads`). Cost: O((d_out + d_in) R² + R³) flops and
+    O((d_out + d_in) R) memory per layer on the factored routes,
+    O(d_out d_in (R + min(d_out, d_in))) and one d_out × d_in buffer on the dense one.
+    Download: rank·(d_in + d_out) per layer.
     """
     return _flexlora(
         clients, weights, rank=rank, split=split, report=False, allow_excess_rank=allow_excess_rank
@@ -435,6 +497,7 @@ def flexlora_report(
     )
 
 
+@single_threaded()  # torch's pool and NumPy's (the Gram route's syrk)
 def _flexlora(
     clients: _Clients,
     weights: Sequence[float] | None,
@@ -472,20 +535,37 @@ def _flexlora(
         B, A = _linalg.split(svd, k, left_power)
         if report:
             chosen[layer.name] = RankChoice(k, energy_kept(svd.S, k))
-        out[layer.name] = LoRAFactors(A.to(layer.dtype), B.to(layer.dtype))
+        out[layer.name] = LoRAFactors(_output(A, layer.dtype), _output(B, layer.dtype))
 
     def redo(layer: Layer) -> _linalg.FactoredSVD:
         """The QR route for a layer whose clients cancel beyond the Gram route's bound."""
         return _layer(_flexlora_svd([layer], p, "qr")[0], 0)
 
-    for group in group_by_shape(list(prep.layers.values())):
+    groups = group_by_shape(list(prep.layers.values()))
+    routes = [_route(g[0].d_out, g[0].d_in, sum(g[0].ranks), g[0].dtype) for g in groups]
+    sizes = [
+        _gram_batch(g[0], len(g)) * (g[0].d_in + g[0].d_out) * sum(g[0].ranks)
+        for g, route in zip(groups, routes, strict=True)
+        if route == "gram"
+    ]
+    first = groups[0][0]
+    buffer = torch.empty(max(sizes, default=0), dtype=torch.float64, device=first.device)
+    for group, route in zip(groups, routes, strict=True):
         first = group[0]
         R = sum(first.ranks)
-        route = _route(first.d_out, first.d_in, R, first.dtype)
         # float64 stacks plus two d × R companions (QR bases, or the output products)
         size = _BATCH_BYTES if route == "dense" else 3 * 8 * (first.d_out + first.d_in) * R
-        for batch in chunked(group, size, _BATCH_BYTES):  # dense: one layer at a time
-            svd, bad, gram_ok = _flexlora_svd(batch, p, route)
+        batches = chunked(group, size, _BATCH_BYTES)  # dense: one layer at a time
+        scratch = None
+        if route == "gram":  # batches that fit the call's reused buffer (see _GRAM_SCRATCH_BYTES)
+            n = _gram_batch(first, len(group))
+            batches = [group[i : i + n] for i in range(0, len(group), n)]
+            scratch = _scratch(buffer.to(first.device), first, n)
+        for batch in batches:
+            part = None
+            if scratch is not None:
+                part = _Scratch(scratch.A[: len(batch)], scratch.B[: len(batch)])
+            svd, bad, gram_ok = _flexlora_svd(batch, p, route, part)
             if per_layer:
                 ok = _average.check([bad.any()], prep.layers, gram_ok)
                 for j, layer in enumerate(batch):
@@ -505,7 +585,7 @@ def _flexlora(
                     finish(layer, redo(layer))
                 else:
                     out[layer.name] = LoRAFactors(
-                        done.A[j].to(layer.dtype), done.B[j].to(layer.dtype)
+                        _output(done.A[j], layer.dtype), _output(done.B[j], layer.dtype)
                     )
     adapters = {name: out[name] for name in prep.layers}
     ranks = {name: chosen[name] for name in prep.layers} if report else {}

@@ -1,0 +1,175 @@
+"""Issue 14's fast paths agree with the code they shortcut: validation, thread pinning, the
+Gram route's batching and syrk Grams, FFA-LoRA's copy check, and the benchmark floors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lorafair import LoRAFactors, _linalg, _threads, _validate, registry
+from lorafair import aggregate as agg
+from lorafair.errors import FrozenAMismatchError, LoRAFairError, NonFiniteError
+from tests import reference as ref
+
+_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.int64]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    shapes=st.lists(
+        st.tuples(
+            st.integers(0, 4), st.integers(1, 4), st.integers(1, 4), st.integers(0, 4)
+        ),  # (r_A, d_in, d_out, r_B)
+        min_size=1,
+        max_size=3,
+    ),
+    ndim_b=st.sampled_from([1, 2, 3]),
+    dtype_i=st.integers(0, len(_DTYPES) - 1),
+    equal_ranks=st.booleans(),
+    allow_excess_rank=st.booleans(),
+)
+def test_layer_fast_check_passes_only_what_the_full_check_passes(
+    shapes, ndim_b, dtype_i, equal_ranks, allow_excess_rank
+):
+    """``_layer_ok`` may send a valid layer to the full check, never let an invalid one by."""
+    As = [torch.zeros(rA, d_in) for rA, d_in, _, _ in shapes]
+    Bs = [torch.zeros(d_out, rB) for _, _, d_out, rB in shapes]
+    Bs[-1] = Bs[-1].reshape(-1) if ndim_b == 1 else Bs[-1]
+    Bs[-1] = Bs[-1].unsqueeze(0) if ndim_b == 3 else Bs[-1]
+    As[-1] = As[-1].to(_DTYPES[dtype_i])
+    opts = {"equal_ranks": equal_ranks, "allow_excess_rank": allow_excess_rank}
+    fast = _validate._layer_ok(As, Bs, **opts)
+    try:
+        _validate._check_layer("fc", As, Bs, **opts)
+    except LoRAFairError:
+        assert not fast
+    else:
+        assert fast
+
+
+def test_prepare_still_names_the_client_of_a_malformed_pair():
+    good = LoRAFactors(torch.zeros(2, 5), torch.zeros(4, 2))
+    with pytest.raises(LoRAFairError, match="client 1 must give a pair"):
+        _validate.prepare([{"fc": good}, {"fc": [good.A]}], None, equal_ranks=True)
+    with pytest.raises(LoRAFairError, match="client 1 has B of type list"):
+        _validate.prepare([{"fc": good}, {"fc": (good.A, [1.0])}], None, equal_ranks=True)
+
+
+def test_torch_single_threaded_pins_and_restores_even_on_error():
+    seen = []
+
+    @_threads.torch_single_threaded
+    def probe(fail: bool) -> int:
+        seen.append(torch.get_num_threads())
+        if fail:
+            raise ValueError("boom")
+        return 7
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert probe(False) == 7
+        with pytest.raises(ValueError, match="boom"):
+            probe(True)
+        assert seen == [1, 1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("spec", registry.specs(), ids=lambda s: s.name)
+def test_every_registered_aggregator_runs_on_one_torch_thread(spec, monkeypatch):
+    """Every aggregator pins torch's pool for its call (lora_fair via single_threaded): seen from
+    the input validation each one runs inside its call."""
+    seen = []
+    real = _validate.normalise_weights
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(2, 6, generator=g)
+    clients = [
+        {"fc": LoRAFactors(A if spec.shared_A else torch.randn(2, 6, generator=g), B)}
+        for B in (torch.randn(5, 2, generator=g) for _ in range(3))
+    ]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(_validate, "normalise_weights", spy)
+        spec.fn(clients, **spec.defaults)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen
+    assert set(seen) == {1}
+
+
+def test_syrk_grams_equal_torch_products():
+    g = torch.Generator().manual_seed(1)
+    B = torch.randn(3, 40, 7, generator=g, dtype=torch.float64)
+    A = torch.randn(3, 7, 25, generator=g, dtype=torch.float64)
+    G_a, G_b = _linalg.grams(B, A)
+    torch.testing.assert_close(G_a, A @ A.mT, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(G_b, B.mT @ B, rtol=1e-13, atol=1e-13)
+    assert torch.equal(G_a, G_a.mT)
+    assert torch.equal(G_b, G_b.mT)
+    G_a2, _ = _linalg.grams(B[0], A[0])  # one matrix
+    torch.testing.assert_close(G_a2, A[0] @ A[0].mT, rtol=1e-13, atol=1e-13)
+
+
+def _flex_clients(n_layers, k=4, r=3, d_out=20, d_in=12):
+    g = torch.Generator().manual_seed(2)
+    return [
+        {
+            f"l{i}": LoRAFactors(
+                torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g)
+            )
+            for i in range(n_layers)
+        }
+        for _ in range(k)
+    ]
+
+
+@pytest.mark.parametrize("budget", [1, 8 * 32 * 12 * 2, 1 << 25])
+def test_gram_route_batches_give_the_optimum_whatever_the_scratch_size(budget, monkeypatch):
+    """One layer per batch, a few, or all: the same optimal factors, contiguous."""
+    clients = _flex_clients(5)
+    monkeypatch.setattr(agg, "_GRAM_SCRATCH_BYTES", budget)
+    out = agg.flexlora(clients, rank=3)
+    for name, (A, B) in out.items():
+        assert A.is_contiguous()
+        assert B.is_contiguous()
+        dw = ref.delta_w(clients, name)
+        best = ref.best_rank_approx(dw, 3)
+        err = float((B.double() @ A.double() - best).norm() / best.norm())
+        assert err < 1e-5
+    report = agg.flexlora_report(clients, rank=agg.EnergyThreshold(0.9))
+    for name, (A, B) in report.adapters.items():
+        k = report.ranks[name].rank
+        best = ref.best_rank_approx(ref.delta_w(clients, name), k)
+        assert float((B.double() @ A.double() - best).norm() / best.norm()) < 1e-5
+
+
+def test_ffa_lora_cpu_copy_check_matches_the_tolerances():
+    g = torch.Generator().manual_seed(4)
+    A = torch.randn(2, 6, generator=g)
+    clients = [{"fc": LoRAFactors(A.clone(), torch.randn(5, 2, generator=g))} for _ in range(3)]
+    agg.ffa_lora(clients)  # bit-equal copies
+    near = A.clone()
+    near[0, 0] = torch.nextafter(near[0, 0], torch.tensor(10.0))
+    clients[2] = {"fc": LoRAFactors(near, clients[2]["fc"].B)}
+    agg.ffa_lora(clients)  # within rtol: passes the exact test
+    far = A.clone()
+    far[1, 1] += 1.0
+    clients[1] = {"fc": LoRAFactors(far, clients[1]["fc"].B)}
+    with pytest.raises(FrozenAMismatchError, match=r"layer 'fc': client 1"):
+        agg.ffa_lora(clients)
+    nan = A.clone()
+    nan[0, 1] = float("nan")
+    clients[1] = {"fc": LoRAFactors(nan, clients[1]["fc"].B)}
+    with pytest.raises(NonFiniteError, match=r"client 1 has NaN or Inf in A"):
+        agg.ffa_lora(clients)
