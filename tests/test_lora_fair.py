@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -602,14 +602,18 @@ def _assert_matches_autograd(ref, x, f, val, grad, hess) -> None:  # type: ignor
     torch.testing.assert_close(hess, h_ref, rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("offset", [False, True])
-@pytest.mark.parametrize("norm", ["fro", "fro_squared"])
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_columns_closed_form_derivatives_match_autograd(norm, side, offset) -> None:  # type: ignore[no-untyped-def]
-    from lorafair._fair import _columns as _solve
+class _ColumnsProblem(NamedTuple):
+    shape: tuple[int, int]
+    X: torch.Tensor
+    xn: torch.Tensor
+    active: torch.Tensor
+    Z0: torch.Tensor
+    mat: torch.Tensor
 
-    gen = torch.Generator().manual_seed(22)
-    n_layers, m, p, q, n, lam = 2, 5, 3, 4, 6, 0.2
+
+def _columns_problem(gen: torch.Generator, side: str, n_layers: int) -> _ColumnsProblem:
+    """A small column problem with one inactive column, for either side."""
+    m, p, q, n = 5, 3, 4, 6
     shape = (p, q) if side == "left" else (m, q)
     n = q if side == "left" else n
     X = torch.randn(n_layers, m, n, generator=gen, dtype=F64)
@@ -622,6 +626,18 @@ def test_columns_closed_form_derivatives_match_autograd(norm, side, offset) -> N
         if side == "left"
         else torch.randn(n_layers, q, n, generator=gen, dtype=F64)
     )
+    return _ColumnsProblem(shape, X, xn, active, Z0, mat)
+
+
+@pytest.mark.parametrize("offset", [False, True])
+@pytest.mark.parametrize("norm", ["fro", "fro_squared"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_columns_closed_form_derivatives_match_autograd(norm, side, offset) -> None:  # type: ignore[no-untyped-def]
+    from lorafair._fair import _columns as _solve
+
+    gen = torch.Generator().manual_seed(22)
+    n_layers, lam = 2, 0.2
+    shape, X, xn, active, Z0, mat = _columns_problem(gen, side, n_layers)
     x = torch.randn(n_layers, shape[0] * shape[1], generator=gen, dtype=F64)
     obj = _solve.columns_objective(lam, norm, shape, side == "left", side == "right", offset)  # type: ignore[arg-type]
     c0 = torch.rand(n_layers, generator=gen, dtype=F64) + 0.5  # the restricted problems' offset
@@ -651,19 +667,8 @@ def test_columns_line_values_match_the_reference(norm, side, offset, through) ->
     from lorafair._fair import _tolerances as _tol
 
     gen = torch.Generator().manual_seed(23)
-    n_layers, m, p, q, n, lam = 2, 5, 3, 4, 6, 0.2
-    shape = (p, q) if side == "left" else (m, q)
-    n = q if side == "left" else n
-    X = torch.randn(n_layers, m, n, generator=gen, dtype=F64)
-    xn = X.norm(dim=-2) * 1.3
-    active = torch.ones(n_layers, n, dtype=torch.bool)
-    active[0, 1] = False
-    Z0 = torch.randn(n_layers, *shape, generator=gen, dtype=F64)
-    mat = (
-        torch.randn(n_layers, m, p, generator=gen, dtype=F64)
-        if side == "left"
-        else torch.randn(n_layers, q, n, generator=gen, dtype=F64)
-    )
+    n_layers, lam = 2, 0.2
+    shape, X, xn, active, Z0, mat = _columns_problem(gen, side, n_layers)
     ts = _tol.SHRINK ** torch.arange(_tol.STEPS, dtype=F64)
     x = torch.randn(n_layers, shape[0] * shape[1], generator=gen, dtype=F64)
     d = torch.randn(n_layers, shape[0] * shape[1], generator=gen, dtype=F64)
