@@ -410,7 +410,7 @@ def _run(
             if arch in weights:
                 raise SystemExit("--weights applies to --setup domainnet/nico only")
 
-        def pretrain_job(arch: str, tick: Tick) -> tuple[dict[str, torch.Tensor], float]:
+        def pretrain_job(arch: str, tick: Tick) -> torch.nn.Module:
             base = M.build_offline(cast(M.Arch, arch), num_classes=10, img_size=img, seed=args.seed)
             acc = M.pretrain(base, pre, epochs=args.pretrain_epochs, seed=args.seed, device=device)
             log.info(
@@ -420,7 +420,7 @@ def _run(
                 acc,
                 time.perf_counter() - t0,
             )
-            return {k: v.cpu() for k, v in base.state_dict().items()}, acc
+            return base.cpu()
 
         trained = run_jobs(
             pretrain_job,
@@ -430,10 +430,8 @@ def _run(
             on_tick=lambda job, t: None,
             logger=log,
         )
-        for arch, (state, _) in zip(args.models, trained, strict=True):
-            base = M.build_offline(cast(M.Arch, arch), num_classes=10, img_size=img, seed=args.seed)
-            base.load_state_dict(state)
-            bases[arch] = base.eval()
+        for arch, base in zip(args.models, trained, strict=True):
+            bases[arch] = base
             domains_for[arch] = domains
     else:
         if args.data_root is None:
@@ -517,14 +515,8 @@ def _run(
         )
         cfg_s = replace(cfg, seed=seed)
         label = f"{arch} seed {seed} "
-        if m in NEW_METHODS:
-            run = run_new_method(
-                cast(Any, m), make, clients, tests, cfg_s, label=label, on_round=tick
-            )
-        else:
-            run = run_method(
-                m, make, clients, tests, cfg_s, label=label, on_round=lambda t, _: tick(t)
-            )
+        run_one = run_new_method if m in NEW_METHODS else run_method
+        run = run_one(cast(Any, m), make, clients, tests, cfg_s, label=label, on_round=tick)
         run.seed = seed
         return run
 

@@ -163,14 +163,14 @@ def run_method(
     cfg: FedConfig,
     *,
     label: str = "",
-    on_round: Callable[[int, MethodResult], None] | None = None,
+    on_round: Callable[[int], None] | None = None,
 ) -> MethodResult:
     """Run ``cfg.rounds`` federated rounds of ``method``; returns accuracy/bytes per round.
 
     ``make_model()`` returns ``(model, head)`` where ``head`` is the classifier submodule of
     ``model`` (trained by every client, FedAvg'd). Client ``k``'s SGD order in round ``t`` is
     seeded by ``(seed, t, k)``, the partial-participation sample by ``(seed, t)``, so all
-    methods see the same data order. ``on_round(t, result)`` is called after every round
+    methods see the same data order. ``on_round(t)`` is called after every round
     (the driver's progress bar).
     """
     start = time.perf_counter()
@@ -233,6 +233,6 @@ def run_method(
             extra,
         )
         if on_round is not None:
-            on_round(t, result)
+            on_round(t)
     result.seconds = time.perf_counter() - start
     return result

@@ -75,7 +75,7 @@ def _interval(d: Mapping[str, Any]) -> str:
         return "0.00 (tie: identical on every seed)"
     if d["low"] is None:
         return f"{d['mean']:+.2f} (one seed: no interval)"
-    if d.get("constant"):
+    if d["constant"]:
         return f"{d['mean']:+.2f} on every seed (zero variance: no interval) n.s."
     label = "significant" if d["significant"] else "n.s."
     return f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] {label}"
