@@ -1,10 +1,11 @@
 """Private factored linear algebra: quantities of products ``B @ A`` without forming them.
 
 All functions take float64 tensors (callers cast) and accept leading batch dimensions.
-``ΔW = B A`` has three ways to its singular triplets (:class:`FactoredSVD`): from the two R × R
+``ΔW = B A`` has four ways to its singular triplets (:class:`FactoredSVD`): from the two R × R
 Grams (:func:`gram_svd`, the cheapest), from thin QRs (:func:`qr_svd`, accurate however much the
-clients cancel) and densely (:func:`dense_svd`, one d_out × d_in layer, cheapest when R is large);
-callers choose by the rules stated where they call them.
+clients cancel), densely (:func:`dense_svd`, one d_out × d_in layer, cheapest when R is large),
+and, for the top few triplets only, densely with a certified eigensolver on ΔW's smaller Gram
+(:func:`dense_top_svd`); callers choose by the rules stated where they call them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 _EPS64 = torch.finfo(torch.float64).eps
+_U64 = _EPS64 / 2  # float64 unit roundoff
 
 
 def fro_inner(B1: Tensor, A1: Tensor, B2: Tensor, A2: Tensor) -> Tensor:
@@ -41,7 +43,8 @@ class FactoredSVD(NamedTuple):
 
     ``ΔW = U diag(S) Vh`` with ``U = left @ U_core`` and ``Vh = Vh_core @ right``. ``S`` (…, m)
     holds all m values, zeros included, so that a rank policy can cut it first and then form only
-    the columns it keeps (:func:`top`, :func:`split`). ``U_core`` is (…, R_left, m) and ``Vh_core``
+    the columns it keeps (:func:`top`, :func:`split`); :func:`dense_top_svd` holds only the top
+    ones it was asked for. ``U_core`` is (…, R_left, m) and ``Vh_core``
     (…, m, R_right). The Gram route gives ``left = B`` and ``right = A``; the QR route the two
     orthonormal bases; the dense route ``U`` and ``Vh`` themselves with identity cores.
     """
@@ -160,6 +163,107 @@ def dense_svd(B: Tensor, A: Tensor) -> FactoredSVD:
     U, S, Vh = torch.linalg.svd(B @ A, full_matrices=False)
     eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device).expand(*S.shape, S.shape[-1])
     return FactoredSVD(S, U, eye, eye, Vh)
+
+
+# dense_top_svd's fixed schedule: block size and number of subspace iterations (see there)
+_TOP_ITERATIONS = 6
+
+
+def top_block(rank: int) -> int:
+    """Block size of :func:`dense_top_svd`'s subspace iteration for ``rank`` wanted triplets."""
+    return 2 * rank + 8
+
+
+class TopSVD(NamedTuple):
+    """:func:`dense_top_svd`'s result: the top triplets and, per layer, whether they are certified
+    and whether ``‖ΔW‖_F²`` is finite."""
+
+    svd: FactoredSVD
+    certified: Tensor
+    finite: Tensor
+
+
+def dense_top_svd(B: Tensor, A: Tensor, rank: int, unit_roundoff: float) -> TopSVD:
+    """The top ``rank`` triplets of ``ΔW = B A``, formed densely, with a per-layer certificate.
+
+    Method. Form ``ΔW`` (float64) and its Gram on the smaller side, ``G = XᵀX`` (n × n,
+    ``n = min(d_out, d_in)``, ``X = ΔW`` or ``ΔWᵀ``, m the longer side; BLAS ``syrk`` on the
+    CPU). Run ``_TOP_ITERATIONS`` steps of block subspace iteration ``Q ← qr(G Q)`` on a block of
+    ``p =`` :func:`top_block` columns from a fixed seed, then Rayleigh–Ritz: ``QᵀGQ = Z Θ Zᵀ``,
+    Ritz vectors ``W = Q Z_k`` and values ``θ_1 ≥ … ≥ θ_p``, residual ``E = G W − W Θ_k``. The
+    result is the projection ``ΔW W Wᵀ`` (or ``W Wᵀ ΔW``), returned as an SVD through the thin
+    SVD of the m × k matrix ``Y = X W``; its squared error is ``s = ‖ΔW‖_F² − ‖Y‖_F²``.
+
+    Certificate (Eckart–Young optimality to ``unit_roundoff · ‖ΔW‖_F``). Take
+    ``μ = (θ_k + θ_{k+1}) / 2``, ``t = θ_k − μ``. A float64 Cholesky of
+    ``μI − (I − WWᵀ) G (I − WWᵀ) − cI`` that succeeds, with Rump's shift
+    ``c = 2(n + 1)·u₆₄·tr(·) + 2kδ``, proves that G has no eigenvalue above μ outside span(W).
+    Then, writing G in the basis (W, W⊥), ``G ≼ diag(Θ_k + EᵀE/t, W⊥ᵀGW⊥ + tI)`` and Ky Fan's
+    maximum principle bound the optimum: ``Σ_{i≤k} σ_i² ≤ tr Θ_k + ‖E‖_F²/t``. With
+    ``δ = 2m·u₆₄·‖ΔW‖_F²``, which bounds the float64 rounding of G in spectral norm (the cost of
+    squaring), the excess of ``s`` over the optimal squared error is at most
+    ``η = ‖E‖_F²/t + 2kδ`` (‖E‖_F taken with its own rounding, ``+ √k δ``), so the excess in
+    Frobenius norm is at most ``√s − √(s − η)``. The layer is certified when that is at most
+    ``unit_roundoff · ‖ΔW‖_F`` (the rounding of a result in the inputs' dtype) and the Cholesky
+    succeeded. This needs a gap at k: σ_k = σ_{k+1}, a rank below k, a zero ΔW or a spectrum that
+    the fixed schedule does not resolve leave a layer uncertified, and the caller redoes it
+    exactly (:func:`dense_svd`). For float64 (``u₆₄``) the squaring term alone exceeds the bound:
+    never certified.
+
+    Non-finite inputs: ``finite`` is ``‖ΔW‖_F² = tr G``'s finiteness. A NaN or Inf factor entry
+    makes some entry of ΔW, hence of G's diagonal, non-finite (in IEEE arithmetic a sum with a
+    non-finite term is non-finite and ``0·Inf`` is NaN); float32-range inputs cannot overflow in
+    float64 here. A non-finite layer's G and Y are zeroed (so no LAPACK call sees a NaN) and it is
+    left uncertified; the caller raises.
+
+    Cost per layer: ``2 d_out d_in R`` to form ΔW, ``n² m`` for G, ``≈ 2n²p`` per iteration,
+    ``n³/3`` for the Cholesky, O(mnk) for the products; memory: ΔW and two n × n buffers. No
+    host synchronisation: ``certified`` and ``finite`` (…,) are tensors.
+    """
+    dw = B @ A
+    left = dw.shape[-2] < dw.shape[-1]  # Gram on the smaller side
+    X = dw.mT if left else dw  # (…, m, n), n ≤ m, G = Xᵀ X
+    m, n = X.shape[-2], X.shape[-1]
+    k = rank
+    p = min(n, top_block(k))
+    G = _gram_host(X, left=False) if X.device.type == "cpu" else X.mT @ X
+    fro2 = G.diagonal(dim1=-2, dim2=-1).sum(-1)
+    finite = torch.isfinite(fro2)
+    G = torch.where(finite.reshape(*finite.shape, 1, 1), G, 0.0)
+    fro2 = torch.where(finite, fro2, 0.0)
+    g = torch.Generator().manual_seed(0)
+    Q = torch.randn(n, p, generator=g, dtype=G.dtype).to(G.device).expand(*G.shape[:-2], n, p)
+    for _ in range(_TOP_ITERATIONS):
+        Q = torch.linalg.qr(G @ Q).Q
+    GQ = G @ Q
+    H = Q.mT @ GQ
+    th, Z = torch.linalg.eigh((H + H.mT) * 0.5)
+    th, Z = th.flip(-1), Z.flip(-1)
+    W, GW, theta = Q @ Z[..., :k], GQ @ Z[..., :k], th[..., :k]
+    E = GW - W * theta.unsqueeze(-2)
+    delta = 2 * m * _U64 * fro2
+    e = torch.linalg.matrix_norm(E) + k**0.5 * delta
+    mu = (th[..., k - 1] + th[..., k]) * 0.5 if p > k else th[..., k - 1]
+    t = th[..., k - 1] - mu
+    Y = torch.where(finite.reshape(*finite.shape, 1, 1), X @ W, 0.0)  # (…, m, k)
+    s = (fro2 - (Y * Y).sum(dim=(-2, -1))).clamp_min(0)
+    tiny = torch.finfo(G.dtype).tiny
+    eta = torch.where(t > 0, e * e / t.clamp_min(tiny), torch.inf) + 2 * k * delta
+    excess = s.sqrt() - (s - eta).clamp_min(0).sqrt()
+    within = (t > 0) & (excess <= unit_roundoff * fro2.sqrt())
+    # μI − (I − WWᵀ) G (I − WWᵀ) = μI − (G − W (GW)ᵀ − E Wᵀ)
+    Hc = -(G - W @ GW.mT - E @ W.mT)
+    Hc.diagonal(dim1=-2, dim2=-1).add_(mu.unsqueeze(-1))
+    shift = 2 * (n + 1) * _U64 * Hc.diagonal(dim1=-2, dim2=-1).sum(-1) + 2 * k * delta
+    Hc.diagonal(dim1=-2, dim2=-1).sub_(shift.unsqueeze(-1))
+    _, info = torch.linalg.cholesky_ex(Hc)
+    U_y, S, Zh = torch.linalg.svd(Y, full_matrices=False)  # Y = U_y S Zh
+    if left:  # W Wᵀ ΔW = W (ΔWᵀ W)ᵀ = (W Zhᵀ) S U_yᵀ
+        U, Vh = W @ Zh.mT, U_y.mT
+    else:  # ΔW W Wᵀ = U_y S (W Zhᵀ)ᵀ
+        U, Vh = U_y, Zh @ W.mT
+    eye = torch.eye(k, dtype=S.dtype, device=S.device).expand(*S.shape, k)
+    return TopSVD(FactoredSVD(S, U, eye, eye, Vh), within & (info == 0) & finite, finite)
 
 
 def _pad(x: Tensor, dim: int, size: int) -> Tensor:

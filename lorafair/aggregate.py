@@ -281,14 +281,18 @@ def flora(
     return out
 
 
-Route = Literal["gram", "qr", "dense"]
+Route = Literal["gram", "qr", "dense", "dense_top"]
 
 # The cost model's constants, measured on the 2-core CPU of benchmarks/README.md (one thread, one
 # ViT-B/16 layer, K·r = 480, 960, 1600): the Gram route's two R × R eigensolves (R³) overtake the
 # QR route's thin QRs (whose cost stops growing at R = d) past R ≈ 512, and forming ΔW densely
-# wins only from about twice the flop crossover d_in d_out / (d_in + d_out).
+# and taking its full SVD wins only from about twice the flop crossover d_in d_out / (d_in + d_out).
 _GRAM_MAX_R = 512
 _DENSE_OVER_CROSSOVER = 2.0
+
+# The redo of a layer whose route's own check failed: the Gram route's κ limit (QR route is
+# accurate however much clients cancel), dense_top's certificate (the full dense SVD).
+_FALLBACK: dict[Route, Route] = {"gram": "qr", "dense_top": "dense"}
 
 
 def _unit_roundoff(dtype: torch.dtype) -> float:
@@ -306,20 +310,47 @@ def _gram_kappa_limit(dtype: torch.dtype, d_out: int, d_in: int, R: int) -> floa
     return _unit_roundoff(dtype) / ((max(d_out, d_in) + R) * _unit_roundoff(torch.float64))
 
 
-def _route(d_out: int, d_in: int, R: int, dtype: torch.dtype) -> Route:
-    """Cost model: the Gram, QR or dense route for one shape (stated in :func:`flexlora`).
+def _dense_top_flops(d_out: int, d_in: int, R: int, rank: int) -> float:
+    """:func:`_linalg.dense_top_svd`'s flops: form ΔW, the smaller Gram (syrk), the iteration and
+    the certificate's Cholesky."""
+    n, m = min(d_out, d_in), max(d_out, d_in)
+    p = _linalg.top_block(rank)
+    return (
+        2.0 * d_in * d_out * R
+        + n * n * m
+        + 2.0 * (_linalg._TOP_ITERATIONS + 2) * n * n * p
+        + n**3 / 3
+    )
 
-    Flops: Gram ``2(d_in + d_out)R² + O(R³)`` (two R × R eigensolves), QR
+
+def _route(d_out: int, d_in: int, R: int, dtype: torch.dtype, rank: int | None) -> Route:
+    """Cost model: the Gram, QR, dense or dense_top route of one shape (see :func:`flexlora`).
+
+    ``rank`` is the fixed number of triplets kept, or ``None`` when every σ is needed (an
+    :class:`EnergyThreshold` rank or :func:`flexlora_report`). Flops: Gram
+    ``(d_in + d_out)R²`` (two ``syrk`` Grams) ``+ O(R³)`` (R × R eigensolves), QR
     ``O((d_in + d_out) R min(d, R))`` (thin QRs, then an R × R core SVD), dense
-    ``2 d_in d_out R + O(d_in d_out min(d_in, d_out))`` (form ΔW, then its SVD). With the measured
-    constants above: dense once ``R ≥ 2 · d_in d_out / (d_in + d_out)`` (1152 for a 2304 × 768
-    layer, 768 for 768 × 768); otherwise Gram for narrow dtypes while ``R ≤ 512``; otherwise QR
-    (always for float64, whose Gram route would not be as accurate as the input).
+    ``2 d_in d_out R + O(d_in d_out min(d_in, d_out))`` (form ΔW, then its full SVD), dense_top
+    :func:`_dense_top_flops` (form ΔW, its n × n Gram, a few (n × n)(n × p) products, one n × n
+    Cholesky; n = min(d_in, d_out), p = 2·rank + 8). Rule:
+
+    - dense_top for a fixed rank, narrow dtypes (float32/float16/bfloat16: its certificate
+      cannot hold for float64) and ``p ≤ n/2``, when ``R > 512`` or its flops are below the
+      Gram route's ``(d_in + d_out)R² + R³`` (the R × R work counted once; measured, it costs
+      more);
+    - otherwise dense once ``R ≥ 2 · d_in d_out / (d_in + d_out)`` (1152 for a 2304 × 768 layer,
+      768 for 768 × 768); Gram for narrow dtypes while ``R ≤ 512``; otherwise QR (always for
+      float64, whose Gram route would not be as accurate as the input).
     """
+    narrow = dtype != torch.float64
+    if narrow and rank is not None and 2 * _linalg.top_block(rank) <= min(d_out, d_in):
+        gram = (d_in + d_out) * R * R + float(R) ** 3
+        if R > _GRAM_MAX_R or _dense_top_flops(d_out, d_in, R, rank) < gram:
+            return "dense_top"
     crossover = d_in * d_out / (d_in + d_out)
     if R / crossover >= _DENSE_OVER_CROSSOVER:
         return "dense"
-    if dtype != torch.float64 and R <= _GRAM_MAX_R:
+    if narrow and R <= _GRAM_MAX_R:
         return "gram"
     return "qr"
 
@@ -330,7 +361,8 @@ class _Pending(NamedTuple):
     layers: list[Layer]
     A: Tensor
     B: Tensor
-    gram_ok: Tensor | None  # per layer: κ within the Gram route's limit (None: not the Gram route)
+    route: Route
+    ok: Tensor | None  # per layer: the route's own check passed (None: a route without one)
 
 
 # The Gram route's float64 stacks: one buffer of at most this size (or one layer, if larger) per
@@ -379,10 +411,15 @@ def _stack64(
 
 
 def _flexlora_svd(
-    batch: list[Layer], p: Sequence[float], route: Route, scratch: _Scratch | None = None
+    batch: list[Layer],
+    p: Sequence[float],
+    route: Route,
+    scratch: _Scratch | None = None,
+    rank: int = 0,
 ) -> tuple[_linalg.FactoredSVD, Tensor, Tensor | None]:
-    """Every triplet of each layer of one same-shaped batch, by ``route``; with per-layer
-    non-finite flags and (Gram route) whether κ is within the route's limit. No host sync.
+    """Every triplet of each layer of one same-shaped batch, by ``route`` (dense_top: the top
+    ``rank``); with per-layer non-finite flags and the route's own check per layer (Gram: κ within
+    the route's limit; dense_top: the certificate; ``None`` for the others). No host sync.
     The Gram route's factors live in ``scratch`` (overwritten by the next batch)."""
     gram_ok = None
     if route == "gram":
@@ -408,6 +445,10 @@ def _flexlora_svd(
         gram_ok = tr_a * tr_b <= limit * limit * dw2
         svd = _linalg.gram_svd(B_s, A_s, G_a, G_b)
         svd = svd._replace(Vh_core=svd.Vh_core * d)  # Vh = Vh_core D Â
+    elif route == "dense_top":  # non-finite inputs read off tr G (see dense_top_svd)
+        A_s, B_s = stacked_batch(batch, p, torch.float64)
+        top = _linalg.dense_top_svd(B_s, A_s, rank, _unit_roundoff(batch[0].dtype))
+        return top.svd, ~top.finite, top.certified
     else:
         A_s, B_s = stacked_batch(batch, p, torch.float64)
         bad = ~(torch.isfinite(A_s).flatten(1).all(1) & torch.isfinite(B_s).flatten(1).all(1))
@@ -457,10 +498,21 @@ def flexlora(
       more than that is redone by the QR route.
     - **QR** (float64 inputs, and R > 512): thin QRs of ``B_s`` and ``A_sᵀ`` and an R × R core
       SVD, accurate however much the clients cancel.
-    - **dense** (large R): form ``ΔW`` one layer at a time and take its SVD, once R is twice
-      the flop crossover ``d_in d_out / (d_in + d_out)`` (measured; 1152 for a 2304 × 768
-      layer). Between R = 512 and that point the QR route is taken for every dtype (the Gram
-      route's R × R eigensolves cost more there).
+    - **dense_top** (a fixed int rank, narrow dtypes, large R: R > 512, or where its flops are
+      the lower): form ``ΔW`` in float64 one layer at a time, its Gram on the smaller side
+      (n × n, n = min(d_in, d_out)), and only the top ``rank`` triplets by six steps of block
+      subspace iteration (block 2·rank + 8) and Rayleigh–Ritz; the result is the projection
+      ``ΔW V_r V_rᵀ``. A per-layer certificate (a residual bound and an n × n Cholesky that
+      proves no other eigenvalue lies above the cut; ``_linalg.dense_top_svd``) proves that
+      ``‖ΔW − BA‖_F`` exceeds the optimum ``√Σ_{i>rank} σ_i²`` by at most ``u_in·‖ΔW‖_F``,
+      the squaring's float64 rounding included; a layer without it (no gap at ``rank``, a
+      spectrum too flat for six steps) is redone by the dense route. Cost
+      ``2 d_in d_out R + n² max(d_in, d_out) + O(n² rank + n³/3)``: one dense product plus
+      about 40% of it (ViT-B/16) instead of a full SVD.
+    - **dense** (large R, every σ needed or float64 inputs): form ``ΔW`` one layer at a time and
+      take its SVD, once R is twice the flop crossover ``d_in d_out / (d_in + d_out)``
+      (measured; 1152 for a 2304 × 768 layer). Between R = 512 and that point the QR route is
+      taken (the Gram route's R × R eigensolves cost more there).
 
     Layers are processed in float64 batches whose working set is capped at 256 MiB (one layer
     per batch on the dense route; on the Gram route the stacks of every batch share one reused
@@ -469,7 +521,9 @@ def flexlora(
     the whole call synchronises with the host once. The call runs on one thread of torch's and
     NumPy's pools (:mod:`lorafair._threads`). Cost: O((d_out + d_in) R² + R³) flops and
     O((d_out + d_in) R) memory per layer on the factored routes,
-    O(d_out d_in (R + min(d_out, d_in))) and one d_out × d_in buffer on the dense one.
+    O(d_out d_in (R + min(d_out, d_in))) and one d_out × d_in buffer (plus two n × n on
+    dense_top) on the dense ones. :func:`flexlora_report` and ``EnergyThreshold`` ranks need
+    every σ and never take dense_top.
     Download: rank·(d_in + d_out) per layer.
     """
     return _flexlora(
@@ -537,12 +591,20 @@ def _flexlora(
             chosen[layer.name] = RankChoice(k, energy_kept(svd.S, k))
         out[layer.name] = LoRAFactors(_output(A, layer.dtype), _output(B, layer.dtype))
 
-    def redo(layer: Layer) -> _linalg.FactoredSVD:
-        """The QR route for a layer whose clients cancel beyond the Gram route's bound."""
-        return _layer(_flexlora_svd([layer], p, "qr")[0], 0)
+    def redo(layer: Layer, route: Route) -> _linalg.FactoredSVD:
+        """The exact fallback of ``route`` for a layer that failed the route's own check."""
+        return _layer(_flexlora_svd([layer], p, _FALLBACK[route])[0], 0)
+
+    def kept(layer: Layer) -> int | None:
+        """The fixed number of triplets kept, or None when every σ is needed."""
+        if per_layer:
+            return None
+        return rank if isinstance(rank, int) else max(layer.ranks)
 
     groups = group_by_shape(list(prep.layers.values()))
-    routes = [_route(g[0].d_out, g[0].d_in, sum(g[0].ranks), g[0].dtype) for g in groups]
+    routes = [
+        _route(g[0].d_out, g[0].d_in, sum(g[0].ranks), g[0].dtype, kept(g[0])) for g in groups
+    ]
     sizes = [
         _gram_batch(g[0], len(g)) * (g[0].d_in + g[0].d_out) * sum(g[0].ranks)
         for g, route in zip(groups, routes, strict=True)
@@ -554,7 +616,8 @@ def _flexlora(
         first = group[0]
         R = sum(first.ranks)
         # float64 stacks plus two d × R companions (QR bases, or the output products)
-        size = _BATCH_BYTES if route == "dense" else 3 * 8 * (first.d_out + first.d_in) * R
+        dense = route in ("dense", "dense_top")
+        size = _BATCH_BYTES if dense else 3 * 8 * (first.d_out + first.d_in) * R
         batches = chunked(group, size, _BATCH_BYTES)  # dense: one layer at a time
         scratch = None
         if route == "gram":  # batches that fit the call's reused buffer (see _GRAM_SCRATCH_BYTES)
@@ -565,24 +628,24 @@ def _flexlora(
             part = None
             if scratch is not None:
                 part = _Scratch(scratch.A[: len(batch)], scratch.B[: len(batch)])
-            svd, bad, gram_ok = _flexlora_svd(batch, p, route, part)
-            if per_layer:
-                ok = _average.check([bad.any()], prep.layers, gram_ok)
+            target = kept(first)
+            svd, bad, route_ok = _flexlora_svd(batch, p, route, part, target or 0)
+            if target is None:
+                ok = _average.check([bad.any()], prep.layers, route_ok)
                 for j, layer in enumerate(batch):
-                    finish(layer, redo(layer) if ok and not ok[j] else _layer(svd, j))
+                    finish(layer, redo(layer, route) if ok and not ok[j] else _layer(svd, j))
                 continue
-            target = rank if isinstance(rank, int) else max(first.ranks)
             B, A = _linalg.split(svd, target, left_power)
-            pending.append(_Pending(batch, A, B, gram_ok))
+            pending.append(_Pending(batch, A, B, route, route_ok))
             flags.append(bad)
-    if pending:  # the fixed-rank call's one host round trip: non-finite input, κ per layer
-        oks = [d.gram_ok for d in pending if d.gram_ok is not None]
+    if pending:  # the fixed-rank call's one host round trip: non-finite input, checks per layer
+        oks = [d.ok for d in pending if d.ok is not None]
         ok = _average.check([torch.cat(flags).any()], prep.layers, torch.cat(oks) if oks else None)
         i = 0
         for done in pending:
             for j, layer in enumerate(done.layers):
-                if done.gram_ok is not None and not ok[(i := i + 1) - 1]:
-                    finish(layer, redo(layer))
+                if done.ok is not None and not ok[(i := i + 1) - 1]:
+                    finish(layer, redo(layer, done.route))
                 else:
                     out[layer.name] = LoRAFactors(
                         _output(done.A[j], layer.dtype), _output(done.B[j], layer.dtype)

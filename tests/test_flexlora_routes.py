@@ -1,11 +1,12 @@
-"""FlexLoRA's three routes (Gram, QR, dense) and the rule that picks them, against dense float64."""
+"""FlexLoRA's four routes (Gram, QR, dense, dense_top) and the rule that picks them, against dense
+float64."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lorafair import LoRAFactors, _linalg
+from lorafair import LoRAFactors, _linalg, errors
 from lorafair import aggregate as agg
 from lorafair.aggregate import flexlora
 from tests import reference as ref
@@ -45,7 +46,7 @@ def _kappa(clients):
 @pytest.mark.parametrize("seed", range(3))
 def test_gram_route_is_as_accurate_as_the_output_dtype(dtype, seed):
     clients = _clients(seed, dtype=dtype)
-    assert agg._route(40, 30, 12, dtype) == "gram"
+    assert all(agg._route(40, 30, 12, dtype, rank) == "gram" for rank in (1, 3, 7, None))
     u = float(torch.finfo(dtype).eps)
     for rank in (1, 3, 7):
         assert _rel_error(flexlora(clients, rank=rank), clients, rank) < 4 * u
@@ -68,14 +69,14 @@ def test_near_cancelling_clients_leave_the_gram_route():
 
 def test_float64_inputs_take_the_qr_route_and_keep_float64_accuracy():
     assert agg._gram_kappa_limit(torch.float64, 40, 30, 12) < 1
-    assert agg._route(40, 30, 12, torch.float64) == "qr"
+    assert agg._route(40, 30, 12, torch.float64, 3) == "qr"
     clients = _clients(1, dtype=torch.float64, cancel=1e-6)
     assert _rel_error(flexlora(clients, rank=3), clients, 3) < 1e-8
 
 
 def test_dense_route_for_many_clients_matches_the_reference():
     # R = 20·4 = 80 ≫ d_out d_in / (d_out + d_in) = 12: forming ΔW is cheaper
-    assert agg._route(24, 24, 80, torch.float32) == "dense"
+    assert agg._route(24, 24, 80, torch.float32, 4) == "dense"
     clients = _clients(2, k=20, d_out=24, d_in=24, r=4)
     out = flexlora(clients, rank=4)
     assert out["fc"].A.shape == (4, 24)
@@ -84,12 +85,26 @@ def test_dense_route_for_many_clients_matches_the_reference():
 
 
 def test_cost_model_follows_its_stated_rule():
-    # qkv of ViT-B/16 (2304 × 768): Gram for K·r ≤ 512, QR up to twice the crossover 576, dense
-    assert agg._route(2304, 768, 96, torch.float32) == "gram"
-    assert agg._route(2304, 768, 480, torch.float32) == "gram"
-    assert agg._route(2304, 768, 960, torch.float32) == "qr"
-    assert agg._route(2304, 768, 1600, torch.float32) == "dense"
-    assert agg._route(768, 768, 960, torch.float32) == "dense"
+    f32, f64 = torch.float32, torch.float64
+    # every σ needed (rank None) or float64: qkv of ViT-B/16 (2304 × 768) takes Gram for
+    # K·r ≤ 512, QR up to twice the crossover 576, dense beyond
+    assert agg._route(2304, 768, 96, f32, None) == "gram"
+    assert agg._route(2304, 768, 480, f32, None) == "gram"
+    assert agg._route(2304, 768, 960, f32, None) == "qr"
+    assert agg._route(2304, 768, 1600, f32, None) == "dense"
+    assert agg._route(768, 768, 960, f32, None) == "dense"
+    assert agg._route(2304, 768, 960, f64, 16) == "qr"
+    assert agg._route(2304, 768, 1600, f64, 16) == "dense"
+    # a fixed rank in a narrow dtype: dense_top beyond R = 512 (and where its flops are lower)
+    assert agg._route(2304, 768, 480, f32, 16) == "gram"
+    for shape in ((2304, 768), (768, 768), (3072, 768), (768, 3072)):
+        assert agg._route(*shape, 960, f32, 16) == "dense_top"
+        assert agg._route(*shape, 1600, torch.bfloat16, 16) == "dense_top"
+    # ... unless its block 2·rank + 8 exceeds half the shorter side
+    assert agg._route(2304, 768, 960, f32, 188) == "dense_top"
+    assert agg._route(2304, 768, 960, f32, 189) == "qr"
+    assert agg._route(40, 30, 600, f32, 3) == "dense_top"
+    assert agg._route(40, 30, 600, f32, 4) == "dense"
 
 
 @pytest.mark.parametrize("route", ["gram", "qr", "dense"])
@@ -117,10 +132,192 @@ def test_factored_svd_gives_every_triplet_descending(route):
 
 
 def test_zero_update_gives_zero_factors_on_every_route():
-    for k, d in ((3, 30), (20, 24)):
+    assert agg._route(64, 64, 120, torch.float32, 3) == "dense_top"
+    for k, d in ((3, 30), (20, 24), (40, 64)):
         clients = _clients(3, k=k, d_out=d, d_in=d)
         zero = [{"fc": LoRAFactors(c["fc"].A, torch.zeros_like(c["fc"].B))} for c in clients]
         A, B = flexlora(zero, rank=3)["fc"]
         assert torch.isfinite(A).all()
         assert torch.isfinite(B).all()
         assert torch.count_nonzero(B @ A) == 0
+
+
+# --- dense_top: ΔW formed densely, its top triplets from the smaller Gram, certified -----------
+
+
+def _spectrum_clients(sigma, *, d_out=96, d_in=64, r=4, extra=16, seed=0, cancel=0.0, scale=1.0):
+    """float32 clients whose ΔW is ``U diag(sigma) Vᵀ`` (up to the inputs' rounding).
+
+    The first ``len(sigma) / r`` clients carry r components each; ``extra`` more come in pairs
+    ``(A, B)``, ``(A, −B + cancel·N)`` with ``B = scale·N'`` that cancel (exactly for
+    ``cancel = 0``), so that R is large enough for the dense_top route while ΔW keeps (nearly)
+    the spectrum given.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = len(sigma)
+    U = torch.linalg.qr(torch.randn(d_out, n, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(d_in, n, generator=g, dtype=torch.float64)).Q
+    s = torch.as_tensor(sigma, dtype=torch.float64)
+    k = n // r + extra
+    out = []
+    for j in range(n // r):
+        cols = slice(j * r, (j + 1) * r)
+        A = V[:, cols].mT.float()
+        B = (k * U[:, cols] * s[cols]).float()
+        out.append({"fc": LoRAFactors(A, B)})
+    for _ in range(extra // 2):
+        A = torch.randn(r, d_in, generator=g)
+        B = scale * torch.randn(d_out, r, generator=g)
+        out.append({"fc": LoRAFactors(A, B)})
+        out.append({"fc": LoRAFactors(A.clone(), -B + cancel * torch.randn(d_out, r, generator=g))})
+    return out
+
+
+def _optimality_gap(out, clients, rank):
+    """``(‖ΔW − BA‖_F − √Σ_{i>rank} σ_i²) / ‖ΔW‖_F`` against a dense float64 SVD."""
+    dw = ref.delta_w(clients, "fc")
+    tail = float(torch.linalg.svdvals(dw)[rank:].norm())
+    A, B = out["fc"]
+    return (float((dw - B.double() @ A.double()).norm()) - tail) / float(dw.norm())
+
+
+def _raw_top(clients, rank, u=2.0**-24):
+    """dense_top_svd on the float64 stacks, before any fallback: (B A, certified)."""
+    A_s = torch.cat([c["fc"].A.double() / len(clients) for c in clients])
+    B_s = torch.cat([c["fc"].B.double() for c in clients], dim=1)
+    top = _linalg.dense_top_svd(B_s[None], A_s[None], rank, u)
+    B, A = _linalg.split(top.svd, rank, 0.5)
+    return B[0] @ A[0], bool(top.certified[0])
+
+
+def _decaying(n=64, *, k=4, ratio=0.05):
+    """σ: k values in [1, 0.7], then a tail of ``ratio``·(1 … 0.5)."""
+    head = [1.0 - 0.3 * i / max(1, k - 1) for i in range(k)]
+    return head + [ratio * (1.0 - 0.5 * i / (n - k)) for i in range(n - k)]
+
+
+def test_dense_top_route_is_taken_for_these_clients():
+    clients = _spectrum_clients(_decaying())
+    R = sum(c["fc"].A.shape[0] for c in clients)
+    assert R == 128
+    assert agg._route(96, 64, R, torch.float32, 4) == "dense_top"
+    assert agg._route(96, 64, R, torch.float32, None) != "dense_top"  # every σ: not this route
+
+
+@pytest.mark.parametrize("split", ["balanced", "left"])
+@pytest.mark.parametrize("seed", range(3))
+def test_dense_top_matches_the_dense_svd_reference(seed, split):
+    clients = _spectrum_clients(_decaying(), seed=seed)
+    assert _raw_top(clients, 4)[1]  # certified: the route's own answer is the one returned
+    out = flexlora(clients, rank=4, split=split)
+    A, B = out["fc"]
+    assert A.shape == (4, 64)
+    assert B.shape == (96, 4)
+    assert abs(_optimality_gap(out, clients, 4)) < 1e-6
+    best = ref.best_rank_approx(ref.delta_w(clients, "fc"), 4)
+    assert float((B.double() @ A.double() - best).norm() / best.norm()) < 1e-6
+    if split == "left":  # A = V_rᵀ: orthonormal rows
+        torch.testing.assert_close(
+            A.double() @ A.double().mT, torch.eye(4, dtype=torch.float64), atol=1e-6, rtol=0
+        )
+    else:  # B = U S^½, A = S^½ Vᵀ: equal column / row norms
+        torch.testing.assert_close(
+            B.double().norm(dim=0), A.double().norm(dim=1), rtol=1e-5, atol=0
+        )
+
+
+def test_dense_top_on_random_clients_matches_the_reference():
+    clients = _clients(4, k=40, d_out=64, d_in=96, r=3)  # d_out < d_in: the Gram of ΔWᵀ
+    assert agg._route(64, 96, 120, torch.float32, 3) == "dense_top"
+    for rank in (1, 3):
+        out = flexlora(clients, rank=rank)
+        assert abs(_optimality_gap(out, clients, rank)) < 1e-6
+
+
+def test_dense_top_with_near_cancelling_clients_matches_the_reference():
+    # pairs 10³ times the signal cancel up to a residue of 10⁻⁴ (and float32 rounding)
+    clients = _spectrum_clients(_decaying(), cancel=1e-4, scale=1e3, seed=3)
+    assert _kappa(clients) > 1e4
+    out = flexlora(clients, rank=4)
+    assert abs(_optimality_gap(out, clients, 4)) < 1e-6
+
+
+def test_dense_top_certificate_refuses_an_unconverged_subspace():
+    # a flat spectrum (σ from 1 to 0.5 over 64 values): six block iterations cannot resolve the
+    # top 4, and their raw answer is measurably worse than the optimum
+    sigma = [1.0 - 0.5 * i / 63 for i in range(64)]
+    clients = _spectrum_clients(sigma, seed=1)
+    dw = ref.delta_w(clients, "fc")
+    raw, certified = _raw_top(clients, 4)
+    tail = float(torch.linalg.svdvals(dw)[4:].norm())
+    assert (float((dw - raw).norm()) - tail) / float(dw.norm()) > 1e-4
+    assert not certified
+    # flexlora redoes the layer exactly (full dense SVD)
+    assert abs(_optimality_gap(flexlora(clients, rank=4), clients, 4)) < 1e-6
+
+
+@pytest.mark.parametrize("gap", [0.0, 1e-9, 1e-6, 1e-4])
+def test_dense_top_near_degenerate_sigma_r_is_still_optimal(gap):
+    # σ_4 = σ_5 (1 − gap): the top-4 subspace is (nearly) not unique. The float32 inputs split
+    # even gap = 0 by their rounding; the block (16 > 4 columns) then holds both vectors and
+    # Rayleigh–Ritz separates them, so a certificate may be given: then it must be right.
+    sigma = _decaying()
+    sigma[3], sigma[4] = 0.7, 0.7 * (1 - gap)
+    clients = _spectrum_clients(sigma, seed=2)
+    dw = ref.delta_w(clients, "fc")
+    raw, certified = _raw_top(clients, 4)
+    tail = float(torch.linalg.svdvals(dw)[4:].norm())
+    if certified:
+        assert (float((dw - raw).norm()) - tail) / float(dw.norm()) <= 2.0**-24
+    assert abs(_optimality_gap(flexlora(clients, rank=4), clients, 4)) < 1e-6
+
+
+def test_dense_top_exactly_degenerate_sigma_r_is_not_certified():
+    # float64 factors with σ_4 = σ_5 = 0.7 (to float64 rounding): no gap at k, so Cholesky of
+    # μI − (I − WWᵀ) G (I − WWᵀ) − cI must fail whatever W the iteration found
+    g = torch.Generator().manual_seed(9)
+    U = torch.linalg.qr(torch.randn(96, 64, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64)).Q
+    sigma = torch.tensor(_decaying(), dtype=torch.float64)
+    sigma[3] = sigma[4] = 0.7
+    B_s = torch.cat([U * sigma, torch.zeros(96, 64, dtype=torch.float64)], dim=1)
+    A_s = torch.cat([V.mT, V.mT])
+    top = _linalg.dense_top_svd(B_s[None], A_s[None], 4, 2.0**-24)
+    assert not bool(top.certified[0])
+    # with the gap restored the same call certifies: the refusal is the degeneracy's doing
+    sigma[4] = 0.6
+    B_s = torch.cat([U * sigma, torch.zeros(96, 64, dtype=torch.float64)], dim=1)
+    assert bool(_linalg.dense_top_svd(B_s[None], A_s[None], 4, 2.0**-24).certified[0])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dense_top_certificate_holds_whenever_it_is_given(seed):
+    # spectra from a clear gap to none; a certified answer is optimal to the inputs' rounding
+    g = torch.Generator().manual_seed(100 + seed)
+    ratio = float(torch.rand((), generator=g)) * 1.2
+    clients = _spectrum_clients(_decaying(ratio=ratio), seed=seed)
+    dw = ref.delta_w(clients, "fc")
+    raw, certified = _raw_top(clients, 4)
+    tail = float(torch.linalg.svdvals(dw)[4:].norm())
+    if certified:
+        assert (float((dw - raw).norm()) - tail) / float(dw.norm()) <= 2.0**-24
+    assert abs(_optimality_gap(flexlora(clients, rank=4), clients, 4)) < 1e-6
+
+
+def test_dense_top_never_certifies_at_float64_precision():
+    clients = _spectrum_clients(_decaying())
+    assert not _raw_top(clients, 4, u=2.0**-53)[1]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("which", ["A", "B"])
+def test_dense_top_names_a_non_finite_client(bad, which):
+    clients = _spectrum_clients(_decaying())
+    A, B = clients[2]["fc"]
+    A, B = A.clone(), B.clone()
+    (A if which == "A" else B)[0, 0] = bad
+    if which == "A":  # the entry meets a zero column of B: IEEE still propagates (0·Inf = NaN)
+        B[:, 0] = 0.0
+    clients[2] = {"fc": LoRAFactors(A, B)}
+    with pytest.raises(errors.NonFiniteError, match=rf"'fc': client 2 .* in {which}"):
+        flexlora(clients, rank=4)
