@@ -112,7 +112,9 @@ def _gram_root(G: Tensor, rel: float) -> Tensor:
     return root
 
 
-def gram_svd(B: Tensor, A: Tensor, G_a: Tensor, G_b: Tensor) -> FactoredSVD:
+def gram_svd(
+    B: Tensor, A: Tensor, G_a: Tensor, G_b: Tensor, rank: int = 0, unit_roundoff: float = 0.0
+) -> tuple[FactoredSVD, Tensor | None]:
     """Every singular triplet of ``B A`` from the Grams ``G_a = A Aᵀ`` and ``G_b = Bᵀ B``.
 
     With any ``P`` such that ``P Pᵀ = G_a`` (Cholesky, or ``V Λ^{1/2}`` from ``eigh``; then
@@ -126,19 +128,34 @@ def gram_svd(B: Tensor, A: Tensor, G_a: Tensor, G_b: Tensor) -> FactoredSVD:
     to ``‖BA‖_F``, with ``κ = ‖B‖_F ‖A‖_F / ‖BA‖_F`` and d the longer side (the argument of
     ``docs/lora_fair.md`` for LoRA-FAIR's Grams), against ``(d + R)·ε₆₄·κ`` for :func:`qr_svd`.
     Cost O(R³) on top of the Grams.
+
+    With ``rank`` > 0 and a block :func:`top_block` at most ``R / _TOP_GRAM_MIN``, only the
+    top ``rank`` triplets: :func:`top_eigh` of the core C replaces its full ``eigh``
+    (``oblique``: ``Vh`` keeps the form above, exact only for exact eigenvectors), certified per
+    layer to ``unit_roundoff·‖ΔW‖_F`` with ``δ = 2R·u₆₄·tr C`` for the core's own arithmetic (the
+    Grams' rounding is the κ rule's, above); the products with W then cost O(R² rank). Returns the
+    certificate (…,) as well, or ``None`` for the full decomposition.
     """
     R = G_a.shape[-1]
     rel = R * _EPS64
     P = _gram_root(G_a, rel)
     PtGb = P.mT @ G_b
     C = PtGb @ P
-    sig2, W = torch.linalg.eigh((C + C.mT) * 0.5)
-    sig2, W = sig2.flip(-1), W.flip(-1)
+    C = (C + C.mT) * 0.5
+    certified = None
+    if rank > 0 and _TOP_GRAM_MIN * top_block(rank) <= R:
+        trace = C.diagonal(dim1=-2, dim2=-1).sum(-1)
+        delta = 2 * R * _U64 * trace
+        top = top_eigh(C, rank, delta, unit_roundoff * trace.clamp_min(0).sqrt(), oblique=True)
+        sig2, W, certified = top
+    else:
+        sig2, W = torch.linalg.eigh(C)
+        sig2, W = sig2.flip(-1), W.flip(-1)
     S = _clip(sig2, rel).sqrt()
     inv = _pinv_diag(S)
     U_core = (P @ W) * inv.unsqueeze(-2)
     Vh_core = (inv * inv).unsqueeze(-1) * (W.mT @ PtGb)
-    return FactoredSVD(S, B, U_core, Vh_core, A)
+    return FactoredSVD(S, B, U_core, Vh_core, A), certified
 
 
 def qr_svd(B: Tensor, A: Tensor) -> FactoredSVD:
@@ -165,13 +182,81 @@ def dense_svd(B: Tensor, A: Tensor) -> FactoredSVD:
     return FactoredSVD(S, U, eye, eye, Vh)
 
 
-# dense_top_svd's fixed schedule: block size and number of subspace iterations (see there)
+# top_eigh's fixed schedule: the number of subspace iterations (see there)
 _TOP_ITERATIONS = 6
+# gram_svd takes top_eigh over the full R × R eigh once R is this many blocks: measured on the
+# CPU of benchmarks/README.md (one thread, batches of 3, block 40): 7.7 vs 3.9 ms at R = 96,
+# 25 vs 45 ms at R = 288, 67 vs 176 ms at R = 480
+_TOP_GRAM_MIN = 4
 
 
 def top_block(rank: int) -> int:
     """Block size of :func:`dense_top_svd`'s subspace iteration for ``rank`` wanted triplets."""
     return 2 * rank + 8
+
+
+class TopEigh(NamedTuple):
+    """:func:`top_eigh`'s result: the top k eigenpairs of an SPD matrix, and their certificate."""
+
+    values: Tensor  # (…, k), descending
+    vectors: Tensor  # (…, n, k), orthonormal
+    certified: Tensor  # (…,) bool
+
+
+def top_eigh(G: Tensor, k: int, delta: Tensor, tol: Tensor, *, oblique: bool) -> TopEigh:
+    """The top ``k`` eigenpairs of ``G = XᵀX`` (n × n, batched) by certified subspace iteration.
+
+    ``_TOP_ITERATIONS`` steps of ``Q ← qr(G Q)`` on a block of ``p =`` :func:`top_block`
+    columns from a fixed seed, then Rayleigh–Ritz: ``QᵀGQ = Z Θ Zᵀ``, Ritz vectors
+    ``W = Q Z_k``, values ``θ_1 ≥ … ≥ θ_p``, residual ``E = G W − W Θ_k``. The returned
+    ``X W Wᵀ`` (X's projection on span W) has the squared error ``s = tr G − tr Θ_k``.
+
+    Certificate: with ``μ = (θ_k + θ_{k+1}) / 2`` and ``t = θ_k − μ``, a float64 Cholesky of
+    ``μI − (I − WWᵀ) G (I − WWᵀ) − cI`` that succeeds, with Rump's shift
+    ``c = 2(n + 1)·u₆₄·tr(·) + 2kδ``, proves that G has no eigenvalue above μ outside span(W).
+    In the basis (W, W⊥), ``G ≼ diag(Θ_k + EᵀE/t, W⊥ᵀGW⊥ + tI)``, so Ky Fan's maximum principle
+    bounds the optimum ``Σ_{i≤k} λ_i ≤ tr Θ_k + ‖E‖_F²/t``: the squared error exceeds the optimal
+    one by at most ``η = ‖E‖_F²/t + 2kδ``, where ``δ`` (the caller's) bounds the rounding of G
+    and of this arithmetic in spectral norm (‖E‖_F is taken with its rounding, ``+ √k δ``); in
+    Frobenius norm by at most ``√s − √(s − η)``. ``oblique``: the caller's output is
+    ``X W Θ⁻¹ Wᵀ G`` instead of the projection (no inverse of a root of G), which adds at most
+    ``‖E‖_F / √θ_k``. Certified when the excess is at most ``tol``, t > 0 and the Cholesky
+    succeeded. σ_k = σ_{k+1}, a rank below k, G = 0, or a spectrum that six steps do not
+    resolve, leave a matrix uncertified (the caller then takes an exact route).
+
+    Cost: ``≈ 2n²p`` per step, ``n³/3`` for the Cholesky, O(n²k) besides. No host sync.
+    """
+    n = G.shape[-1]
+    p = min(n, top_block(k))
+    g = torch.Generator().manual_seed(0)
+    Q = torch.randn(n, p, generator=g, dtype=G.dtype).to(G.device).expand(*G.shape[:-2], n, p)
+    for _ in range(_TOP_ITERATIONS):
+        Q = torch.linalg.qr(G @ Q).Q
+    GQ = G @ Q
+    H = Q.mT @ GQ
+    th, Z = torch.linalg.eigh((H + H.mT) * 0.5)
+    th, Z = th.flip(-1), Z.flip(-1)
+    W, GW, theta = Q @ Z[..., :k], GQ @ Z[..., :k], th[..., :k]
+    E = GW - W * theta.unsqueeze(-2)
+    trace = G.diagonal(dim1=-2, dim2=-1).sum(-1)
+    e = torch.linalg.matrix_norm(E) + k**0.5 * delta
+    mu = (th[..., k - 1] + th[..., k]) * 0.5 if p > k else th[..., k - 1]
+    t = th[..., k - 1] - mu
+    s = (trace - theta.sum(-1)).clamp_min(0)
+    tiny = torch.finfo(G.dtype).tiny
+    eta = torch.where(t > 0, e * e / t.clamp_min(tiny), torch.inf) + 2 * k * delta
+    excess = s.sqrt() - (s - eta).clamp_min(0).sqrt()
+    if oblique:
+        last = theta[..., k - 1]
+        excess = excess + torch.where(last > 0, e / last.clamp_min(tiny).sqrt(), torch.inf)
+    within = (t > 0) & (excess <= tol)
+    # μI − (I − WWᵀ) G (I − WWᵀ) = μI − (G − W (GW)ᵀ − E Wᵀ)
+    Hc = -(G - W @ GW.mT - E @ W.mT)
+    Hc.diagonal(dim1=-2, dim2=-1).add_(mu.unsqueeze(-1))
+    shift = 2 * (n + 1) * _U64 * Hc.diagonal(dim1=-2, dim2=-1).sum(-1) + 2 * k * delta
+    Hc.diagonal(dim1=-2, dim2=-1).sub_(shift.unsqueeze(-1))
+    _, info = torch.linalg.cholesky_ex(Hc)
+    return TopEigh(theta, W, within & (info == 0))
 
 
 class TopSVD(NamedTuple):
@@ -186,29 +271,15 @@ class TopSVD(NamedTuple):
 def dense_top_svd(B: Tensor, A: Tensor, rank: int, unit_roundoff: float) -> TopSVD:
     """The top ``rank`` triplets of ``ΔW = B A``, formed densely, with a per-layer certificate.
 
-    Method. Form ``ΔW`` (float64) and its Gram on the smaller side, ``G = XᵀX`` (n × n,
+    Form ``ΔW`` (float64) and its Gram on the smaller side, ``G = XᵀX`` (n × n,
     ``n = min(d_out, d_in)``, ``X = ΔW`` or ``ΔWᵀ``, m the longer side; BLAS ``syrk`` on the
-    CPU). Run ``_TOP_ITERATIONS`` steps of block subspace iteration ``Q ← qr(G Q)`` on a block of
-    ``p =`` :func:`top_block` columns from a fixed seed, then Rayleigh–Ritz: ``QᵀGQ = Z Θ Zᵀ``,
-    Ritz vectors ``W = Q Z_k`` and values ``θ_1 ≥ … ≥ θ_p``, residual ``E = G W − W Θ_k``. The
-    result is the projection ``ΔW W Wᵀ`` (or ``W Wᵀ ΔW``), returned as an SVD through the thin
-    SVD of the m × k matrix ``Y = X W``; its squared error is ``s = ‖ΔW‖_F² − ‖Y‖_F²``.
-
-    Certificate (Eckart–Young optimality to ``unit_roundoff · ‖ΔW‖_F``). Take
-    ``μ = (θ_k + θ_{k+1}) / 2``, ``t = θ_k − μ``. A float64 Cholesky of
-    ``μI − (I − WWᵀ) G (I − WWᵀ) − cI`` that succeeds, with Rump's shift
-    ``c = 2(n + 1)·u₆₄·tr(·) + 2kδ``, proves that G has no eigenvalue above μ outside span(W).
-    Then, writing G in the basis (W, W⊥), ``G ≼ diag(Θ_k + EᵀE/t, W⊥ᵀGW⊥ + tI)`` and Ky Fan's
-    maximum principle bound the optimum: ``Σ_{i≤k} σ_i² ≤ tr Θ_k + ‖E‖_F²/t``. With
-    ``δ = 2m·u₆₄·‖ΔW‖_F²``, which bounds the float64 rounding of G in spectral norm (the cost of
-    squaring), the excess of ``s`` over the optimal squared error is at most
-    ``η = ‖E‖_F²/t + 2kδ`` (‖E‖_F taken with its own rounding, ``+ √k δ``), so the excess in
-    Frobenius norm is at most ``√s − √(s − η)``. The layer is certified when that is at most
-    ``unit_roundoff · ‖ΔW‖_F`` (the rounding of a result in the inputs' dtype) and the Cholesky
-    succeeded. This needs a gap at k: σ_k = σ_{k+1}, a rank below k, a zero ΔW or a spectrum that
-    the fixed schedule does not resolve leave a layer uncertified, and the caller redoes it
-    exactly (:func:`dense_svd`). For float64 (``u₆₄``) the squaring term alone exceeds the bound:
-    never certified.
+    CPU); :func:`top_eigh` gives its top ``rank`` eigenvectors W with a certificate that the
+    projection ``ΔW W Wᵀ`` (or ``W Wᵀ ΔW``) is Eckart–Young optimal to ``unit_roundoff·‖ΔW‖_F``,
+    with ``δ = 2m·u₆₄·‖ΔW‖_F²``, which bounds the float64 rounding of G in spectral norm (the
+    cost of squaring). That bound is the rounding of a result in the inputs' dtype; for float64
+    (``u₆₄``) the squaring term alone exceeds it: never certified. The projection is returned as
+    an SVD through the thin SVD of the m × k matrix ``Y = X W``. An uncertified layer is for the
+    caller to redo exactly (:func:`dense_svd`).
 
     Non-finite inputs: ``finite`` is ``‖ΔW‖_F² = tr G``'s finiteness. A NaN or Inf factor entry
     makes some entry of ΔW, hence of G's diagonal, non-finite (in IEEE arithmetic a sum with a
@@ -216,54 +287,30 @@ def dense_top_svd(B: Tensor, A: Tensor, rank: int, unit_roundoff: float) -> TopS
     float64 here. A non-finite layer's G and Y are zeroed (so no LAPACK call sees a NaN) and it is
     left uncertified; the caller raises.
 
-    Cost per layer: ``2 d_out d_in R`` to form ΔW, ``n² m`` for G, ``≈ 2n²p`` per iteration,
-    ``n³/3`` for the Cholesky, O(mnk) for the products; memory: ΔW and two n × n buffers. No
-    host synchronisation: ``certified`` and ``finite`` (…,) are tensors.
+    Cost per layer: ``2 d_out d_in R`` to form ΔW, ``n² m`` for G, :func:`top_eigh`'s
+    ``≈ 2n²p`` per step and ``n³/3``, O(mnk) for the products; memory: ΔW and two n × n buffers.
+    No host synchronisation: ``certified`` and ``finite`` (…,) are tensors.
     """
     dw = B @ A
     left = dw.shape[-2] < dw.shape[-1]  # Gram on the smaller side
     X = dw.mT if left else dw  # (…, m, n), n ≤ m, G = Xᵀ X
-    m, n = X.shape[-2], X.shape[-1]
+    m = X.shape[-2]
     k = rank
-    p = min(n, top_block(k))
     G = _gram_host(X, left=False) if X.device.type == "cpu" else X.mT @ X
     fro2 = G.diagonal(dim1=-2, dim2=-1).sum(-1)
     finite = torch.isfinite(fro2)
     G = torch.where(finite.reshape(*finite.shape, 1, 1), G, 0.0)
     fro2 = torch.where(finite, fro2, 0.0)
-    g = torch.Generator().manual_seed(0)
-    Q = torch.randn(n, p, generator=g, dtype=G.dtype).to(G.device).expand(*G.shape[:-2], n, p)
-    for _ in range(_TOP_ITERATIONS):
-        Q = torch.linalg.qr(G @ Q).Q
-    GQ = G @ Q
-    H = Q.mT @ GQ
-    th, Z = torch.linalg.eigh((H + H.mT) * 0.5)
-    th, Z = th.flip(-1), Z.flip(-1)
-    W, GW, theta = Q @ Z[..., :k], GQ @ Z[..., :k], th[..., :k]
-    E = GW - W * theta.unsqueeze(-2)
-    delta = 2 * m * _U64 * fro2
-    e = torch.linalg.matrix_norm(E) + k**0.5 * delta
-    mu = (th[..., k - 1] + th[..., k]) * 0.5 if p > k else th[..., k - 1]
-    t = th[..., k - 1] - mu
+    top = top_eigh(G, k, 2 * m * _U64 * fro2, unit_roundoff * fro2.sqrt(), oblique=False)
+    W = top.vectors
     Y = torch.where(finite.reshape(*finite.shape, 1, 1), X @ W, 0.0)  # (…, m, k)
-    s = (fro2 - (Y * Y).sum(dim=(-2, -1))).clamp_min(0)
-    tiny = torch.finfo(G.dtype).tiny
-    eta = torch.where(t > 0, e * e / t.clamp_min(tiny), torch.inf) + 2 * k * delta
-    excess = s.sqrt() - (s - eta).clamp_min(0).sqrt()
-    within = (t > 0) & (excess <= unit_roundoff * fro2.sqrt())
-    # μI − (I − WWᵀ) G (I − WWᵀ) = μI − (G − W (GW)ᵀ − E Wᵀ)
-    Hc = -(G - W @ GW.mT - E @ W.mT)
-    Hc.diagonal(dim1=-2, dim2=-1).add_(mu.unsqueeze(-1))
-    shift = 2 * (n + 1) * _U64 * Hc.diagonal(dim1=-2, dim2=-1).sum(-1) + 2 * k * delta
-    Hc.diagonal(dim1=-2, dim2=-1).sub_(shift.unsqueeze(-1))
-    _, info = torch.linalg.cholesky_ex(Hc)
     U_y, S, Zh = torch.linalg.svd(Y, full_matrices=False)  # Y = U_y S Zh
     if left:  # W Wᵀ ΔW = W (ΔWᵀ W)ᵀ = (W Zhᵀ) S U_yᵀ
         U, Vh = W @ Zh.mT, U_y.mT
     else:  # ΔW W Wᵀ = U_y S (W Zhᵀ)ᵀ
         U, Vh = U_y, Zh @ W.mT
     eye = torch.eye(k, dtype=S.dtype, device=S.device).expand(*S.shape, k)
-    return TopSVD(FactoredSVD(S, U, eye, eye, Vh), within & (info == 0) & finite, finite)
+    return TopSVD(FactoredSVD(S, U, eye, eye, Vh), top.certified & finite, finite)
 
 
 def _pad(x: Tensor, dim: int, size: int) -> Tensor:

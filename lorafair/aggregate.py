@@ -290,10 +290,6 @@ Route = Literal["gram", "qr", "dense", "dense_top"]
 _GRAM_MAX_R = 512
 _DENSE_OVER_CROSSOVER = 2.0
 
-# The redo of a layer whose route's own check failed: the Gram route's κ limit (QR route is
-# accurate however much clients cancel), dense_top's certificate (the full dense SVD).
-_FALLBACK: dict[Route, Route] = {"gram": "qr", "dense_top": "dense"}
-
 
 def _unit_roundoff(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps) / 2
@@ -328,7 +324,7 @@ def _route(d_out: int, d_in: int, R: int, dtype: torch.dtype, rank: int | None) 
 
     ``rank`` is the fixed number of triplets kept, or ``None`` when every σ is needed (an
     :class:`EnergyThreshold` rank or :func:`flexlora_report`). Flops: Gram
-    ``(d_in + d_out)R²`` (two ``syrk`` Grams) ``+ O(R³)`` (R × R eigensolves), QR
+    ``(d_in + d_out)R²`` (two ``syrk`` Grams) ``+ O(R³)`` (the R × R core), QR
     ``O((d_in + d_out) R min(d, R))`` (thin QRs, then an R × R core SVD), dense
     ``2 d_in d_out R + O(d_in d_out min(d_in, d_out))`` (form ΔW, then its full SVD), dense_top
     :func:`_dense_top_flops` (form ΔW, its n × n Gram, a few (n × n)(n × p) products, one n × n
@@ -336,15 +332,16 @@ def _route(d_out: int, d_in: int, R: int, dtype: torch.dtype, rank: int | None) 
 
     - dense_top for a fixed rank, narrow dtypes (float32/float16/bfloat16: its certificate
       cannot hold for float64) and ``p ≤ n/2``, when ``R > 512`` or its flops are below the
-      Gram route's ``(d_in + d_out)R² + R³`` (the R × R work counted once; measured, it costs
-      more);
+      Gram route's ``(d_in + d_out)R² + 13R³/3`` (the core ``PᵀG_bP``, two R³ products, and the
+      Cholesky of G_a; consistent with the measured times at R = 288 and 480 on ViT-B/16
+      shapes, where the Gram route is 2–4× faster);
     - otherwise dense once ``R ≥ 2 · d_in d_out / (d_in + d_out)`` (1152 for a 2304 × 768 layer,
       768 for 768 × 768); Gram for narrow dtypes while ``R ≤ 512``; otherwise QR (always for
       float64, whose Gram route would not be as accurate as the input).
     """
     narrow = dtype != torch.float64
     if narrow and rank is not None and 2 * _linalg.top_block(rank) <= min(d_out, d_in):
-        gram = (d_in + d_out) * R * R + float(R) ** 3
+        gram = (d_in + d_out) * R * R + 13 * float(R) ** 3 / 3
         if R > _GRAM_MAX_R or _dense_top_flops(d_out, d_in, R, rank) < gram:
             return "dense_top"
     crossover = d_in * d_out / (d_in + d_out)
@@ -417,10 +414,11 @@ def _flexlora_svd(
     scratch: _Scratch | None = None,
     rank: int = 0,
 ) -> tuple[_linalg.FactoredSVD, Tensor, Tensor | None]:
-    """Every triplet of each layer of one same-shaped batch, by ``route`` (dense_top: the top
-    ``rank``); with per-layer non-finite flags and the route's own check per layer (Gram: κ within
-    the route's limit; dense_top: the certificate; ``None`` for the others). No host sync.
-    The Gram route's factors live in ``scratch`` (overwritten by the next batch)."""
+    """Every triplet of each layer of one same-shaped batch, by ``route`` (the top ``rank`` where
+    ``rank`` > 0 on the Gram route, and always on dense_top); with per-layer non-finite flags and
+    the route's own check per layer (Gram: κ within the route's limit, and the top triplets'
+    certificate; dense_top: the certificate; ``None`` for the others). No host sync. The Gram
+    route's factors live in ``scratch`` (overwritten by the next batch)."""
     gram_ok = None
     if route == "gram":
         # unweighted float64 stacks (one cast-copy per factor); the weights p_k enter through the
@@ -443,7 +441,10 @@ def _flexlora_svd(
         first = batch[0]
         limit = _gram_kappa_limit(first.dtype, first.d_out, first.d_in, sum(first.ranks))
         gram_ok = tr_a * tr_b <= limit * limit * dw2
-        svd = _linalg.gram_svd(B_s, A_s, G_a, G_b)
+        u_in = _unit_roundoff(first.dtype)
+        svd, certified = _linalg.gram_svd(B_s, A_s, G_a, G_b, rank, u_in)
+        if certified is not None:
+            gram_ok = gram_ok & certified
         svd = svd._replace(Vh_core=svd.Vh_core * d)  # Vh = Vh_core D Â
     elif route == "dense_top":  # non-finite inputs read off tr G (see dense_top_svd)
         A_s, B_s = stacked_batch(batch, p, torch.float64)
@@ -492,12 +493,16 @@ def flexlora(
 
     - **Gram** (float32/float16/bfloat16 inputs): the float64 Grams ``A_s A_sᵀ`` and ``B_sᵀ B_s``
       and two R × R eigendecompositions give every triplet; U and V then cost one
-      (d × R)(R × rank) product each. Its float64 error, ``(d + R)·u₆₄·κ²`` relative with
-      ``κ = ‖B_s‖_F‖A_s‖_F / ‖ΔW‖_F``, stays below the inputs' own rounding ``u_in·κ`` while
-      ``κ ≤ u_in / ((d + R)·u₆₄)`` (1.7·10⁵ for float32 ViT layers): a layer whose clients cancel
-      more than that is redone by the QR route.
-    - **QR** (float64 inputs, and R > 512): thin QRs of ``B_s`` and ``A_sᵀ`` and an R × R core
-      SVD, accurate however much the clients cancel.
+      (d × R)(R × rank) product each. For a fixed rank once R ≥ 4·(2·rank + 8) (R ≥ 160 at
+      rank 16), the second, of the core, is replaced by the top ``rank`` eigenpairs from six
+      steps of certified subspace iteration (``_linalg.top_eigh``, as on dense_top below); a
+      layer without the certificate is redone with the full eigendecomposition. Its float64
+      error, ``(d + R)·u₆₄·κ²`` relative with ``κ = ‖B_s‖_F‖A_s‖_F / ‖ΔW‖_F``, stays below the
+      inputs' own rounding ``u_in·κ`` while ``κ ≤ u_in / ((d + R)·u₆₄)`` (1.7·10⁵ for float32
+      ViT layers; the certified top triplets add at most ``u_in·‖ΔW‖_F``): a layer whose clients
+      cancel more than that is redone by the QR route.
+    - **QR** (float64 inputs, and R > 512 where every σ is needed): thin QRs of ``B_s`` and
+      ``A_sᵀ`` and an R × R core SVD, accurate however much the clients cancel.
     - **dense_top** (a fixed int rank, narrow dtypes, large R: R > 512, or where its flops are
       the lower): form ``ΔW`` in float64 one layer at a time, its Gram on the smaller side
       (n × n, n = min(d_in, d_out)), and only the top ``rank`` triplets by six steps of block
@@ -591,9 +596,17 @@ def _flexlora(
             chosen[layer.name] = RankChoice(k, energy_kept(svd.S, k))
         out[layer.name] = LoRAFactors(_output(A, layer.dtype), _output(B, layer.dtype))
 
-    def redo(layer: Layer, route: Route) -> _linalg.FactoredSVD:
-        """The exact fallback of ``route`` for a layer that failed the route's own check."""
-        return _layer(_flexlora_svd([layer], p, _FALLBACK[route])[0], 0)
+    def redo(layer: Layer, route: Route, top: bool) -> _linalg.FactoredSVD:
+        """An exact route for a layer that failed ``route``'s own check: the full dense SVD for
+        dense_top; for the Gram route with ``top`` triplets only, the full Gram route if its κ
+        is within the limit; otherwise the QR route (accurate however much clients cancel)."""
+        if route == "dense_top":
+            return _layer(_flexlora_svd([layer], p, "dense")[0], 0)
+        if top:
+            svd, bad, ok = _flexlora_svd([layer], p, "gram")
+            if ok is not None and _average.check([bad.any()], prep.layers, ok)[0]:
+                return _layer(svd, 0)
+        return _layer(_flexlora_svd([layer], p, "qr")[0], 0)
 
     def kept(layer: Layer) -> int | None:
         """The fixed number of triplets kept, or None when every σ is needed."""
@@ -633,7 +646,7 @@ def _flexlora(
             if target is None:
                 ok = _average.check([bad.any()], prep.layers, route_ok)
                 for j, layer in enumerate(batch):
-                    finish(layer, redo(layer, route) if ok and not ok[j] else _layer(svd, j))
+                    finish(layer, redo(layer, route, False) if ok and not ok[j] else _layer(svd, j))
                 continue
             B, A = _linalg.split(svd, target, left_power)
             pending.append(_Pending(batch, A, B, route, route_ok))
@@ -645,7 +658,7 @@ def _flexlora(
         for done in pending:
             for j, layer in enumerate(done.layers):
                 if done.ok is not None and not ok[(i := i + 1) - 1]:
-                    finish(layer, redo(layer, done.route))
+                    finish(layer, redo(layer, done.route, True))
                 else:
                     out[layer.name] = LoRAFactors(
                         _output(done.A[j], layer.dtype), _output(done.B[j], layer.dtype)

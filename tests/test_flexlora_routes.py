@@ -8,6 +8,7 @@ import torch
 
 from lorafair import LoRAFactors, _linalg, errors
 from lorafair import aggregate as agg
+from lorafair._threads import torch_single_threaded
 from lorafair.aggregate import flexlora
 from tests import reference as ref
 
@@ -60,7 +61,7 @@ def test_near_cancelling_clients_leave_the_gram_route():
     A_s = torch.cat([c["fc"].A.double() / 4 for c in clients])
     B_s = torch.cat([c["fc"].B.double() for c in clients], dim=1)
     G_a, G_b = _linalg.grams(B_s, A_s)
-    B_g, A_g = _linalg.split(_linalg.gram_svd(B_s, A_s, G_a, G_b), 3, 0.5)
+    B_g, A_g = _linalg.split(_linalg.gram_svd(B_s, A_s, G_a, G_b)[0], 3, 0.5)
     best = ref.best_rank_approx(ref.delta_w(clients, "fc"), 3)
     assert float((B_g @ A_g - best).norm() / best.norm()) > 1e-3
     # flexlora notices (κ above the limit) and redoes the layer by the QR route
@@ -113,7 +114,7 @@ def test_factored_svd_gives_every_triplet_descending(route):
     B = torch.randn(2, 17, 6, generator=g, dtype=torch.float64)
     A = torch.randn(2, 6, 11, generator=g, dtype=torch.float64)
     if route == "gram":
-        svd = _linalg.gram_svd(B, A, *_linalg.grams(B, A))
+        svd = _linalg.gram_svd(B, A, *_linalg.grams(B, A))[0]
     else:
         svd = _linalg.qr_svd(B, A) if route == "qr" else _linalg.dense_svd(B, A)
     for i in range(2):
@@ -181,13 +182,23 @@ def _optimality_gap(out, clients, rank):
     return (float((dw - B.double() @ A.double()).norm()) - tail) / float(dw.norm())
 
 
-def _raw_top(clients, rank, u=2.0**-24):
-    """dense_top_svd on the float64 stacks, before any fallback: (B A, certified)."""
-    A_s = torch.cat([c["fc"].A.double() / len(clients) for c in clients])
-    B_s = torch.cat([c["fc"].B.double() for c in clients], dim=1)
-    top = _linalg.dense_top_svd(B_s[None], A_s[None], rank, u)
-    B, A = _linalg.split(top.svd, rank, 0.5)
-    return B[0] @ A[0], bool(top.certified[0])
+@torch_single_threaded  # as flexlora runs it (multi-threaded small kernels crawl on a busy CPU)
+def _raw_top(clients, rank, u=2.0**-24, route="dense_top"):
+    """The route's top ``rank`` triplets on the float64 stacks, before any fallback:
+    (B A, certified). ``route``: dense_top, or the Gram route's certified core."""
+    A_s = torch.cat([c["fc"].A.double() / len(clients) for c in clients])[None]
+    B_s = torch.cat([c["fc"].B.double() for c in clients], dim=1)[None]
+    if route == "dense_top":
+        top = _linalg.dense_top_svd(B_s, A_s, rank, u)
+        svd, certified = top.svd, top.certified
+    else:
+        svd, certified = _linalg.gram_svd(B_s, A_s, *_linalg.grams(B_s, A_s), rank, u)
+    B, A = _linalg.split(svd, rank, 0.5)
+    return B[0] @ A[0], bool(certified[0])
+
+
+# d_out = 200, d_in = 160, R = 96 ≥ 4·(2·4 + 8): the Gram route with its certified core
+_GRAM_TOP = {"d_out": 200, "d_in": 160, "extra": 8}
 
 
 def _decaying(n=64, *, k=4, ratio=0.05):
@@ -321,3 +332,50 @@ def test_dense_top_names_a_non_finite_client(bad, which):
     clients[2] = {"fc": LoRAFactors(A, B)}
     with pytest.raises(errors.NonFiniteError, match=rf"'fc': client 2 .* in {which}"):
         flexlora(clients, rank=4)
+
+
+def test_gram_route_top_core_is_taken_for_these_clients():
+    clients = _spectrum_clients(_decaying(), **_GRAM_TOP)
+    assert sum(c["fc"].A.shape[0] for c in clients) == 96
+    assert agg._route(200, 160, 96, torch.float32, 4) == "gram"
+    assert _linalg._TOP_GRAM_MIN * _linalg.top_block(4) <= 96
+    _, certified = _raw_top(clients, 4, route="gram")
+    assert certified
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_gram_route_top_core_matches_the_dense_svd_reference(seed):
+    clients = _spectrum_clients(_decaying(), seed=seed, **_GRAM_TOP)
+    out = flexlora(clients, rank=4)
+    assert abs(_optimality_gap(out, clients, 4)) < 1e-6
+    best = ref.best_rank_approx(ref.delta_w(clients, "fc"), 4)
+    A, B = out["fc"]
+    assert float((B.double() @ A.double() - best).norm() / best.norm()) < 1e-6
+
+
+def test_gram_route_top_core_refuses_an_unconverged_subspace():
+    sigma = [1.0 - 0.5 * i / 63 for i in range(64)]
+    clients = _spectrum_clients(sigma, seed=1, **_GRAM_TOP)
+    dw = ref.delta_w(clients, "fc")
+    raw, certified = _raw_top(clients, 4, route="gram")
+    tail = float(torch.linalg.svdvals(dw)[4:].norm())
+    assert (float((dw - raw).norm()) - tail) / float(dw.norm()) > 1e-4
+    assert not certified
+    # flexlora redoes the layer with the full R × R eigendecomposition
+    assert abs(_optimality_gap(flexlora(clients, rank=4), clients, 4)) < 1e-6
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_gram_route_top_core_certificate_holds_whenever_it_is_given(seed):
+    g = torch.Generator().manual_seed(200 + seed)
+    ratio = float(torch.rand((), generator=g)) * 1.2
+    sigma = _decaying(ratio=ratio)
+    if seed == 0:
+        sigma[3], sigma[4] = 0.7, 0.7  # σ_4 = σ_5 up to the inputs' rounding
+    clients = _spectrum_clients(sigma, seed=seed, **_GRAM_TOP)
+    dw = ref.delta_w(clients, "fc")
+    raw, certified = _raw_top(clients, 4, route="gram")
+    tail = float(torch.linalg.svdvals(dw)[4:].norm())
+    if certified:
+        assert (float((dw - raw).norm()) - tail) / float(dw.norm()) <= 2.0**-24
+    assert abs(_optimality_gap(flexlora(clients, rank=4), clients, 4)) < 1e-6
