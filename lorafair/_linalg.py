@@ -133,8 +133,9 @@ def gram_svd(
     top ``rank`` triplets: :func:`top_eigh` of the core C replaces its full ``eigh``
     (``oblique``: ``Vh`` keeps the form above, exact only for exact eigenvectors), certified per
     layer to ``unit_roundoff·‖ΔW‖_F`` with ``δ = 2R·u₆₄·tr C`` for the core's own arithmetic (the
-    Grams' rounding is the κ rule's, above); the products with W then cost O(R² rank). Returns the
-    certificate (…,) as well, or ``None`` for the full decomposition.
+    Grams' rounding is the κ rule's, above); the products with W then cost O(R² rank). On the
+    CPU a batch with an uncertified core takes the full ``eigh`` of the same C at once. Returns
+    the certificate (…,) as well, or ``None`` for the full decomposition.
     """
     R = G_a.shape[-1]
     rel = R * _EPS64
@@ -142,13 +143,18 @@ def gram_svd(
     PtGb = P.mT @ G_b
     C = PtGb @ P
     C = (C + C.mT) * 0.5
-    certified = None
+    certified: Tensor | None = None
     if rank > 0 and _TOP_GRAM_MIN * top_block(rank) <= R:
         trace = C.diagonal(dim1=-2, dim2=-1).sum(-1)
         delta = 2 * R * _U64 * trace
         top = top_eigh(C, rank, delta, unit_roundoff * trace.clamp_min(0).sqrt(), oblique=True)
         sig2, W, certified = top
-    else:
+        # on the CPU the certificate is read at no cost: a batch with an uncertified core takes
+        # the full eigh now, on the same C (elsewhere the caller redoes its layers after the
+        # call's one host round trip)
+        if C.device.type == "cpu" and not bool(certified.all()):
+            certified = None
+    if certified is None:
         sig2, W = torch.linalg.eigh(C)
         sig2, W = sig2.flip(-1), W.flip(-1)
     S = _clip(sig2, rel).sqrt()
@@ -259,6 +265,32 @@ def top_eigh(G: Tensor, k: int, delta: Tensor, tol: Tensor, *, oblique: bool) ->
     return TopEigh(theta, W, within & (info == 0))
 
 
+def full_top_eigh(G: Tensor, k: int, delta: Tensor, tol: Tensor) -> TopEigh:
+    """The top ``k`` eigenpairs of ``G = XᵀX`` from its full ``eigh``, certified with no gap.
+
+    With ``G V ≈ V Λ`` from LAPACK, the residual ``r = ‖G V − V Λ‖_F`` and the loss of
+    orthogonality ``o = ‖VᵀV − I‖_F`` (two n³ products) bound a backward error: V is within o
+    of an orthonormal Ṽ, and ``G + F`` has the exact eigenpairs (Ṽ, Λ) with
+    ``‖F‖₂ ≤ f = r + 2o·λ_1``. Ky Fan then gives ``Σ_{i≤k} λ_i(G) ≤ tr Λ_k + k f``, and the
+    projection on the top k columns W captures at least ``tr Λ_k − k f − 2o·tr G``: the squared
+    error ``s = tr G − tr Λ_k`` exceeds the optimum by at most ``η = 2k(f + δ) + 2o·tr G``, in
+    Frobenius norm by at most ``√s − √(s − η)``; certified when that is at most ``tol``. No gap
+    is needed, only ``s`` not too small (ΔW not nearly of rank ≤ k). Cost ≈ 9n³ (eigh, two
+    products).
+    """
+    lam, V = torch.linalg.eigh(G)
+    lam, V = lam.flip(-1), V.flip(-1)
+    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+    r = torch.linalg.matrix_norm(G @ V - V * lam.unsqueeze(-2))
+    o = torch.linalg.matrix_norm(V.mT @ V - eye)
+    trace = G.diagonal(dim1=-2, dim2=-1).sum(-1)
+    f = r + 2 * o * lam[..., 0].abs()
+    eta = 2 * k * (f + delta) + 2 * o * trace
+    s = (trace - lam[..., :k].sum(-1)).clamp_min(0)
+    excess = s.sqrt() - (s - eta).clamp_min(0).sqrt()
+    return TopEigh(lam[..., :k], V[..., :k], (excess <= tol) & (o < 0.5))
+
+
 class TopSVD(NamedTuple):
     """:func:`dense_top_svd`'s result: the top triplets and, per layer, whether they are certified
     and whether ``‖ΔW‖_F²`` is finite."""
@@ -278,8 +310,9 @@ def dense_top_svd(B: Tensor, A: Tensor, rank: int, unit_roundoff: float) -> TopS
     with ``δ = 2m·u₆₄·‖ΔW‖_F²``, which bounds the float64 rounding of G in spectral norm (the
     cost of squaring). That bound is the rounding of a result in the inputs' dtype; for float64
     (``u₆₄``) the squaring term alone exceeds it: never certified. The projection is returned as
-    an SVD through the thin SVD of the m × k matrix ``Y = X W``. An uncertified layer is for the
-    caller to redo exactly (:func:`dense_svd`).
+    an SVD through the thin SVD of the m × k matrix ``Y = X W``. On the CPU a layer that
+    :func:`top_eigh` leaves uncertified takes :func:`full_top_eigh` of the same G at once
+    (certified without a gap); a layer still uncertified is for the caller to redo exactly.
 
     Non-finite inputs: ``finite`` is ``‖ΔW‖_F² = tr G``'s finiteness. A NaN or Inf factor entry
     makes some entry of ΔW, hence of G's diagonal, non-finite (in IEEE arithmetic a sum with a
@@ -288,7 +321,8 @@ def dense_top_svd(B: Tensor, A: Tensor, rank: int, unit_roundoff: float) -> TopS
     left uncertified; the caller raises.
 
     Cost per layer: ``2 d_out d_in R`` to form ΔW, ``n² m`` for G, :func:`top_eigh`'s
-    ``≈ 2n²p`` per step and ``n³/3``, O(mnk) for the products; memory: ΔW and two n × n buffers.
+    ``≈ 2n²p`` per step and ``n³/3`` (``≈ 9n³`` more where :func:`full_top_eigh` is needed),
+    O(mnk) for the products; memory: ΔW and a few n × n buffers.
     No host synchronisation: ``certified`` and ``finite`` (…,) are tensors.
     """
     dw = B @ A
@@ -301,7 +335,12 @@ def dense_top_svd(B: Tensor, A: Tensor, rank: int, unit_roundoff: float) -> TopS
     finite = torch.isfinite(fro2)
     G = torch.where(finite.reshape(*finite.shape, 1, 1), G, 0.0)
     fro2 = torch.where(finite, fro2, 0.0)
-    top = top_eigh(G, k, 2 * m * _U64 * fro2, unit_roundoff * fro2.sqrt(), oblique=False)
+    delta, tol = 2 * m * _U64 * fro2, unit_roundoff * fro2.sqrt()
+    top = top_eigh(G, k, delta, tol, oblique=False)
+    # on the CPU the certificate is read at no cost: without it, the full eigh of the same G,
+    # certified with no gap (elsewhere the caller redoes the layer after its one host round trip)
+    if G.device.type == "cpu" and not bool(top.certified.all()):
+        top = full_top_eigh(G, k, delta, tol)
     W = top.vectors
     Y = torch.where(finite.reshape(*finite.shape, 1, 1), X @ W, 0.0)  # (…, m, k)
     U_y, S, Zh = torch.linalg.svd(Y, full_matrices=False)  # Y = U_y S Zh

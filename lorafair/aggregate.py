@@ -597,11 +597,15 @@ def _flexlora(
         out[layer.name] = LoRAFactors(_output(A, layer.dtype), _output(B, layer.dtype))
 
     def redo(layer: Layer, route: Route, top: bool) -> _linalg.FactoredSVD:
-        """An exact route for a layer that failed ``route``'s own check: the full dense SVD for
-        dense_top; for the Gram route with ``top`` triplets only, the full Gram route if its κ
-        is within the limit; otherwise the QR route (accurate however much clients cancel)."""
+        """An exact route for a layer that failed ``route``'s own check: for dense_top, the route
+        the cost model takes where every σ is needed; for the Gram route with ``top`` triplets
+        only, the full Gram route if its κ is within the limit; otherwise the QR route (accurate
+        however much clients cancel)."""
         if route == "dense_top":
-            return _layer(_flexlora_svd([layer], p, "dense")[0], 0)
+            route = _route(layer.d_out, layer.d_in, sum(layer.ranks), layer.dtype, None)
+            if route != "gram":
+                return _layer(_flexlora_svd([layer], p, route)[0], 0)
+            top = True  # the full Gram route, κ permitting
         if top:
             svd, bad, ok = _flexlora_svd([layer], p, "gram")
             if ok is not None and _average.check([bad.any()], prep.layers, ok)[0]:

@@ -184,17 +184,40 @@ def _optimality_gap(out, clients, rank):
 
 @torch_single_threaded  # as flexlora runs it (multi-threaded small kernels crawl on a busy CPU)
 def _raw_top(clients, rank, u=2.0**-24, route="dense_top"):
-    """The route's top ``rank`` triplets on the float64 stacks, before any fallback:
-    (B A, certified). ``route``: dense_top, or the Gram route's certified core."""
+    """One step's top ``rank`` answer on the float64 stacks, before any fallback: (B A, certified).
+
+    ``route``: ``dense_top`` (``dense_top_svd`` whole, its CPU second stage included);
+    ``iteration`` / ``full``: ``top_eigh`` / ``full_top_eigh`` alone on ``G = ΔWᵀΔW``; ``gram``:
+    ``top_eigh`` alone on the Gram route's core ``C = PᵀG_bP``, with that route's product
+    ``B_s P W Θ⁻¹ Wᵀ Pᵀ G_b A_s``.
+    """
     A_s = torch.cat([c["fc"].A.double() / len(clients) for c in clients])[None]
     B_s = torch.cat([c["fc"].B.double() for c in clients], dim=1)[None]
     if route == "dense_top":
         top = _linalg.dense_top_svd(B_s, A_s, rank, u)
-        svd, certified = top.svd, top.certified
+        B, A = _linalg.split(top.svd, rank, 0.5)
+        return B[0] @ A[0], bool(top.certified[0])
+    if route == "gram":
+        G_a, G_b = _linalg.grams(B_s, A_s)
+        R = G_a.shape[-1]
+        P = _linalg._gram_root(G_a, R * 2.0**-52)
+        C = P.mT @ G_b @ P
+        C = (C + C.mT) / 2
+        tr = C.diagonal(dim1=-2, dim2=-1).sum(-1)
+        top = _linalg.top_eigh(C, rank, 2 * R * 2.0**-53 * tr, u * tr.sqrt(), oblique=True)
+        W, theta = top.vectors, top.values
+        out = B_s @ P @ W @ torch.diag_embed(1 / theta) @ W.mT @ P.mT @ G_b @ A_s
+        return out[0], bool(top.certified[0])
+    dw = B_s @ A_s
+    G = dw.mT @ dw
+    fro2 = G.diagonal(dim1=-2, dim2=-1).sum(-1)
+    delta, tol = 2 * dw.shape[-2] * 2.0**-53 * fro2, u * fro2.sqrt()
+    if route == "iteration":
+        top = _linalg.top_eigh(G, rank, delta, tol, oblique=False)
     else:
-        svd, certified = _linalg.gram_svd(B_s, A_s, *_linalg.grams(B_s, A_s), rank, u)
-    B, A = _linalg.split(svd, rank, 0.5)
-    return B[0] @ A[0], bool(certified[0])
+        top = _linalg.full_top_eigh(G, rank, delta, tol)
+    W = top.vectors
+    return (dw @ W @ W.mT)[0], bool(top.certified[0])
 
 
 # d_out = 200, d_in = 160, R = 96 ≥ 4·(2·4 + 8): the Gram route with its certified core
@@ -259,11 +282,23 @@ def test_dense_top_certificate_refuses_an_unconverged_subspace():
     sigma = [1.0 - 0.5 * i / 63 for i in range(64)]
     clients = _spectrum_clients(sigma, seed=1)
     dw = ref.delta_w(clients, "fc")
-    raw, certified = _raw_top(clients, 4)
+    raw, certified = _raw_top(clients, 4, route="iteration")
     tail = float(torch.linalg.svdvals(dw)[4:].norm())
     assert (float((dw - raw).norm()) - tail) / float(dw.norm()) > 1e-4
     assert not certified
-    # flexlora redoes the layer exactly (full dense SVD)
+    # the full eigh of the same G needs no gap: certified, and optimal
+    raw, certified = _raw_top(clients, 4, route="full")
+    assert certified
+    assert (float((dw - raw).norm()) - tail) / float(dw.norm()) <= 2.0**-24
+    assert _raw_top(clients, 4)[1]  # dense_top_svd takes that second stage on the CPU
+    assert abs(_optimality_gap(flexlora(clients, rank=4), clients, 4)) < 1e-6
+
+
+def test_full_top_eigh_refuses_a_nearly_rank_k_update():
+    # ΔW of rank 4 plus 1e-7 noise: the optimal error is tiny, and squaring cannot certify it
+    sigma = [1.0, 0.9, 0.8, 0.7] + [1e-7] * 60
+    clients = _spectrum_clients(sigma, seed=4)
+    assert not _raw_top(clients, 4, route="full")[1]
     assert abs(_optimality_gap(flexlora(clients, rank=4), clients, 4)) < 1e-6
 
 
@@ -276,14 +311,15 @@ def test_dense_top_near_degenerate_sigma_r_is_still_optimal(gap):
     sigma[3], sigma[4] = 0.7, 0.7 * (1 - gap)
     clients = _spectrum_clients(sigma, seed=2)
     dw = ref.delta_w(clients, "fc")
-    raw, certified = _raw_top(clients, 4)
     tail = float(torch.linalg.svdvals(dw)[4:].norm())
-    if certified:
-        assert (float((dw - raw).norm()) - tail) / float(dw.norm()) <= 2.0**-24
+    for route in ("iteration", "full", "dense_top"):
+        raw, certified = _raw_top(clients, 4, route=route)
+        if certified:
+            assert (float((dw - raw).norm()) - tail) / float(dw.norm()) <= 2.0**-24
     assert abs(_optimality_gap(flexlora(clients, rank=4), clients, 4)) < 1e-6
 
 
-def test_dense_top_exactly_degenerate_sigma_r_is_not_certified():
+def test_dense_top_exactly_degenerate_sigma_r_is_not_certified_by_the_iteration():
     # float64 factors with σ_4 = σ_5 = 0.7 (to float64 rounding): no gap at k, so Cholesky of
     # μI − (I − WWᵀ) G (I − WWᵀ) − cI must fail whatever W the iteration found
     g = torch.Generator().manual_seed(9)
@@ -291,14 +327,20 @@ def test_dense_top_exactly_degenerate_sigma_r_is_not_certified():
     V = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64)).Q
     sigma = torch.tensor(_decaying(), dtype=torch.float64)
     sigma[3] = sigma[4] = 0.7
-    B_s = torch.cat([U * sigma, torch.zeros(96, 64, dtype=torch.float64)], dim=1)
-    A_s = torch.cat([V.mT, V.mT])
-    top = _linalg.dense_top_svd(B_s[None], A_s[None], 4, 2.0**-24)
-    assert not bool(top.certified[0])
-    # with the gap restored the same call certifies: the refusal is the degeneracy's doing
+
+    def top(sigma):
+        dw = U * sigma @ V.mT
+        G = (dw.mT @ dw)[None]
+        fro2 = G.diagonal(dim1=-2, dim2=-1).sum(-1)
+        d, tol = 2 * 96 * 2.0**-53 * fro2, 2.0**-24 * fro2.sqrt()
+        return _linalg.top_eigh(G, 4, d, tol, oblique=False), _linalg.full_top_eigh(G, 4, d, tol)
+
+    it, full = top(sigma)
+    assert not bool(it.certified[0])
+    assert bool(full.certified[0])  # any basis of the tie is optimal: the gap-free bound holds
+    # with the gap restored the iteration certifies: the refusal is the degeneracy's doing
     sigma[4] = 0.6
-    B_s = torch.cat([U * sigma, torch.zeros(96, 64, dtype=torch.float64)], dim=1)
-    assert bool(_linalg.dense_top_svd(B_s[None], A_s[None], 4, 2.0**-24).certified[0])
+    assert bool(top(sigma)[0].certified[0])
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -308,16 +350,18 @@ def test_dense_top_certificate_holds_whenever_it_is_given(seed):
     ratio = float(torch.rand((), generator=g)) * 1.2
     clients = _spectrum_clients(_decaying(ratio=ratio), seed=seed)
     dw = ref.delta_w(clients, "fc")
-    raw, certified = _raw_top(clients, 4)
     tail = float(torch.linalg.svdvals(dw)[4:].norm())
-    if certified:
-        assert (float((dw - raw).norm()) - tail) / float(dw.norm()) <= 2.0**-24
+    for route in ("iteration", "full", "dense_top"):
+        raw, certified = _raw_top(clients, 4, route=route)
+        if certified:
+            assert (float((dw - raw).norm()) - tail) / float(dw.norm()) <= 2.0**-24
     assert abs(_optimality_gap(flexlora(clients, rank=4), clients, 4)) < 1e-6
 
 
 def test_dense_top_never_certifies_at_float64_precision():
     clients = _spectrum_clients(_decaying())
-    assert not _raw_top(clients, 4, u=2.0**-53)[1]
+    for route in ("iteration", "full", "dense_top"):
+        assert not _raw_top(clients, 4, u=2.0**-53, route=route)[1]
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
