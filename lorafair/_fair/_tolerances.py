@@ -61,6 +61,11 @@ this (relative): one approaching the same infimum can only get below it by round
 CHUNK_BYTES = 1 << 21
 """On CPU the columns objective is evaluated over chunks of rows whose ``m × n`` arrays hold at
 most this many bytes (cache-sized; not a tolerance: it changes results only by rounding)."""
+FACTORED_ROWS = 4
+"""Residual on B, the columns objective's ``Y = Z Ā`` (``Z`` p × q) is evaluated without forming
+``Y`` (from ``ZᵀX`` and a QR of ``Z``) where ``p ≥ FACTORED_ROWS · q``: the elementwise work drops
+from p × n to q × n per pass; on smaller bases the explicit product costs no more (not a
+tolerance: it changes results only by rounding)."""
 COLUMNS_END_STEPS = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
 """Sizes ``‖t D‖ / ‖Z0‖`` of the λ = 0-end points that the columns solver scores."""
 END_REACH = 1e-9
