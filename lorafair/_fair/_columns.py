@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lorafair._fair import _tolerances as _tol
-from lorafair._fair._batch import _Group, _Rounding, _rounding, _Solved
+from lorafair._fair._batch import _Group, _Rounding, _rounding, _Solved, turning
 from lorafair._fair._newton import (
     Batched,
     Norm,
@@ -762,7 +762,9 @@ def _unsafe(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: _Rounding
     moves the cosines by ``ε₆₄ (‖Z‖ + ‖Z0‖) ‖∇_Z mean_j cos_j‖``: large near a vanishing column
     unless it points at its best direction (then the gradient cancels); to second order by
     ``mean_j u_j²``, ``u_j = ε₆₄ s_j / ‖Y_j‖`` the angle by which the column can turn
-    (:func:`_column_scale`). Unsafe: their sum exceeds ``_tol.DROP_UNSAFE``.
+    (:func:`_column_scale`; the rounding model :func:`~lorafair._fair._batch.turning`, counted
+    here without its ½: an admissibility margin, not a cost). Unsafe: their sum exceeds
+    ``_tol.DROP_UNSAFE``.
     """
     X = data[0]
     per_row = X.shape[-2] * X.shape[-1] * X.element_size() * (Z.shape[1] if Z.ndim == 4 else 1)
@@ -793,8 +795,8 @@ def _unsafe_rows(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: _Rou
     GZ = adjoint_map(GY, left, right)
     size = torch.linalg.matrix_norm(Z) + torch.linalg.matrix_norm(Z0) + unit.floor
     first = unit.eps * size * torch.linalg.matrix_norm(GZ)
-    u = unit.eps * sc / torch.where(ok, yn, one)
-    second = torch.where(ok, u * u, 0.0).mean(dim=-1)
+    err = unit.eps * sc
+    second = torch.where(ok, turning(err * err, yn * yn), 0.0).mean(dim=-1)
     exact_zero: Tensor = (active & (yn == 0)).any(dim=-1)  # an active zero column counts 0
     resolved: Tensor = first + second <= max(_tol.DROP_UNSAFE, 10.0 * unit.eps)  # False for NaN too
     return exact_zero | ~resolved

@@ -40,6 +40,7 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from lorafair._fair import _tolerances as _tol
+from lorafair._fair._batch import turning
 from lorafair._fair._newton import Norm, armijo_step, modified_newton, reg_terms
 
 Arr = NDArray[np.float64]
@@ -295,11 +296,11 @@ def _ray(g: Arr, hh: Arr) -> tuple[Arr, Arr]:
 def _turn(n_sq: Arr, g: Arr, bb: Arr, eps: Arr, noise: Arr) -> Arr:
     """``½ u²``, ``u = (ε ‖P‖ + noise) √max g / n``: the angle by which rounding ``P'`` (or
     ``ΔP``) as computed and returned can turn a product of norm ``n``, squared: what that costs
-    its cosine.
-    ``eps``, ``noise`` (L,) (see :func:`_end`); ``n_sq`` (L,) or (L, S)."""
+    its cosine (the rounding model :func:`~lorafair._fair._batch.turning`, for the whole
+    product). ``eps``, ``noise`` (L,) (see :func:`_end`); ``n_sq`` (L,) or (L, S)."""
     u_sq = (eps * np.sqrt(bb.sum(-1)) + noise) ** 2 * g.max(-1)
     u_sq = u_sq[:, None] if n_sq.ndim == 2 else u_sq
-    out: Arr = 0.5 * u_sq / np.maximum(n_sq, _tol.TINY)
+    out: Arr = 0.5 * turning(u_sq, n_sq)
     return out
 
 
