@@ -505,9 +505,10 @@ def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Solved:
         ratio = torch.where(yu > 0, yl / torch.where(yu > 0, yu, 1.0), 0.0)
         starts = [Z0, Z_ls, 0.5 * (Z0 + Z_ls), Z_unit * ratio[:, None, None]]
         unit = _rounding(grp, opts)  # rounding of the output, in the dtype it comes in
-        Z, iters, conv = _columns_minimise(obj, data, starts, left is not None, opts, unit)
+        pool = _columns_minimise(obj, data, starts, left is not None, opts, unit)
         if opts.lam > 0:
-            Z = _columns_end(obj, data, starts, Z, left is not None, opts, unit)
+            _columns_end(obj, data, starts, pool, left is not None, opts, unit)
+        Z, _, iters, conv = pool.choice(shape)
     f_final = obj.values(Z.reshape(n_layers, 1, -1), *data).squeeze(1)
     diff = Z - Z0
     reg = regulariser((diff * diff).sum(dim=(-2, -1)), lam, norm)
@@ -529,13 +530,13 @@ def _columns_end(
     obj: Batched,
     data: tuple[Tensor, ...],
     starts: list[Tensor],
-    Z: Tensor,
+    pool: _Pool,
     has_left: bool,
     opts: _Options,
     unit: _Rounding,
-) -> Tensor:
-    """``Z``, or where lower, a point of the λ = 0 end: ``Z0`` with its product-facing part
-    replaced by ``t D``, ``D`` that part of a λ = 0 minimiser (scale-free).
+) -> None:
+    """Adds to ``pool`` points of the λ = 0 end: ``Z0`` with its product-facing part replaced by
+    ``t D``, ``D`` that part of a λ = 0 minimiser (scale-free).
 
     The infimum ``f*_{λ=0} + λ R(‖part‖²)`` is approached as ``t → 0⁺`` (the whole product
     vanishes with the λ = 0 directions; no stationary point gets there, so the multi-start runs
@@ -561,16 +562,16 @@ def _columns_end(
 
     part = facing(Z0)
     keep = Z0 - part
-    f_now = obj.values(Z.reshape(n_layers, 1, -1), *data).squeeze(1)
+    now = pool.choice(shape)
     floor = regulariser((part * part).sum(dim=(-2, -1)), opts.lam, opts.norm)
     steps = torch.tensor(_tol.COLUMNS_END_STEPS, dtype=Z0.dtype, device=Z0.device)
     n_s = steps.shape[0]
     opts0 = dataclasses.replace(opts, lam=0.0)
     obj0 = columns_objective(0.0, opts.norm, shape, has_left, not has_left)
 
-    def score(rows: Tensor, D: Tensor, st: Tensor, with_tau: bool) -> tuple[Tensor, Tensor]:
-        """Best point and value among ``keep + t D_s`` (D: rows, S, p, q; ``D_s`` scaled to
-        ``‖t D_s‖ = st_s ‖Z0‖``)."""
+    def offer(rows: Tensor, D: Tensor, st: Tensor, with_tau: bool) -> None:
+        """``keep + t D_s`` into the pool (D: rows, S, p, q; ``D_s`` scaled to
+        ``‖t D_s‖ = st_s ‖Z0‖``), checked by :func:`_unsafe` best first."""
         sub = tuple(t[rows] for t in data)
         dd = (D * D).sum(dim=(-2, -1))
         ok = dd > 0
@@ -588,39 +589,33 @@ def _columns_end(
             return _unsafe(pts[r, k], tuple(t[r] for t in sub), has_left, unit)
 
         f = _first_safe(f, unsafe_at)
-        best = torch.argmin(f, dim=1)
-        at = torch.arange(best.shape[0], device=best.device)
-        return pts[at, best], f[at, best]
+        n_pts = f.shape[1]
 
-    out, f_out = Z.clone(), f_now.clone()
+        def each(t: Tensor) -> Tensor:
+            return t[rows].repeat_interleave(n_pts)
 
-    def take(rows: Tensor, W: Tensor, f: Tensor) -> None:
-        better = f < f_out[rows]
-        out[rows[better]] = W[better]
-        f_out[rows[better]] = f[better]
+        layer = torch.arange(n_layers, device=f.device)
+        pool.add(pts.flatten(-2).flatten(0, 1), f.flatten(), *map(each, (layer, *now[2:])))
 
-    rows = torch.nonzero(f_now > floor + _tol.TIE).squeeze(-1)
+    rows = torch.nonzero(now.f > floor + _tol.TIE).squeeze(-1)
     if rows.numel() == 0:
-        return out
+        return
     sub = tuple(t[rows] for t in data)
-    Zs, _, _ = _columns_minimise(obj0, sub, [x[rows] for x in starts], has_left, opts0, unit)
+    starts0 = [x[rows] for x in starts]
+    Zs = _columns_minimise(obj0, sub, starts0, has_left, opts0, unit).choice(shape).Z
     limit = obj0.values(Zs.reshape(rows.shape[0], 1, -1), *sub).squeeze(1) + floor[rows]
-    W, f = score(rows, facing(Zs).unsqueeze(1).expand(-1, n_s, -1, -1), steps, True)
-    take(rows, W, f)
+    offer(rows, facing(Zs).unsqueeze(1).expand(-1, n_s, -1, -1), steps, True)
     # Layers whose end could still win by more than the plain points' reach: anchors Z0 / s
     # (s < 1; the anchor Z0 itself was solved and scored just above).
-    rows = rows[f_out[rows] - limit > _tol.END_REACH * (1.0 + limit.abs())]
+    rows = rows[pool.choice(shape).f[rows] - limit > _tol.END_REACH * (1.0 + limit.abs())]
     if rows.numel() == 0:
-        return out
+        return
     m, small = rows.shape[0], steps[1:]
     rep = [t[rows].repeat(n_s - 1, *([1] * (t.ndim - 1))) for t in data]
     rep[3] = rep[3] / small.repeat_interleave(m)[:, None, None]
-    Zs, _, _ = _columns_minimise(
-        obj0, tuple(rep), [x[rows].repeat(n_s - 1, 1, 1) for x in starts], has_left, opts0, unit
-    )
-    W, f = score(rows, facing(Zs.reshape(n_s - 1, m, *shape).transpose(0, 1)), small, False)
-    take(rows, W, f)
-    return out
+    starts0 = [x[rows].repeat(n_s - 1, 1, 1) for x in starts]
+    Zs = _columns_minimise(obj0, tuple(rep), starts0, has_left, opts0, unit).choice(shape).Z
+    offer(rows, facing(Zs.reshape(n_s - 1, m, *shape).transpose(0, 1)), small, False)
 
 
 def _drop_direction(
@@ -882,7 +877,7 @@ def _columns_minimise(
     has_left: bool,
     opts: _Options,
     unit: _Rounding,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> _Pool:
     """Multi-start minimisation of the columns objective, through its unattained infima.
 
     The cosine of a product column jumps where the column vanishes, and the best values are
@@ -900,7 +895,7 @@ def _columns_minimise(
     returned. Residual on A also tries the column-wise best mix of all candidates
     (:func:`_mix_columns`), polished. ``ΔB = 0`` is kept unless beaten (:func:`_pick`).
     Host syncs: one per round of dropping (the number of restricted problems is data
-    dependent). Returns ``(Z, iterations, converged)``.
+    dependent). Returns the pool (:meth:`_Pool.choice` picks from it).
     """
     X, xn, active, Z0 = data[:4]
     has_right = not has_left  # the two shapes of _solve_columns: Z Ā (right) or R_B A' (left)
@@ -932,7 +927,15 @@ def _columns_minimise(
     else:
         f_safe = _safe_best_first(Zr, data, f_raw, m, unit)
     tiny = active.repeat(m, 1) & (yn <= _tol.DROP_TINY * sc)
-    pool = _Pool()
+    f_zero = obj.values(Z0.reshape(n_layers, 1, -1), *data).squeeze(1)
+    zero = _Candidates(
+        Z0.flatten(-2),
+        f_zero,
+        layer[:n_layers],
+        res.iterations[:n_layers],
+        res.converged[:n_layers],
+    )
+    pool = _Pool(zero)
     pool.add(res.x, f_safe, layer, res.iterations, res.converged)
     # Seeds of restricted problems: (layer, dropped columns, point, iterations so far).
     seed = tiny.any(dim=-1)
@@ -1018,14 +1021,7 @@ def _columns_minimise(
                 its,
                 rp.converged,
             )
-    every = pool.joined()
-    first, f_best = _best(every, n_layers)
-    f_zero = obj.values(Z0.reshape(n_layers, 1, -1), *data).squeeze(1)
-    _, zero = _pick(f_best[None], f_zero, False)
-    Z = torch.where(zero[:, None, None], Z0, every.x[first].reshape(n_layers, *shape))
-    iters = torch.where(zero, res.iterations[:n_layers], every.iterations[first])
-    conv = torch.where(zero, res.converged[:n_layers], every.converged[first])
-    return Z, iters, conv
+    return pool
 
 
 class _Candidates(NamedTuple):
@@ -1040,10 +1036,23 @@ class _Candidates(NamedTuple):
     converged: Tensor
 
 
+class _Choice(NamedTuple):
+    """The scorer's pick per layer: point ``Z`` (L, p, q), its objective ``f``, and the
+    ``iterations`` / ``converged`` of the run that produced it."""
+
+    Z: Tensor
+    f: Tensor
+    iterations: Tensor
+    converged: Tensor
+
+
 @dataclasses.dataclass
 class _Pool:
-    """The one pool every heuristic of :func:`_columns_minimise` adds its candidates to."""
+    """The one pool every heuristic of the column form adds its candidates to (starts,
+    dropped columns, column mixes, the λ = 0 end), with ``ΔB = 0`` (``zero``: one row per
+    layer, in layer order) always among them; :meth:`choice` is the one scorer."""
 
+    zero: _Candidates
     parts: list[_Candidates] = dataclasses.field(default_factory=list)
 
     def add(self, x: Tensor, f: Tensor, layer: Tensor, iterations: Tensor, cv: Tensor) -> None:
@@ -1051,6 +1060,20 @@ class _Pool:
 
     def joined(self) -> _Candidates:
         return _Candidates(*(torch.cat(z) for z in zip(*self.parts, strict=True)))
+
+    def choice(self, shape: tuple[int, int]) -> _Choice:
+        """Per layer the candidate of lowest ``f`` (the first of equals: :func:`_best`), unless
+        ``ΔB = 0`` is within ``TIE`` of it (:func:`~lorafair._fair._newton._pick`)."""
+        every, z = self.joined(), self.zero
+        n_layers = z.f.shape[0]
+        first, f_best = _best(every, n_layers)
+        _, zero = _pick(f_best[None], z.f, False)
+        return _Choice(
+            torch.where(zero[:, None], z.x, every.x[first]).reshape(n_layers, *shape),
+            torch.where(zero, z.f, f_best),
+            torch.where(zero, z.iterations, every.iterations[first]),
+            torch.where(zero, z.converged, every.converged[first]),
+        )
 
 
 def _best(c: _Candidates, n_layers: int) -> tuple[Tensor, Tensor]:
