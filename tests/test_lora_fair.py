@@ -612,8 +612,12 @@ class _ColumnsProblem(NamedTuple):
 
 
 def _columns_problem(gen: torch.Generator, side: str, n_layers: int) -> _ColumnsProblem:
-    """A small column problem with one inactive column, for either side."""
-    m, p, q, n = 5, 3, 4, 6
+    """A small column problem with one inactive column, for either side ("tall": the right side
+    with ``Z`` at least ``FACTORED_ROWS`` times as tall as wide, which is evaluated without
+    forming ``Y``)."""
+    from lorafair._fair import _tolerances as _tol
+
+    m, p, q, n = (5, 3, 4, 6) if side != "tall" else (_tol.FACTORED_ROWS * 3, 3, 3, 7)
     shape = (p, q) if side == "left" else (m, q)
     n = q if side == "left" else n
     X = torch.randn(n_layers, m, n, generator=gen, dtype=F64)
@@ -631,7 +635,7 @@ def _columns_problem(gen: torch.Generator, side: str, n_layers: int) -> _Columns
 
 @pytest.mark.parametrize("offset", [False, True])
 @pytest.mark.parametrize("norm", ["fro", "fro_squared"])
-@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("side", ["left", "right", "tall"])
 def test_columns_closed_form_derivatives_match_autograd(norm, side, offset) -> None:  # type: ignore[no-untyped-def]
     from lorafair._fair import _columns as _solve
 
@@ -639,7 +643,7 @@ def test_columns_closed_form_derivatives_match_autograd(norm, side, offset) -> N
     n_layers, lam = 2, 0.2
     shape, X, xn, active, Z0, mat = _columns_problem(gen, side, n_layers)
     x = torch.randn(n_layers, shape[0] * shape[1], generator=gen, dtype=F64)
-    obj = _solve.columns_objective(lam, norm, shape, side == "left", side == "right", offset)  # type: ignore[arg-type]
+    obj = _solve.columns_objective(lam, norm, shape, side == "left", side != "left", offset)  # type: ignore[arg-type]
     c0 = torch.rand(n_layers, generator=gen, dtype=F64) + 0.5  # the restricted problems' offset
     data = (X, xn, active, Z0, c0, mat) if offset else (X, xn, active, Z0, mat)
     f, grad = obj.value_and_grad(x, *data)
@@ -647,7 +651,7 @@ def test_columns_closed_form_derivatives_match_autograd(norm, side, offset) -> N
     vals = obj.values(x.unsqueeze(1), *data).squeeze(1)
     for i in range(n_layers):
         left = mat[i] if side == "left" else None
-        right = mat[i] if side == "right" else None
+        right = mat[i] if side != "left" else None
         ref = _columns_reference(
             lam, norm, shape, X[i], xn[i], active[i], Z0[i], left, right, c0[i] if offset else 0.0
         )
@@ -657,7 +661,7 @@ def test_columns_closed_form_derivatives_match_autograd(norm, side, offset) -> N
 @pytest.mark.parametrize("through", ["nothing", "zero", "fedit"])
 @pytest.mark.parametrize("offset", [False, True])
 @pytest.mark.parametrize("norm", ["fro", "fro_squared"])
-@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("side", ["left", "right", "tall"])
 def test_columns_line_values_match_the_reference(norm, side, offset, through) -> None:  # type: ignore[no-untyped-def]
     # The line search's values along x + t d (polynomials in t, with an exact fallback where
     # they cancel): lines through a generic point, near Z = 0 (every product column shrinks
@@ -676,14 +680,14 @@ def test_columns_line_values_match_the_reference(norm, side, offset, through) ->
         d = -x / (ts[3] * (1.0 + 1e-9))  # at ts[3]: 1e-9 x, columns of norm ~1e-9
     elif through == "fedit":
         d = (Z0.flatten(-2) - x) / ts[3]
-    obj = _solve.columns_objective(lam, norm, shape, side == "left", side == "right", offset)  # type: ignore[arg-type]
+    obj = _solve.columns_objective(lam, norm, shape, side == "left", side != "left", offset)  # type: ignore[arg-type]
     c0 = torch.rand(n_layers, generator=gen, dtype=F64) + 0.5
     data = (X, xn, active, Z0, c0, mat) if offset else (X, xn, active, Z0, mat)
     assert obj.line is not None
     got = obj.line(x, d, ts, *data)
     for i in range(n_layers):
         left = mat[i] if side == "left" else None
-        right = mat[i] if side == "right" else None
+        right = mat[i] if side != "left" else None
         ref = _columns_reference(
             lam, norm, shape, X[i], xn[i], active[i], Z0[i], left, right, c0[i] if offset else 0.0
         )

@@ -221,12 +221,12 @@ def lora_fair(
     solved in closed form (the cosine-maximising ``B'`` closest to ``B̄``, reaching the bound
     ``‖ΔW Ā⁺Ā‖/‖ΔW‖``). Where the best value is only approached as the product vanishes (the
     λ = 0 end with ``B'Ā → 0``), a fixed rule goes as close to the infimum as the output
-    dtype's rounding allows. ``"columns"`` iterates in an orthonormal basis of ``span(B_s, B̄)``
-    plus r spare directions (≤ ``(K+2) r`` rows): multi-start Newton (four starts), restricted
-    problems where columns vanish, and for ``λ > 0`` the λ = 0 problem too (the whole product
-    vanishing). ``residual_on="A"`` solves the transposed problem. Clients of different ranks
-    are zero-padded to the largest rank (so ``Ā``, ``B̄`` and the result have that rank); a rank
-    above both ``d_in`` and ``d_out`` is rejected as a likely A/B swap unless
+    dtype's rounding allows. ``"columns"`` iterates in an orthonormal basis of ``span(B_s)``
+    (∋ ``B̄``) plus r spare directions (≤ ``(K+1) r`` rows): multi-start Newton (four
+    starts), restricted problems where columns vanish, and for ``λ > 0`` the λ = 0 problem too
+    (the whole product vanishing). ``residual_on="A"`` solves the transposed problem. Clients
+    of different ranks are zero-padded to the largest rank (so ``Ā``, ``B̄`` and the result have
+    that rank); a rank above both ``d_in`` and ``d_out`` is rejected as a likely A/B swap unless
     ``allow_excess_rank=True``. One
     client: FedIT is exact and ``ΔB* = 0``. ``ΔW = 0``: ``ΔB* = 0``. Details:
     ``docs/lora_fair.md``.

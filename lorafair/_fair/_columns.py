@@ -1,7 +1,7 @@
 """Private: the column cosine (``similarity="columns"``): mean over the d_in columns.
 
-Solved in the coordinates of an orthonormal basis of ``span(B_s, B̄) ⊕ (r orthogonal
-directions)`` (at most ``(K + 2) r`` rows; residual on A: ``Y = R_B A'``), never d_out × d_in:
+Solved in the coordinates of an orthonormal basis of ``span(B_s) ⊕ (r orthogonal directions)``
+(``B̄ ∈ span(B_s)``; at most ``(K + 1) r`` rows; residual on A: ``Y = R_B A'``), never d_out × d_in:
 multi-start :func:`~lorafair._fair._newton.minimise` from four starts, restricted problems where
 product columns vanish (:func:`drop_columns`), for ``λ > 0`` the λ = 0 end, and for residual on
 A a column-wise mix. Every point is scored by the true objective, with points whose objective
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lorafair._fair import _tolerances as _tol
-from lorafair._fair._batch import _Group, _Rounding, _rounding, _Solved
+from lorafair._fair._batch import _Group, _Rounding, _rounding, _Solved, turning
 from lorafair._fair._newton import (
     Batched,
     Norm,
@@ -48,6 +48,56 @@ def adjoint_map(G: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
     return out if right is None else out @ right.mT
 
 
+def _factored(Z: Tensor, left: Tensor | None, right: Tensor | None) -> bool:
+    """``Y = Z right`` (residual on B) with ``Z`` at least ``_tol.FACTORED_ROWS`` times as tall as
+    wide: column sums without forming ``Y`` (:func:`_column_sums`), q × n work instead of p × n."""
+    return left is None and right is not None and Z.shape[-2] >= _tol.FACTORED_ROWS * Z.shape[-1]
+
+
+def _norms_sq(Z: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
+    """``‖Y_j‖²`` (…, n), ``Y = left Z right``. For ``Y = Z right`` without forming ``Y``: with
+    ``Z = Q R`` (thin QR) ``‖Z a_j‖ = ‖R a_j‖``, as accurate as the product itself (error
+    ``ε ‖Z‖ ‖a_j‖``, unlike the quadratic form ``a_jᵀ ZᵀZ a_j``); O(p q² + q² n), not O(p q n)."""
+    if _factored(Z, left, right):
+        assert right is not None
+        U: Tensor = torch.linalg.qr(Z, mode="r").R @ right
+        return (U * U).sum(dim=-2)
+    Y = linear_map(Z, left, right)
+    return (Y * Y).sum(dim=-2)
+
+
+class _Sums(NamedTuple):
+    """Per product column ``j``: ``inner = <X_j, Y_j>`` and ``nsq = ‖Y_j‖²`` (…, n)."""
+
+    inner: Tensor
+    nsq: Tensor
+
+
+def _column_sums(Z: Tensor, X: Tensor, left: Tensor | None, right: Tensor | None) -> _Sums:
+    """:class:`_Sums` of ``Y = left Z right`` against ``X`` (any leading dimensions, broadcast).
+
+    For ``Y = Z right`` (q ≪ p) ``<X_j, Y_j> = Σ_k (ZᵀX)_kj right_kj``: one GEMM and q × n
+    elementwise work instead of p × n (same rounding order, ``ε ‖X_j‖ ‖Z‖ ‖right_j‖``)."""
+    if _factored(Z, left, right):
+        assert right is not None
+        return _Sums(((Z.mT @ X) * right).sum(dim=-2), _norms_sq(Z, left, right))
+    Y = linear_map(Z, left, right)
+    return _Sums((Y * X).sum(dim=-2), (Y * Y).sum(dim=-2))
+
+
+def _pullback(
+    Z: Tensor, X: Tensor, k1: Tensor, c: Tensor, left: Tensor | None, right: Tensor | None
+) -> Tensor:
+    """``leftᵀ (X diag(k1) − Y diag(c)) rightᵀ`` with ``Y = left Z right``: the gradient in ``Z``
+    of a function of the column sums with ``∂/∂Y_j = k1_j X_j − c_j Y_j``. For ``Y = Z right``:
+    ``X (k1 ⊙ right)ᵀ − Z (right diag(c) rightᵀ)``, again without forming ``Y``."""
+    if _factored(Z, left, right):
+        assert right is not None
+        return X @ (k1.unsqueeze(-2) * right).mT - Z @ ((c.unsqueeze(-2) * right) @ right.mT)
+    Y = linear_map(Z, left, right)
+    return adjoint_map(k1.unsqueeze(-2) * X - c.unsqueeze(-2) * Y, left, right)
+
+
 def columns_terms(
     Z: Tensor,
     left: Tensor | None,
@@ -63,11 +113,9 @@ def columns_terms(
     coordinates of ``Y``; ``xn`` (…, n) the full column norms of ΔW; ``active`` (…, n): columns
     whose cosine can be non-zero (the others count as 0). Cost: O(m p q + m q n) per point.
     """
-    Y = linear_map(Z, left, right)
-    inner = (Y * X).sum(dim=-2)
-    ynorm = _safe_sqrt((Y * Y).sum(dim=-2))
+    inner, nsq = _column_sums(Z, X, left, right)
     xs = torch.where(active, xn, torch.ones_like(xn))
-    cos = torch.where(active, inner / (xs * ynorm), torch.zeros_like(inner))
+    cos = torch.where(active, inner / (xs * _safe_sqrt(nsq)), torch.zeros_like(inner))
     return cos.mean(dim=-1)
 
 
@@ -123,13 +171,11 @@ def columns_objective(
             dsq = dsq + c0[:, None]
         return 1.0 - cos + regulariser(dsq, lam, norm)
 
-    def _parts(
-        x: Tensor, X: Tensor, xn: Tensor, active: Tensor, lr: tuple[Tensor, ...]
-    ) -> tuple[Tensor, ...]:
-        Z = x.reshape(x.shape[0], p, q)
-        Y = linear_map(Z, *split(lr))
-        inner = (Y * X).sum(dim=-2)
-        nsq = (Y * Y).sum(dim=-2)
+    def _cosine_terms(
+        inner: Tensor, nsq: Tensor, xn: Tensor, active: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``cos`` (mean) and per column ``k1 = 1/(xn ν)``, ``k3 = 1/ν³``, ``s = <a, y>``,
+        ``xs`` from the columns' inner products with ΔW and squared norms."""
         nu = _safe_sqrt(nsq)
         xs = torch.where(active, xn, torch.ones_like(xn))
         big = active & (nsq > _tol.TINY)
@@ -138,16 +184,16 @@ def columns_objective(
         k3 = torch.where(big, 1.0 / (nu * nu * nu), zero)  # 1/ν³
         s = torch.where(active, inner / xs, zero)  # <a, y>
         cos = (s * torch.where(active, 1.0 / nu, zero)).mean(dim=-1)
-        return Z, Y, cos, k1, k3, s, xs, nsq
+        return cos, k1, k3, s, xs
 
     def value_and_grad(
         x: Tensor, X: Tensor, xn: Tensor, active: Tensor, Z0: Tensor, *rest: Tensor
     ) -> tuple[Tensor, Tensor]:
         c0, lr = offset(rest)
-        Z, Y, cos, k1, k3, s, _, _ = _parts(x, X, xn, active, lr)
-        n_cols = Y.shape[-1]
-        GY = (k1.unsqueeze(-2) * X - (s * k3).unsqueeze(-2) * Y) / n_cols
-        GZ = adjoint_map(GY, *split(lr))
+        left, right = split(lr)
+        Z = x.reshape(x.shape[0], p, q)
+        cos, k1, k3, s, _ = _cosine_terms(*_column_sums(Z, X, left, right), xn, active)
+        GZ = _pullback(Z, X, k1, s * k3, left, right) / X.shape[-1]
         diff = Z - Z0
         dsq = with_offset((diff * diff).sum(dim=(-2, -1)), c0)
         f = 1.0 - cos + regulariser(dsq, lam, norm)
@@ -158,7 +204,10 @@ def columns_objective(
         x: Tensor, X: Tensor, xn: Tensor, active: Tensor, Z0: Tensor, *rest: Tensor
     ) -> Tensor:
         c0, lr = offset(rest)
-        Z, Y, _, _, k3, s, xs, nsq = _parts(x, X, xn, active, lr)
+        Z = x.reshape(x.shape[0], p, q)
+        Y = linear_map(Z, *split(lr))
+        nsq = (Y * Y).sum(dim=-2)
+        _, _, k3, s, xs = _cosine_terms((Y * X).sum(dim=-2), nsq, xn, active)
         n_layers, m, n_cols = Y.shape
         k5 = torch.where(
             k3 != 0, 3.0 * s * k3 / torch.where(k3 != 0, nsq, torch.ones_like(nsq)), 0.0
@@ -200,11 +249,22 @@ def columns_objective(
         n_layers = x.shape[0]
         Z = x.reshape(n_layers, p, q)
         D = d.reshape(n_layers, p, q)
-        Y, V = linear_map(Z, left, right), linear_map(D, left, right)
         t = ts[None, :, None]
-        inner = (Y * X).sum(dim=-2).unsqueeze(1) + t * (V * X).sum(dim=-2).unsqueeze(1)
-        ends = (Y * Y).sum(dim=-2).unsqueeze(1) + t * t * (V * V).sum(dim=-2).unsqueeze(1)
-        nsq = ends + 2.0 * t * (Y * V).sum(dim=-2).unsqueeze(1)  # (L, S, n)
+        if _factored(Z, left, right):
+            # The same five sums without Y or V: ZᵀX, DᵀX and, with [Z D] = Q R, Y_j, V_j
+            # have the norms and inner product of R_Z a_j, R_D a_j (R_Z, R_D: R's halves).
+            assert right is not None
+            yx, vx = ((Z.mT @ X) * right).sum(dim=-2), ((D.mT @ X) * right).sum(dim=-2)
+            R = torch.linalg.qr(torch.cat([Z, D], dim=-1), mode="r").R
+            U, W = R[..., :q] @ right, R[..., q:] @ right
+            yy, vv, yv = (U * U).sum(dim=-2), (W * W).sum(dim=-2), (U * W).sum(dim=-2)
+        else:
+            Y, V = linear_map(Z, left, right), linear_map(D, left, right)
+            yx, vx = (Y * X).sum(dim=-2), (V * X).sum(dim=-2)
+            yy, vv, yv = (Y * Y).sum(dim=-2), (V * V).sum(dim=-2), (Y * V).sum(dim=-2)
+        inner = yx.unsqueeze(1) + t * vx.unsqueeze(1)
+        ends = yy.unsqueeze(1) + t * t * vv.unsqueeze(1)
+        nsq = ends + 2.0 * t * yv.unsqueeze(1)  # (L, S, n)
         act = active.unsqueeze(1)
         xs = torch.where(act, xn.unsqueeze(1), torch.ones_like(inner))
         cos = torch.where(act, inner / (xs * _safe_sqrt(nsq)), torch.zeros_like(inner))
@@ -387,22 +447,24 @@ def solve_columns(
 
 
 def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Solved:
-    """Per-column cosine: iterate in a basis of at most ``(K + 2) r`` rows (never d_out × d_in)."""
+    """Per-column cosine: iterate in a basis of at most ``(K + 1) r`` rows (never d_out × d_in)."""
     n_layers = grp.Abar.shape[0]
     d_out = grp.Bbar.shape[-2]
     kr = grp.B_s.shape[-1]
     r = grp.r
     left: Tensor | None
     right: Tensor | None
-    Q: Tensor | None = None
+    basis: tuple[Tensor, Tensor] | None = None
     if opts.residual_on == "B":
-        # Y = Z Ā with Z = Qᵀ B' in a basis Q ⊇ span(B_s, B̄) plus r spare orthogonal directions.
-        if kr + 2 * r < d_out:
+        # Y = Z Ā with Z = Qᵀ B' in a basis Q of span(B_s) ∋ B̄ plus r spare orthogonal
+        # directions: the Householder QR [B_s 0] = Q R, Q kept as its reflectors (never formed).
+        if kr + r < d_out:
+            m = kr + r
             pad = grp.B_s.new_zeros(n_layers, d_out, r)
-            Q, _ = torch.linalg.qr(torch.cat([grp.B_s, grp.Bbar, pad], dim=-1))
-            Bq = Q.mT @ grp.B_s
-            Z0 = Q.mT @ grp.Bbar
-        else:  # cost model: d_out <= (K + 2) r, so d_out × d_in is no bigger than the factors
+            basis = torch.geqrf(torch.cat([grp.B_s, pad], dim=-1))
+            Bq = basis[0][..., :m, :kr].triu()  # Qᵀ B_s: R's first K r columns
+            Z0 = torch.ormqr(*basis, grp.Bbar, left=True, transpose=True)[..., :m, :]
+        else:  # cost model: d_out <= (K + 1) r, so d_out × d_in is no bigger than the factors
             Bq = grp.B_s
             Z0 = grp.Bbar
         X = Bq @ grp.A_s
@@ -443,15 +505,19 @@ def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Solved:
         ratio = torch.where(yu > 0, yl / torch.where(yu > 0, yu, 1.0), 0.0)
         starts = [Z0, Z_ls, 0.5 * (Z0 + Z_ls), Z_unit * ratio[:, None, None]]
         unit = _rounding(grp, opts)  # rounding of the output, in the dtype it comes in
-        Z, iters, conv = _columns_minimise(obj, data, starts, left is not None, opts, unit)
+        pool = _columns_minimise(obj, data, starts, left is not None, opts, unit)
         if opts.lam > 0:
-            Z = _columns_end(obj, data, starts, Z, left is not None, opts, unit)
+            _columns_end(obj, data, starts, pool, left is not None, opts, unit)
+        Z, _, iters, conv = pool.choice(shape)
     f_final = obj.values(Z.reshape(n_layers, 1, -1), *data).squeeze(1)
     diff = Z - Z0
     reg = regulariser((diff * diff).sum(dim=(-2, -1)), lam, norm)
     cos = 1.0 - (f_final - reg)
     obj_val = f_final
-    delta = diff if Q is None else Q @ diff
+    if basis is not None:  # back from the basis: ΔB = Q (Z − Z0)
+        rest = diff.new_zeros(n_layers, d_out - diff.shape[-2], r)
+        diff = torch.ormqr(*basis, torch.cat([diff, rest], dim=-2), left=True, transpose=False)
+    delta = diff
     return _Solved(obj_val, cos, iters, conv, extra=delta)
 
 
@@ -464,13 +530,13 @@ def _columns_end(
     obj: Batched,
     data: tuple[Tensor, ...],
     starts: list[Tensor],
-    Z: Tensor,
+    pool: _Pool,
     has_left: bool,
     opts: _Options,
     unit: _Rounding,
-) -> Tensor:
-    """``Z``, or where lower, a point of the λ = 0 end: ``Z0`` with its product-facing part
-    replaced by ``t D``, ``D`` that part of a λ = 0 minimiser (scale-free).
+) -> None:
+    """Adds to ``pool`` points of the λ = 0 end: ``Z0`` with its product-facing part replaced by
+    ``t D``, ``D`` that part of a λ = 0 minimiser (scale-free).
 
     The infimum ``f*_{λ=0} + λ R(‖part‖²)`` is approached as ``t → 0⁺`` (the whole product
     vanishes with the λ = 0 directions; no stationary point gets there, so the multi-start runs
@@ -496,16 +562,16 @@ def _columns_end(
 
     part = facing(Z0)
     keep = Z0 - part
-    f_now = obj.values(Z.reshape(n_layers, 1, -1), *data).squeeze(1)
+    now = pool.choice(shape)
     floor = regulariser((part * part).sum(dim=(-2, -1)), opts.lam, opts.norm)
     steps = torch.tensor(_tol.COLUMNS_END_STEPS, dtype=Z0.dtype, device=Z0.device)
     n_s = steps.shape[0]
     opts0 = dataclasses.replace(opts, lam=0.0)
     obj0 = columns_objective(0.0, opts.norm, shape, has_left, not has_left)
 
-    def score(rows: Tensor, D: Tensor, st: Tensor, with_tau: bool) -> tuple[Tensor, Tensor]:
-        """Best point and value among ``keep + t D_s`` (D: rows, S, p, q; ``D_s`` scaled to
-        ``‖t D_s‖ = st_s ‖Z0‖``)."""
+    def offer(rows: Tensor, D: Tensor, st: Tensor, with_tau: bool) -> None:
+        """``keep + t D_s`` into the pool (D: rows, S, p, q; ``D_s`` scaled to
+        ``‖t D_s‖ = st_s ‖Z0‖``), checked by :func:`_unsafe` best first."""
         sub = tuple(t[rows] for t in data)
         dd = (D * D).sum(dim=(-2, -1))
         ok = dd > 0
@@ -523,39 +589,33 @@ def _columns_end(
             return _unsafe(pts[r, k], tuple(t[r] for t in sub), has_left, unit)
 
         f = _first_safe(f, unsafe_at)
-        best = torch.argmin(f, dim=1)
-        at = torch.arange(best.shape[0], device=best.device)
-        return pts[at, best], f[at, best]
+        n_pts = f.shape[1]
 
-    out, f_out = Z.clone(), f_now.clone()
+        def each(t: Tensor) -> Tensor:
+            return t[rows].repeat_interleave(n_pts)
 
-    def take(rows: Tensor, W: Tensor, f: Tensor) -> None:
-        better = f < f_out[rows]
-        out[rows[better]] = W[better]
-        f_out[rows[better]] = f[better]
+        layer = torch.arange(n_layers, device=f.device)
+        pool.add(pts.flatten(-2).flatten(0, 1), f.flatten(), *map(each, (layer, *now[2:])))
 
-    rows = torch.nonzero(f_now > floor + _tol.TIE).squeeze(-1)
+    rows = torch.nonzero(now.f > floor + _tol.TIE).squeeze(-1)
     if rows.numel() == 0:
-        return out
+        return
     sub = tuple(t[rows] for t in data)
-    Zs, _, _ = _columns_minimise(obj0, sub, [x[rows] for x in starts], has_left, opts0, unit)
+    starts0 = [x[rows] for x in starts]
+    Zs = _columns_minimise(obj0, sub, starts0, has_left, opts0, unit).choice(shape).Z
     limit = obj0.values(Zs.reshape(rows.shape[0], 1, -1), *sub).squeeze(1) + floor[rows]
-    W, f = score(rows, facing(Zs).unsqueeze(1).expand(-1, n_s, -1, -1), steps, True)
-    take(rows, W, f)
+    offer(rows, facing(Zs).unsqueeze(1).expand(-1, n_s, -1, -1), steps, True)
     # Layers whose end could still win by more than the plain points' reach: anchors Z0 / s
     # (s < 1; the anchor Z0 itself was solved and scored just above).
-    rows = rows[f_out[rows] - limit > _tol.END_REACH * (1.0 + limit.abs())]
+    rows = rows[pool.choice(shape).f[rows] - limit > _tol.END_REACH * (1.0 + limit.abs())]
     if rows.numel() == 0:
-        return out
+        return
     m, small = rows.shape[0], steps[1:]
     rep = [t[rows].repeat(n_s - 1, *([1] * (t.ndim - 1))) for t in data]
     rep[3] = rep[3] / small.repeat_interleave(m)[:, None, None]
-    Zs, _, _ = _columns_minimise(
-        obj0, tuple(rep), [x[rows].repeat(n_s - 1, 1, 1) for x in starts], has_left, opts0, unit
-    )
-    W, f = score(rows, facing(Zs.reshape(n_s - 1, m, *shape).transpose(0, 1)), small, False)
-    take(rows, W, f)
-    return out
+    starts0 = [x[rows].repeat(n_s - 1, 1, 1) for x in starts]
+    Zs = _columns_minimise(obj0, tuple(rep), starts0, has_left, opts0, unit).choice(shape).Z
+    offer(rows, facing(Zs.reshape(n_s - 1, m, *shape).transpose(0, 1)), small, False)
 
 
 def _drop_direction(
@@ -662,11 +722,11 @@ def _column_scale(
     has_left = right is None
 
     def rows(Z: Tensor, Z0: Tensor, mat: Tensor) -> tuple[Tensor, Tensor]:
-        if has_left:
-            yn, sc, _ = _scale_rows(Z, Z0, mat, None, floor)
-        else:
-            yn, sc, _ = _scale_rows(Z, Z0, None, mat, floor)
-        return yn, sc
+        return (
+            _scale_rows(Z, Z0, mat, None, floor)
+            if has_left
+            else _scale_rows(Z, Z0, None, mat, floor)
+        )
 
     m, n = (mat.shape[-2], Z.shape[-1]) if has_left else (Z.shape[-2], mat.shape[-1])
     out: tuple[Tensor, Tensor] = _in_chunks(rows, (Z, Z0, mat), m * n * Z.element_size(), -1)
@@ -675,16 +735,15 @@ def _column_scale(
 
 def _scale_rows(
     Z: Tensor, Z0: Tensor, left: Tensor | None, right: Tensor | None, floor: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`_column_scale` and ``Y`` (one chunk of rows)."""
-    Y = linear_map(Z, left, right)
+) -> tuple[Tensor, Tensor]:
+    """:func:`_column_scale` on one chunk of rows."""
     scale = torch.linalg.matrix_norm(Z) + torch.linalg.matrix_norm(Z0) + floor
     if left is not None:
         scale = scale * torch.linalg.matrix_norm(left)
     scale = scale.unsqueeze(-1)
     if right is not None:
         scale = scale * torch.linalg.vector_norm(right, dim=-2)
-    return torch.linalg.vector_norm(Y, dim=-2), scale, Y
+    return _norms_sq(Z, left, right).sqrt(), scale
 
 
 def _unsafe(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: _Rounding) -> Tensor:
@@ -698,7 +757,9 @@ def _unsafe(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: _Rounding
     moves the cosines by ``ε₆₄ (‖Z‖ + ‖Z0‖) ‖∇_Z mean_j cos_j‖``: large near a vanishing column
     unless it points at its best direction (then the gradient cancels); to second order by
     ``mean_j u_j²``, ``u_j = ε₆₄ s_j / ‖Y_j‖`` the angle by which the column can turn
-    (:func:`_column_scale`). Unsafe: their sum exceeds ``_tol.DROP_UNSAFE``.
+    (:func:`_column_scale`; the rounding model :func:`~lorafair._fair._batch.turning`, counted
+    here without its ½: an admissibility margin, not a cost). Unsafe: their sum exceeds
+    ``_tol.DROP_UNSAFE``.
     """
     X = data[0]
     per_row = X.shape[-2] * X.shape[-1] * X.element_size() * (Z.shape[1] if Z.ndim == 4 else 1)
@@ -714,7 +775,11 @@ def _unsafe_rows(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: _Rou
     if Z.ndim == Z0.ndim + 1:
         X, xn, active, Z0, mat = (t.unsqueeze(1) for t in (X, xn, active, Z0, mat))
     left, right = (mat, None) if has_left else (None, mat)
-    yn, sc, Y = _scale_rows(Z, Z0, left, right, unit.floor)
+    # Explicit Y here, whatever the shape: near a vanishing column the factored pullback's
+    # two terms cancel, and their rounding (ε ‖Z‖ ‖right_j‖ / ν_j relative) is what is judged.
+    _, sc = _scale_rows(Z, Z0, left, right, unit.floor)
+    Y = linear_map(Z, left, right)
+    yn = torch.linalg.vector_norm(Y, dim=-2)
     n = Y.shape[-1]
     ok = active & (yn > 0)
     one = torch.ones_like(yn)
@@ -725,8 +790,8 @@ def _unsafe_rows(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: _Rou
     GZ = adjoint_map(GY, left, right)
     size = torch.linalg.matrix_norm(Z) + torch.linalg.matrix_norm(Z0) + unit.floor
     first = unit.eps * size * torch.linalg.matrix_norm(GZ)
-    u = unit.eps * sc / torch.where(ok, yn, one)
-    second = torch.where(ok, u * u, 0.0).mean(dim=-1)
+    err = unit.eps * sc
+    second = torch.where(ok, turning(err * err, yn * yn), 0.0).mean(dim=-1)
     exact_zero: Tensor = (active & (yn == 0)).any(dim=-1)  # an active zero column counts 0
     resolved: Tensor = first + second <= max(_tol.DROP_UNSAFE, 10.0 * unit.eps)  # False for NaN too
     return exact_zero | ~resolved
@@ -755,36 +820,45 @@ def _safe_best_first(
     Z: Tensor, data: tuple[Tensor, ...], f: Tensor, m: int, unit: _Rounding
 ) -> Tensor:
     """:func:`_first_safe` over the ``m`` runs of each layer (``Z`` (m L, p, q) start-major,
-    residual on B), as (m L,)."""
+    ``data`` per layer; residual on B), as (m L,)."""
     n_layers = f.shape[0] // m
 
     def unsafe_at(lay: Tensor, start: Tensor) -> Tensor:
-        rows = start * n_layers + lay
-        return _unsafe(Z[rows], tuple(t[rows] for t in data), False, unit)
+        return _unsafe(Z[start * n_layers + lay], tuple(t[lay] for t in data), False, unit)
 
     return _first_safe(f.reshape(m, n_layers).mT, unsafe_at).mT.reshape(-1)
 
 
 def _multistart(
-    obj: Batched, rep: tuple[Tensor, ...], x0: Tensor, m: int, opts: _Options
+    obj: Batched, data: tuple[Tensor, ...], starts: list[Tensor], opts: _Options
 ) -> SolveResult:
-    """:func:`minimise` from ``m`` starts per layer (rows start-major, as ``x0`` (m L, N)).
+    """:func:`minimise` from every start (each (L, p, q)) of every layer; rows start-major
+    (start ``i`` of layer ``l`` is row ``i L + l``). One run per start over the layers' own data
+    (no copy of the data per start).
 
     Up to ``NEWTON_MAX_UNKNOWNS`` unknowns every start runs to convergence. Above (L-BFGS,
-    where each evaluation costs ``O((K + 2) r)`` per column and the starts dominate the cost)
+    where each evaluation costs ``O((K + 1) r)`` per column and the starts dominate the cost)
     every start takes ``COLUMNS_SCOUT`` iterations and only the best one per layer goes on; the
     others' scouted points stay candidates. (On ViT-B/16 shapes all four starts end at the same
     minimum to ~1e-9; see ``docs/lora_fair.md``, validation history.)
     """
-    n_layers = x0.shape[0] // m
-    if x0.shape[-1] <= _tol.NEWTON_MAX_UNKNOWNS or m == 1 or opts.max_iter <= _tol.COLUMNS_SCOUT:
-        return minimise(obj, rep, x0, tol=opts.tol, max_iter=opts.max_iter)
-    scout = minimise(obj, rep, x0, tol=opts.tol, max_iter=_tol.COLUMNS_SCOUT)
+    n_layers, m = starts[0].shape[0], len(starts)
+    x0s = [z.reshape(n_layers, -1) for z in starts]
+
+    def joined(runs: list[SolveResult]) -> SolveResult:
+        return SolveResult(*(torch.cat(z) for z in zip(*runs, strict=True)))
+
+    if (
+        x0s[0].shape[-1] <= _tol.NEWTON_MAX_UNKNOWNS
+        or m == 1
+        or opts.max_iter <= _tol.COLUMNS_SCOUT
+    ):
+        return joined([minimise(obj, data, x, tol=opts.tol, max_iter=opts.max_iter) for x in x0s])
+    scout = joined([minimise(obj, data, x, tol=opts.tol, max_iter=_tol.COLUMNS_SCOUT) for x in x0s])
     best = torch.argmin(scout.f.reshape(m, n_layers), dim=0)
-    rows = best * n_layers + torch.arange(n_layers, device=x0.device)
-    sub = tuple(t[rows] for t in rep)
+    rows = best * n_layers + torch.arange(n_layers, device=best.device)
     more = minimise(
-        obj, sub, scout.x[rows], tol=opts.tol, max_iter=opts.max_iter - _tol.COLUMNS_SCOUT
+        obj, data, scout.x[rows], tol=opts.tol, max_iter=opts.max_iter - _tol.COLUMNS_SCOUT
     )
     x, f, it, cv = (t.clone() for t in scout)
     x[rows], f[rows], it[rows], cv[rows] = (
@@ -803,7 +877,7 @@ def _columns_minimise(
     has_left: bool,
     opts: _Options,
     unit: _Rounding,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> _Pool:
     """Multi-start minimisation of the columns objective, through its unattained infima.
 
     The cosine of a product column jumps where the column vanishes, and the best values are
@@ -821,7 +895,7 @@ def _columns_minimise(
     returned. Residual on A also tries the column-wise best mix of all candidates
     (:func:`_mix_columns`), polished. ``ΔB = 0`` is kept unless beaten (:func:`_pick`).
     Host syncs: one per round of dropping (the number of restricted problems is data
-    dependent). Returns ``(Z, iterations, converged)``.
+    dependent). Returns the pool (:meth:`_Pool.choice` picks from it).
     """
     X, xn, active, Z0 = data[:4]
     has_right = not has_left  # the two shapes of _solve_columns: Z Ā (right) or R_B A' (left)
@@ -833,19 +907,35 @@ def _columns_minimise(
     shape = (int(Z0.shape[-2]), int(Z0.shape[-1]))
     dev = X.device
     m = len(starts)
-    rep = tuple(t.repeat(m, *([1] * (t.ndim - 1))) for t in data)
-    x0 = torch.cat(starts).reshape(m * n_layers, -1)
-    res = _multistart(obj, rep, x0, m, opts)
+    res = _multistart(obj, data, starts, opts)
     layer = torch.arange(n_layers, device=dev).repeat(m)
     Zr = res.x.reshape(m * n_layers, *shape)
-    f_raw = obj.values(res.x.unsqueeze(1), *rep).squeeze(1)
-    yn, sc = _column_scale(Zr, rep[3], *sides(rep))
+    # per layer (L, m, …) against the layers' data, back to rows start-major (m L, …)
+    Z_lm = Zr.reshape(m, n_layers, *shape).transpose(0, 1)
+
+    def rows_of(t: Tensor) -> Tensor:
+        return t.transpose(0, 1).reshape(m * n_layers, *t.shape[2:])
+
+    f_raw = rows_of(obj.values(Z_lm.flatten(-2), *data))
+    mat = data[4].unsqueeze(1)
+    yn, sc = (
+        rows_of(t)
+        for t in _column_scale(Z_lm, Z0.unsqueeze(1), *((mat, None) if has_left else (None, mat)))
+    )
     if has_left:  # the column mix below reads every candidate's score
-        f_safe = torch.where(_unsafe(Zr, rep, has_left, unit), torch.inf, f_raw)
+        f_safe = torch.where(rows_of(_unsafe(Z_lm, data, has_left, unit)), torch.inf, f_raw)
     else:
-        f_safe = _safe_best_first(Zr, rep, f_raw, m, unit)
-    tiny = rep[2] & (yn <= _tol.DROP_TINY * sc)
-    pool = _Pool()
+        f_safe = _safe_best_first(Zr, data, f_raw, m, unit)
+    tiny = active.repeat(m, 1) & (yn <= _tol.DROP_TINY * sc)
+    f_zero = obj.values(Z0.reshape(n_layers, 1, -1), *data).squeeze(1)
+    zero = _Candidates(
+        Z0.flatten(-2),
+        f_zero,
+        layer[:n_layers],
+        res.iterations[:n_layers],
+        res.converged[:n_layers],
+    )
+    pool = _Pool(zero)
     pool.add(res.x, f_safe, layer, res.iterations, res.converged)
     # Seeds of restricted problems: (layer, dropped columns, point, iterations so far).
     seed = tiny.any(dim=-1)
@@ -931,14 +1021,7 @@ def _columns_minimise(
                 its,
                 rp.converged,
             )
-    every = pool.joined()
-    first, f_best = _best(every, n_layers)
-    f_zero = obj.values(Z0.reshape(n_layers, 1, -1), *data).squeeze(1)
-    _, zero = _pick(f_best[None], f_zero, False)
-    Z = torch.where(zero[:, None, None], Z0, every.x[first].reshape(n_layers, *shape))
-    iters = torch.where(zero, res.iterations[:n_layers], every.iterations[first])
-    conv = torch.where(zero, res.converged[:n_layers], every.converged[first])
-    return Z, iters, conv
+    return pool
 
 
 class _Candidates(NamedTuple):
@@ -953,10 +1036,23 @@ class _Candidates(NamedTuple):
     converged: Tensor
 
 
+class _Choice(NamedTuple):
+    """The scorer's pick per layer: point ``Z`` (L, p, q), its objective ``f``, and the
+    ``iterations`` / ``converged`` of the run that produced it."""
+
+    Z: Tensor
+    f: Tensor
+    iterations: Tensor
+    converged: Tensor
+
+
 @dataclasses.dataclass
 class _Pool:
-    """The one pool every heuristic of :func:`_columns_minimise` adds its candidates to."""
+    """The one pool every heuristic of the column form adds its candidates to (starts,
+    dropped columns, column mixes, the λ = 0 end), with ``ΔB = 0`` (``zero``: one row per
+    layer, in layer order) always among them; :meth:`choice` is the one scorer."""
 
+    zero: _Candidates
     parts: list[_Candidates] = dataclasses.field(default_factory=list)
 
     def add(self, x: Tensor, f: Tensor, layer: Tensor, iterations: Tensor, cv: Tensor) -> None:
@@ -964,6 +1060,20 @@ class _Pool:
 
     def joined(self) -> _Candidates:
         return _Candidates(*(torch.cat(z) for z in zip(*self.parts, strict=True)))
+
+    def choice(self, shape: tuple[int, int]) -> _Choice:
+        """Per layer the candidate of lowest ``f`` (the first of equals: :func:`_best`), unless
+        ``ΔB = 0`` is within ``TIE`` of it (:func:`~lorafair._fair._newton._pick`)."""
+        every, z = self.joined(), self.zero
+        n_layers = z.f.shape[0]
+        first, f_best = _best(every, n_layers)
+        _, zero = _pick(f_best[None], z.f, False)
+        return _Choice(
+            torch.where(zero[:, None], z.x, every.x[first]).reshape(n_layers, *shape),
+            torch.where(zero, z.f, f_best),
+            torch.where(zero, z.iterations, every.iterations[first]),
+            torch.where(zero, z.converged, every.converged[first]),
+        )
 
 
 def _best(c: _Candidates, n_layers: int) -> tuple[Tensor, Tensor]:

@@ -40,7 +40,8 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from lorafair._fair import _tolerances as _tol
-from lorafair._fair._newton import Norm, reg_terms
+from lorafair._fair._batch import turning
+from lorafair._fair._newton import Norm, armijo_step, modified_newton, reg_terms
 
 Arr = NDArray[np.float64]
 
@@ -246,27 +247,19 @@ def newton(
     resolution).
     """
     n_layers = x0.shape[0]
-    rows = np.arange(n_layers)
     x = x0.copy()
     done = np.zeros(n_layers, dtype=bool)
     iters = np.zeros(n_layers, dtype=np.int64)
     for _ in range(max_iter):
         f, g, hess = _family_derivatives(x, d, lam, norm)
-        hess = np.where(np.isfinite(hess), hess, 0.0)
-        evals, evecs = np.linalg.eigh(hess)
-        floor = np.abs(evals).max(axis=-1, keepdims=True) * 1e-12 + 1e-300
-        coef = np.einsum("lji,lj->li", evecs, g) / np.maximum(np.abs(evals), floor)
-        step = -np.einsum("lij,lj->li", evecs, coef)
+        step, pd = modified_newton(np.where(np.isfinite(hess), hess, 0.0), g)
         gd = (g * step).sum(-1)
-        pd = (evals > floor).all(axis=-1)
         done |= pd & (-gd <= tol * (1.0 + np.abs(f)))
         fc = _family_value(
             x[:, None, :] + _tol.FAMILY_STEPS[:, None] * step[:, None, :], d, lam, norm
         )
-        fc = np.where(np.isfinite(fc), fc, np.inf)
-        armijo = fc <= f[:, None] + _tol.ARMIJO * _tol.FAMILY_STEPS * gd[:, None]
-        pick = np.where(armijo.any(axis=1), np.argmax(armijo, axis=1), np.argmin(fc, axis=1))
-        move = (fc[rows, pick] < f) & ~done
+        pick, f_pick = armijo_step(f, gd, fc, _tol.FAMILY_STEPS)
+        move = (f_pick < f) & ~done
         x = np.where(move[:, None], x + _tol.FAMILY_STEPS[pick][:, None] * step, x)
         iters += ~done
         done |= ~move
@@ -303,11 +296,11 @@ def _ray(g: Arr, hh: Arr) -> tuple[Arr, Arr]:
 def _turn(n_sq: Arr, g: Arr, bb: Arr, eps: Arr, noise: Arr) -> Arr:
     """``½ u²``, ``u = (ε ‖P‖ + noise) √max g / n``: the angle by which rounding ``P'`` (or
     ``ΔP``) as computed and returned can turn a product of norm ``n``, squared: what that costs
-    its cosine.
-    ``eps``, ``noise`` (L,) (see :func:`_end`); ``n_sq`` (L,) or (L, S)."""
+    its cosine (the rounding model :func:`~lorafair._fair._batch.turning`, for the whole
+    product). ``eps``, ``noise`` (L,) (see :func:`_end`); ``n_sq`` (L,) or (L, S)."""
     u_sq = (eps * np.sqrt(bb.sum(-1)) + noise) ** 2 * g.max(-1)
     u_sq = u_sq[:, None] if n_sq.ndim == 2 else u_sq
-    out: Arr = 0.5 * u_sq / np.maximum(n_sq, _tol.TINY)
+    out: Arr = 0.5 * turning(u_sq, n_sq)
     return out
 
 

@@ -5,9 +5,10 @@ except every ``sync_every`` iterations of :func:`minimise` (every iteration on C
 (:class:`Batched`) come with closed-form gradients and Hessians (no autograd). The regulariser
 ``λ‖Δ‖`` / ``λ‖Δ‖²`` and its derivatives live here once (:func:`reg_terms`, for NumPy and
 torch). :func:`_pick` is the rule both forms use to return ΔB = 0 unless a solver result
-beats it. (The flat family's two-unknown
-Newton in :mod:`lorafair._fair._family` runs in NumPy on the host, with the same step ladder
-and Armijo constant from :mod:`lorafair._fair._tolerances`.)
+beats it. The damped-Newton step itself, :func:`modified_newton` and the line search
+:func:`armijo_step`, is written once for NumPy and torch: :func:`minimise` (torch, both forms'
+general problems) and the flat family's two-unknown Newton (:func:`lorafair._fair._family.newton`,
+NumPy on the host) both take it.
 """
 
 from __future__ import annotations
@@ -96,13 +97,36 @@ class Batched(NamedTuple):
     line: Callable[..., Tensor] | None = None
 
 
-def _modified_newton(hess: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """``−|H|⁻¹ g`` with ``|H|`` the Hessian's eigenvalues made positive (and bounded below)."""
-    evals, evecs = torch.linalg.eigh(hess)
-    floor = evals.abs().amax(dim=-1, keepdim=True) * 1e-12 + 1e-300
-    pd = (evals > floor).all(dim=-1)
-    coef = (evecs.mT @ g.unsqueeze(-1)).squeeze(-1) / torch.clamp(evals.abs(), min=floor)
-    return -(evecs @ coef.unsqueeze(-1)).squeeze(-1), pd
+def modified_newton(hess: _A, g: _A) -> tuple[_A, _A]:
+    """``(−|H|⁻¹ g, pd)`` per row: the Newton step with the Hessian's eigenvalues replaced by
+    their absolute values, bounded below by ``1e-12`` of the largest (and ``1e-300``), and
+    whether every eigenvalue is above that bound. NumPy arrays (the flat family on the host,
+    ``H`` (L, 2, 2)) or torch tensors (:func:`minimise`), the same formula; only the two small
+    products are each library's own."""
+    if isinstance(hess, np.ndarray):
+        evals, evecs = np.linalg.eigh(hess)
+        floor = np.abs(evals).max(axis=-1, keepdims=True) * 1e-12 + 1e-300
+        coef = np.einsum("lji,lj->li", evecs, g) / np.maximum(np.abs(evals), floor)
+        step: Any = -np.einsum("lij,lj->li", evecs, coef)
+    else:
+        evals, evecs = torch.linalg.eigh(hess)
+        floor = evals.abs().amax(dim=-1, keepdim=True) * 1e-12 + 1e-300
+        coef = (evecs.mT @ g.unsqueeze(-1)).squeeze(-1) / torch.clamp(evals.abs(), min=floor)
+        step = -(evecs @ coef.unsqueeze(-1)).squeeze(-1)
+    return step, (evals > floor).all(axis=-1)
+
+
+def armijo_step(f: _A, gd: _A, fc: _A, ts: _A) -> tuple[_A, _A]:
+    """The one line search's choice per row among step lengths ``ts`` (longest first), all
+    tried in one batched evaluation ``fc`` (L, S) of ``f(x + t d)``: the index of the longest
+    meeting Armijo's condition ``f(x + t d) ≤ f + ARMIJO·t·∇fᵀd`` (``gd = ∇fᵀd``), else of the
+    lowest value; and that value (non-finite values count as +inf). No data-dependent control
+    flow, so no host sync. NumPy (the flat family) or torch (:func:`minimise`)."""
+    xp: Any = np if isinstance(f, np.ndarray) else torch
+    v: Any = xp.where(xp.isfinite(fc), fc, xp.inf)
+    ok: Any = v <= f[:, None] + _tol.ARMIJO * ts[None, :] * gd[:, None]
+    pick: Any = xp.where(ok.any(1), xp.argmax(ok * 1, 1), xp.argmin(v, 1))
+    return pick, v[xp.arange(v.shape[0]), pick]
 
 
 def _newton_direction(hess: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
@@ -113,7 +137,7 @@ def _newton_direction(hess: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     layer takes the (sync-free) eigendecomposition path.
     """
     if hess.device.type != "cpu":
-        return _modified_newton(hess, g)
+        return modified_newton(hess, g)
     chol, info = torch.linalg.cholesky_ex(hess)
     ok = info == 0
     d = torch.cholesky_solve(-g.unsqueeze(-1), chol).squeeze(-1)
@@ -121,7 +145,7 @@ def _newton_direction(hess: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     if bool(ok.all()):
         return d, ok
     bad = ~ok
-    d_bad, _ = _modified_newton(hess[bad], g[bad])
+    d_bad, _ = modified_newton(hess[bad], g[bad])
     d = d.clone()
     d[bad] = d_bad
     return d, ok
@@ -216,11 +240,7 @@ def minimise(
             fc = obj.values(x.unsqueeze(1) + ts[None, :, None] * d.unsqueeze(1), *data)
         else:
             fc = obj.line(x, d, ts, *data)
-        fc = torch.where(torch.isfinite(fc), fc, torch.full_like(fc, float("inf")))
-        armijo = fc <= f[:, None] + _tol.ARMIJO * ts[None, :] * gd[:, None]
-        first = torch.argmax(armijo.to(torch.int8), dim=1)
-        pick = torch.where(armijo.any(dim=1), first, torch.argmin(fc, dim=1))
-        f_pick = fc.gather(1, pick[:, None]).squeeze(1)
+        pick, f_pick = armijo_step(f, gd, fc, ts)
         improved = f_pick < f
         move = improved & ~done
         x_new = torch.where(move[:, None], x + ts[pick][:, None] * d, x)

@@ -21,9 +21,9 @@ SHRINK = 0.3
 """Ratio of consecutive step lengths in every line search (``minimise`` and the family's)."""
 SCOUT = 2
 """Newton steps every start of the flat family takes before only the best one per layer goes on."""
-COLUMNS_SCOUT = 1
+COLUMNS_SCOUT = 0
 """Above ``NEWTON_MAX_UNKNOWNS`` unknowns, the iterations every start of the columns form takes
-before only the best one per layer goes on."""
+before only the best one per layer goes on (0: the starts are ranked by their objective)."""
 ARMIJO = 1e-4
 """Armijo's sufficient-decrease constant of every line search."""
 LINE_CANCEL = 1e-4
@@ -61,6 +61,11 @@ this (relative): one approaching the same infimum can only get below it by round
 CHUNK_BYTES = 1 << 21
 """On CPU the columns objective is evaluated over chunks of rows whose ``m × n`` arrays hold at
 most this many bytes (cache-sized; not a tolerance: it changes results only by rounding)."""
+FACTORED_ROWS = 4
+"""Residual on B, the columns objective's ``Y = Z Ā`` (``Z`` p × q) is evaluated without forming
+``Y`` (from ``ZᵀX`` and a QR of ``Z``) where ``p ≥ FACTORED_ROWS · q``: the elementwise work drops
+from p × n to q × n per pass; on smaller bases the explicit product costs no more (not a
+tolerance: it changes results only by rounding)."""
 COLUMNS_END_STEPS = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
 """Sizes ``‖t D‖ / ‖Z0‖`` of the λ = 0-end points that the columns solver scores."""
 END_REACH = 1e-9
