@@ -510,8 +510,11 @@ def flexlora(
       ``ΔW V_r V_rᵀ``. A per-layer certificate (a residual bound and an n × n Cholesky that
       proves no other eigenvalue lies above the cut; ``_linalg.dense_top_svd``) proves that
       ``‖ΔW − BA‖_F`` exceeds the optimum ``√Σ_{i>rank} σ_i²`` by at most ``u_in·‖ΔW‖_F``,
-      the squaring's float64 rounding included; a layer without it (no gap at ``rank``, a
-      spectrum too flat for six steps) is redone by the dense route. Cost
+      the squaring's float64 rounding included. Without it (no gap at ``rank``, a spectrum too
+      flat for six steps) the CPU takes the full ``eigh`` of the same Gram, certified with no
+      gap from its residual (``_linalg.full_top_eigh``); a layer still uncertified (ΔW nearly
+      of rank ≤ ``rank``; elsewhere than the CPU, any) is redone by the route the rule below
+      takes when every σ is needed. Cost
       ``2 d_in d_out R + n² max(d_in, d_out) + O(n² rank + n³/3)``: one dense product plus
       about 40% of it (ViT-B/16) instead of a full SVD.
     - **dense** (large R, every σ needed or float64 inputs): form ``ΔW`` one layer at a time and
@@ -526,7 +529,7 @@ def flexlora(
     the whole call synchronises with the host once. The call runs on one thread of torch's and
     NumPy's pools (:mod:`lorafair._threads`). Cost: O((d_out + d_in) R² + R³) flops and
     O((d_out + d_in) R) memory per layer on the factored routes,
-    O(d_out d_in (R + min(d_out, d_in))) and one d_out × d_in buffer (plus two n × n on
+    O(d_out d_in (R + min(d_out, d_in))) and one d_out × d_in buffer (plus a few n × n on
     dense_top) on the dense ones. :func:`flexlora_report` and ``EnergyThreshold`` ranks need
     every σ and never take dense_top.
     Download: rank·(d_in + d_out) per layer.
