@@ -254,8 +254,10 @@ def columns_objective(
             # The same five sums without Y or V: ZᵀX, DᵀX and, with [Z D] = Q R, Y_j, V_j
             # have the norms and inner product of R_Z a_j, R_D a_j (R_Z, R_D: R's halves).
             assert right is not None
-            yx, vx = ((Z.mT @ X) * right).sum(dim=-2), ((D.mT @ X) * right).sum(dim=-2)
-            R = torch.linalg.qr(torch.cat([Z, D], dim=-1), mode="r").R
+            ZD = torch.cat([Z, D], dim=-1)
+            T = ZD.mT @ X  # one GEMM for ZᵀX and DᵀX
+            yx, vx = (T[..., :q, :] * right).sum(dim=-2), (T[..., q:, :] * right).sum(dim=-2)
+            R = torch.linalg.qr(ZD, mode="r").R
             U, W = R[..., :q] @ right, R[..., q:] @ right
             yy, vv, yv = (U * U).sum(dim=-2), (W * W).sum(dim=-2), (U * W).sum(dim=-2)
         else:
@@ -854,7 +856,14 @@ def _multistart(
         or opts.max_iter <= _tol.COLUMNS_SCOUT
     ):
         return joined([minimise(obj, data, x, tol=opts.tol, max_iter=opts.max_iter) for x in x0s])
-    scout = joined([minimise(obj, data, x, tol=opts.tol, max_iter=_tol.COLUMNS_SCOUT) for x in x0s])
+    if _tol.COLUMNS_SCOUT == 0:  # the starts ranked by their objective: one values call
+        f0 = obj.values(torch.stack(x0s, dim=1), *data).mT.reshape(-1)
+        none = torch.zeros_like(f0, dtype=torch.int64)
+        scout = SolveResult(torch.cat(x0s), f0, none, none.bool())
+    else:
+        scout = joined(
+            [minimise(obj, data, x, tol=opts.tol, max_iter=_tol.COLUMNS_SCOUT) for x in x0s]
+        )
     best = torch.argmin(scout.f.reshape(m, n_layers), dim=0)
     rows = best * n_layers + torch.arange(n_layers, device=best.device)
     more = minimise(
