@@ -603,7 +603,7 @@ def _columns_end(
     if rows.numel() == 0:
         return
     sub = tuple(t[rows] for t in data)
-    starts0 = [x[rows] for x in starts]
+    starts0 = [now.Z[rows], *(x[rows] for x in starts)]  # the λ > 0 result too: near λ = 0's
     Zs = _columns_minimise(obj0, sub, starts0, has_left, opts0, unit).choice(shape).Z
     limit = obj0.values(Zs.reshape(rows.shape[0], 1, -1), *sub).squeeze(1) + floor[rows]
     offer(rows, facing(Zs).unsqueeze(1).expand(-1, n_s, -1, -1), steps, True)
