@@ -448,11 +448,61 @@ def solve_columns(
     return [_solve_columns(g, opts, single) for g in groups]
 
 
+class _Stacks(NamedTuple):
+    """A group's float64 stacks as the column form reads them: ``B_s`` (L, d_out, R), ``A_s``
+    (L, R, d_in) with ``ΔW = B_s A_s``, ``Abar`` and ``Bbar``."""
+
+    B_s: Tensor
+    A_s: Tensor
+    Abar: Tensor
+    Bbar: Tensor
+
+
+def _canonical(grp: _Group) -> _Stacks:
+    """:class:`_Stacks` with each layer's clients in a canonical order: sorted by a key of
+    their own values (weight, rank, ``‖A_k‖²``, ``‖B_k‖²``, ``ΣA_k``, ``ΣB_k``), and ``Ā``, ``B̄``
+    summed in that order. The column form's multi-start can end in another local minimum when
+    only the rounding changes, so without this the result could depend on the order in which
+    the same clients are given; with it, it is a function of each layer's set of clients
+    (equal keys: equal clients, whose order does not matter). The output still adds the
+    residual to FedIT's own ``Ā``, ``B̄`` (:func:`~lorafair._fair._batch._corrected`). Cost: one
+    gather of the stacks and one host transfer of ``4 K L`` numbers."""
+    ranks = grp.layers[0].ranks
+    starts = [sum(ranks[:k]) for k in range(len(ranks))]
+    A_u, B_s = grp.A_u, grp.B_s
+    blocks = [
+        (A_u[:, o : o + rk], B_s[:, :, o : o + rk]) for o, rk in zip(starts, ranks, strict=True)
+    ]
+    stats = torch.stack(
+        [
+            x
+            for a, b in blocks
+            for x in (
+                (a * a).sum((-2, -1)),
+                (b * b).sum((-2, -1)),
+                a.sum((-2, -1)),
+                b.sum((-2, -1)),
+            )
+        ]
+    ).mT.reshape(grp.n, len(ranks), 4)
+    host = stats.cpu().tolist()
+    rows = []
+    for per in host:
+        order = sorted(range(len(ranks)), key=lambda k: (grp.p[k], ranks[k], *per[k]))
+        rows.append([starts[k] + i for k in order for i in range(ranks[k])])
+    idx = torch.tensor(rows, dtype=torch.int64, device=grp.device)  # (L, R)
+    A_c = A_u.gather(1, idx[:, :, None].expand(-1, -1, A_u.shape[-1]))
+    B_c = B_s.gather(2, idx[:, None, :].expand(-1, B_s.shape[-2], -1))
+    E_c = grp.E[idx]  # (L, R, r)
+    return _Stacks(B_c, A_c * grp.pw[idx][..., None], E_c.mT @ A_c, B_c @ E_c)
+
+
 def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Solved:
     """Per-column cosine: iterate in a basis of at most ``(K + 1) r`` rows (never d_out × d_in)."""
-    n_layers = grp.Abar.shape[0]
-    d_out = grp.Bbar.shape[-2]
-    kr = grp.B_s.shape[-1]
+    st = _canonical(grp)
+    n_layers = st.Abar.shape[0]
+    d_out = st.Bbar.shape[-2]
+    kr = st.B_s.shape[-1]
     r = grp.r
     left: Tensor | None
     right: Tensor | None
@@ -462,30 +512,30 @@ def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Solved:
         # directions: the Householder QR [B_s 0] = Q R, Q kept as its reflectors (never formed).
         if kr + r < d_out:
             m = kr + r
-            pad = grp.B_s.new_zeros(n_layers, d_out, r)
-            basis = torch.geqrf(torch.cat([grp.B_s, pad], dim=-1))
+            pad = st.B_s.new_zeros(n_layers, d_out, r)
+            basis = torch.geqrf(torch.cat([st.B_s, pad], dim=-1))
             Bq = basis[0][..., :m, :kr].triu()  # Qᵀ B_s: R's first K r columns
-            Z0 = torch.ormqr(*basis, grp.Bbar, left=True, transpose=True)[..., :m, :]
+            Z0 = torch.ormqr(*basis, st.Bbar, left=True, transpose=True)[..., :m, :]
         else:  # cost model: d_out <= (K + 1) r, so d_out × d_in is no bigger than the factors
-            Bq = grp.B_s
-            Z0 = grp.Bbar
-        X = Bq @ grp.A_s
+            Bq = st.B_s
+            Z0 = st.Bbar
+        X = Bq @ st.A_s
         xn = torch.linalg.vector_norm(X, dim=-2)
-        left, right = None, grp.Abar
-        active = (xn > 0) & (torch.linalg.vector_norm(grp.Abar, dim=-2) > 0)
-        G_pinv = torch.linalg.pinv(grp.Abar @ grp.Abar.mT, hermitian=True)
-        Z_ls = (Bq @ (grp.A_s @ grp.Abar.mT)) @ G_pinv
-        Z_unit = (_unit_columns(X, xn) @ grp.Abar.mT) @ G_pinv
+        left, right = None, st.Abar
+        active = (xn > 0) & (torch.linalg.vector_norm(st.Abar, dim=-2) > 0)
+        G_pinv = torch.linalg.pinv(st.Abar @ st.Abar.mT, hermitian=True)
+        Z_ls = (Bq @ (st.A_s @ st.Abar.mT)) @ G_pinv
+        Z_unit = (_unit_columns(X, xn) @ st.Abar.mT) @ G_pinv
     else:
         # Y = R_B A' with B̄ = Q_B R_B; column norms of ΔW from a QR of B_s.
-        Q_B, R_B = torch.linalg.qr(grp.Bbar)
-        X = (Q_B.mT @ grp.B_s) @ grp.A_s
-        _, R_s = torch.linalg.qr(grp.B_s, mode="r")
-        xn = torch.linalg.vector_norm(R_s @ grp.A_s, dim=-2)
+        Q_B, R_B = torch.linalg.qr(st.Bbar)
+        X = (Q_B.mT @ st.B_s) @ st.A_s
+        _, R_s = torch.linalg.qr(st.B_s, mode="r")
+        xn = torch.linalg.vector_norm(R_s @ st.A_s, dim=-2)
         left, right = R_B, None
         nonzero_b = torch.linalg.matrix_norm(R_B) > 0
         active = (xn > 0) & nonzero_b[:, None]
-        Z0 = grp.Abar
+        Z0 = st.Abar
         R_pinv = torch.linalg.pinv(R_B)
         Z_ls = R_pinv @ X
         Z_unit = R_pinv @ _unit_columns(X, xn)
