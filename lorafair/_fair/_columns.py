@@ -460,41 +460,32 @@ class _Stacks(NamedTuple):
 
 def _canonical(grp: _Group) -> _Stacks:
     """:class:`_Stacks` with each layer's clients in a canonical order: sorted by a key of
-    their own values (weight, rank, ``‖A_k‖²``, ``‖B_k‖²``, ``ΣA_k``, ``ΣB_k``), and ``Ā``, ``B̄``
-    summed in that order. The column form's multi-start can end in another local minimum when
-    only the rounding changes, so without this the result could depend on the order in which
-    the same clients are given; with it, it is a function of each layer's set of clients
-    (equal keys: equal clients, whose order does not matter). The output still adds the
-    residual to FedIT's own ``Ā``, ``B̄`` (:func:`~lorafair._fair._batch._corrected`). Cost: one
-    gather of the stacks and one host transfer of ``4 K L`` numbers."""
+    their own values (weight, rank, then the sum and the sum of squares of ``A_k``'s first row
+    and of ``B_k``'s first column), and ``Ā``, ``B̄`` summed in that order. The column form's
+    multi-start can end in another local minimum when only the rounding changes, so without
+    this the result could depend on the order in which the same clients are given; with it, it
+    is a function of each layer's set of clients (equal keys: in practice equal clients, whose
+    order does not matter). The output still adds the residual to FedIT's own ``Ā``, ``B̄``
+    (:func:`~lorafair._fair._batch._corrected`). Cost: ``4 K`` reductions over one row or
+    column each, one host transfer, and a gather of the stacks where some order changes."""
     ranks = grp.layers[0].ranks
     starts = [sum(ranks[:k]) for k in range(len(ranks))]
     A_u, B_s = grp.A_u, grp.B_s
-    blocks = [
-        (A_u[:, o : o + rk], B_s[:, :, o : o + rk]) for o, rk in zip(starts, ranks, strict=True)
-    ]
+    edges = [(A_u[:, o], B_s[:, :, o]) for o in starts]  # (L, d_in), (L, d_out)
     stats = torch.stack(
-        [
-            x
-            for a, b in blocks
-            for x in (
-                (a * a).sum((-2, -1)),
-                (b * b).sum((-2, -1)),
-                a.sum((-2, -1)),
-                b.sum((-2, -1)),
-            )
-        ]
-    ).mT.reshape(grp.n, len(ranks), 4)
-    host = stats.cpu().tolist()
-    rows = []
-    for per in host:
-        order = sorted(range(len(ranks)), key=lambda k: (grp.p[k], ranks[k], *per[k]))
-        rows.append([starts[k] + i for k in order for i in range(ranks[k])])
+        [x for a, b in edges for x in ((a * a).sum(-1), a.sum(-1), (b * b).sum(-1), b.sum(-1))]
+    )
+    host = stats.mT.reshape(grp.n, len(ranks), 4).cpu().tolist()
+    orders = [
+        sorted(range(len(ranks)), key=lambda k: (grp.p[k], ranks[k], *per[k])) for per in host
+    ]
+    rows = [[starts[k] + i for k in order for i in range(ranks[k])] for order in orders]
     idx = torch.tensor(rows, dtype=torch.int64, device=grp.device)  # (L, R)
-    A_c = A_u.gather(1, idx[:, :, None].expand(-1, -1, A_u.shape[-1]))
-    B_c = B_s.gather(2, idx[:, None, :].expand(-1, B_s.shape[-2], -1))
-    E_c = grp.E[idx]  # (L, R, r)
-    return _Stacks(B_c, A_c * grp.pw[idx][..., None], E_c.mT @ A_c, B_c @ E_c)
+    if any(order != sorted(order) for order in orders):
+        A_u = A_u.gather(1, idx[:, :, None].expand(-1, -1, A_u.shape[-1]))
+        B_s = B_s.gather(2, idx[:, None, :].expand(-1, B_s.shape[-2], -1))
+    E_c = grp.E[idx]  # (L, R, r): the same products whatever the order was
+    return _Stacks(B_s, A_u * grp.pw[idx][..., None], E_c.mT @ A_u, B_s @ E_c)
 
 
 def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Solved:
