@@ -302,6 +302,18 @@ def test_full_top_eigh_refuses_a_nearly_rank_k_update():
     assert abs(_optimality_gap(flexlora(clients, rank=4), clients, 4)) < 1e-6
 
 
+def _assert_certified_answers_are_optimal(clients, k):  # type: ignore[no-untyped-def]
+    """Every route's certified top-``k`` answer is optimal to the inputs' rounding (float32
+    unit roundoff of ‖ΔW‖), and flexlora's own answer is optimal to 1e-6."""
+    dw = ref.delta_w(clients, "fc")
+    tail = float(torch.linalg.svdvals(dw)[k:].norm())
+    for route in ("iteration", "full", "dense_top"):
+        raw, certified = _raw_top(clients, k, route=route)
+        if certified:
+            assert (float((dw - raw).norm()) - tail) / float(dw.norm()) <= 2.0**-24
+    assert abs(_optimality_gap(flexlora(clients, rank=k), clients, k)) < 1e-6
+
+
 @pytest.mark.parametrize("gap", [0.0, 1e-9, 1e-6, 1e-4])
 def test_dense_top_near_degenerate_sigma_r_is_still_optimal(gap):
     # σ_4 = σ_5 (1 − gap): the top-4 subspace is (nearly) not unique. The float32 inputs split
@@ -310,13 +322,7 @@ def test_dense_top_near_degenerate_sigma_r_is_still_optimal(gap):
     sigma = _decaying()
     sigma[3], sigma[4] = 0.7, 0.7 * (1 - gap)
     clients = _spectrum_clients(sigma, seed=2)
-    dw = ref.delta_w(clients, "fc")
-    tail = float(torch.linalg.svdvals(dw)[4:].norm())
-    for route in ("iteration", "full", "dense_top"):
-        raw, certified = _raw_top(clients, 4, route=route)
-        if certified:
-            assert (float((dw - raw).norm()) - tail) / float(dw.norm()) <= 2.0**-24
-    assert abs(_optimality_gap(flexlora(clients, rank=4), clients, 4)) < 1e-6
+    _assert_certified_answers_are_optimal(clients, 4)
 
 
 def test_dense_top_exactly_degenerate_sigma_r_is_not_certified_by_the_iteration():
@@ -349,13 +355,7 @@ def test_dense_top_certificate_holds_whenever_it_is_given(seed):
     g = torch.Generator().manual_seed(100 + seed)
     ratio = float(torch.rand((), generator=g)) * 1.2
     clients = _spectrum_clients(_decaying(ratio=ratio), seed=seed)
-    dw = ref.delta_w(clients, "fc")
-    tail = float(torch.linalg.svdvals(dw)[4:].norm())
-    for route in ("iteration", "full", "dense_top"):
-        raw, certified = _raw_top(clients, 4, route=route)
-        if certified:
-            assert (float((dw - raw).norm()) - tail) / float(dw.norm()) <= 2.0**-24
-    assert abs(_optimality_gap(flexlora(clients, rank=4), clients, 4)) < 1e-6
+    _assert_certified_answers_are_optimal(clients, 4)
 
 
 def test_dense_top_never_certifies_at_float64_precision():
