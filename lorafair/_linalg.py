@@ -234,8 +234,9 @@ def top_eigh(G: Tensor, k: int, delta: Tensor, tol: Tensor, *, oblique: bool) ->
     """
     n = G.shape[-1]
     p = min(n, top_block(k))
-    g = torch.Generator().manual_seed(0)
-    Q = torch.randn(n, p, generator=g, dtype=G.dtype).to(G.device).expand(*G.shape[:-2], n, p)
+    g = torch.Generator(device=G.device).manual_seed(0)  # drawn where G lives: no copy, no sync
+    Q = torch.randn(n, p, generator=g, dtype=G.dtype, device=G.device)
+    Q = Q.expand(*G.shape[:-2], n, p)
     for _ in range(_TOP_ITERATIONS):
         Q = torch.linalg.qr(G @ Q).Q
     GQ = G @ Q
@@ -306,9 +307,11 @@ def dense_top_svd(B: Tensor, A: Tensor, rank: int, unit_roundoff: float) -> TopS
     Form ``ΔW`` (float64) and its Gram on the smaller side, ``G = XᵀX`` (n × n,
     ``n = min(d_out, d_in)``, ``X = ΔW`` or ``ΔWᵀ``, m the longer side; BLAS ``syrk`` on the
     CPU); :func:`top_eigh` gives its top ``rank`` eigenvectors W with a certificate that the
-    projection ``ΔW W Wᵀ`` (or ``W Wᵀ ΔW``) is Eckart–Young optimal to ``unit_roundoff·‖ΔW‖_F``,
-    with ``δ = 2m·u₆₄·‖ΔW‖_F²``, which bounds the float64 rounding of G in spectral norm (the
-    cost of squaring). That bound is the rounding of a result in the inputs' dtype; for float64
+    projection ``ΔW W Wᵀ`` (or ``W Wᵀ ΔW``) is Eckart–Young optimal to ``unit_roundoff·‖ΔW‖_F``:
+    half of that for the eigensolve, with ``δ = 2m·u₆₄·‖ΔW‖_F²``, which bounds the float64
+    rounding of G in spectral norm (the cost of squaring), and half for forming ΔW in float64
+    (at most ``2R·u₆₄·‖B‖_F‖A‖_F``; a layer whose clients cancel beyond that is not
+    certified). That bound is the rounding of a result in the inputs' dtype; for float64
     (``u₆₄``) the squaring term alone exceeds it: never certified. The projection is returned as
     an SVD through the thin SVD of the m × k matrix ``Y = X W``. On the CPU a layer that
     :func:`top_eigh` leaves uncertified takes :func:`full_top_eigh` of the same G at once
@@ -335,7 +338,13 @@ def dense_top_svd(B: Tensor, A: Tensor, rank: int, unit_roundoff: float) -> TopS
     finite = torch.isfinite(fro2)
     G = torch.where(finite.reshape(*finite.shape, 1, 1), G, 0.0)
     fro2 = torch.where(finite, fro2, 0.0)
-    delta, tol = 2 * m * _U64 * fro2, unit_roundoff * fro2.sqrt()
+    # Forming ΔW in float64 errs by at most F = R·u₆₄·‖B‖_F‖A‖_F (Frobenius); an answer within
+    # tol of optimal for the computed ΔW is within tol + 2F for the true one. So half the budget
+    # goes to the eigensolve and a layer is certified only where 2F fits in the other half
+    # (κ = ‖B‖‖A‖/‖ΔW‖ ≤ u_in/(4R·u₆₄): ~1.4·10⁵ for float32 at R = 1000).
+    formed = 2 * B.shape[-1] * _U64 * torch.linalg.matrix_norm(B) * torch.linalg.matrix_norm(A)
+    budget = unit_roundoff * fro2.sqrt()
+    delta, tol = 2 * m * _U64 * fro2, 0.5 * budget
     top = top_eigh(G, k, delta, tol, oblique=False)
     # on the CPU the certificate is read at no cost: without it, the full eigh of the same G,
     # certified with no gap (elsewhere the caller redoes the layer after its one host round trip)
@@ -349,7 +358,8 @@ def dense_top_svd(B: Tensor, A: Tensor, rank: int, unit_roundoff: float) -> TopS
     else:  # ΔW W Wᵀ = U_y S (W Zhᵀ)ᵀ
         U, Vh = U_y, Zh @ W.mT
     eye = torch.eye(k, dtype=S.dtype, device=S.device).expand(*S.shape, k)
-    return TopSVD(FactoredSVD(S, U, eye, eye, Vh), top.certified & finite, finite)
+    certified = top.certified & finite & (formed <= 0.5 * budget)
+    return TopSVD(FactoredSVD(S, U, eye, eye, Vh), certified, finite)
 
 
 def _pad(x: Tensor, dim: int, size: int) -> Tensor:

@@ -510,11 +510,12 @@ def flexlora(
       ``ΔW V_r V_rᵀ``. A per-layer certificate (a residual bound and an n × n Cholesky that
       proves no other eigenvalue lies above the cut; ``_linalg.dense_top_svd``) proves that
       ``‖ΔW − BA‖_F`` exceeds the optimum ``√Σ_{i>rank} σ_i²`` by at most ``u_in·‖ΔW‖_F``,
-      the squaring's float64 rounding included. Without it (no gap at ``rank``, a spectrum too
-      flat for six steps) the CPU takes the full ``eigh`` of the same Gram, certified with no
-      gap from its residual (``_linalg.full_top_eigh``); a layer still uncertified (ΔW nearly
-      of rank ≤ ``rank``; elsewhere than the CPU, any) is redone by the route the rule below
-      takes when every σ is needed. Cost
+      the squaring's and the forming of ΔW's float64 rounding included (the latter certifies
+      only layers with ``‖B_s‖‖A_s‖/‖ΔW‖ ≤ u_in/(4R·u₆₄)``). Without it (no gap at
+      ``rank``, a spectrum too flat for six steps) the CPU takes the full ``eigh`` of the
+      same Gram, certified with no gap from its residual (``_linalg.full_top_eigh``); a layer
+      still uncertified (ΔW nearly of rank ≤ ``rank``; elsewhere than the CPU, any) is redone
+      by the route the rule below takes when every σ is needed. Cost
       ``2 d_in d_out R + n² max(d_in, d_out) + O(n² rank + n³/3)``: one dense product plus
       about 40% of it (ViT-B/16) instead of a full SVD.
     - **dense** (large R, every σ needed or float64 inputs): form ``ΔW`` one layer at a time and

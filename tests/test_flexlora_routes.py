@@ -423,3 +423,17 @@ def test_gram_route_top_core_certificate_holds_whenever_it_is_given(seed):
     if certified:
         assert (float((dw - raw).norm()) - tail) / float(dw.norm()) <= 2.0**-24
     assert abs(_optimality_gap(flexlora(clients, rank=4), clients, 4)) < 1e-6
+
+
+def test_dense_top_does_not_certify_clients_that_cancel_beyond_float64_forming():
+    # ΔW = B₁A₁ − (1 − 1e-8) B₁A₁: forming it in float64 errs by ~R·u₆₄·‖B‖‖A‖, far above
+    # u_in·‖ΔW‖ for float32 (κ ≈ 1e8); its computed spectrum is clean, so only the forming
+    # term of the certificate can refuse it
+    g = torch.Generator().manual_seed(3)
+    B1 = torch.randn(1, 80, 8, generator=g, dtype=torch.float64)
+    A1 = torch.randn(1, 8, 60, generator=g, dtype=torch.float64)
+    B = torch.cat([B1, -(1 - 1e-8) * B1], dim=-1)
+    A = torch.cat([A1, A1], dim=-2)
+    assert not bool(_linalg.dense_top_svd(B, A, 4, 2.0**-24).certified[0])
+    # the same clients without the cancellation are certified
+    assert bool(_linalg.dense_top_svd(B.abs(), A, 4, 2.0**-24).certified[0])

@@ -463,11 +463,14 @@ def _canonical(grp: _Group) -> _Stacks:
     their own values (weight, rank, then the sum and the sum of squares of ``A_k``'s first row
     and of ``B_k``'s first column), and ``Ā``, ``B̄`` summed in that order. The column form's
     multi-start can end in another local minimum when only the rounding changes, so without
-    this the result could depend on the order in which the same clients are given; with it, it
-    is a function of each layer's set of clients (equal keys: in practice equal clients, whose
-    order does not matter). The output still adds the residual to FedIT's own ``Ā``, ``B̄``
-    (:func:`~lorafair._fair._batch._corrected`). Cost: ``4 K`` reductions over one row or
-    column each, one host transfer, and a gather of the stacks where some order changes."""
+    this the residual could depend on the order in which the same clients are given; with it,
+    ``ΔB`` and the objective are functions of each layer's set of clients (equal keys: in
+    practice equal clients, whose order does not matter). The output adds that residual to
+    FedIT's own ``Ā``, ``B̄`` (:func:`~lorafair._fair._batch._corrected`), summed in the order
+    given as :func:`~lorafair.aggregate.fedit` sums them, so the returned factors can differ by
+    an ulp between orders, and a zero residual returns FedIT's factors bit for bit. Cost:
+    ``4 K`` reductions over one row or column each, one host transfer, and a gather of the
+    stacks where some order changes."""
     ranks = grp.layers[0].ranks
     starts = [sum(ranks[:k]) for k in range(len(ranks))]
     A_u, B_s = grp.A_u, grp.B_s

@@ -126,7 +126,9 @@ def armijo_step(f: _A, gd: _A, fc: _A, ts: _A) -> tuple[_A, _A]:
     v: Any = xp.where(xp.isfinite(fc), fc, xp.inf)
     ok: Any = v <= f[:, None] + _tol.ARMIJO * ts[None, :] * gd[:, None]
     pick: Any = xp.where(ok.any(1), xp.argmax(ok * 1, 1), xp.argmin(v, 1))
-    return pick, v[xp.arange(v.shape[0]), pick]
+    if xp is np:
+        return pick, v[np.arange(v.shape[0]), pick]
+    return pick, v.gather(1, pick[:, None]).squeeze(1)  # on the tensors' device: no copy, no sync
 
 
 def _newton_direction(hess: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
