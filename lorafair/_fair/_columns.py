@@ -1116,7 +1116,9 @@ class _Pool:
 
     def choice(self, shape: tuple[int, int]) -> _Choice:
         """Per layer the candidate of lowest ``f`` (the first of equals: :func:`_best`), unless
-        ``ΔB = 0`` is within ``TIE`` of it (:func:`~lorafair._fair._newton._pick`)."""
+        ``ΔB = 0`` is within ``TIE`` of it (:func:`~lorafair._fair._newton._pick`). The
+        iterations and convergence are those of the best candidate's run either way (when
+        ``ΔB = 0`` is kept, that run ended no lower)."""
         every, z = self.joined(), self.zero
         n_layers = z.f.shape[0]
         first, f_best = _best(every, n_layers)
@@ -1124,8 +1126,8 @@ class _Pool:
         return _Choice(
             torch.where(zero[:, None], z.x, every.x[first]).reshape(n_layers, *shape),
             torch.where(zero, z.f, f_best),
-            torch.where(zero, z.iterations, every.iterations[first]),
-            torch.where(zero, z.converged, every.converged[first]),
+            every.iterations[first],
+            every.converged[first],
         )
 
 
