@@ -572,8 +572,6 @@ def _flexlora(
 ) -> FlexLoRAReport:
     if split not in ("balanced", "left"):
         raise LoRAFairError(f"split must be 'balanced' or 'left', got {split!r}")
-    if split not in ("balanced", "left"):
-        raise LoRAFairError(f"split must be 'balanced' or 'left', got {split!r}")
     check_policy(rank)
     prep = prepare(
         clients,

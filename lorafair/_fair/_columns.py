@@ -783,13 +783,20 @@ def _scale_rows(
     Z: Tensor, Z0: Tensor, left: Tensor | None, right: Tensor | None, floor: float
 ) -> tuple[Tensor, Tensor]:
     """:func:`_column_scale` on one chunk of rows."""
-    scale = torch.linalg.matrix_norm(Z) + torch.linalg.matrix_norm(Z0) + floor
+    return _norms_sq(Z, left, right).sqrt(), _rounding_scale(Z, Z0, left, right, floor)
+
+
+def _rounding_scale(
+    Z: Tensor, Z0: Tensor, left: Tensor | None, right: Tensor | None, floor: float
+) -> Tensor:
+    """``s_j = ‖left‖ (‖Z‖ + ‖Z0‖ + floor) ‖right_j‖`` (…, n) of :func:`_column_scale`."""
+    scale: Tensor = torch.linalg.matrix_norm(Z) + torch.linalg.matrix_norm(Z0) + floor
     if left is not None:
         scale = scale * torch.linalg.matrix_norm(left)
     scale = scale.unsqueeze(-1)
     if right is not None:
         scale = scale * torch.linalg.vector_norm(right, dim=-2)
-    return _norms_sq(Z, left, right).sqrt(), scale
+    return scale
 
 
 def _unsafe(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: _Rounding) -> Tensor:
@@ -823,7 +830,7 @@ def _unsafe_rows(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: _Rou
     left, right = (mat, None) if has_left else (None, mat)
     # Explicit Y here, whatever the shape: near a vanishing column the factored pullback's
     # two terms cancel, and their rounding (ε ‖Z‖ ‖right_j‖ / ν_j relative) is what is judged.
-    _, sc = _scale_rows(Z, Z0, left, right, unit.floor)
+    sc = _rounding_scale(Z, Z0, left, right, unit.floor)
     Y = linear_map(Z, left, right)
     yn = torch.linalg.vector_norm(Y, dim=-2)
     n = Y.shape[-1]
@@ -981,14 +988,7 @@ def _columns_minimise(
         f_safe = _safe_best_first(Zr, data, f_raw, m, unit)
     tiny = active.repeat(m, 1) & (yn <= _tol.DROP_TINY * sc)
     f_zero = obj.values(Z0.reshape(n_layers, 1, -1), *data).squeeze(1)
-    zero = _Candidates(
-        Z0.flatten(-2),
-        f_zero,
-        layer[:n_layers],
-        res.iterations[:n_layers],
-        res.converged[:n_layers],
-    )
-    pool = _Pool(zero)
+    pool = _Pool(Z0.flatten(-2), f_zero)
     pool.add(res.x, f_safe, layer, res.iterations, res.converged)
     # Seeds of restricted problems: (layer, dropped columns, point, iterations so far).
     seed = tiny.any(dim=-1)
@@ -1102,10 +1102,11 @@ class _Choice(NamedTuple):
 @dataclasses.dataclass
 class _Pool:
     """The one pool every heuristic of the column form adds its candidates to (starts,
-    dropped columns, column mixes, the λ = 0 end), with ``ΔB = 0`` (``zero``: one row per
-    layer, in layer order) always among them; :meth:`choice` is the one scorer."""
+    dropped columns, column mixes, the λ = 0 end), with ``ΔB = 0`` (``zero_x`` (L, N), its
+    objective ``zero_f`` (L,)) always among them; :meth:`choice` is the one scorer."""
 
-    zero: _Candidates
+    zero_x: Tensor
+    zero_f: Tensor
     parts: list[_Candidates] = dataclasses.field(default_factory=list)
 
     def add(self, x: Tensor, f: Tensor, layer: Tensor, iterations: Tensor, cv: Tensor) -> None:
@@ -1119,13 +1120,13 @@ class _Pool:
         ``ΔB = 0`` is within ``TIE`` of it (:func:`~lorafair._fair._newton._pick`). The
         iterations and convergence are those of the best candidate's run either way (when
         ``ΔB = 0`` is kept, that run ended no lower)."""
-        every, z = self.joined(), self.zero
-        n_layers = z.f.shape[0]
+        every = self.joined()
+        n_layers = self.zero_f.shape[0]
         first, f_best = _best(every, n_layers)
-        _, zero = _pick(f_best[None], z.f, False)
+        _, zero = _pick(f_best[None], self.zero_f, False)
         return _Choice(
-            torch.where(zero[:, None], z.x, every.x[first]).reshape(n_layers, *shape),
-            torch.where(zero, z.f, f_best),
+            torch.where(zero[:, None], self.zero_x, every.x[first]).reshape(n_layers, *shape),
+            torch.where(zero, self.zero_f, f_best),
             every.iterations[first],
             every.converged[first],
         )
