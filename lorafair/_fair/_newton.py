@@ -89,12 +89,19 @@ class Batched(NamedTuple):
     ``line(x (L, N), d (L, N), ts (S,), *data) -> (L, S)``, if given: the values at
     ``x + ts_s d``, computed more cheaply than ``values`` would (the line search's points);
     None: ``values`` at those points.
+
+    ``features(x (L, N), *data) -> (L, …)``, if given: a product of ``x`` with the data,
+    linear in ``x``, that ``value_and_grad`` (keyword ``fx``, at ``x``) and ``line`` (``fx``
+    and ``fd``, at ``d``) accept instead of computing it. :func:`minimise` then forms it once
+    for each search direction and carries it along its steps, ``F(x + t d) = F(x) + t F(d)``
+    (rounding: one addition per step, relative ε).
     """
 
     values: Callable[..., Tensor]
     value_and_grad: Callable[..., tuple[Tensor, Tensor]]
     hessian: Callable[..., Tensor]
     line: Callable[..., Tensor] | None = None
+    features: Callable[..., Tensor] | None = None
 
 
 def modified_newton(hess: _A, g: _A) -> tuple[_A, _A]:
@@ -196,7 +203,10 @@ def minimise(
     every = 1 if x0.device.type == "cpu" else sync_every  # reading a CPU flag costs no sync
     dev, dt = x0.device, x0.dtype
     x = x0.clone()
-    f, g = obj.value_and_grad(x, *data)
+    lin = None if newton else obj.features  # Newton's steps are the Hessian's: nothing to save
+    fx = None if lin is None else lin(x, *data)
+    kw = {} if fx is None else {"fx": fx}
+    f, g = obj.value_and_grad(x, *data, **kw)
     S = x.new_zeros(n_layers, memory, n)
     Yh = x.new_zeros(n_layers, memory, n)
     rho = x.new_zeros(n_layers, memory)
@@ -238,15 +248,20 @@ def minimise(
         if newton:
             small = pd & ~steepest & (-gd <= bound)
             done = done | small
+        fd = None if lin is None else lin(d, *data)
         if obj.line is None:
             fc = obj.values(x.unsqueeze(1) + ts[None, :, None] * d.unsqueeze(1), *data)
         else:
-            fc = obj.line(x, d, ts, *data)
+            fc = obj.line(x, d, ts, *data, **({} if fd is None else {"fx": fx, "fd": fd}))
         pick, f_pick = armijo_step(f, gd, fc, ts)
         improved = f_pick < f
         move = improved & ~done
         x_new = torch.where(move[:, None], x + ts[pick][:, None] * d, x)
-        f_new, g_new = obj.value_and_grad(x_new, *data)
+        if fx is not None and fd is not None:
+            shape = (-1, *([1] * (fx.ndim - 1)))
+            fx = torch.where(move.reshape(shape), fx + ts[pick].reshape(shape) * fd, fx)
+            kw = {"fx": fx}
+        f_new, g_new = obj.value_and_grad(x_new, *data, **kw)
         f_new = torch.where(move, f_new, f)
         g_new = torch.where(move[:, None], g_new, g)
         iters = iters + (~done).to(torch.int64)
