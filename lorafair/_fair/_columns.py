@@ -118,8 +118,8 @@ def columns_terms(
     whose cosine can be non-zero (the others count as 0). Cost: O(m p q + m q n) per point.
     """
     inner, nsq = _column_sums(Z, X, left, right)
-    xs = torch.where(active, xn, torch.ones_like(xn))
-    cos = torch.where(active, inner / (xs * _safe_sqrt(nsq)), torch.zeros_like(inner))
+    xs = torch.where(active, xn, 1.0)
+    cos = torch.where(active, inner / (xs * _safe_sqrt(nsq)), 0.0)
     return cos.mean(dim=-1)
 
 
@@ -272,8 +272,9 @@ def columns_objective(
                 fx, fd = T[..., :q, :], T[..., q:, :]
             yx, vx = (fx * right).sum(dim=-2), (fd * right).sum(dim=-2)
             R = torch.linalg.qr(ZD, mode="r").R
-            U, W = R[..., :q] @ right, R[..., q:] @ right
-            yy, vv, yv = (U * U).sum(dim=-2), (W * W).sum(dim=-2), (U * W).sum(dim=-2)
+            U, W = R[..., :q, :q] @ right, R[..., q:] @ right  # R_Z's lower half is zero
+            yy, vv = (U * U).sum(dim=-2), (W * W).sum(dim=-2)
+            yv = (U * W[..., :q, :]).sum(dim=-2)
         else:
             Y, V = linear_map(Z, left, right), linear_map(D, left, right)
             yx, vx = (Y * X).sum(dim=-2), (V * X).sum(dim=-2)
@@ -282,8 +283,8 @@ def columns_objective(
         ends = yy.unsqueeze(1) + t * t * vv.unsqueeze(1)
         nsq = ends + 2.0 * t * yv.unsqueeze(1)  # (L, S, n)
         act = active.unsqueeze(1)
-        xs = torch.where(act, xn.unsqueeze(1), torch.ones_like(inner))
-        cos = torch.where(act, inner / (xs * _safe_sqrt(nsq)), torch.zeros_like(inner))
+        xs = torch.where(active, xn, 1.0).unsqueeze(1)
+        cos = torch.where(act, inner / (xs * _safe_sqrt(nsq)), 0.0)
         diff = Z - Z0
         t2 = ts[None, :]
         e0 = (diff * diff).sum(dim=(-2, -1))[:, None] + t2 * t2 * (D * D).sum(dim=(-2, -1))[:, None]
@@ -579,6 +580,7 @@ def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Solved:
         iters = torch.zeros(n_layers, dtype=torch.int64, device=X.device)
         conv = torch.ones(n_layers, dtype=torch.bool, device=X.device)
         Z = Z0
+        f_final = obj.values(Z.reshape(n_layers, 1, -1), *data).squeeze(1)
     else:
         # FedIT, the least-squares fit, their midpoint, and the least-squares fit of the unit
         # columns X_j/‖X_j‖ (every column counts alike in the mean cosine; scaled to Z_ls's
@@ -595,8 +597,7 @@ def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Solved:
         pool = _columns_minimise(obj, data, starts, left is not None, opts, unit, f_starts)
         if opts.lam > 0:
             _columns_end(obj, data, starts, pool, left is not None, opts, unit, f_starts)
-        Z, _, iters, conv = pool.choice(shape)
-    f_final = obj.values(Z.reshape(n_layers, 1, -1), *data).squeeze(1)
+        Z, f_final, iters, conv = pool.choice(shape)  # f: the scorer's value, by obj.values
     diff = Z - Z0
     reg = regulariser((diff * diff).sum(dim=(-2, -1)), lam, norm)
     cos = 1.0 - (f_final - reg)
