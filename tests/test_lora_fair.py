@@ -696,6 +696,54 @@ def test_columns_line_values_match_the_reference(norm, side, offset, through) ->
             torch.testing.assert_close(got[i, k], want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("offset", [False, True])
+@pytest.mark.parametrize("norm", ["fro", "fro_squared"])
+def test_columns_carried_features_match_fresh_products(norm, offset) -> None:  # type: ignore[no-untyped-def]
+    # Tall bases: L-BFGS carries ZᵀX along its steps (features). The values and gradients read
+    # from carried products must be the fresh ones, and a run that carries them must end where
+    # one that recomputes them does (above NEWTON_MAX_UNKNOWNS, so L-BFGS runs).
+    from lorafair._fair import _columns as _solve
+    from lorafair._fair import _newton
+    from lorafair._fair import _tolerances as _tol
+
+    gen = torch.Generator().manual_seed(24)
+    n_layers, lam, q, n = 3, 0.05, 8, 40
+    p = _tol.FACTORED_ROWS * q
+    assert p * q > _tol.NEWTON_MAX_UNKNOWNS
+    X = torch.randn(n_layers, p, n, generator=gen, dtype=F64)
+    xn = X.norm(dim=-2) * 1.2
+    active = torch.ones(n_layers, n, dtype=torch.bool)
+    Z0 = torch.randn(n_layers, p, q, generator=gen, dtype=F64)
+    right = torch.randn(n_layers, q, n, generator=gen, dtype=F64)
+    c0 = torch.rand(n_layers, generator=gen, dtype=F64) + 0.5
+    data = (X, xn, active, Z0, c0, right) if offset else (X, xn, active, Z0, right)
+    obj = _solve.columns_objective(lam, norm, (p, q), False, True, offset)
+    assert obj.features is not None
+    assert obj.line is not None
+    x = torch.randn(n_layers, p * q, generator=gen, dtype=F64)
+    d = torch.randn(n_layers, p * q, generator=gen, dtype=F64)
+    fx, fd = obj.features(x, *data), obj.features(d, *data)
+    torch.testing.assert_close(fx, x.reshape(n_layers, p, q).mT @ X, rtol=1e-13, atol=0.0)
+    for got, want in zip(
+        obj.value_and_grad(x, *data, fx=fx), obj.value_and_grad(x, *data), strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    ts = _tol.SHRINK ** torch.arange(_tol.STEPS, dtype=F64)
+    torch.testing.assert_close(
+        obj.line(x, d, ts, *data, fx=fx, fd=fd), obj.line(x, d, ts, *data), rtol=1e-12, atol=1e-14
+    )
+    carried = _newton.minimise(obj, data, Z0.flatten(-2), tol=1e-10, max_iter=300)
+    fresh = _newton.minimise(
+        obj._replace(features=None), data, Z0.flatten(-2), tol=1e-10, max_iter=300
+    )
+    assert bool(carried.converged.all())
+    assert bool(fresh.converged.all())
+    torch.testing.assert_close(carried.f, fresh.f, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        obj.values(carried.x.unsqueeze(1), *data).squeeze(1), carried.f, rtol=1e-12, atol=1e-14
+    )
+
+
 @pytest.mark.parametrize("residual_on", ["B", "A"])
 def test_columns_chunked_rows_match_one_batch(monkeypatch, residual_on) -> None:  # type: ignore[no-untyped-def]
     # On CPU the columns objective runs over cache-sized chunks of rows; one row per chunk must
