@@ -88,13 +88,16 @@ class Batched(NamedTuple):
 
     ``line(x (L, N), d (L, N), ts (S,), *data) -> (L, S)``, if given: the values at
     ``x + ts_s d``, computed more cheaply than ``values`` would (the line search's points);
-    None: ``values`` at those points.
+    None: ``values`` at those points. ``with_hessian(x (L, N), *data)``, if given: value,
+    gradient and Hessian in one call (where they share most of their work), which Newton then
+    uses instead of ``value_and_grad`` and ``hessian``.
     """
 
     values: Callable[..., Tensor]
     value_and_grad: Callable[..., tuple[Tensor, Tensor]]
     hessian: Callable[..., Tensor]
     line: Callable[..., Tensor] | None = None
+    with_hessian: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
 
 
 def modified_newton(hess: _A, g: _A) -> tuple[_A, _A]:
@@ -196,7 +199,12 @@ def minimise(
     every = 1 if x0.device.type == "cpu" else sync_every  # reading a CPU flag costs no sync
     dev, dt = x0.device, x0.dtype
     x = x0.clone()
-    f, g = obj.value_and_grad(x, *data)
+    joint = obj.with_hessian if newton else None
+    h_at: Tensor | None = None  # the Hessian at x, where `joint` gave it with f and g
+    if joint is None:
+        f, g = obj.value_and_grad(x, *data)
+    else:
+        f, g, h_at = joint(x, *data)
     S = x.new_zeros(n_layers, memory, n)
     Yh = x.new_zeros(n_layers, memory, n)
     rho = x.new_zeros(n_layers, memory)
@@ -209,7 +217,7 @@ def minimise(
     iters = torch.zeros(n_layers, dtype=torch.int64, device=dev)
     for it in range(max_iter):
         if newton:
-            hess = obj.hessian(x, *data)
+            hess = obj.hessian(x, *data) if h_at is None else h_at
             hess = 0.5 * (hess + hess.mT)
             hess = torch.where(torch.isfinite(hess), hess, torch.zeros_like(hess))
             d, pd = _newton_direction(hess, g)
@@ -246,7 +254,12 @@ def minimise(
         improved = f_pick < f
         move = improved & ~done
         x_new = torch.where(move[:, None], x + ts[pick][:, None] * d, x)
-        f_new, g_new = obj.value_and_grad(x_new, *data)
+        if joint is None:
+            f_new, g_new = obj.value_and_grad(x_new, *data)
+        else:
+            f_new, g_new, h_new = joint(x_new, *data)
+            assert h_at is not None
+            h_at = torch.where(move[:, None, None], h_new, h_at)
         f_new = torch.where(move, f_new, f)
         g_new = torch.where(move[:, None], g_new, g)
         iters = iters + (~done).to(torch.int64)
