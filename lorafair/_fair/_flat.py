@@ -78,10 +78,7 @@ def flat_reduce(G: Tensor, H: Tensor, base: Tensor, w: Tensor) -> FlatProblem:
     ``r × r``, two ``(d × r)(r × r)`` products and ``L r`` Householder QRs of ``d × 3``:
     O(L (d r² + r³)) flops and O(L d r) memory.
     """
-    g, V = torch.linalg.eigh(G)
-    scale = g.abs().amax(dim=-1, keepdim=True)
-    small = g <= scale * (g.shape[-1] * _tol.EIG_NULL)
-    g = torch.where(small, torch.zeros_like(g), g)
+    g, V, small = _family.eig_basis(G)
     Hv = H @ V  # columns h_i
     Bv = base @ V  # columns b_i
     Hv = torch.where(small.unsqueeze(-2), torch.zeros_like(Hv), Hv)

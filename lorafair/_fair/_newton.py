@@ -118,10 +118,10 @@ def _newton_direction(hess: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     """Newton direction and a positive-definiteness flag per layer.
 
     On CPU (where reading a flag costs no device sync) a batched Cholesky serves the positive
-    definite Hessians and only the others pay for an eigendecomposition; on accelerators every
-    layer takes the (sync-free) eigendecomposition path.
+    definite Hessians and only the others pay for an eigendecomposition; on accelerators, and
+    for 2 × 2 Hessians, every layer takes the (sync-free) eigendecomposition path.
     """
-    if hess.device.type != "cpu":
+    if hess.device.type != "cpu" or hess.shape[-1] <= 2:  # 2 × 2 (the family): eigh is as cheap
         return modified_newton(hess, g)
     chol, info = torch.linalg.cholesky_ex(hess)
     ok = info == 0
