@@ -73,14 +73,18 @@ class _Sums(NamedTuple):
     nsq: Tensor
 
 
-def _column_sums(Z: Tensor, X: Tensor, left: Tensor | None, right: Tensor | None) -> _Sums:
+def _column_sums(
+    Z: Tensor, X: Tensor, left: Tensor | None, right: Tensor | None, ZtX: Tensor | None = None
+) -> _Sums:
     """:class:`_Sums` of ``Y = left Z right`` against ``X`` (any leading dimensions, broadcast).
 
-    For ``Y = Z right`` (q ≪ p) ``<X_j, Y_j> = Σ_k (ZᵀX)_kj right_kj``: one GEMM and q × n
-    elementwise work instead of p × n (same rounding order, ``ε ‖X_j‖ ‖Z‖ ‖right_j‖``)."""
+    For ``Y = Z right`` (q ≪ p) ``<X_j, Y_j> = Σ_k (ZᵀX)_kj right_kj``: one GEMM (none where
+    ``ZtX``, the product ``ZᵀX``, is given) and q × n elementwise work instead of p × n (same
+    rounding order, ``ε ‖X_j‖ ‖Z‖ ‖right_j‖``)."""
     if _factored(Z, left, right):
         assert right is not None
-        return _Sums(((Z.mT @ X) * right).sum(dim=-2), _norms_sq(Z, left, right))
+        T = Z.mT @ X if ZtX is None else ZtX
+        return _Sums((T * right).sum(dim=-2), _norms_sq(Z, left, right))
     Y = linear_map(Z, left, right)
     return _Sums((Y * X).sum(dim=-2), (Y * Y).sum(dim=-2))
 
@@ -187,12 +191,18 @@ def columns_objective(
         return cos, k1, k3, s, xs
 
     def value_and_grad(
-        x: Tensor, X: Tensor, xn: Tensor, active: Tensor, Z0: Tensor, *rest: Tensor
+        x: Tensor,
+        X: Tensor,
+        xn: Tensor,
+        active: Tensor,
+        Z0: Tensor,
+        *rest: Tensor,
+        fx: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         c0, lr = offset(rest)
         left, right = split(lr)
         Z = x.reshape(x.shape[0], p, q)
-        cos, k1, k3, s, _ = _cosine_terms(*_column_sums(Z, X, left, right), xn, active)
+        cos, k1, k3, s, _ = _cosine_terms(*_column_sums(Z, X, left, right, fx), xn, active)
         GZ = _pullback(Z, X, k1, s * k3, left, right) / X.shape[-1]
         diff = Z - Z0
         dsq = with_offset((diff * diff).sum(dim=(-2, -1)), c0)
@@ -240,6 +250,8 @@ def columns_objective(
         active: Tensor,
         Z0: Tensor,
         *rest: Tensor,
+        fx: Tensor | None = None,
+        fd: Tensor | None = None,
     ) -> Tensor:
         # Along Z + t D every column's <X_j, Y_j>, ‖Y_j‖² and ‖Z − Z0‖² are polynomials in t of
         # degree ≤ 2: two products (Y, V = left D right) serve every step length. Where a
@@ -255,8 +267,10 @@ def columns_objective(
             # have the norms and inner product of R_Z a_j, R_D a_j (R_Z, R_D: R's halves).
             assert right is not None
             ZD = torch.cat([Z, D], dim=-1)
-            T = ZD.mT @ X  # one GEMM for ZᵀX and DᵀX
-            yx, vx = (T[..., :q, :] * right).sum(dim=-2), (T[..., q:, :] * right).sum(dim=-2)
+            if fx is None or fd is None:
+                T = ZD.mT @ X  # one GEMM for ZᵀX and DᵀX
+                fx, fd = T[..., :q, :], T[..., q:, :]
+            yx, vx = (fx * right).sum(dim=-2), (fd * right).sum(dim=-2)
             R = torch.linalg.qr(ZD, mode="r").R
             U, W = R[..., :q] @ right, R[..., q:] @ right
             yy, vv, yv = (U * U).sum(dim=-2), (W * W).sum(dim=-2), (U * W).sum(dim=-2)
@@ -286,11 +300,18 @@ def columns_objective(
             f[redo] = values(pts, *(a[redo] for a in sub))
         return f
 
+    def features(x: Tensor, X: Tensor, *_: Tensor) -> Tensor:
+        # ZᵀX (L, q, n): linear in Z, so minimise carries it along its steps (one GEMM fewer
+        # in each gradient and in each line search).
+        return x.reshape(x.shape[0], p, q).mT @ X
+
+    factored = has_right and not has_left and p >= _tol.FACTORED_ROWS * q
     return Batched(
         _by_rows(values, candidates=True),
         _by_rows(value_and_grad),
         hessian,
         _by_rows(line, keep=2),
+        _by_rows(features) if factored else None,
     )
 
 
@@ -299,12 +320,22 @@ def _by_rows(
 ) -> Callable[..., Any]:
     """``fn(x, …)`` over its leading (row) dimension in cache-sized chunks (:func:`_in_chunks`);
     ``x`` (rows, S, N) with ``candidates``; argument ``keep`` (the line's step lengths) is not
-    split; the data's ``X`` comes first after ``x`` (after ``x, d, ts`` for the line)."""
+    split; the data's ``X`` comes first after ``x`` (after ``x, d, ts`` for the line); keyword
+    tensors (the carried features) are split with the rows."""
 
-    def run(*args: Tensor) -> Any:
+    def run(*args: Tensor, **kw: Tensor | None) -> Any:
         x, X = args[0], args[1 if keep < 0 else 3]
         per_row = X.shape[-2] * X.shape[-1] * X.element_size() * (x.shape[1] if candidates else 1)
-        return _in_chunks(fn, args, per_row, keep)
+        given = {k: v for k, v in kw.items() if v is not None}
+        if not given:
+            return _in_chunks(fn, args, per_row, keep)
+        names = list(given)
+
+        def call(*a: Tensor) -> Any:
+            n_pos = len(a) - len(names)
+            return fn(*a[:n_pos], **dict(zip(names, a[n_pos:], strict=True)))
+
+        return _in_chunks(call, (*args, *given.values()), per_row, keep)
 
     return run
 
@@ -450,15 +481,17 @@ def solve_columns(
 
 class _Stacks(NamedTuple):
     """A group's float64 stacks as the column form reads them: ``B_s`` (L, d_out, R), ``A_s``
-    (L, R, d_in) with ``ΔW = B_s A_s``, ``Abar`` and ``Bbar``."""
+    (L, R, d_in) with ``ΔW = B_s A_s``, ``Abar`` and ``Bbar``; ``B_pad`` (L, d_out, R + pad) is
+    ``[B_s 0]``, whose first R columns ``B_s`` is."""
 
     B_s: Tensor
     A_s: Tensor
     Abar: Tensor
     Bbar: Tensor
+    B_pad: Tensor
 
 
-def _canonical(grp: _Group) -> _Stacks:
+def _canonical(grp: _Group, pad: int) -> _Stacks:
     """:class:`_Stacks` with each layer's clients in a canonical order: sorted by a key of
     their own values (weight, rank, then the sum and the sum of squares of ``A_k``'s first row
     and of ``B_k``'s first column), and ``Ā``, ``B̄`` summed in that order. The column form's
@@ -469,45 +502,49 @@ def _canonical(grp: _Group) -> _Stacks:
     FedIT's own ``Ā``, ``B̄`` (:func:`~lorafair._fair._batch._corrected`), summed in the order
     given as :func:`~lorafair.aggregate.fedit` sums them, so the returned factors can differ by
     an ulp between orders, and a zero residual returns FedIT's factors bit for bit. Cost:
-    ``4 K`` reductions over one row or column each, one host transfer, and a gather of the
-    stacks where some order changes."""
+    ``4 K`` reductions over one row or column each, one host transfer, and the float64 stacks
+    written once, in that order (``pad`` zero columns after ``B_s``)."""
     ranks = grp.layers[0].ranks
+    first = grp.layers[0]
     starts = [sum(ranks[:k]) for k in range(len(ranks))]
-    A_u, B_s = grp.A_u, grp.B_s
-    edges = [(A_u[:, o], B_s[:, :, o]) for o in starts]  # (L, d_in), (L, d_out)
-    stats = torch.stack(
-        [x for a, b in edges for x in ((a * a).sum(-1), a.sum(-1), (b * b).sum(-1), b.sum(-1))]
-    )
-    host = stats.mT.reshape(grp.n, len(ranks), 4).cpu().tolist()
+    f64 = torch.float64
+    stats = []
+    for ly in grp.layers:
+        a = torch.stack([A[0] for A in ly.As]).to(f64)  # (K, d_in): first rows
+        b = torch.stack([B[:, 0] for B in ly.Bs]).to(f64)  # (K, d_out): first columns
+        stats.append(torch.stack([(a * a).sum(-1), a.sum(-1), (b * b).sum(-1), b.sum(-1)], -1))
+    host = torch.stack(stats).cpu().tolist()  # (L, K, 4)
     orders = [
         sorted(range(len(ranks)), key=lambda k: (grp.p[k], ranks[k], *per[k])) for per in host
     ]
+    R = sum(ranks)
+    A_u = torch.empty(grp.n, R, first.d_in, dtype=f64, device=grp.device)
+    B_pad = torch.zeros(grp.n, first.d_out, R + pad, dtype=f64, device=grp.device)
+    for i, (ly, order) in enumerate(zip(grp.layers, orders, strict=True)):
+        torch.cat([ly.As[k] for k in order], dim=0, out=A_u[i])
+        B_pad[i, :, :R] = torch.cat([ly.Bs[k] for k in order], dim=1)
     rows = [[starts[k] + i for k in order for i in range(ranks[k])] for order in orders]
     idx = torch.tensor(rows, dtype=torch.int64, device=grp.device)  # (L, R)
-    if any(order != sorted(order) for order in orders):
-        A_u = A_u.gather(1, idx[:, :, None].expand(-1, -1, A_u.shape[-1]))
-        B_s = B_s.gather(2, idx[:, None, :].expand(-1, B_s.shape[-2], -1))
     E_c = grp.E[idx]  # (L, R, r): the same products whatever the order was
-    return _Stacks(B_s, A_u * grp.pw[idx][..., None], E_c.mT @ A_u, B_s @ E_c)
+    B_s = B_pad[..., :R]
+    return _Stacks(B_s, A_u * grp.pw[idx][..., None], E_c.mT @ A_u, B_s @ E_c, B_pad)
 
 
 def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Solved:
     """Per-column cosine: iterate in a basis of at most ``(K + 1) r`` rows (never d_out × d_in)."""
-    st = _canonical(grp)
+    d_out, kr, r = grp.layers[0].d_out, sum(grp.layers[0].ranks), grp.r
+    based = opts.residual_on == "B" and kr + r < d_out
+    st = _canonical(grp, r if based else 0)
     n_layers = st.Abar.shape[0]
-    d_out = st.Bbar.shape[-2]
-    kr = st.B_s.shape[-1]
-    r = grp.r
     left: Tensor | None
     right: Tensor | None
     basis: tuple[Tensor, Tensor] | None = None
     if opts.residual_on == "B":
         # Y = Z Ā with Z = Qᵀ B' in a basis Q of span(B_s) ∋ B̄ plus r spare orthogonal
         # directions: the Householder QR [B_s 0] = Q R, Q kept as its reflectors (never formed).
-        if kr + r < d_out:
+        if based:
             m = kr + r
-            pad = st.B_s.new_zeros(n_layers, d_out, r)
-            basis = torch.geqrf(torch.cat([st.B_s, pad], dim=-1))
+            basis = torch.geqrf(st.B_pad)
             Bq = basis[0][..., :m, :kr].triu()  # Qᵀ B_s: R's first K r columns
             Z0 = torch.ormqr(*basis, st.Bbar, left=True, transpose=True)[..., :m, :]
         else:  # cost model: d_out <= (K + 1) r, so d_out × d_in is no bigger than the factors
@@ -551,9 +588,13 @@ def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Solved:
         ratio = torch.where(yu > 0, yl / torch.where(yu > 0, yu, 1.0), 0.0)
         starts = [Z0, Z_ls, 0.5 * (Z0 + Z_ls), Z_unit * ratio[:, None, None]]
         unit = _rounding(grp, opts)  # rounding of the output, in the dtype it comes in
-        pool = _columns_minimise(obj, data, starts, left is not None, opts, unit)
+        f_starts = None  # where the starts are only ranked, their values serve both ends
+        if shape[0] * shape[1] > _tol.NEWTON_MAX_UNKNOWNS:
+            f_starts = obj.values(torch.stack([z.flatten(-2) for z in starts], 1), *data)
+            f_starts = f_starts.mT.reshape(-1)
+        pool = _columns_minimise(obj, data, starts, left is not None, opts, unit, f_starts)
         if opts.lam > 0:
-            _columns_end(obj, data, starts, pool, left is not None, opts, unit)
+            _columns_end(obj, data, starts, pool, left is not None, opts, unit, f_starts)
         Z, _, iters, conv = pool.choice(shape)
     f_final = obj.values(Z.reshape(n_layers, 1, -1), *data).squeeze(1)
     diff = Z - Z0
@@ -580,6 +621,7 @@ def _columns_end(
     has_left: bool,
     opts: _Options,
     unit: _Rounding,
+    f_starts: Tensor | None = None,
 ) -> None:
     """Adds to ``pool`` points of the λ = 0 end: ``Z0`` with its product-facing part replaced by
     ``t D``, ``D`` that part of a λ = 0 minimiser (scale-free).
@@ -595,7 +637,8 @@ def _columns_end(
     problem is solved again with the anchor ``Z0 / s`` for every ``s < 1`` (the anchor sets how
     small a column may get), and those minimisers are scored at their ``s``. Cost: one more
     multi-start λ = 0 solve for most layers, ``len(COLUMNS_END_STEPS)`` for the few that need
-    them.
+    them. ``f_starts`` (start-major, as :func:`_multistart`): the starts' objective values, where
+    known; the λ = 0 solve ranks its starts by them less their regulariser (the same cosines).
     """
     Z0, mat = data[3], data[4]
     n_layers = Z0.shape[0]
@@ -648,7 +691,16 @@ def _columns_end(
         return
     sub = tuple(t[rows] for t in data)
     starts0 = [now.Z[rows], *(x[rows] for x in starts)]  # the λ > 0 result too: near λ = 0's
-    Zs = _columns_minimise(obj0, sub, starts0, has_left, opts0, unit).choice(shape).Z
+    f0 = None
+    if f_starts is not None:
+
+        def cosine_part(f: Tensor, W: Tensor) -> Tensor:  # f less the regulariser at W
+            diff = W - Z0[rows]
+            return f - regulariser((diff * diff).sum(dim=(-2, -1)), opts.lam, opts.norm)
+
+        known = [now.f[rows], *f_starts.reshape(len(starts), n_layers)[:, rows]]
+        f0 = torch.cat([cosine_part(f, W) for f, W in zip(known, starts0, strict=True)])
+    Zs = _columns_minimise(obj0, sub, starts0, has_left, opts0, unit, f0).choice(shape).Z
     limit = obj0.values(Zs.reshape(rows.shape[0], 1, -1), *sub).squeeze(1) + floor[rows]
     offer(rows, facing(Zs).unsqueeze(1).expand(-1, n_s, -1, -1), steps, True)
     # Layers whose end could still win by more than the plain points' reach: anchors Z0 / s
@@ -828,9 +880,14 @@ def _unsafe_rows(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: _Rou
     if Z.ndim == Z0.ndim + 1:
         X, xn, active, Z0, mat = (t.unsqueeze(1) for t in (X, xn, active, Z0, mat))
     left, right = (mat, None) if has_left else (None, mat)
+    sc = _rounding_scale(Z, Z0, left, right, unit.floor)
+    limit = max(_tol.DROP_UNSAFE, 10.0 * unit.eps)
+    if _factored(Z, left, right) and bool(
+        _clearly_safe(Z, X, xn, active, Z0, mat, sc, unit, limit).all()
+    ):
+        return torch.zeros(Z.shape[:-2], dtype=torch.bool, device=Z.device)
     # Explicit Y here, whatever the shape: near a vanishing column the factored pullback's
     # two terms cancel, and their rounding (ε ‖Z‖ ‖right_j‖ / ν_j relative) is what is judged.
-    sc = _rounding_scale(Z, Z0, left, right, unit.floor)
     Y = linear_map(Z, left, right)
     yn = torch.linalg.vector_norm(Y, dim=-2)
     n = Y.shape[-1]
@@ -846,8 +903,47 @@ def _unsafe_rows(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: _Rou
     err = unit.eps * sc
     second = torch.where(ok, turning(err * err, yn * yn), 0.0).mean(dim=-1)
     exact_zero: Tensor = (active & (yn == 0)).any(dim=-1)  # an active zero column counts 0
-    resolved: Tensor = first + second <= max(_tol.DROP_UNSAFE, 10.0 * unit.eps)  # False for NaN too
+    resolved: Tensor = first + second <= limit  # False for NaN too
     return exact_zero | ~resolved
+
+
+def _clearly_safe(
+    Z: Tensor,
+    X: Tensor,
+    xn: Tensor,
+    active: Tensor,
+    Z0: Tensor,
+    right: Tensor,
+    sc: Tensor,
+    unit: _Rounding,
+    limit: float,
+) -> Tensor:
+    """Rows that :func:`_unsafe_rows` would find safe by a wide margin, from the factored sums
+    (``Y = Z right`` never formed: no p × n pass): every active column resolved (``‖Y_j‖ ≥
+    1e-6 ‖Z‖ ‖right_j‖``, so the factored values carry a relative error below ~1e-9) and the
+    same two terms at most half of ``limit``, plus a bound on that error (the triangle
+    inequality's ``2 mean_j ‖right_j‖ / ‖Y_j‖`` for ``‖∇_Z‖``). The others are checked
+    explicitly."""
+    inner, nsq = _column_sums(Z, X, None, right)
+    yn = nsq.sqrt()
+    zn = torch.linalg.matrix_norm(Z)
+    rn = torch.linalg.vector_norm(right, dim=-2)
+    resolved = (~active | (yn >= 1e-6 * zn.unsqueeze(-1) * rn)).all(dim=-1)
+    ok = active & (yn > 0)
+    one = torch.ones_like(yn)
+    y1 = torch.where(ok, yn, one)
+    x1 = torch.where(ok, xn, one)
+    k1 = torch.where(ok, 1.0 / (x1 * y1), 0.0)
+    c = torch.where(ok, inner / (x1 * y1**3), 0.0)
+    n = yn.shape[-1]
+    GZ = _pullback(Z, X, k1, c, None, right) / n
+    size = zn + torch.linalg.matrix_norm(Z0) + unit.floor
+    first = unit.eps * size * torch.linalg.matrix_norm(GZ)
+    slack = 1e-9 * unit.eps * size * 2.0 * torch.where(ok, rn / y1, 0.0).mean(dim=-1)
+    err = unit.eps * sc
+    second = torch.where(ok, turning(err * err, nsq), 0.0).mean(dim=-1)
+    out: Tensor = resolved & (first + second + slack <= 0.5 * limit)
+    return out
 
 
 def _first_safe(f: Tensor, unsafe_at: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
@@ -883,17 +979,23 @@ def _safe_best_first(
 
 
 def _multistart(
-    obj: Batched, data: tuple[Tensor, ...], starts: list[Tensor], opts: _Options
+    obj: Batched,
+    data: tuple[Tensor, ...],
+    starts: list[Tensor],
+    opts: _Options,
+    f_starts: Tensor | None = None,
 ) -> SolveResult:
     """:func:`minimise` from every start (each (L, p, q)) of every layer; rows start-major
     (start ``i`` of layer ``l`` is row ``i L + l``). One run per start over the layers' own data
-    (no copy of the data per start).
+    (no copy of the data per start). The result's ``f`` is the objective by ``obj.values`` (the
+    scorer's values, not the run's own) at every row; ``f_starts`` (m L,): the starts' values
+    where the caller has them (they only rank the starts, and stand for those that do not run).
 
     Up to ``NEWTON_MAX_UNKNOWNS`` unknowns every start runs to convergence. Above (L-BFGS,
     where each evaluation costs ``O((K + 1) r)`` per column and the starts dominate the cost)
-    every start takes ``COLUMNS_SCOUT`` iterations and only the best one per layer goes on; the
-    others' scouted points stay candidates. (On ViT-B/16 shapes all four starts end at the same
-    minimum to ~1e-9; see ``docs/lora_fair.md``, validation history.)
+    the starts are ranked by their objective and only the best one per layer runs; the others
+    stay candidates as they are. (On ViT-B/16 shapes all four starts end at the same minimum to
+    ~1e-9; see ``docs/lora_fair.md``, validation history.)
     """
     n_layers, m = starts[0].shape[0], len(starts)
     x0s = [z.reshape(n_layers, -1) for z in starts]
@@ -901,32 +1003,21 @@ def _multistart(
     def joined(runs: list[SolveResult]) -> SolveResult:
         return SolveResult(*(torch.cat(z) for z in zip(*runs, strict=True)))
 
-    if (
-        x0s[0].shape[-1] <= _tol.NEWTON_MAX_UNKNOWNS
-        or m == 1
-        or opts.max_iter <= _tol.COLUMNS_SCOUT
-    ):
-        return joined([minimise(obj, data, x, tol=opts.tol, max_iter=opts.max_iter) for x in x0s])
-    if _tol.COLUMNS_SCOUT == 0:  # the starts ranked by their objective: one values call
-        f0 = obj.values(torch.stack(x0s, dim=1), *data).mT.reshape(-1)
-        none = torch.zeros_like(f0, dtype=torch.int64)
-        scout = SolveResult(torch.cat(x0s), f0, none, none.bool())
-    else:
-        scout = joined(
-            [minimise(obj, data, x, tol=opts.tol, max_iter=_tol.COLUMNS_SCOUT) for x in x0s]
-        )
-    best = torch.argmin(scout.f.reshape(m, n_layers), dim=0)
+    def values(x: Tensor) -> Tensor:  # (k L, N) rows start-major, scored per layer
+        k = x.shape[0] // n_layers
+        return obj.values(x.reshape(k, n_layers, -1).transpose(0, 1), *data).mT.reshape(-1)
+
+    if x0s[0].shape[-1] <= _tol.NEWTON_MAX_UNKNOWNS or m == 1:
+        res = joined([minimise(obj, data, x, tol=opts.tol, max_iter=opts.max_iter) for x in x0s])
+        return res._replace(f=values(res.x))
+    x = torch.cat(x0s)
+    f = values(x) if f_starts is None else f_starts.clone()  # the starts ranked by their values
+    best = torch.argmin(f.reshape(m, n_layers), dim=0)
     rows = best * n_layers + torch.arange(n_layers, device=best.device)
-    more = minimise(
-        obj, data, scout.x[rows], tol=opts.tol, max_iter=opts.max_iter - _tol.COLUMNS_SCOUT
-    )
-    x, f, it, cv = (t.clone() for t in scout)
-    x[rows], f[rows], it[rows], cv[rows] = (
-        more.x,
-        more.f,
-        it[rows] + more.iterations,
-        more.converged,
-    )
+    more = minimise(obj, data, x[rows], tol=opts.tol, max_iter=opts.max_iter)
+    it = torch.zeros_like(f, dtype=torch.int64)
+    cv = torch.zeros_like(f, dtype=torch.bool)
+    x[rows], f[rows], it[rows], cv[rows] = more.x, values(more.x), more.iterations, more.converged
     return SolveResult(x, f, it, cv)
 
 
@@ -937,6 +1028,7 @@ def _columns_minimise(
     has_left: bool,
     opts: _Options,
     unit: _Rounding,
+    f_starts: Tensor | None = None,
 ) -> _Pool:
     """Multi-start minimisation of the columns objective, through its unattained infima.
 
@@ -967,7 +1059,7 @@ def _columns_minimise(
     shape = (int(Z0.shape[-2]), int(Z0.shape[-1]))
     dev = X.device
     m = len(starts)
-    res = _multistart(obj, data, starts, opts)
+    res = _multistart(obj, data, starts, opts, f_starts)
     layer = torch.arange(n_layers, device=dev).repeat(m)
     Zr = res.x.reshape(m * n_layers, *shape)
     # per layer (L, m, …) against the layers' data, back to rows start-major (m L, …)
@@ -976,7 +1068,7 @@ def _columns_minimise(
     def rows_of(t: Tensor) -> Tensor:
         return t.transpose(0, 1).reshape(m * n_layers, *t.shape[2:])
 
-    f_raw = rows_of(obj.values(Z_lm.flatten(-2), *data))
+    f_raw = res.f
     mat = data[4].unsqueeze(1)
     yn, sc = (
         rows_of(t)

@@ -35,9 +35,7 @@ def reg_terms(p: Tensor, lam: float, norm: Norm) -> tuple[Tensor, Tensor, Tensor
     if norm == "fro_squared":
         return lam * p, torch.full_like(p, lam), torch.zeros_like(p)
     big = p > _tol.TINY
-    root = torch.sqrt(
-        torch.where(big, p, 1.0)
-    )  # 1.0: no division by zero in the branches not taken
+    root = torch.sqrt(torch.where(big, p, 1.0))  # 1.0: no division by 0 in branches not taken
     r1 = torch.where(big, lam / (2.0 * root), 0.0)
     r2 = torch.where(big, -lam / (4.0 * root**3), 0.0)
     return lam * torch.where(big, root, 0.0), r1, r2
@@ -83,6 +81,12 @@ class Batched(NamedTuple):
     None: ``values`` at those points. ``with_hessian(x (L, N), *data)``, if given: value,
     gradient and Hessian in one call (where they share most of their work), which Newton then
     uses instead of ``value_and_grad`` and ``hessian``.
+
+    ``features(x (L, N), *data) -> (L, …)``, if given: a product of ``x`` with the data,
+    linear in ``x``, that ``value_and_grad`` (keyword ``fx``, at ``x``) and ``line`` (``fx``
+    and ``fd``, at ``d``) accept instead of computing it. :func:`minimise` then forms it once
+    for each search direction and carries it along its steps, ``F(x + t d) = F(x) + t F(d)``
+    (rounding: one addition per step, relative ε).
     """
 
     values: Callable[..., Tensor]
@@ -90,6 +94,7 @@ class Batched(NamedTuple):
     hessian: Callable[..., Tensor]
     line: Callable[..., Tensor] | None = None
     with_hessian: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
+    features: Callable[..., Tensor] | None = None
 
 
 def modified_newton(hess: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
@@ -181,8 +186,11 @@ def minimise(
     x = x0.clone()
     joint = obj.with_hessian if newton else None
     h_at: Tensor | None = None  # the Hessian at x, where `joint` gave it with f and g
+    lin = None if newton else obj.features  # Newton's steps are the Hessian's: nothing to save
+    fx = None if lin is None else lin(x, *data)
+    kw = {} if fx is None else {"fx": fx}
     if joint is None:
-        f, g = obj.value_and_grad(x, *data)
+        f, g = obj.value_and_grad(x, *data, **kw)
     else:
         f, g, h_at = joint(x, *data)
     S = x.new_zeros(n_layers, memory, n)
@@ -226,16 +234,21 @@ def minimise(
         if newton:
             small = pd & ~steepest & (-gd <= bound)
             done = done | small
+        fd = None if lin is None else lin(d, *data)
         if obj.line is None:
             fc = obj.values(x.unsqueeze(1) + ts[None, :, None] * d.unsqueeze(1), *data)
         else:
-            fc = obj.line(x, d, ts, *data)
+            fc = obj.line(x, d, ts, *data, **({} if fd is None else {"fx": fx, "fd": fd}))
         pick, f_pick = armijo_step(f, gd, fc, ts)
         improved = f_pick < f
         move = improved & ~done
         x_new = torch.where(move[:, None], x + ts[pick][:, None] * d, x)
+        if fx is not None and fd is not None:
+            shape = (-1, *([1] * (fx.ndim - 1)))
+            fx = torch.where(move.reshape(shape), fx + ts[pick].reshape(shape) * fd, fx)
+            kw = {"fx": fx}
         if joint is None:
-            f_new, g_new = obj.value_and_grad(x_new, *data)
+            f_new, g_new = obj.value_and_grad(x_new, *data, **kw)
         else:
             f_new, g_new, h_new = joint(x_new, *data)
             assert h_at is not None

@@ -19,9 +19,6 @@ SHRINK = 0.3
 """Ratio of consecutive step lengths in every line search."""
 SCOUT = 2
 """Newton steps every start of the flat family takes before only the best one per layer goes on."""
-COLUMNS_SCOUT = 0
-"""Above ``NEWTON_MAX_UNKNOWNS`` unknowns, the iterations every start of the columns form takes
-before only the best one per layer goes on (0: the starts are ranked by their objective)."""
 ARMIJO = 1e-4
 """Armijo's sufficient-decrease constant of every line search."""
 LINE_CANCEL = 1e-4
