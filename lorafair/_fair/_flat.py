@@ -15,6 +15,7 @@ and layers of every shape that share ``r`` are solved in one batch.
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -287,24 +288,14 @@ def _solve_flat(
         raise_if_nonfinite(prep.layers)
         raise NonFiniteError("NaN or Inf in the clients' factors")  # pragma: no cover
     reduced = [_flat_reduce(grp, opts, gm) for grp, gm in zip(groups, grams, strict=True)]
-    out: list[_Solved | None] = [None] * len(groups)
+    out: dict[int, _Solved] = {}
     buckets: dict[tuple[int, torch.device], list[int]] = {}
     for i, grp in enumerate(groups):
         buckets.setdefault((grp.r, grp.device), []).append(i)
     for idx in buckets.values():
-        for i, solved in zip(
-            idx,
-            _solve_bucket(
-                [groups[i] for i in idx],
-                [reduced[i] for i in idx],
-                [grams[i] for i in idx],
-                opts,
-                single,
-            ),
-            strict=True,
-        ):
-            out[i] = solved
-    return [s for s in out if s is not None]
+        parts = ([groups[i] for i in idx], [reduced[i] for i in idx], [grams[i] for i in idx])
+        out.update(zip(idx, _solve_bucket(*parts, opts, single), strict=True))
+    return [out[i] for i in range(len(groups))]
 
 
 def _solve_bucket(
@@ -325,7 +316,8 @@ def _solve_bucket(
     by more than ``END_MARGIN`` (that floor is the infimum the end's points approach: a general
     point approaching it can only get below it by rounding, and where it stops depends on where
     its steps fade, not on what the output can hold; the end's points are placed by the rounding
-    model instead). The pool then picks each layer's answer.
+    model instead). A first pick says which layers those are; there the family's point leaves
+    the pool (below), and a second pick gives each layer's answer.
     """
     joint = _family.Reduced(*(torch.cat([red[j] for red, _ in reduced]) for j in range(6)))
     n_all, r = joint.g.shape
@@ -371,44 +363,33 @@ def _solve_bucket(
     # minimiser, and where it creeps towards the end (the product vanishing) its reduced
     # objective loses digits to cancellation in n².
     pool = family_pool(torch.where(certified[sol.found.layer], sol.found.f, torch.inf))
+    ends = list(accumulate(grp.n for grp in groups))
+    slices = [slice(e - grp.n, e) for grp, e in zip(groups, ends, strict=True)]
     general: list[tuple[Tensor, Tensor] | None] = []
-    start = 0
-    for grp, (red, _) in zip(groups, reduced, strict=True):
-        bad = ~certified[start : start + grp.n]
+    for grp, (red, _), sl in zip(groups, reduced, slices, strict=True):
+        bad = ~certified[sl]
         if not bool(bad.any()):
             general.append(None)
-            start += grp.n
             continue
-        rows = torch.nonzero(bad).squeeze(-1) + start
-        start += grp.n
+        rows = torch.nonzero(bad).squeeze(-1) + sl.start
         fb = _solve_flat_general(grp, opts, single, bad, red.w[bad])
         assert fb.extra is not None
         P = grp.Bbar[bad] if opts.residual_on == "B" else grp.Abar[bad].mT
         PV = (P + fb.extra) @ red.V[bad]
         n_sq = ((PV * PV).sum(-2) * red.g[bad]).sum(-1)
-        cost = fb.objective + _family.turn_cost(
-            n_sq, red.g[bad], red.bb[bad], eps[rows], noise[rows]
-        )
+        g, bb = red.g[bad], red.bb[bad]
+        cost = fb.objective + _family.turn_cost(n_sq, g, bb, eps[rows], noise[rows])
         floor = sol.floor[rows]
         below = fb.objective < floor - _tol.END_MARGIN * (1.0 + floor.abs())
         x = fb.objective.new_zeros(rows.shape[0], 2 * r + 1)
         x[:, -1] = 1.0
-        pool.add(
-            x,
-            torch.where(below, cost, torch.inf),
-            rows,
-            fb.iterations,
-            fb.converged,
-            torch.stack([fb.objective, fb.cosine], -1),
-        )
+        report = torch.stack([fb.objective, fb.cosine], -1)
+        pool.add(x, torch.where(below, cost, torch.inf), rows, fb.iterations, fb.converged, report)
         general.append((bad, fb.extra))
     final = pool.pick()
     out = []
-    start = 0
-    for grp, (red, N), gen in zip(groups, reduced, general, strict=True):
-        sl = slice(start, start + grp.n)
-        start += grp.n
-        V, xs = red.V, final.x[sl]
+    for grp, (red, N), gen, sl in zip(groups, reduced, general, slices, strict=True):
+        V, xs, rep = red.V, final.x[sl], final.report[sl]
         X = (V * xs[:, :r].unsqueeze(-2)) @ V.mT
         Y = (V * xs[:, r : 2 * r].unsqueeze(-2)) @ V.mT
         extra = None
@@ -417,17 +398,8 @@ def _solve_bucket(
             extra = delta.new_zeros(grp.n, *delta.shape[-2:])
             extra[bad] = delta * xs[bad, -1][:, None, None]
             extra = _orient(extra, opts)
-        rep = final.report[sl]
-        out.append(
-            _Solved(
-                rep[:, 0],
-                rep[:, 1],
-                final.iterations[sl],
-                final.converged[sl],
-                N @ X - grp.E @ Y,
-                extra,
-            )
-        )
+        it, cv = final.iterations[sl], final.converged[sl]
+        out.append(_Solved(rep[:, 0], rep[:, 1], it, cv, N @ X - grp.E @ Y, extra))
     return out
 
 

@@ -78,23 +78,25 @@ class Batched(NamedTuple):
 
     ``line(x (L, N), d (L, N), ts (S,), *data) -> (L, S)``, if given: the values at
     ``x + ts_s d``, computed more cheaply than ``values`` would (the line search's points);
-    None: ``values`` at those points. ``with_hessian(x (L, N), *data)``, if given: value,
-    gradient and Hessian in one call (where they share most of their work), which Newton then
-    uses instead of ``value_and_grad`` and ``hessian``.
+    None: ``values`` at those points.
 
     ``features(x (L, N), *data) -> (L, …)``, if given: a product of ``x`` with the data,
     linear in ``x``, that ``value_and_grad`` (keyword ``fx``, at ``x``) and ``line`` (``fx``
     and ``fd``, at ``d``) accept instead of computing it. :func:`minimise` then forms it once
     for each search direction and carries it along its steps, ``F(x + t d) = F(x) + t F(d)``
     (rounding: one addition per step, relative ε).
+
+    ``with_hessian(x (L, N), *data)``, if given: value, gradient and Hessian in one call (where
+    they share most of their work), which Newton then uses instead of ``value_and_grad`` and
+    ``hessian``.
     """
 
     values: Callable[..., Tensor]
     value_and_grad: Callable[..., tuple[Tensor, Tensor]]
     hessian: Callable[..., Tensor]
     line: Callable[..., Tensor] | None = None
-    with_hessian: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
     features: Callable[..., Tensor] | None = None
+    with_hessian: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
 
 
 def modified_newton(hess: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
