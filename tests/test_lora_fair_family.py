@@ -26,7 +26,8 @@ from lorafair.types import LoRAFactors
 F64 = torch.float64
 
 
-def _data(seed: int, n_layers: int = 5, r: int = 4) -> _family._Data:
+def _data(seed: int, n_layers: int = 5, r: int = 4) -> tuple[torch.Tensor, ...]:
+    """The family objective's data ``(D, gh, sigma, kscale, gmax, w)`` of random layers."""
     rng = np.random.default_rng(seed)
     g = rng.random((n_layers, r)) * 3
     g[0, 0] = 0.0
@@ -35,7 +36,7 @@ def _data(seed: int, n_layers: int = 5, r: int = 4) -> _family._Data:
     gmax = g.max(-1)
     gh = g / gmax[:, None]
     D = (gh[..., None] ** np.arange(5.0))[..., None] * np.stack([hh, hb, bb], -1)[..., None, :]
-    return _family._Data(
+    arrays = (
         D.reshape(n_layers, r, 15),
         gh,
         rng.random(n_layers) + 0.5,
@@ -43,37 +44,36 @@ def _data(seed: int, n_layers: int = 5, r: int = 4) -> _family._Data:
         gmax,
         rng.random(n_layers) + 0.5,
     )
+    return tuple(torch.from_numpy(a) for a in arrays)
 
 
 @pytest.mark.parametrize("norm", ["fro", "fro_squared"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_family_derivatives_match_finite_differences(norm, seed) -> None:  # type: ignore[no-untyped-def]
     d = _data(seed)
+    obj = _family.family_objective(0.1, norm)
+    assert obj.with_hessian is not None
     rng = np.random.default_rng(seed + 10)
     theta = rng.standard_normal((5, 2)) * 0.5
     theta[:, 1] = np.abs(theta[:, 1])  # k ≥ 0: inside the family
-    f, grad, hess = _family._family_derivatives(theta, d, 0.1, norm)
-    np.testing.assert_allclose(f, _family._family_value(theta[:, None], d, 0.1, norm)[:, 0])
+
+    def value(t: np.ndarray) -> np.ndarray:
+        return obj.values(torch.from_numpy(t)[:, None], *d)[:, 0].numpy()
+
+    def derivatives(t: np.ndarray) -> tuple[np.ndarray, ...]:
+        assert obj.with_hessian is not None
+        return tuple(v.numpy() for v in obj.with_hessian(torch.from_numpy(t), *d))
+
+    f, grad, hess = derivatives(theta)
+    np.testing.assert_allclose(f, value(theta))
     h = 1e-6
     eye = np.eye(2)
     fd_grad = np.stack(
-        [
-            (
-                _family._family_value((theta + h * eye[j])[:, None], d, 0.1, norm)
-                - _family._family_value((theta - h * eye[j])[:, None], d, 0.1, norm)
-            )[:, 0]
-            / (2 * h)
-            for j in range(2)
-        ],
-        -1,
+        [(value(theta + h * eye[j]) - value(theta - h * eye[j])) / (2 * h) for j in range(2)], -1
     )
     fd_hess = np.stack(
         [
-            (
-                _family._family_derivatives(theta + h * eye[j], d, 0.1, norm)[1]
-                - _family._family_derivatives(theta - h * eye[j], d, 0.1, norm)[1]
-            )
-            / (2 * h)
+            (derivatives(theta + h * eye[j])[1] - derivatives(theta - h * eye[j])[1]) / (2 * h)
             for j in range(2)
         ],
         1,
@@ -86,8 +86,8 @@ def test_family_derivatives_match_finite_differences(norm, seed) -> None:  # typ
 
 def test_family_is_infinite_outside_its_domain() -> None:
     d = _data(3)
-    theta = np.array([[[0.0, -1e6]]]).repeat(5, axis=0)  # 1 + k ĝ < 0 for every layer
-    assert np.isinf(_family._family_value(theta, d, 0.01, "fro")).all()
+    theta = torch.tensor([[[0.0, -1e6]]], dtype=F64).repeat(5, 1, 1)  # 1 + k ĝ < 0 for every layer
+    assert torch.isinf(_family.family_objective(0.01, "fro").values(theta, *d)).all()
 
 
 def _general(clients, weights, lam, norm, residual_on):  # type: ignore[no-untyped-def]

@@ -4,11 +4,15 @@
   solve, :func:`lora_fair_solved`) and their options.
 - :mod:`._batch`: the same-shape batch: stacks, Grams, ``P_u @ coef``, the corrected factor and
   how the output dtype rounds it.
-- :mod:`._flat`: the flat cosine: reduce, solve, certify, and the general ``r × 3`` fallback.
-- :mod:`._family`: the flat problem's two-unknown family, solved on the host in NumPy.
+- :mod:`._flat`: the flat cosine: reduce, solve, certify, the general ``r × 3`` solver, and the
+  pool that picks among the family's candidates and that solver's answer.
+- :mod:`._family`: the flat problem's two-unknown family (objective, grid, certificate, the
+  λ = 0 end), solved on the CPU: the family's candidates.
 - :mod:`._columns`: the column cosine.
-- :mod:`._newton`: the batched damped Newton / L-BFGS with its line search, the regulariser's
-  derivatives, and the rule that keeps ΔB = 0 unless beaten.
+- :mod:`._newton`: the one batched damped Newton / L-BFGS (:func:`~._newton.minimise`) with its
+  line search, and the regulariser's derivatives.
+- :mod:`._pool`: the one candidate pool of both forms and its scorer (``ΔB = 0`` kept unless
+  beaten).
 - :mod:`._tolerances`: every tolerance and step ladder.
 
 ``docs/lora_fair.md`` describes the design.

@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Literal, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -326,20 +326,14 @@ class _Rounding(NamedTuple):
     floor: float
 
 
-_T = TypeVar("_T", Tensor, "npt.NDArray[np.float64]")
-
-
-def turning(err_sq: _T, norm_sq: _T) -> _T:
+def turning(err_sq: Tensor, norm_sq: Tensor) -> Tensor:
     """The one rounding model: the squared angle ``u² = err² / n²`` by which a perturbation of
     size ``err`` (the output's rounding of the corrected factor, mapped to the product) can
     turn a product of norm ``n``; to second order it costs the product's cosine ``½ u²``.
-    The flat form applies it to the whole product (:func:`lorafair._fair._family._turn`: a cost
-    added to the λ = 0 end's points), the column form to each product column
-    (:func:`lorafair._fair._columns._unsafe`: points it cannot resolve are left out). NumPy or
-    torch; ``n² ≤ TINY`` counts as ``TINY``."""
-    if isinstance(norm_sq, np.ndarray):
-        out: _T = err_sq / np.maximum(norm_sq, _tol.TINY)
-        return out
+    The flat form applies it to the whole product (:func:`lorafair._fair._family.turn_cost`: a
+    cost added to every candidate's score but ``ΔB = 0``'s), the column form to each product
+    column (:func:`lorafair._fair._columns._unsafe`: points it cannot resolve are left out).
+    ``n² ≤ TINY`` counts as ``TINY``."""
     return err_sq / torch.clamp(norm_sq, min=_tol.TINY)
 
 

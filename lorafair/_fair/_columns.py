@@ -23,13 +23,13 @@ from lorafair._fair._newton import (
     Batched,
     Norm,
     SolveResult,
-    _pick,
     _reg_grad_coef,
     _reg_hessian,
     _safe_sqrt,
     minimise,
     regulariser,
 )
+from lorafair._fair._pool import _Pool
 from lorafair._validate import Prepared, raise_if_nonfinite
 
 if TYPE_CHECKING:
@@ -1131,70 +1131,3 @@ def _columns_minimise(
                 rp.converged,
             )
     return pool
-
-
-class _Candidates(NamedTuple):
-    """Candidate points of the columns form, one per row: ``x`` (rows, N), ``f`` (rows,) the
-    true objective (``inf`` where :func:`_unsafe`), ``layer`` (rows,) which layer's, and the
-    ``iterations`` / ``converged`` of the run that produced it."""
-
-    x: Tensor
-    f: Tensor
-    layer: Tensor
-    iterations: Tensor
-    converged: Tensor
-
-
-class _Choice(NamedTuple):
-    """The scorer's pick per layer: point ``Z`` (L, p, q), its objective ``f``, and the
-    ``iterations`` / ``converged`` of the run that produced it."""
-
-    Z: Tensor
-    f: Tensor
-    iterations: Tensor
-    converged: Tensor
-
-
-@dataclasses.dataclass
-class _Pool:
-    """The one pool every heuristic of the column form adds its candidates to (starts,
-    dropped columns, column mixes, the λ = 0 end), with ``ΔB = 0`` (``zero_x`` (L, N), its
-    objective ``zero_f`` (L,)) always among them; :meth:`choice` is the one scorer."""
-
-    zero_x: Tensor
-    zero_f: Tensor
-    parts: list[_Candidates] = dataclasses.field(default_factory=list)
-
-    def add(self, x: Tensor, f: Tensor, layer: Tensor, iterations: Tensor, cv: Tensor) -> None:
-        self.parts.append(_Candidates(x, f, layer, iterations, cv))
-
-    def joined(self) -> _Candidates:
-        return _Candidates(*(torch.cat(z) for z in zip(*self.parts, strict=True)))
-
-    def choice(self, shape: tuple[int, int]) -> _Choice:
-        """Per layer the candidate of lowest ``f`` (the first of equals: :func:`_best`), unless
-        ``ΔB = 0`` is within ``TIE`` of it (:func:`~lorafair._fair._newton._pick`). The
-        iterations and convergence are those of the best candidate's run either way (when
-        ``ΔB = 0`` is kept, that run ended no lower)."""
-        every = self.joined()
-        n_layers = self.zero_f.shape[0]
-        first, f_best = _best(every, n_layers)
-        _, zero = _pick(f_best[None], self.zero_f, False)
-        return _Choice(
-            torch.where(zero[:, None], self.zero_x, every.x[first]).reshape(n_layers, *shape),
-            torch.where(zero, self.zero_f, f_best),
-            every.iterations[first],
-            every.converged[first],
-        )
-
-
-def _best(c: _Candidates, n_layers: int) -> tuple[Tensor, Tensor]:
-    """The scorer: per layer, the index of its first candidate of lowest ``f``, and that ``f``."""
-    dev = c.f.device
-    f_best = torch.full((n_layers,), torch.inf, dtype=c.f.dtype, device=dev)
-    f_best = f_best.scatter_reduce(0, c.layer, c.f, reduce="amin")
-    idx = torch.arange(c.f.shape[0], device=dev)
-    hit = c.f == f_best[c.layer]
-    first = torch.full((n_layers,), c.f.shape[0], dtype=torch.int64, device=dev)
-    first = first.scatter_reduce(0, c.layer[hit], idx[hit], reduce="amin")
-    return torch.clamp(first, max=c.f.shape[0] - 1), f_best

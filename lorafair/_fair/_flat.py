@@ -15,6 +15,7 @@ and layers of every shape that share ``r`` are solved in one batch.
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -36,7 +37,6 @@ from lorafair._fair._batch import (
 from lorafair._fair._newton import (
     Batched,
     Norm,
-    _pick,
     _reg_coefs,
     _reg_grad_coef,
     _reg_value,
@@ -44,6 +44,7 @@ from lorafair._fair._newton import (
     minimise,
     regulariser,
 )
+from lorafair._fair._pool import _Pool
 from lorafair._validate import Prepared, raise_if_nonfinite
 from lorafair.errors import NonFiniteError
 
@@ -78,10 +79,7 @@ def flat_reduce(G: Tensor, H: Tensor, base: Tensor, w: Tensor) -> FlatProblem:
     ``r × r``, two ``(d × r)(r × r)`` products and ``L r`` Householder QRs of ``d × 3``:
     O(L (d r² + r³)) flops and O(L d r) memory.
     """
-    g, V = torch.linalg.eigh(G)
-    scale = g.abs().amax(dim=-1, keepdim=True)
-    small = g <= scale * (g.shape[-1] * _tol.EIG_NULL)
-    g = torch.where(small, torch.zeros_like(g), g)
+    g, V, small = _family.eig_basis(G)
     Hv = H @ V  # columns h_i
     Bv = base @ V  # columns b_i
     Hv = torch.where(small.unsqueeze(-2), torch.zeros_like(Hv), Hv)
@@ -290,79 +288,119 @@ def _solve_flat(
         raise_if_nonfinite(prep.layers)
         raise NonFiniteError("NaN or Inf in the clients' factors")  # pragma: no cover
     reduced = [_flat_reduce(grp, opts, gm) for grp, gm in zip(groups, grams, strict=True)]
-    out: list[_Solved | None] = [None] * len(groups)
+    out: dict[int, _Solved] = {}
     buckets: dict[tuple[int, torch.device], list[int]] = {}
     for i, grp in enumerate(groups):
         buckets.setdefault((grp.r, grp.device), []).append(i)
     for idx in buckets.values():
-        joint = _family.Reduced(*(torch.cat([reduced[i][0][j] for i in idx]) for j in range(6)))
-        wide = torch.cat(
-            [
-                torch.full(
-                    (groups[i].n,),
-                    _corrected_dim(groups[i], opts) >= 3,
-                    device=joint.g.device,
-                )
-                for i in idx
-            ]
-        )
-        # Output rounding: the output dtype's unit roundoff (relative to ‖P‖), and an absolute
-        # floor: float64 cancellation in P_u (E + coef) (~ε₆₄ ‖P_u‖, large where clients cancel
-        # in B̄) and where the d × r entries lose relative precision (float16's subnormals).
-        eps = torch.cat(
-            [torch.full((groups[i].n,), _rounding(groups[i], opts).eps / 2) for i in idx]
-        ).to(joint.g)
-        noise = torch.cat([_absolute_error(groups[i], opts, grams[i]) for i in idx]).to(joint.g)
-        sol = _family.solve(
-            joint,
-            wide,
-            eps,
-            noise,
-            lam=opts.lam,
-            norm=opts.norm,
-            tol=opts.tol,
-            max_iter=opts.max_iter,
-            single=single,
-        )
-        start = 0
-        for i in idx:
-            grp = groups[i]
-            n = grp.n
-            sl = slice(start, start + n)
-            start += n
-            red, N = reduced[i]
-            V = red.V
-            X = (V * sol.x[sl].unsqueeze(-2)) @ V.mT
-            Y = (V * sol.y[sl].unsqueeze(-2)) @ V.mT
-            coef = N @ X - grp.E @ Y
-            obj, cos = sol.objective[sl], sol.cosine[sl]
-            iters, conv = sol.iterations[sl], sol.converged[sl]
-            extra = None
-            bad = ~sol.certified[sl]
-            if bool(bad.any()):
-                # The general solver, unless it does not get below the λ = 0 end's floor: that
-                # end is often an infimum which the general solver can only approach (stopping
-                # wherever its steps fade), while _family._end approaches it by a fixed rule.
-                fb = _solve_flat_general(grp, opts, single, bad, red.w[bad])
-                assert fb.extra is not None
-                f_general = torch.full_like(obj, torch.inf)
-                f_general[bad] = fb.objective
-                floor = sol.end_floor[sl]
-                end = bad & (f_general >= floor - _tol.END_MARGIN * (1.0 + floor.abs()))
-                general = bad & ~end
-                X_end = (V * sol.end_x[sl].unsqueeze(-2)) @ V.mT
-                Y_end = (V * sol.end_y[sl].unsqueeze(-2)) @ V.mT
-                coef = torch.where(end[:, None, None], N @ X_end - grp.E @ Y_end, coef)
-                obj = torch.where(end, sol.end_objective[sl], obj)
-                cos = torch.where(end, sol.end_cosine[sl], cos)
-                iters, conv = iters.clone(), conv.clone()
-                coef[general] = 0.0
-                extra = _orient(fb.extra.new_zeros(n, *fb.extra.shape[-2:]), opts).clone()
-                extra[general] = _orient(fb.extra[general[bad]], opts)
-                obj[general], cos[general] = fb.objective[general[bad]], fb.cosine[general[bad]]
-                iters[bad], conv[bad] = fb.iterations, fb.converged
-            out[i] = _Solved(obj, cos, iters, conv, coef, extra)
-    return [s for s in out if s is not None]
+        parts = ([groups[i] for i in idx], [reduced[i] for i in idx], [grams[i] for i in idx])
+        out.update(zip(idx, _solve_bucket(*parts, opts, single), strict=True))
+    return [out[i] for i in range(len(groups))]
+
+
+def _solve_bucket(
+    groups: list[_Group],
+    reduced: list[tuple[_family.Reduced, Tensor]],
+    grams: list[tuple[Tensor, Tensor] | None],
+    opts: _Options,
+    single: bool,
+) -> list[_Solved]:
+    """Groups sharing ``r`` (and device) in one family solve and one pool (:class:`_Pool`).
+
+    A candidate is ``ΔP = H V diag(x) Vᵀ − P V diag(y) Vᵀ + e ΔP_general`` (``x``, ``y`` (r,),
+    ``e`` 0 or 1: the general solver's answer for the layer), ``(x, y, e)`` in one row; ``ΔB = 0``
+    is all zeros. The family's point and the λ = 0 end's points go in first (scored by objective
+    plus rounding cost, :func:`~lorafair._fair._family.turn_cost`); a layer whose pick is neither
+    ``ΔB = 0`` shown optimal nor the family's certified point gets the general ``r × 3`` solver's
+    answer as one more candidate, scored the same way, where it gets below the λ = 0 end's floor
+    by more than ``END_MARGIN`` (that floor is the infimum the end's points approach: a general
+    point approaching it can only get below it by rounding, and where it stops depends on where
+    its steps fade, not on what the output can hold; the end's points are placed by the rounding
+    model instead). A first pick says which layers those are; there the family's point leaves
+    the pool (below), and a second pick gives each layer's answer.
+    """
+    joint = _family.Reduced(*(torch.cat([red[j] for red, _ in reduced]) for j in range(6)))
+    n_all, r = joint.g.shape
+    wide = torch.cat(
+        [
+            torch.full((grp.n,), _corrected_dim(grp, opts) >= 3, device=joint.g.device)
+            for grp in groups
+        ]
+    )
+    # Output rounding: the output dtype's unit roundoff (relative to ‖P‖), and an absolute
+    # floor: float64 cancellation in P_u (E + coef) (~ε₆₄ ‖P_u‖, large where clients cancel
+    # in B̄) and where the d × r entries lose relative precision (float16's subnormals).
+    eps = torch.cat([torch.full((grp.n,), _rounding(grp, opts).eps / 2) for grp in groups])
+    eps = eps.to(joint.g)
+    noise = torch.cat(
+        [_absolute_error(grp, opts, gm) for grp, gm in zip(groups, grams, strict=True)]
+    )
+    noise = noise.to(joint.g)
+    sol = _family.solve(
+        joint,
+        wide,
+        eps,
+        noise,
+        lam=opts.lam,
+        norm=opts.norm,
+        tol=opts.tol,
+        max_iter=opts.max_iter,
+        single=single,
+    )
+
+    def family_pool(found_f: Tensor) -> _Pool:
+        pool = _Pool(joint.g.new_zeros(n_all, 2 * r + 1), sol.zero[:, 0], zero_report=sol.zero)
+        for part in (sol.found._replace(f=found_f), sol.end):
+            pool.add(*part._replace(x=torch.cat([part.x, part.x.new_zeros(len(part.x), 1)], 1)))
+        return pool
+
+    first = family_pool(sol.found.f).pick()
+    n_found = sol.found.f.shape[0]
+    row = torch.clamp(first.row, min=0, max=n_found - 1)
+    certified = torch.where(first.row < 0, sol.zero_ok, (first.row < n_found) & sol.good[row])
+    # A layer sent to the general solver keeps its family point out of the final pick: there it
+    # either lost the first (to ΔB = 0 or the end, still in) or is not certified, i.e. not a
+    # minimiser, and where it creeps towards the end (the product vanishing) its reduced
+    # objective loses digits to cancellation in n².
+    pool = family_pool(torch.where(certified[sol.found.layer], sol.found.f, torch.inf))
+    ends = list(accumulate(grp.n for grp in groups))
+    slices = [slice(e - grp.n, e) for grp, e in zip(groups, ends, strict=True)]
+    general: list[tuple[Tensor, Tensor] | None] = []
+    for grp, (red, _), sl in zip(groups, reduced, slices, strict=True):
+        bad = ~certified[sl]
+        if not bool(bad.any()):
+            general.append(None)
+            continue
+        rows = torch.nonzero(bad).squeeze(-1) + sl.start
+        fb = _solve_flat_general(grp, opts, single, bad, red.w[bad])
+        assert fb.extra is not None
+        P = grp.Bbar[bad] if opts.residual_on == "B" else grp.Abar[bad].mT
+        PV = (P + fb.extra) @ red.V[bad]
+        n_sq = ((PV * PV).sum(-2) * red.g[bad]).sum(-1)
+        g, bb = red.g[bad], red.bb[bad]
+        cost = fb.objective + _family.turn_cost(n_sq, g, bb, eps[rows], noise[rows])
+        floor = sol.floor[rows]
+        below = fb.objective < floor - _tol.END_MARGIN * (1.0 + floor.abs())
+        x = fb.objective.new_zeros(rows.shape[0], 2 * r + 1)
+        x[:, -1] = 1.0
+        report = torch.stack([fb.objective, fb.cosine], -1)
+        pool.add(x, torch.where(below, cost, torch.inf), rows, fb.iterations, fb.converged, report)
+        general.append((bad, fb.extra))
+    final = pool.pick()
+    out = []
+    for grp, (red, N), gen, sl in zip(groups, reduced, general, slices, strict=True):
+        V, xs, rep = red.V, final.x[sl], final.report[sl]
+        X = (V * xs[:, :r].unsqueeze(-2)) @ V.mT
+        Y = (V * xs[:, r : 2 * r].unsqueeze(-2)) @ V.mT
+        extra = None
+        if gen is not None:
+            bad, delta = gen
+            extra = delta.new_zeros(grp.n, *delta.shape[-2:])
+            extra[bad] = delta * xs[bad, -1][:, None, None]
+            extra = _orient(extra, opts)
+        it, cv = final.iterations[sl], final.converged[sl]
+        out.append(_Solved(rep[:, 0], rep[:, 1], it, cv, N @ X - grp.E @ Y, extra))
+    return out
 
 
 def _solve_flat_general(
@@ -405,17 +443,11 @@ def _flat_minimise(
     data = tuple(problem[:5])
     obj = flat_objective(opts.lam, opts.norm)
     rep = tuple(t.repeat(m, *([1] * (t.ndim - 1))) for t in data)
-    x0 = torch.cat(starts).reshape(m * n, -1)
-    res = minimise(obj, rep, x0, tol=opts.tol, max_iter=opts.max_iter)
-    f_runs = res.f.reshape(m, n)
-    f_zero = obj.values(beta.reshape(n, 1, -1), *data).squeeze(1)
-    best, zero = _pick(f_runs, f_zero, single)
-    xs = res.x.reshape(m, n, *beta.shape[1:])
-    rows = torch.arange(n, device=beta.device)
-    x = xs[best, rows]
-    x = torch.where(zero[:, None, None], beta, x)
-    iters = res.iterations.reshape(m, n)
-    conv = res.converged.reshape(m, n)
-    it = torch.where(zero, iters[0], iters[best, rows])
-    cv = torch.where(zero, conv[0], conv[best, rows])
+    res = minimise(
+        obj, rep, torch.cat(starts).reshape(m * n, -1), tol=opts.tol, max_iter=opts.max_iter
+    )
+    pool = _Pool(beta.reshape(n, -1), obj.values(beta.reshape(n, 1, -1), *data).squeeze(1))
+    layer = torch.arange(n, device=beta.device).repeat(m)
+    pool.add(res.x, res.f, layer, res.iterations, res.converged)
+    x, _, it, cv = pool.choice((beta.shape[1], beta.shape[2]))
     return x, it, cv

@@ -3,21 +3,16 @@
 Everything here is float64, batched over a leading layer dimension ``L`` and free of host syncs
 except every ``sync_every`` iterations of :func:`minimise` (every iteration on CPU). Objectives
 (:class:`Batched`) come with closed-form gradients and Hessians (no autograd). The regulariser
-``λ‖Δ‖`` / ``λ‖Δ‖²`` and its derivatives live here once (:func:`reg_terms`, for NumPy and
-torch). :func:`_pick` is the rule both forms use to return ΔB = 0 unless a solver result
-beats it. The damped-Newton step itself, :func:`modified_newton` and the line search
-:func:`armijo_step`, is written once for NumPy and torch: :func:`minimise` (torch, both forms'
-general problems) and the flat family's two-unknown Newton (:func:`lorafair._fair._family.newton`,
-NumPy on the host) both take it.
+``λ‖Δ‖`` / ``λ‖Δ‖²`` and its derivatives live here once (:func:`reg_terms`). :func:`minimise`
+is the one driver: the flat family's two unknowns (on the CPU), the general ``r × 3`` flat
+problem and the column form (on the layers' device).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Literal, NamedTuple
 
-import numpy as np
-import numpy.typing as npt
 import torch
 from torch import Tensor
 
@@ -31,24 +26,19 @@ def _safe_sqrt(x: Tensor) -> Tensor:
     return torch.sqrt(torch.clamp(x, min=_tol.TINY))
 
 
-_A = TypeVar("_A", Tensor, "npt.NDArray[np.float64]")
-
-
-def reg_terms(p: _A, lam: float, norm: Norm) -> tuple[_A, _A, _A]:
+def reg_terms(p: Tensor, lam: float, norm: Norm) -> tuple[Tensor, Tensor, Tensor]:
     """``R(p)``, ``R'(p)``, ``R''(p)`` of the regulariser as a function of ``p = ‖Δ‖_F²``:
     ``λ√p`` (``"fro"``; all three 0 where ``p ≤ TINY``) or ``λp`` (``"fro_squared"``).
 
-    The one place the regulariser is differentiated, for NumPy arrays (the flat family on the
-    host) and torch tensors (:func:`minimise`'s objectives) alike.
+    The one place the regulariser is differentiated (both forms, the flat family included).
     """
-    xp: Any = np if isinstance(p, np.ndarray) else torch
     if norm == "fro_squared":
-        return lam * p, xp.full_like(p, lam), xp.zeros_like(p)
+        return lam * p, torch.full_like(p, lam), torch.zeros_like(p)
     big = p > _tol.TINY
-    root = xp.sqrt(xp.where(big, p, 1.0))  # 1.0: no division by zero in the branches not taken
-    r1 = xp.where(big, lam / (2.0 * root), 0.0)
-    r2 = xp.where(big, -lam / (4.0 * root**3), 0.0)
-    return lam * xp.where(big, root, 0.0), r1, r2
+    root = torch.sqrt(torch.where(big, p, 1.0))  # 1.0: no division by 0 in branches not taken
+    r1 = torch.where(big, lam / (2.0 * root), 0.0)
+    r2 = torch.where(big, -lam / (4.0 * root**3), 0.0)
+    return lam * torch.where(big, root, 0.0), r1, r2
 
 
 def regulariser(delta_sq: Tensor, lam: float, norm: Norm) -> Tensor:
@@ -95,6 +85,10 @@ class Batched(NamedTuple):
     and ``fd``, at ``d``) accept instead of computing it. :func:`minimise` then forms it once
     for each search direction and carries it along its steps, ``F(x + t d) = F(x) + t F(d)``
     (rounding: one addition per step, relative ε).
+
+    ``with_hessian(x (L, N), *data)``, if given: value, gradient and Hessian in one call (where
+    they share most of their work), which Newton then uses instead of ``value_and_grad`` and
+    ``hessian``.
     """
 
     values: Callable[..., Tensor]
@@ -102,50 +96,39 @@ class Batched(NamedTuple):
     hessian: Callable[..., Tensor]
     line: Callable[..., Tensor] | None = None
     features: Callable[..., Tensor] | None = None
+    with_hessian: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
 
 
-def modified_newton(hess: _A, g: _A) -> tuple[_A, _A]:
+def modified_newton(hess: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     """``(−|H|⁻¹ g, pd)`` per row: the Newton step with the Hessian's eigenvalues replaced by
     their absolute values, bounded below by ``1e-12`` of the largest (and ``1e-300``), and
-    whether every eigenvalue is above that bound. NumPy arrays (the flat family on the host,
-    ``H`` (L, 2, 2)) or torch tensors (:func:`minimise`), the same formula; only the two small
-    products are each library's own."""
-    if isinstance(hess, np.ndarray):
-        evals, evecs = np.linalg.eigh(hess)
-        floor = np.abs(evals).max(axis=-1, keepdims=True) * 1e-12 + 1e-300
-        coef = np.einsum("lji,lj->li", evecs, g) / np.maximum(np.abs(evals), floor)
-        step: Any = -np.einsum("lij,lj->li", evecs, coef)
-    else:
-        evals, evecs = torch.linalg.eigh(hess)
-        floor = evals.abs().amax(dim=-1, keepdim=True) * 1e-12 + 1e-300
-        coef = (evecs.mT @ g.unsqueeze(-1)).squeeze(-1) / torch.clamp(evals.abs(), min=floor)
-        step = -(evecs @ coef.unsqueeze(-1)).squeeze(-1)
-    return step, (evals > floor).all(axis=-1)
+    whether every eigenvalue is above that bound."""
+    evals, evecs = torch.linalg.eigh(hess)
+    floor = evals.abs().amax(dim=-1, keepdim=True) * 1e-12 + 1e-300
+    coef = (evecs.mT @ g.unsqueeze(-1)).squeeze(-1) / torch.clamp(evals.abs(), min=floor)
+    return -(evecs @ coef.unsqueeze(-1)).squeeze(-1), (evals > floor).all(dim=-1)
 
 
-def armijo_step(f: _A, gd: _A, fc: _A, ts: _A) -> tuple[_A, _A]:
+def armijo_step(f: Tensor, gd: Tensor, fc: Tensor, ts: Tensor) -> tuple[Tensor, Tensor]:
     """The one line search's choice per row among step lengths ``ts`` (longest first), all
     tried in one batched evaluation ``fc`` (L, S) of ``f(x + t d)``: the index of the longest
     meeting Armijo's condition ``f(x + t d) ≤ f + ARMIJO·t·∇fᵀd`` (``gd = ∇fᵀd``), else of the
     lowest value; and that value (non-finite values count as +inf). No data-dependent control
-    flow, so no host sync. NumPy (the flat family) or torch (:func:`minimise`)."""
-    xp: Any = np if isinstance(f, np.ndarray) else torch
-    v: Any = xp.where(xp.isfinite(fc), fc, xp.inf)
-    ok: Any = v <= f[:, None] + _tol.ARMIJO * ts[None, :] * gd[:, None]
-    pick: Any = xp.where(ok.any(1), xp.argmax(ok * 1, 1), xp.argmin(v, 1))
-    if xp is np:
-        return pick, v[np.arange(v.shape[0]), pick]
-    return pick, v.gather(1, pick[:, None]).squeeze(1)  # on the tensors' device: no copy, no sync
+    flow, so no host sync; on the tensors' device."""
+    v = torch.where(torch.isfinite(fc), fc, torch.inf)
+    ok = v <= f[:, None] + _tol.ARMIJO * ts[None, :] * gd[:, None]
+    pick = torch.where(ok.any(1), torch.argmax(ok.to(torch.int64), 1), torch.argmin(v, 1))
+    return pick, v.gather(1, pick[:, None]).squeeze(1)
 
 
 def _newton_direction(hess: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     """Newton direction and a positive-definiteness flag per layer.
 
     On CPU (where reading a flag costs no device sync) a batched Cholesky serves the positive
-    definite Hessians and only the others pay for an eigendecomposition; on accelerators every
-    layer takes the (sync-free) eigendecomposition path.
+    definite Hessians and only the others pay for an eigendecomposition; on accelerators, and
+    for 2 × 2 Hessians, every layer takes the (sync-free) eigendecomposition path.
     """
-    if hess.device.type != "cpu":
+    if hess.device.type != "cpu" or hess.shape[-1] <= 2:  # 2 × 2 (the family): eigh is as cheap
         return modified_newton(hess, g)
     chol, info = torch.linalg.cholesky_ex(hess)
     ok = info == 0
@@ -203,10 +186,15 @@ def minimise(
     every = 1 if x0.device.type == "cpu" else sync_every  # reading a CPU flag costs no sync
     dev, dt = x0.device, x0.dtype
     x = x0.clone()
+    joint = obj.with_hessian if newton else None
+    h_at: Tensor | None = None  # the Hessian at x, where `joint` gave it with f and g
     lin = None if newton else obj.features  # Newton's steps are the Hessian's: nothing to save
     fx = None if lin is None else lin(x, *data)
     kw = {} if fx is None else {"fx": fx}
-    f, g = obj.value_and_grad(x, *data, **kw)
+    if joint is None:
+        f, g = obj.value_and_grad(x, *data, **kw)
+    else:
+        f, g, h_at = joint(x, *data)
     S = x.new_zeros(n_layers, memory, n)
     Yh = x.new_zeros(n_layers, memory, n)
     rho = x.new_zeros(n_layers, memory)
@@ -219,7 +207,7 @@ def minimise(
     iters = torch.zeros(n_layers, dtype=torch.int64, device=dev)
     for it in range(max_iter):
         if newton:
-            hess = obj.hessian(x, *data)
+            hess = obj.hessian(x, *data) if h_at is None else h_at
             hess = 0.5 * (hess + hess.mT)
             hess = torch.where(torch.isfinite(hess), hess, torch.zeros_like(hess))
             d, pd = _newton_direction(hess, g)
@@ -261,7 +249,12 @@ def minimise(
             shape = (-1, *([1] * (fx.ndim - 1)))
             fx = torch.where(move.reshape(shape), fx + ts[pick].reshape(shape) * fd, fx)
             kw = {"fx": fx}
-        f_new, g_new = obj.value_and_grad(x_new, *data, **kw)
+        if joint is None:
+            f_new, g_new = obj.value_and_grad(x_new, *data, **kw)
+        else:
+            f_new, g_new, h_new = joint(x_new, *data)
+            assert h_at is not None
+            h_at = torch.where(move[:, None, None], h_new, h_at)
         f_new = torch.where(move, f_new, f)
         g_new = torch.where(move[:, None], g_new, g)
         iters = iters + (~done).to(torch.int64)
@@ -292,11 +285,3 @@ def minimise(
         if (it + 1) % every == 0 and bool(done.all()):
             break
     return SolveResult(x, f, iters, done)
-
-
-def _pick(f_runs: Tensor, f_zero: Tensor, single: bool) -> tuple[Tensor, Tensor]:
-    """Index of the best start per layer (runs stacked first) and whether ΔB = 0 wins instead."""
-    best = torch.argmin(f_runs, dim=0)
-    f_best = f_runs.gather(0, best[None]).squeeze(0)
-    zero = (f_zero <= f_best + _tol.TIE) | torch.full_like(f_zero, single, dtype=torch.bool)
-    return best, zero

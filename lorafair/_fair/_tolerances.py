@@ -6,8 +6,6 @@ Grouped by the step that uses it. Values are unchanged from the solver's validat
 
 from __future__ import annotations
 
-import numpy as np
-
 # ---------------------------------------------------------------- shared by both forms
 TINY = 1e-300
 """Below this a squared norm counts as zero (square roots and their derivatives are guarded)."""
@@ -18,7 +16,7 @@ NEWTON_MAX_UNKNOWNS = 192
 STEPS = 14
 """Step lengths ``SHRINK**k`` (k < STEPS) that one line search of ``minimise`` tries at once."""
 SHRINK = 0.3
-"""Ratio of consecutive step lengths in every line search (``minimise`` and the family's)."""
+"""Ratio of consecutive step lengths in every line search."""
 SCOUT = 2
 """Newton steps every start of the flat family takes before only the best one per layer goes on."""
 ARMIJO = 1e-4
@@ -30,15 +28,13 @@ end terms (float64 cancellation costs more than 4 of its 16 digits), the layer i
 exactly instead."""
 
 # ---------------------------------------------------------------- flat: the two-unknown family
-FAMILY_STEPS = SHRINK ** np.arange(10.0)
-"""Step lengths of the family's damped Newton (:func:`~lorafair._fair._family.newton`)."""
-GRID_A = np.arange(-26.0, 27.0, 4.0)
+GRID_A = tuple(float(v) for v in range(-26, 27, 4))
 """Grid of ``θ₁ = log(a/σ)`` the family is first evaluated on."""
-GRID_K = np.array([-16.0, -4.0, -1.0, 0.0, 0.5, 1.0, 2.0])
+GRID_K = (-16.0, -4.0, -1.0, 0.0, 0.5, 1.0, 2.0)
 """Fixed values of ``θ₂`` on that grid."""
-GRID_LAM0 = np.array([0.5, 0.8, 1.0, 1.25, 2.0])
+GRID_LAM0 = (0.5, 0.8, 1.0, 1.25, 2.0)
 """Multiples of the λ = 0 end's ``θ₂`` added to the grid."""
-GRID_COS = np.array([0.97, 0.99, 1.0, 1.01, 1.03])
+GRID_COS = (0.97, 0.99, 1.0, 1.01, 1.03)
 """Multiples of FedIT's cosine (the ``θ₂`` leaving ΔP = 0 along ∇cos) added to the grid."""
 FAMILY_STARTS = 3
 """Best grid points per layer that Newton starts from."""
@@ -48,11 +44,13 @@ CERTIFY_GAIN = 1e-12
 """Certificate: the full problem's diagonal-Newton gain must be below this (relative to 1 + |f|)."""
 ZERO_GAIN = 1e-13
 """``fro_squared``: ΔP = 0 is accepted as optimal within this quadratic-model gain."""
-FAMILY_END_STEPS = 10.0 ** -np.arange(1.0, 15.0)
-"""Distances ``‖t z‖ / ‖P‖`` the family's λ = 0 end tries when its best point is at t → 0⁺."""
+FAMILY_END_STEPS = tuple(10.0**-k for k in range(1, 15))
+"""Distances ``‖t z‖ / ‖P‖`` of the λ = 0 end's points (candidates) along its ray."""
 END_MARGIN = 1e-12
-"""The general flat solver replaces the λ = 0 end only when below the end's floor by more than
-this (relative): one approaching the same infimum can only get below it by rounding."""
+"""The general flat solver's answer is a candidate only where below the λ = 0 end's floor (the
+infimum the end's points approach) by more than this (relative): one approaching the same
+infimum can only get below it by rounding, and where it stops depends on where its steps fade,
+not on what the output can hold."""
 
 # ---------------------------------------------------------------- columns
 CHUNK_BYTES = 1 << 21
