@@ -168,7 +168,8 @@ def _polynomials(theta: Tensor, data: tuple[Tensor, ...], orders: int) -> Tensor
     pw = base.unsqueeze(-1).expand(*base.shape, 4).cumprod(-1)  # powers 1..4
     pw = torch.cat([torch.ones_like(pw[..., :1]), pw], dim=-1).flatten(-2)  # (L, S, 15)
     # index_select, not advanced indexing: the same gather at a fraction of its CPU overhead
-    mono = pw.index_select(-1, tab.powers.flatten()).unflatten(-1, tab.powers.shape).prod(-1)
+    picked = pw.index_select(-1, tab.powers.flatten())
+    mono = picked.reshape(*pw.shape[:-1], *tab.powers.shape).prod(-1)
     out = (tab.coef * mono * M.index_select(-1, tab.moment)) @ tab.sums
     return out * torch.where(tab.q, gmax[:, None, None], 1.0)
 
