@@ -1009,7 +1009,7 @@ def _columns_minimise(
     (:func:`dropped_points`, ``_tol.DROP_STEPS``), and every candidate is scored by the true
     objective; points whose objective float64 cannot resolve (:func:`_unsafe`) are not
     returned. Residual on A also tries the column-wise best mix of all candidates
-    (:func:`_mix_columns`), polished. ``ΔB = 0`` is kept unless beaten (:func:`_pick`).
+    (:func:`_mix_columns`), polished. ``ΔB = 0`` is kept unless beaten (:meth:`_Pool.choice`).
     Host syncs: one per round of dropping (the number of restricted problems is data
     dependent). Returns the pool (:meth:`_Pool.choice` picks from it).
     """
