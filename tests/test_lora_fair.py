@@ -831,3 +831,21 @@ def test_columns_result_does_not_depend_on_client_order() -> None:
             b = solve_residual([clients[i] for i in perm], [weights[i] for i in perm], **opts)["l"]
             assert a.objective == b.objective
             assert torch.equal(a.delta, b.delta)
+
+
+def test_pool_never_gives_a_layer_another_layers_point_for_a_nan_score() -> None:
+    # A NaN score counts as +inf: layer 0 (only NaN candidates) keeps ΔB = 0, layer 1 its own
+    # best candidate. Without that, amin carries the NaN to layer 0's best and its pick falls
+    # on the pool's last row, layer 1's.
+    from lorafair._fair._pool import _Pool
+
+    zero_x = torch.zeros(2, 3, dtype=F64)
+    pool = _Pool(zero_x, torch.tensor([1.0, 1.0], dtype=F64))
+    x = torch.tensor([[9.0, 9.0, 9.0], [5.0, 5.0, 5.0]], dtype=F64)
+    f = torch.tensor([float("nan"), 0.5], dtype=F64)
+    none = torch.zeros(2, dtype=torch.int64)
+    pool.add(x, f, torch.tensor([0, 1]), none, none.bool())
+    got = pool.choice((1, 3))
+    torch.testing.assert_close(got.Z[0, 0], zero_x[0])
+    torch.testing.assert_close(got.Z[1, 0], x[1])
+    torch.testing.assert_close(got.f, torch.tensor([1.0, 0.5], dtype=F64))

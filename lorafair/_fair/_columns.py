@@ -597,7 +597,7 @@ def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Solved:
         starts = [Z0, Z_ls, 0.5 * (Z0 + Z_ls), Z_unit * ratio[:, None, None]]
         unit = _rounding(grp, opts)  # rounding of the output, in the dtype it comes in
         f_starts = None  # where the starts are only ranked, their values serve both ends
-        if shape[0] * shape[1] > _tol.NEWTON_MAX_UNKNOWNS:
+        if _ranked(shape[0] * shape[1], len(starts)):
             f_starts = obj.values(torch.stack([z.flatten(-2) for z in starts], 1), *data)
             f_starts = f_starts.mT.reshape(-1)
         pool = _columns_minimise(obj, data, starts, left is not None, opts, unit, f_starts)
@@ -942,6 +942,11 @@ def _safe_best_first(
     return _first_safe(f.reshape(m, n_layers).mT, unsafe_at).mT.reshape(-1)
 
 
+def _ranked(n_unknowns: int, n_starts: int) -> bool:
+    """Whether :func:`_multistart` ranks its starts (L-BFGS sizes) instead of running all."""
+    return n_unknowns > _tol.NEWTON_MAX_UNKNOWNS and n_starts > 1
+
+
 def _multistart(
     obj: Batched,
     data: tuple[Tensor, ...],
@@ -952,8 +957,10 @@ def _multistart(
     """:func:`minimise` from every start (each (L, p, q)) of every layer; rows start-major
     (start ``i`` of layer ``l`` is row ``i L + l``). One run per start over the layers' own data
     (no copy of the data per start). The result's ``f`` is the objective by ``obj.values`` (the
-    scorer's values, not the run's own) at every row; ``f_starts`` (m L,): the starts' values
-    where the caller has them (they only rank the starts, and stand for those that do not run).
+    scorer's values, not the run's own) at every row that ran; ``f_starts`` (m L,): the starts'
+    values where the caller has them: they rank the starts and stand, unchanged, for those that
+    do not run (the λ = 0 end passes values less their regulariser, equal to ``obj.values`` up
+    to rounding).
 
     Up to ``NEWTON_MAX_UNKNOWNS`` unknowns every start runs to convergence. Above (L-BFGS,
     where each evaluation costs ``O((K + 1) r)`` per column and the starts dominate the cost)
@@ -971,7 +978,7 @@ def _multistart(
         k = x.shape[0] // n_layers
         return obj.values(x.reshape(k, n_layers, -1).transpose(0, 1), *data).mT.reshape(-1)
 
-    if x0s[0].shape[-1] <= _tol.NEWTON_MAX_UNKNOWNS or m == 1:
+    if not _ranked(x0s[0].shape[-1], m):
         res = joined([minimise(obj, data, x, tol=opts.tol, max_iter=opts.max_iter) for x in x0s])
         return res._replace(f=values(res.x))
     x = torch.cat(x0s)

@@ -213,6 +213,8 @@ def family_objective(lam: float, norm: Norm) -> Batched:
     :func:`_polynomials`, then the chain rule through ``φ(s, q) = −s/(w√q)`` and ``R(p)``:
     ``∇F = φ_s ∇s + φ_q ∇q + R' ∇p``, ``∇²F = Σ (φ_s, φ_q, R') ∇²(s, q, p) + Jᵀ W J`` with
     ``J = ∇(s, q, p)`` and ``W = [[0, φ_sq, 0], [φ_sq, φ_qq, 0], [0, 0, R'']]``. O(r) per point.
+    CPU data only: :func:`solve` moves the family's few numbers per layer to the host, and the
+    term table (:func:`_table`) is a cached CPU tensor.
     """
 
     def values(x: Tensor, *data: Tensor) -> Tensor:
@@ -384,7 +386,8 @@ class Solution(NamedTuple):
 
     ``zero`` (L, 2): objective and cosine of ``ΔP = 0``; ``zero_ok`` (L,): ``ΔP = 0`` shown
     optimal; ``found``: the family's Newton result (one row per layer, in order; closed form
-    for λ = 0 and one client), its score adding :func:`turn_cost`; ``good`` (L,): that point
+    for λ = 0 and one client), its score adding :func:`turn_cost` (the closed forms: their
+    objective alone); ``good`` (L,): that point
     certified stationary for the full problem (``d ≥ 3`` only); ``end``: the λ = 0 end's points
     and ``floor`` (L,), the infimum they approach (:func:`_end`).
     """

@@ -84,11 +84,12 @@ class Batched(NamedTuple):
     linear in ``x``, that ``value_and_grad`` (keyword ``fx``, at ``x``) and ``line`` (``fx``
     and ``fd``, at ``d``) accept instead of computing it. :func:`minimise` then forms it once
     for each search direction and carries it along its steps, ``F(x + t d) = F(x) + t F(d)``
-    (rounding: one addition per step, relative ε).
+    (rounding: one addition per step, relative ε); on the L-BFGS path only (Newton's cost is
+    its Hessian's).
 
     ``with_hessian(x (L, N), *data)``, if given: value, gradient and Hessian in one call (where
     they share most of their work), which Newton then uses instead of ``value_and_grad`` and
-    ``hessian``.
+    ``hessian``; on the Newton path only.
     """
 
     values: Callable[..., Tensor]

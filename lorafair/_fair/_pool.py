@@ -77,6 +77,10 @@ class _Pool:
         cv: Tensor,
         report: Tensor | None = None,
     ) -> None:
+        """Candidates ``x`` (rows, N) of ``layer`` (rows,) scored ``f`` (rows,); a NaN score
+        counts as ``+inf`` (never chosen: ``amin`` would otherwise carry the NaN to the layer's
+        best and point it at another layer's row)."""
+        f = torch.where(torch.isnan(f), torch.inf, f)
         self.parts.append(
             _Candidates(x, f, layer, iterations, cv, f[:, None] if report is None else report)
         )
