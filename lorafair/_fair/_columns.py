@@ -598,8 +598,7 @@ def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Solved:
         unit = _rounding(grp, opts)  # rounding of the output, in the dtype it comes in
         f_starts = None  # where the starts are only ranked, their values serve both ends
         if _ranked(shape[0] * shape[1], len(starts)):
-            f_starts = obj.values(torch.stack([z.flatten(-2) for z in starts], 1), *data)
-            f_starts = f_starts.mT.reshape(-1)
+            f_starts = _row_values(obj, data, torch.cat([z.flatten(-2) for z in starts]))
         pool = _columns_minimise(obj, data, starts, left is not None, opts, unit, f_starts)
         if opts.lam > 0:
             _columns_end(obj, data, starts, pool, left is not None, opts, unit, f_starts)
@@ -942,6 +941,14 @@ def _safe_best_first(
     return _first_safe(f.reshape(m, n_layers).mT, unsafe_at).mT.reshape(-1)
 
 
+def _row_values(obj: Batched, data: tuple[Tensor, ...], x: Tensor) -> Tensor:
+    """``obj.values`` at the rows ``x`` (k L, N), start-major (row ``i L + l``: point ``i`` of
+    layer ``l``), scored per layer against the layers' own data; (k L,) in the same order."""
+    n_layers = data[0].shape[0]
+    k = x.shape[0] // n_layers
+    return obj.values(x.reshape(k, n_layers, -1).transpose(0, 1), *data).mT.reshape(-1)
+
+
 def _ranked(n_unknowns: int, n_starts: int) -> bool:
     """Whether :func:`_multistart` ranks its starts (L-BFGS sizes) instead of running all."""
     return n_unknowns > _tol.NEWTON_MAX_UNKNOWNS and n_starts > 1
@@ -974,21 +981,23 @@ def _multistart(
     def joined(runs: list[SolveResult]) -> SolveResult:
         return SolveResult(*(torch.cat(z) for z in zip(*runs, strict=True)))
 
-    def values(x: Tensor) -> Tensor:  # (k L, N) rows start-major, scored per layer
-        k = x.shape[0] // n_layers
-        return obj.values(x.reshape(k, n_layers, -1).transpose(0, 1), *data).mT.reshape(-1)
-
     if not _ranked(x0s[0].shape[-1], m):
         res = joined([minimise(obj, data, x, tol=opts.tol, max_iter=opts.max_iter) for x in x0s])
-        return res._replace(f=values(res.x))
+        return res._replace(f=_row_values(obj, data, res.x))
     x = torch.cat(x0s)
-    f = values(x) if f_starts is None else f_starts.clone()  # the starts ranked by their values
+    # the starts, ranked by their values
+    f = _row_values(obj, data, x) if f_starts is None else f_starts.clone()
     best = torch.argmin(f.reshape(m, n_layers), dim=0)
     rows = best * n_layers + torch.arange(n_layers, device=best.device)
     more = minimise(obj, data, x[rows], tol=opts.tol, max_iter=opts.max_iter)
     it = torch.zeros_like(f, dtype=torch.int64)
     cv = torch.zeros_like(f, dtype=torch.bool)
-    x[rows], f[rows], it[rows], cv[rows] = more.x, values(more.x), more.iterations, more.converged
+    x[rows], f[rows], it[rows], cv[rows] = (
+        more.x,
+        _row_values(obj, data, more.x),
+        more.iterations,
+        more.converged,
+    )
     return SolveResult(x, f, it, cv)
 
 
