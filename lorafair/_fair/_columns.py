@@ -614,6 +614,14 @@ def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Solved:
     return _Solved(obj_val, cos, iters, conv, extra=delta)
 
 
+def _take(data: tuple[Tensor, ...], rows: Tensor) -> tuple[Tensor, ...]:
+    """``data``'s rows ``rows`` (sorted and unique, as ``nonzero`` gives them): the tensors
+    themselves when that is every row (no copy of ``X``, the largest of them)."""
+    if rows.shape[0] == data[0].shape[0]:
+        return data
+    return tuple(t[rows] for t in data)
+
+
 def _unit_columns(X: Tensor, xn: Tensor) -> Tensor:
     """``X`` with each non-zero column scaled to unit norm."""
     return X / torch.where(xn > 0, xn, torch.ones_like(xn)).unsqueeze(-2)
@@ -667,7 +675,7 @@ def _columns_end(
     def offer(rows: Tensor, D: Tensor, st: Tensor, with_tau: bool) -> None:
         """``keep + t D_s`` into the pool (D: rows, S, p, q; ``D_s`` scaled to
         ``‖t D_s‖ = st_s ‖Z0‖``), checked by :func:`_unsafe` best first."""
-        sub = tuple(t[rows] for t in data)
+        sub = _take(data, rows)
         dd = (D * D).sum(dim=(-2, -1))
         ok = dd > 0
         dd1 = torch.where(ok, dd, torch.ones_like(dd))
@@ -681,7 +689,7 @@ def _columns_end(
         f = torch.where(ok & (c > 0), f, torch.inf)
 
         def unsafe_at(r: Tensor, k: Tensor) -> Tensor:
-            return _unsafe(pts[r, k], tuple(t[r] for t in sub), has_left, unit)
+            return _unsafe(pts[r, k], _take(sub, r), has_left, unit)
 
         f = _first_safe(f, unsafe_at)
         n_pts = f.shape[1]
@@ -695,7 +703,7 @@ def _columns_end(
     rows = torch.nonzero(now.f > floor + _tol.TIE).squeeze(-1)
     if rows.numel() == 0:
         return
-    sub = tuple(t[rows] for t in data)
+    sub = _take(data, rows)
     starts0 = [now.Z[rows], *(x[rows] for x in starts)]  # the λ > 0 result too: near λ = 0's
     f0 = None
     if f_starts is not None:
@@ -936,7 +944,7 @@ def _safe_best_first(
     n_layers = f.shape[0] // m
 
     def unsafe_at(lay: Tensor, start: Tensor) -> Tensor:
-        return _unsafe(Z[start * n_layers + lay], tuple(t[lay] for t in data), False, unit)
+        return _unsafe(Z[start * n_layers + lay], _take(data, lay), False, unit)
 
     return _first_safe(f.reshape(m, n_layers).mT, unsafe_at).mT.reshape(-1)
 
