@@ -39,7 +39,6 @@ from lorafair._fair._newton import (
     Norm,
     _reg_coefs,
     _reg_grad_coef,
-    _reg_value,
     _safe_sqrt,
     minimise,
     regulariser,
@@ -147,7 +146,7 @@ def flat_objective(lam: float, norm: Norm) -> Batched:
         cos, dsq = flat_terms(
             x.reshape(n_layers, n_cand, *eta.shape[1:]), *(t.unsqueeze(1) for t in data)
         )
-        return 1.0 - cos + _reg_value(dsq, lam, norm)
+        return 1.0 - cos + regulariser(dsq, lam, norm)
 
     def _parts(
         x: Tensor, eta: Tensor, beta: Tensor, mask: Tensor, g: Tensor, w: Tensor
@@ -173,7 +172,7 @@ def flat_objective(lam: float, norm: Norm) -> Batched:
     ) -> tuple[Tensor, Tensor]:
         cos, s, v, u, c1, c3, _, d, dsq = _parts(x, eta, beta, mask, g, w)
         gcos = c1[:, None] * u - (s * c3)[:, None] * v
-        f = 1.0 - cos + _reg_value(dsq, lam, norm)
+        f = 1.0 - cos + regulariser(dsq, lam, norm)
         return f, _reg_grad_coef(dsq, lam, norm)[:, None] * d - gcos
 
     def hessian(x: Tensor, eta: Tensor, beta: Tensor, mask: Tensor, g: Tensor, w: Tensor) -> Tensor:

@@ -46,10 +46,6 @@ def regulariser(delta_sq: Tensor, lam: float, norm: Norm) -> Tensor:
     return reg_terms(delta_sq, lam, norm)[0]
 
 
-def _reg_value(dsq: Tensor, lam: float, norm: Norm) -> Tensor:
-    return regulariser(dsq, lam, norm)
-
-
 def _reg_coefs(dsq: Tensor, lam: float, norm: Norm) -> tuple[Tensor, Tensor]:
     """``(c₁, c₃)`` with ``∇ reg = c₁ d`` and ``∇² reg = c₁ diag(mask) − c₃ d dᵀ`` (``d`` the
     masked difference, ``dsq = ‖d‖²``): ``c₁ = 2R'``, ``c₃ = −4R''`` of :func:`reg_terms`."""
