@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lorafair._fair import _api, _batch, _family
+from lorafair._fair import _batch, _family, _options
 from lorafair._fair import _flat as _flat_form
 from lorafair._validate import prepare
 from lorafair.aggregate import fedit, lora_fair, solve_residual
@@ -91,7 +91,7 @@ def test_family_is_infinite_outside_its_domain() -> None:
 
 
 def _general(clients, weights, lam, norm, residual_on):  # type: ignore[no-untyped-def]
-    opts = _api._check_options(lam, norm, "flat", residual_on, 1e-8, 500)
+    opts = _options._check_options(lam, norm, "flat", residual_on, 1e-8, 500)
     prep = prepare(clients, weights, equal_ranks=False)
     grp = _batch._build_group(list(prep.layers.values()), prep.weights)
     rows = torch.ones(grp.n, dtype=torch.bool)

@@ -1,7 +1,7 @@
 """Private: the LoRA-FAIR solver, one module per problem.
 
 - :mod:`._api`: the entry points :func:`lora_fair`, :func:`solve_residual` (and both from one
-  solve, :func:`lora_fair_solved`) and their options.
+  solve, :func:`lora_fair_solved`).
 - :mod:`._batch`: the same-shape batch: stacks, Grams, ``P_u @ coef``, the corrected factor and
   how the output dtype rounds it.
 - :mod:`._flat`: the flat cosine: reduce, solve, certify, the general ``r × 3`` solver, and the
@@ -13,6 +13,7 @@
   line search, and the regulariser's derivatives.
 - :mod:`._pool`: the one candidate pool of both forms and its scorer (``ΔB = 0`` kept unless
   beaten).
+- :mod:`._options`: the options (``_Options``, checked once at the entry points).
 - :mod:`._tolerances`: every tolerance and step ladder.
 
 ``docs/lora_fair.md`` describes the design.

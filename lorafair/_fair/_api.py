@@ -1,16 +1,14 @@
 """LoRA-FAIR (Eq. 8): the server's residual correction of FedIT, solved exactly and factored.
 
 The public entry points (:func:`lora_fair`, :func:`solve_residual`, re-exported by
-:mod:`lorafair.aggregate`) and their options. Each similarity is one :class:`_Form` in
+:mod:`lorafair.aggregate`); their options are checked in :mod:`._options`. Each similarity is one :class:`_Form` in
 ``_FORMS``; see :mod:`lorafair._fair` for the package's layout.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -18,24 +16,15 @@ from torch import Tensor
 from lorafair._fair._batch import _build_group, _corrected, _delta, _Group, _Solved
 from lorafair._fair._columns import solve_columns
 from lorafair._fair._flat import _solve_flat
+from lorafair._fair._options import Norm, ResidualOn, Similarity, _check_options, _Options
 from lorafair._threads import single_threaded
 from lorafair._validate import Prepared, group_by_shape, prepare
-from lorafair.errors import LoRAFairError
 from lorafair.types import LoRAFactors
 
 __all__ = ["ResidualSolution", "lora_fair", "solve_residual"]
 
 
 _Clients = Sequence[Mapping[str, "LoRAFactors | tuple[Tensor, Tensor]"]]
-
-
-Norm = Literal["fro", "fro_squared"]
-
-
-Similarity = Literal["flat", "columns"]
-
-
-ResidualOn = Literal["B", "A"]
 
 
 class ResidualSolution(NamedTuple):
@@ -55,42 +44,6 @@ class ResidualSolution(NamedTuple):
     converged: bool
 
 
-@dataclass(frozen=True)
-class _Options:
-    lam: float
-    norm: Norm
-    similarity: Similarity
-    residual_on: ResidualOn
-    tol: float
-    max_iter: int
-
-
-def _check_options(
-    lam: float, norm: str, similarity: str, residual_on: str, tol: float, max_iter: int
-) -> _Options:
-    try:
-        lam_f = float(lam)
-    except (TypeError, ValueError):
-        raise LoRAFairError(f"lam must be a number, got {lam!r}") from None
-    if not math.isfinite(lam_f) or lam_f < 0:
-        raise LoRAFairError(f"lam must be finite and >= 0, got {lam!r}")
-    if norm not in ("fro", "fro_squared"):
-        raise LoRAFairError(f"norm must be 'fro' or 'fro_squared', got {norm!r}")
-    if similarity not in _FORMS:
-        raise LoRAFairError(f"similarity must be 'flat' or 'columns', got {similarity!r}")
-    if residual_on not in ("A", "B"):
-        raise LoRAFairError(f"residual_on must be 'B' or 'A', got {residual_on!r}")
-    try:
-        tol_f = float(tol)
-    except (TypeError, ValueError):
-        raise LoRAFairError(f"tol must be a number, got {tol!r}") from None
-    if not math.isfinite(tol_f) or tol_f <= 0:
-        raise LoRAFairError(f"tol must be finite and > 0, got {tol!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise LoRAFairError(f"max_iter must be an int >= 1, got {max_iter!r}")
-    return _Options(lam_f, norm, similarity, residual_on, tol_f, max_iter)  # type: ignore[arg-type]
-
-
 class _Form(Protocol):
     """One similarity's solver: every same-shape group's residuals, in the groups' order.
 
@@ -103,7 +56,7 @@ class _Form(Protocol):
     ) -> list[_Solved]: ...
 
 
-_FORMS: dict[str, _Form] = {"flat": _solve_flat, "columns": solve_columns}
+_FORMS: dict[Similarity, _Form] = {"flat": _solve_flat, "columns": solve_columns}
 """The forms, by ``similarity``: :mod:`._flat` and :mod:`._columns`."""
 
 

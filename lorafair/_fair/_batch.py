@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -21,10 +21,8 @@ from torch import Tensor
 
 from lorafair import _linalg
 from lorafair._fair import _tolerances as _tol
+from lorafair._fair._options import _Options
 from lorafair._validate import Layer, accumulation_dtype, weighted_sum
-
-if TYPE_CHECKING:
-    from lorafair._fair._api import _Options
 
 _F64 = torch.float64
 

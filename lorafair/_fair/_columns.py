@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -21,7 +21,6 @@ from lorafair._fair import _tolerances as _tol
 from lorafair._fair._batch import _Group, _Rounding, _rounding, _Solved, turning
 from lorafair._fair._newton import (
     Batched,
-    Norm,
     SolveResult,
     _reg_grad_coef,
     _reg_hessian,
@@ -29,11 +28,9 @@ from lorafair._fair._newton import (
     minimise,
     regulariser,
 )
+from lorafair._fair._options import Norm, _Options
 from lorafair._fair._pool import _Pool
 from lorafair._validate import Prepared, raise_if_nonfinite
-
-if TYPE_CHECKING:
-    from lorafair._fair._api import _Options
 
 
 def _column_norms(t: Tensor) -> Tensor:

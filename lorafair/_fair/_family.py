@@ -45,7 +45,8 @@ from torch import Tensor
 
 from lorafair._fair import _tolerances as _tol
 from lorafair._fair._batch import turning
-from lorafair._fair._newton import Batched, Norm, minimise, reg_terms
+from lorafair._fair._newton import Batched, minimise, reg_terms
+from lorafair._fair._options import Norm
 from lorafair._fair._pool import _Candidates
 
 

@@ -16,7 +16,7 @@ and layers of every shape that share ``r`` are solved in one batch.
 from __future__ import annotations
 
 from itertools import accumulate
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -36,19 +36,16 @@ from lorafair._fair._batch import (
 )
 from lorafair._fair._newton import (
     Batched,
-    Norm,
     _reg_coefs,
     _reg_grad_coef,
     _safe_sqrt,
     minimise,
     regulariser,
 )
+from lorafair._fair._options import Norm, _Options
 from lorafair._fair._pool import _Pool
 from lorafair._validate import Prepared, raise_if_nonfinite
 from lorafair.errors import NonFiniteError
-
-if TYPE_CHECKING:
-    from lorafair._fair._api import _Options
 
 _F64 = torch.float64
 

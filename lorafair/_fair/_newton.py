@@ -11,14 +11,13 @@ problem and the column form (on the layers' device).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from lorafair._fair import _tolerances as _tol
-
-Norm = Literal["fro", "fro_squared"]
+from lorafair._fair._options import Norm
 
 
 def _safe_sqrt(x: Tensor) -> Tensor:
