@@ -1,8 +1,8 @@
 """LoRA-FAIR (Eq. 8): the server's residual correction of FedIT, solved exactly and factored.
 
 The public entry points (:func:`lora_fair`, :func:`solve_residual`, re-exported by
-:mod:`lorafair.aggregate`); their options are checked in :mod:`._options`. Each similarity is one :class:`_Form` in
-``_FORMS``; see :mod:`lorafair._fair` for the package's layout.
+:mod:`lorafair.aggregate`); their options are checked in :mod:`._options`. Each similarity is
+one :class:`_Form` in ``_FORMS``; see :mod:`lorafair._fair` for the package's layout.
 """
 
 from __future__ import annotations
