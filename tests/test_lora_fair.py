@@ -637,7 +637,7 @@ def _columns_problem(gen: torch.Generator, side: str, n_layers: int) -> _Columns
 @pytest.mark.parametrize("norm", ["fro", "fro_squared"])
 @pytest.mark.parametrize("side", ["left", "right", "tall"])
 def test_columns_closed_form_derivatives_match_autograd(norm, side, offset) -> None:  # type: ignore[no-untyped-def]
-    from lorafair._fair import _columns as _solve
+    from lorafair._fair import _column_objective as _solve
 
     gen = torch.Generator().manual_seed(22)
     n_layers, lam = 2, 0.2
@@ -667,7 +667,7 @@ def test_columns_line_values_match_the_reference(norm, side, offset, through) ->
     # they cancel): lines through a generic point, near Z = 0 (every product column shrinks
     # by 1e9 at ts[3]: the polynomials lose every digit there) and through Z0 (the
     # regulariser's root, at ts[3]).
-    from lorafair._fair import _columns as _solve
+    from lorafair._fair import _column_objective as _solve
     from lorafair._fair import _tolerances as _tol
 
     gen = torch.Generator().manual_seed(23)
@@ -702,7 +702,7 @@ def test_columns_carried_features_match_fresh_products(norm, offset) -> None:  #
     # Tall bases: L-BFGS carries ZᵀX along its steps (features). The values and gradients read
     # from carried products must be the fresh ones, and a run that carries them must end where
     # one that recomputes them does (above NEWTON_MAX_UNKNOWNS, so L-BFGS runs).
-    from lorafair._fair import _columns as _solve
+    from lorafair._fair import _column_objective as _solve
     from lorafair._fair import _newton
     from lorafair._fair import _tolerances as _tol
 

@@ -8,7 +8,9 @@
   pool that picks among the family's candidates and that solver's answer.
 - :mod:`._family`: the flat problem's two-unknown family (objective, grid, certificate, the
   λ = 0 end), solved on the CPU: the family's candidates.
-- :mod:`._columns`: the column cosine.
+- :mod:`._columns`: the column cosine's solve (basis, starts, multi-start, λ = 0 end, mix);
+  :mod:`._column_objective` its objective and rounding-safety check; :mod:`._dropped` its
+  restricted problems where product columns vanish.
 - :mod:`._newton`: the one batched damped Newton / L-BFGS (:func:`~._newton.minimise`) with its
   line search, and the regulariser's derivatives.
 - :mod:`._pool`: the one candidate pool of both forms and its scorer (``ΔB = 0`` kept unless

@@ -330,8 +330,8 @@ def turning(err_sq: Tensor, norm_sq: Tensor) -> Tensor:
     turn a product of norm ``n``; to second order it costs the product's cosine ``½ u²``.
     The flat form applies it to the whole product (:func:`lorafair._fair._family.turn_cost`: a
     cost added to the scores of the family's Newton point, the λ = 0 end's points and the
-    general solver's answer), the column form to each product
-    column (:func:`lorafair._fair._columns._unsafe`: points it cannot resolve are left out).
+    general solver's answer), the column form to each product column
+    (:func:`lorafair._fair._column_objective._unsafe`: points it cannot resolve are left out).
     ``n² ≤ TINY`` counts as ``TINY``."""
     return err_sq / torch.clamp(norm_sq, min=_tol.TINY)
 

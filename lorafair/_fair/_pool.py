@@ -4,7 +4,7 @@ Every heuristic adds its points to a :class:`_Pool` (columns: starts, dropped co
 mixes, the λ = 0 end; flat: the family's Newton result, the λ = 0 end's points, the general
 solver's runs), each with its score ``f``: the true objective, plus (flat) what rounding the
 output can cost it (:func:`~lorafair._fair._batch.turning`), ``inf`` where the form rules the
-point out (columns: its objective is not resolved in the output, ``_columns._unsafe``).
+point out (columns: its objective is not resolved in the output, ``_column_objective._unsafe``).
 :meth:`_Pool.pick` is the one scorer: per layer the candidate of lowest score (the first of
 equals), unless ``ΔB = 0`` (always in the pool, never charged: it returns FedIT's factors bit
 for bit) is within ``TIE`` of it.

@@ -22,7 +22,7 @@ SCOUT = 2
 ARMIJO = 1e-4
 """Armijo's sufficient-decrease constant of every line search."""
 LINE_CANCEL = 1e-4
-"""The columns objective along a line (:func:`~lorafair._fair._columns.columns_objective`'s
+"""The columns objective along a line (:func:`~lorafair._fair._column_objective.columns_objective`'s
 ``line``) sums quadratics in the step length; where one falls below this fraction of its
 end terms (float64 cancellation costs more than 4 of its 16 digits), the layer is evaluated
 exactly instead."""

@@ -1,0 +1,492 @@
+"""Private: the column cosine's objective, and what float64 can resolve of it.
+
+The mean over the ``d_in`` columns of ``cos(X_j, Y_j)`` with ``Y = left Z right`` (a basis of
+at most ``(K + 1) r`` rows, never ``d_out × d_in``), plus ``λ R(‖Z − Z0‖²)``, with closed-form
+gradient, Hessian, line values and the carried features ``ZᵀX`` (:func:`columns_objective`),
+evaluated in cache-sized row chunks (:func:`_in_chunks`); and the admissibility check
+(:func:`_unsafe`, :func:`_first_safe`): whether the output's rounding can resolve the objective
+at a point, where a product column nearly vanishes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from lorafair._fair import _tolerances as _tol
+from lorafair._fair._batch import _Rounding, turning
+from lorafair._fair._newton import (
+    Batched,
+    _reg_grad_coef,
+    _reg_hessian,
+    _safe_sqrt,
+    regulariser,
+)
+from lorafair._fair._options import Norm
+
+
+def _column_norms(t: Tensor) -> Tensor:
+    """``‖t_j‖`` (…, n) of the columns as ``sqrt(Σ t²)``, for the rounding checks: torch's
+    ``vector_norm`` over dim −2 (not contiguous) is 4–10× slower on CPU (torch 2.13)."""
+    return (t * t).sum(dim=-2).sqrt()
+
+
+def linear_map(Z: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
+    """``left @ Z @ right`` (a missing side is the identity); any leading dimensions."""
+    Y = Z if left is None else left @ Z
+    return Y if right is None else Y @ right
+
+
+def adjoint_map(G: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
+    """``leftᵀ @ G @ rightᵀ``, the adjoint of :func:`linear_map` (pulls a gradient back to Z)."""
+    out = G if left is None else left.mT @ G
+    return out if right is None else out @ right.mT
+
+
+def _factored(Z: Tensor, left: Tensor | None, right: Tensor | None) -> bool:
+    """``Y = Z right`` (residual on B) with ``Z`` at least ``_tol.FACTORED_ROWS`` times as tall as
+    wide: column sums without forming ``Y`` (:func:`_column_sums`), q × n work instead of p × n."""
+    return left is None and right is not None and Z.shape[-2] >= _tol.FACTORED_ROWS * Z.shape[-1]
+
+
+def _norms_sq(Z: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
+    """``‖Y_j‖²`` (…, n), ``Y = left Z right``. For ``Y = Z right`` without forming ``Y``: with
+    ``Z = Q R`` (thin QR) ``‖Z a_j‖ = ‖R a_j‖``, as accurate as the product itself (error
+    ``ε ‖Z‖ ‖a_j‖``, unlike the quadratic form ``a_jᵀ ZᵀZ a_j``); O(p q² + q² n), not O(p q n)."""
+    if _factored(Z, left, right):
+        assert right is not None
+        U: Tensor = torch.linalg.qr(Z, mode="r").R @ right
+        return (U * U).sum(dim=-2)
+    Y = linear_map(Z, left, right)
+    return (Y * Y).sum(dim=-2)
+
+
+class _Sums(NamedTuple):
+    """Per product column ``j``: ``inner = <X_j, Y_j>`` and ``nsq = ‖Y_j‖²`` (…, n)."""
+
+    inner: Tensor
+    nsq: Tensor
+
+
+def _column_sums(
+    Z: Tensor, X: Tensor, left: Tensor | None, right: Tensor | None, ZtX: Tensor | None = None
+) -> _Sums:
+    """:class:`_Sums` of ``Y = left Z right`` against ``X`` (any leading dimensions, broadcast).
+
+    For ``Y = Z right`` (q ≪ p) ``<X_j, Y_j> = Σ_k (ZᵀX)_kj right_kj``: one GEMM (none where
+    ``ZtX``, the product ``ZᵀX``, is given) and q × n elementwise work instead of p × n (same
+    rounding order, ``ε ‖X_j‖ ‖Z‖ ‖right_j‖``)."""
+    if _factored(Z, left, right):
+        assert right is not None
+        T = Z.mT @ X if ZtX is None else ZtX
+        return _Sums((T * right).sum(dim=-2), _norms_sq(Z, left, right))
+    Y = linear_map(Z, left, right)
+    return _Sums((Y * X).sum(dim=-2), (Y * Y).sum(dim=-2))
+
+
+def _pullback(
+    Z: Tensor, X: Tensor, k1: Tensor, c: Tensor, left: Tensor | None, right: Tensor | None
+) -> Tensor:
+    """``leftᵀ (X diag(k1) − Y diag(c)) rightᵀ`` with ``Y = left Z right``: the gradient in ``Z``
+    of a function of the column sums with ``∂/∂Y_j = k1_j X_j − c_j Y_j``. For ``Y = Z right``:
+    ``X (k1 ⊙ right)ᵀ − Z (right diag(c) rightᵀ)``, again without forming ``Y``."""
+    if _factored(Z, left, right):
+        assert right is not None
+        return X @ (k1.unsqueeze(-2) * right).mT - Z @ ((c.unsqueeze(-2) * right) @ right.mT)
+    Y = linear_map(Z, left, right)
+    return adjoint_map(k1.unsqueeze(-2) * X - c.unsqueeze(-2) * Y, left, right)
+
+
+def columns_terms(
+    Z: Tensor,
+    left: Tensor | None,
+    right: Tensor | None,
+    X: Tensor,
+    xn: Tensor,
+    active: Tensor,
+) -> Tensor:
+    """Mean over columns ``j`` of ``<X_j, Y_j> / (xn_j ‖Y_j‖)`` with ``Y = left @ Z @ right``.
+
+    Any leading (batch) dimensions, broadcast: ``Z`` (…, p, q); ``left`` (…, m, p) or None
+    (identity); ``right`` (…, q, n) or None; ``X`` (…, m, n) the projection of ΔW on the
+    coordinates of ``Y``; ``xn`` (…, n) the full column norms of ΔW; ``active`` (…, n): columns
+    whose cosine can be non-zero (the others count as 0). Cost: O(m p q + m q n) per point.
+    """
+    inner, nsq = _column_sums(Z, X, left, right)
+    xs = torch.where(active, xn, 1.0)
+    cos = torch.where(active, inner / (xs * _safe_sqrt(nsq)), 0.0)
+    return cos.mean(dim=-1)
+
+
+def columns_objective(
+    lam: float,
+    norm: Norm,
+    shape: tuple[int, int],
+    has_left: bool,
+    has_right: bool,
+    has_offset: bool = False,
+) -> Batched:
+    """``f(Z) = 1 − mean_j cos(X_j, Y_j) + λ R(Z − Z0)``, ``Y = left Z right``, closed forms.
+
+    Data ``(X, xn, active, Z0, c0?, left?, right?)`` (see :func:`columns_terms`), ``Z`` of
+    ``shape`` flattened row-major. With ``has_offset`` the regulariser is ``λ R`` of
+    ``‖Z − Z0‖² + c0`` (``c0`` (L,) ≥ 0; used by :func:`drop_columns`). Per column, with
+    ``a = X_j/xn_j``, ``y = Y_j``, ``ν = ‖y‖``, ``s = <a, y>``: ``∇_y cos_j = a/ν − s y/ν³`` and
+    ``∇²_y cos_j = −(a yᵀ + y aᵀ)/ν³ − s I/ν³ + 3 s y yᵀ/ν⁵``; the chain rule through the linear
+    map gives ``∇_Z = leftᵀ (∇_Y) rightᵀ`` and
+    ``∇²_Z[(a,k),(b,l)] = Σ_j right[k,j] right[l,j] (leftᵀ ∇²_y cos_j left)[a,b] / n``.
+    Regulariser derivatives as in :func:`flat_objective` (mask of ones). Cost: a value or a
+    gradient O(m p q + m q n); the Hessian O(n (m² p + p² q²)) (only used for small ``p q``).
+    """
+    p, q = shape
+
+    def split(lr: tuple[Tensor, ...]) -> tuple[Tensor | None, Tensor | None]:
+        return (lr[0] if has_left else None), (lr[-1] if has_right else None)
+
+    def offset(rest: tuple[Tensor, ...]) -> tuple[Tensor | None, tuple[Tensor, ...]]:
+        return (rest[0], rest[1:]) if has_offset else (None, rest)
+
+    def with_offset(dsq: Tensor, c0: Tensor | None) -> Tensor:
+        return dsq if c0 is None else dsq + c0
+
+    def values(
+        x: Tensor, X: Tensor, xn: Tensor, active: Tensor, Z0: Tensor, *rest: Tensor
+    ) -> Tensor:
+        n_layers, n_cand, _ = x.shape
+        Z = x.reshape(n_layers, n_cand, p, q)
+        c0, lr = offset(rest)
+        left, right = split(lr)
+        cos = columns_terms(
+            Z,
+            None if left is None else left.unsqueeze(1),
+            None if right is None else right.unsqueeze(1),
+            X.unsqueeze(1),
+            xn.unsqueeze(1),
+            active.unsqueeze(1),
+        )
+        diff = Z - Z0.unsqueeze(1)
+        dsq = (diff * diff).sum(dim=(-2, -1))
+        if c0 is not None:
+            dsq = dsq + c0[:, None]
+        return 1.0 - cos + regulariser(dsq, lam, norm)
+
+    def _cosine_terms(
+        inner: Tensor, nsq: Tensor, xn: Tensor, active: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``cos`` (mean) and per column ``k1 = 1/(xn ν)``, ``k3 = 1/ν³``, ``s = <a, y>``,
+        ``xs`` from the columns' inner products with ΔW and squared norms."""
+        nu = _safe_sqrt(nsq)
+        xs = torch.where(active, xn, torch.ones_like(xn))
+        big = active & (nsq > _tol.TINY)
+        zero = torch.zeros_like(nu)
+        k1 = torch.where(active, 1.0 / (xs * nu), zero)  # 1/(xn ν)
+        k3 = torch.where(big, 1.0 / (nu * nu * nu), zero)  # 1/ν³
+        s = torch.where(active, inner / xs, zero)  # <a, y>
+        cos = (s * torch.where(active, 1.0 / nu, zero)).mean(dim=-1)
+        return cos, k1, k3, s, xs
+
+    def value_and_grad(
+        x: Tensor,
+        X: Tensor,
+        xn: Tensor,
+        active: Tensor,
+        Z0: Tensor,
+        *rest: Tensor,
+        fx: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        c0, lr = offset(rest)
+        left, right = split(lr)
+        Z = x.reshape(x.shape[0], p, q)
+        cos, k1, k3, s, _ = _cosine_terms(*_column_sums(Z, X, left, right, fx), xn, active)
+        GZ = _pullback(Z, X, k1, s * k3, left, right) / X.shape[-1]
+        diff = Z - Z0
+        dsq = with_offset((diff * diff).sum(dim=(-2, -1)), c0)
+        f = 1.0 - cos + regulariser(dsq, lam, norm)
+        grad = _reg_grad_coef(dsq, lam, norm)[:, None, None] * diff - GZ
+        return f, grad.flatten(-2)
+
+    def hessian(
+        x: Tensor, X: Tensor, xn: Tensor, active: Tensor, Z0: Tensor, *rest: Tensor
+    ) -> Tensor:
+        c0, lr = offset(rest)
+        Z = x.reshape(x.shape[0], p, q)
+        Y = linear_map(Z, *split(lr))
+        nsq = (Y * Y).sum(dim=-2)
+        _, _, k3, s, xs = _cosine_terms((Y * X).sum(dim=-2), nsq, xn, active)
+        n_layers, m, n_cols = Y.shape
+        k5 = torch.where(
+            k3 != 0, 3.0 * s * k3 / torch.where(k3 != 0, nsq, torch.ones_like(nsq)), 0.0
+        )
+        a = (X / xs.unsqueeze(-2)).mT  # (L, n, m)
+        y = Y.mT
+        ay = a.unsqueeze(-1) * y.unsqueeze(-2)
+        eye_m = torch.eye(m, dtype=Y.dtype, device=Y.device)
+        Hj = (
+            -k3[..., None, None] * (ay + ay.mT)
+            - (s * k3)[..., None, None] * eye_m
+            + k5[..., None, None] * (y.unsqueeze(-1) * y.unsqueeze(-2))
+        ) / n_cols  # (L, n, m, m): Hessian of cos_j / n in Y_j
+        left, right = split(lr)
+        if left is not None:
+            Hj = left.mT.unsqueeze(1) @ Hj @ left.unsqueeze(1)  # (L, n, p, p)
+        if right is None:
+            right = torch.eye(n_cols, dtype=Y.dtype, device=Y.device).expand(n_layers, -1, -1)
+        hz = torch.einsum("lkj,lqj,ljab->lakbq", right, right, Hj).reshape(n_layers, p * q, p * q)
+        diff = (Z - Z0).flatten(-2)
+        dsq = with_offset((diff * diff).sum(dim=-1), c0)
+        return _reg_hessian(diff, dsq, torch.ones_like(diff), lam, norm) - hz
+
+    def line(
+        x: Tensor,
+        d: Tensor,
+        ts: Tensor,
+        X: Tensor,
+        xn: Tensor,
+        active: Tensor,
+        Z0: Tensor,
+        *rest: Tensor,
+        fx: Tensor | None = None,
+        fd: Tensor | None = None,
+    ) -> Tensor:
+        # Along Z + t D every column's <X_j, Y_j>, ‖Y_j‖² and ‖Z − Z0‖² are polynomials in t of
+        # degree ≤ 2: two products (Y, V = left D right) serve every step length. Where a
+        # quadratic cancels (the point nears a zero column or Z0), the layer is evaluated exactly.
+        c0, lr = offset(rest)
+        left, right = split(lr)
+        n_layers = x.shape[0]
+        Z = x.reshape(n_layers, p, q)
+        D = d.reshape(n_layers, p, q)
+        t = ts[None, :, None]
+        if _factored(Z, left, right):
+            # The same five sums without Y or V: ZᵀX, DᵀX and, with [Z D] = Q R, Y_j, V_j
+            # have the norms and inner product of R_Z a_j, R_D a_j (R_Z, R_D: R's halves).
+            assert right is not None
+            ZD = torch.cat([Z, D], dim=-1)
+            if fx is None or fd is None:
+                T = ZD.mT @ X  # one GEMM for ZᵀX and DᵀX
+                fx, fd = T[..., :q, :], T[..., q:, :]
+            yx, vx = (fx * right).sum(dim=-2), (fd * right).sum(dim=-2)
+            R = torch.linalg.qr(ZD, mode="r").R
+            U, W = R[..., :q, :q] @ right, R[..., q:] @ right  # R_Z's lower half is zero
+            yy, vv = (U * U).sum(dim=-2), (W * W).sum(dim=-2)
+            yv = (U * W[..., :q, :]).sum(dim=-2)
+        else:
+            Y, V = linear_map(Z, left, right), linear_map(D, left, right)
+            yx, vx = (Y * X).sum(dim=-2), (V * X).sum(dim=-2)
+            yy, vv, yv = (Y * Y).sum(dim=-2), (V * V).sum(dim=-2), (Y * V).sum(dim=-2)
+        inner = yx.unsqueeze(1) + t * vx.unsqueeze(1)
+        ends = yy.unsqueeze(1) + t * t * vv.unsqueeze(1)
+        nsq = ends + 2.0 * t * yv.unsqueeze(1)  # (L, S, n)
+        act = active.unsqueeze(1)
+        xs = torch.where(active, xn, 1.0).unsqueeze(1)
+        cos = torch.where(act, inner / (xs * _safe_sqrt(nsq)), 0.0)
+        diff = Z - Z0
+        t2 = ts[None, :]
+        e0 = (diff * diff).sum(dim=(-2, -1))[:, None] + t2 * t2 * (D * D).sum(dim=(-2, -1))[:, None]
+        dsq = e0 + 2.0 * t2 * (diff * D).sum(dim=(-2, -1))[:, None]
+        lost = (act & (nsq <= _tol.LINE_CANCEL * ends) & (ends > 0)).any(dim=-1)
+        lost |= (dsq <= _tol.LINE_CANCEL * e0) & (e0 > 0)
+        if c0 is not None:
+            dsq = dsq + c0[:, None]
+        f = 1.0 - cos.mean(dim=-1) + regulariser(torch.clamp(dsq, min=0.0), lam, norm)
+        redo = lost.any(dim=-1)
+        if bool(redo.any()):
+            sub = (X, xn, active, Z0, *rest)
+            pts = x[redo].unsqueeze(1) + t2.unsqueeze(-1) * d[redo].unsqueeze(1)
+            f[redo] = values(pts, *(a[redo] for a in sub))
+        return f
+
+    def features(x: Tensor, X: Tensor, *_: Tensor) -> Tensor:
+        # ZᵀX (L, q, n): linear in Z, so minimise carries it along its steps (one GEMM fewer
+        # in each gradient and in each line search).
+        return x.reshape(x.shape[0], p, q).mT @ X
+
+    factored = has_right and not has_left and p >= _tol.FACTORED_ROWS * q
+    return Batched(
+        _by_rows(values, candidates=True),
+        _by_rows(value_and_grad),
+        hessian,
+        _by_rows(line, keep=2),
+        _by_rows(features) if factored else None,
+    )
+
+
+def _by_rows(
+    fn: Callable[..., Any], *, candidates: bool = False, keep: int = -1
+) -> Callable[..., Any]:
+    """``fn(x, …)`` over its leading (row) dimension in cache-sized chunks (:func:`_in_chunks`);
+    ``x`` (rows, S, N) with ``candidates``; argument ``keep`` (the line's step lengths) is not
+    split; the data's ``X`` comes first after ``x`` (after ``x, d, ts`` for the line); keyword
+    tensors (the carried features) are split with the rows."""
+
+    def run(*args: Tensor, **kw: Tensor | None) -> Any:
+        x, X = args[0], args[1 if keep < 0 else 3]
+        per_row = X.shape[-2] * X.shape[-1] * X.element_size() * (x.shape[1] if candidates else 1)
+        given = {k: v for k, v in kw.items() if v is not None}
+        if not given:
+            return _in_chunks(fn, args, per_row, keep)
+        names = list(given)
+
+        def call(*a: Tensor) -> Any:
+            n_pos = len(a) - len(names)
+            return fn(*a[:n_pos], **dict(zip(names, a[n_pos:], strict=True)))
+
+        return _in_chunks(call, (*args, *given.values()), per_row, keep)
+
+    return run
+
+
+def _in_chunks(fn: Callable[..., Any], args: tuple[Tensor, ...], per_row: int, keep: int) -> Any:
+    """``fn(*args)`` over chunks of the arguments' leading (row) dimension (``args[keep]`` whole)
+    whose ``m × n`` arrays hold at most ``_tol.CHUNK_BYTES`` (``per_row`` bytes a row), results
+    concatenated: on CPU the elementwise passes then run from cache, not memory (3–7× per pass
+    at ViT sizes). Accelerators take one chunk. Rows are independent, so only rounding changes.
+    """
+    step = max(1, _tol.CHUNK_BYTES // max(per_row, 1))
+    n_rows = args[0].shape[0]
+    if args[0].device.type != "cpu" or n_rows <= step:
+        return fn(*args)
+    parts = [
+        fn(*(a if k == keep else a[i : i + step] for k, a in enumerate(args)))
+        for i in range(0, n_rows, step)
+    ]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(z) for z in zip(*parts, strict=True))
+    return torch.cat(parts)
+
+
+def _column_scale(
+    Z: Tensor, Z0: Tensor, left: Tensor | None, right: Tensor | None, floor: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """``(‖Y_j‖, s_j)`` (…, n) for ``Y = left Z right`` (``Z`` (rows, p, q)), with
+    ``s_j = ‖left‖ (‖Z‖ + ‖Z0‖ + floor) ‖right_j‖`` bounding the rounding of ``Y_j`` (here and in
+    ``(B̄ + ΔB) Ā``) by ~ε s_j (``floor``: where the output's entries lose relative precision)."""
+    mat = left if right is None else right
+    assert mat is not None
+    has_left = right is None
+
+    def rows(Z: Tensor, Z0: Tensor, mat: Tensor) -> tuple[Tensor, Tensor]:
+        return (
+            _scale_rows(Z, Z0, mat, None, floor)
+            if has_left
+            else _scale_rows(Z, Z0, None, mat, floor)
+        )
+
+    m, n = (mat.shape[-2], Z.shape[-1]) if has_left else (Z.shape[-2], mat.shape[-1])
+    out: tuple[Tensor, Tensor] = _in_chunks(rows, (Z, Z0, mat), m * n * Z.element_size(), -1)
+    return out
+
+
+def _scale_rows(
+    Z: Tensor, Z0: Tensor, left: Tensor | None, right: Tensor | None, floor: float
+) -> tuple[Tensor, Tensor]:
+    """:func:`_column_scale` on one chunk of rows."""
+    return _norms_sq(Z, left, right).sqrt(), _rounding_scale(Z, Z0, left, right, floor)
+
+
+def _rounding_scale(
+    Z: Tensor, Z0: Tensor, left: Tensor | None, right: Tensor | None, floor: float
+) -> Tensor:
+    """``s_j = ‖left‖ (‖Z‖ + ‖Z0‖ + floor) ‖right_j‖`` (…, n) of :func:`_column_scale`."""
+    scale: Tensor = torch.linalg.matrix_norm(Z) + torch.linalg.matrix_norm(Z0) + floor
+    if left is not None:
+        scale = scale * torch.linalg.matrix_norm(left)
+    scale = scale.unsqueeze(-1)
+    if right is not None:
+        scale = scale * _column_norms(right)
+    return scale
+
+
+def _unsafe(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: _Rounding) -> Tensor:
+    """Whether the output cannot resolve the objective at ``Z`` (rows, [S,] p, q) to
+    ``max(_tol.DROP_UNSAFE, 10 ε)`` (``ε = unit.eps``: machine epsilon of the output dtype, ``ε₆₄``
+    below; ``‖Z‖ + ‖Z0‖`` below also gets ``unit.floor``, for float16's subnormals).
+
+    ``data`` per row (as in :func:`_solve_columns`). Evaluating the product perturbs the point
+    by rounding of relative size ``ε₆₄`` (``Z`` itself, or ``B̄ + ΔB`` / ``Ā + ΔA`` in the
+    caller's dense check), which cancels where a column nearly vanishes. To first order that
+    moves the cosines by ``ε₆₄ (‖Z‖ + ‖Z0‖) ‖∇_Z mean_j cos_j‖``: large near a vanishing column
+    unless it points at its best direction (then the gradient cancels); to second order by
+    ``mean_j u_j²``, ``u_j = ε₆₄ s_j / ‖Y_j‖`` the angle by which the column can turn
+    (:func:`_column_scale`; the rounding model :func:`~lorafair._fair._batch.turning`, counted
+    here without its ½: an admissibility margin, not a cost). Unsafe: their sum exceeds
+    ``_tol.DROP_UNSAFE``.
+    """
+    X = data[0]
+    per_row = X.shape[-2] * X.shape[-1] * X.element_size() * (Z.shape[1] if Z.ndim == 4 else 1)
+    out: Tensor = _in_chunks(
+        lambda *a: _unsafe_rows(a[0], a[1:], has_left, unit), (Z, *data), per_row, -1
+    )
+    return out
+
+
+def _unsafe_rows(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: _Rounding) -> Tensor:
+    """:func:`_unsafe` on one chunk of rows."""
+    X, xn, active, Z0, mat = data
+    if Z.ndim == Z0.ndim + 1:
+        X, xn, active, Z0, mat = (t.unsqueeze(1) for t in (X, xn, active, Z0, mat))
+    left, right = (mat, None) if has_left else (None, mat)
+    sc = _rounding_scale(Z, Z0, left, right, unit.floor)
+    limit = max(_tol.DROP_UNSAFE, 10.0 * unit.eps)
+    # Explicit Y here, whatever the shape: near a vanishing column the factored pullback's
+    # two terms cancel, and their rounding (ε ‖Z‖ ‖right_j‖ / ν_j relative) is what is judged.
+    Y = linear_map(Z, left, right)
+    yn = _column_norms(Y)
+    n = Y.shape[-1]
+    ok = active & (yn > 0)
+    one = torch.ones_like(yn)
+    k1 = torch.where(ok, 1.0 / torch.where(ok, xn * yn, one), 0.0)  # 1/(‖X_j‖ ν)
+    k3 = torch.where(ok, 1.0 / torch.where(ok, yn, one) ** 3, 0.0)  # 1/ν³
+    s = torch.where(ok, (Y * X).sum(dim=-2) / torch.where(ok, xn, one), 0.0)
+    GY = (k1.unsqueeze(-2) * X - (s * k3).unsqueeze(-2) * Y) / n
+    GZ = adjoint_map(GY, left, right)
+    size = torch.linalg.matrix_norm(Z) + torch.linalg.matrix_norm(Z0) + unit.floor
+    first = unit.eps * size * torch.linalg.matrix_norm(GZ)
+    err = unit.eps * sc
+    second = torch.where(ok, turning(err * err, yn * yn), 0.0).mean(dim=-1)
+    exact_zero: Tensor = (active & (yn == 0)).any(dim=-1)  # an active zero column counts 0
+    resolved: Tensor = first + second <= limit  # False for NaN too
+    return exact_zero | ~resolved
+
+
+def _take(data: tuple[Tensor, ...], rows: Tensor) -> tuple[Tensor, ...]:
+    """``data``'s rows ``rows`` (sorted and unique, as ``nonzero`` gives them): the tensors
+    themselves when that is every row (no copy of ``X``, the largest of them)."""
+    if rows.shape[0] == data[0].shape[0]:
+        return data
+    return tuple(t[rows] for t in data)
+
+
+def _first_safe(f: Tensor, unsafe_at: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """``f`` (rows, S) with ``inf`` where :func:`_unsafe`, as far as an argmin over ``S`` can
+    tell: per row the points are checked best first (ties: lowest index first) until one is
+    safe; the unchecked rest, at least as high and later, can never be picked. ``unsafe_at(rows,
+    s)`` checks point ``s[i]`` of row ``rows[i]``. Cost: one check per row, more only where the
+    best point is unsafe (instead of ``S``)."""
+    out = torch.where(torch.isfinite(f), f, torch.inf)
+    left = torch.ones(f.shape[0], dtype=torch.bool, device=f.device)
+    for _ in range(f.shape[1]):
+        if not bool(left.any()):
+            break
+        rows = torch.nonzero(left).squeeze(-1)
+        best = torch.argmin(out[rows], dim=1)
+        bad = unsafe_at(rows, best) | ~torch.isfinite(out[rows, best])
+        out[rows[bad], best[bad]] = torch.inf
+        left[rows[~bad]] = False
+    return out
+
+
+def _safe_best_first(
+    Z: Tensor, data: tuple[Tensor, ...], f: Tensor, m: int, unit: _Rounding
+) -> Tensor:
+    """:func:`_first_safe` over the ``m`` runs of each layer (``Z`` (m L, p, q) start-major,
+    ``data`` per layer; residual on B), as (m L,)."""
+    n_layers = f.shape[0] // m
+
+    def unsafe_at(lay: Tensor, start: Tensor) -> Tensor:
+        return _unsafe(Z[start * n_layers + lay], _take(data, lay), False, unit)
+
+    return _first_safe(f.reshape(m, n_layers).mT, unsafe_at).mT.reshape(-1)
