@@ -45,18 +45,26 @@ SHAPES = {"qkv": (2304, 768), "proj": (768, 768), "fc1": (3072, 768), "fc2": (76
 Norm = Literal["fro", "fro_squared"]
 
 
-def vit_clients(blocks: int, k: int, r: int, seed: int) -> list[dict[str, LoRAFactors]]:
-    """``k`` clients' rank-``r`` fp32 adapters on ``blocks`` ViT-B/16 blocks (N(0, 0.02²))."""
+def random_clients(
+    shapes: list[tuple[str, int, int]], k: int, r: int, seed: int
+) -> list[dict[str, LoRAFactors]]:
+    """``k`` clients' rank-``r`` fp32 adapters with ``N(0, 0.02²)`` factors on the layers
+    ``(name, d_out, d_in)`` of ``shapes``, drawn in that order (layer, client, A then B)."""
     g = torch.Generator().manual_seed(seed)
     clients: list[dict[str, LoRAFactors]] = [{} for _ in range(k)]
-    for b in range(blocks):
-        for name, (d_out, d_in) in SHAPES.items():
-            for c in clients:
-                c[f"{b}.{name}"] = LoRAFactors(
-                    torch.randn(r, d_in, generator=g) * 0.02,
-                    torch.randn(d_out, r, generator=g) * 0.02,
-                )
+    for name, d_out, d_in in shapes:
+        for c in clients:
+            c[name] = LoRAFactors(
+                torch.randn(r, d_in, generator=g) * 0.02,
+                torch.randn(d_out, r, generator=g) * 0.02,
+            )
     return clients
+
+
+def vit_clients(blocks: int, k: int, r: int, seed: int) -> list[dict[str, LoRAFactors]]:
+    """``k`` clients' rank-``r`` fp32 adapters on ``blocks`` ViT-B/16 blocks (N(0, 0.02²))."""
+    shapes = [(f"{b}.{name}", *SHAPES[name]) for b in range(blocks) for name in SHAPES]
+    return random_clients(shapes, k, r, seed)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,43 +28,29 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import IO, Literal, cast
+from typing import IO, cast
 
+import torch
+
+from benchmarks.columns import random_clients, vit_clients
+from benchmarks.references import Similarity
+from lorafair.aggregate import lora_fair
 from lorafair.types import LoRAFactors
 
 PINNED = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-Similarity = Literal["flat", "columns"]
 
 
 def _clients(case: str) -> list[dict[str, LoRAFactors]]:
     """The K = 6, r = 16 fp32 clients of one case (deterministic in the case's name)."""
-    import torch
-
-    from benchmarks.columns import vit_clients
-
     if case == "vit_b16":
         return vit_clients(12, 6, 16, 0)
     if case.startswith("qkv seed "):
-        shapes, seed = [("qkv", 2304, 768)], int(case.removeprefix("qkv seed "))
-    else:  # "proj × 12"
-        shapes, seed = [(f"{i}.proj", 768, 768) for i in range(12)], 0
-    g = torch.Generator().manual_seed(seed)
-    out: list[dict[str, LoRAFactors]] = [{} for _ in range(6)]
-    for name, d_out, d_in in shapes:
-        for c in out:
-            c[name] = LoRAFactors(
-                torch.randn(16, d_in, generator=g) * 0.02,
-                torch.randn(d_out, 16, generator=g) * 0.02,
-            )
-    return out
+        return random_clients([("qkv", 2304, 768)], 6, 16, int(case.removeprefix("qkv seed ")))
+    return random_clients([(f"{i}.proj", 768, 768) for i in range(12)], 6, 16, 0)  # proj × 12
 
 
 def _worker(pinned: bool, similarity: Similarity) -> None:
     """Answer each case name on stdin with ``seconds digest`` of one ``lora_fair`` call."""
-    import torch
-
-    from lorafair.aggregate import lora_fair
-
     if pinned:
         torch.set_num_threads(1)
     cache: dict[str, list[dict[str, LoRAFactors]]] = {}
