@@ -684,7 +684,8 @@ def _write_folder(
     *,
     force: bool = False,
 ) -> None:
-    """Write a folder atomically: each ``files[name](file_path)`` writes one file into a temporary
+    """Write a folder atomically: each ``files[name](file_path)`` writes one file (``name`` may
+    hold ``/`` for a sub-folder) into a temporary
     folder beside ``path``, which then replaces ``path`` by rename. On any failure the temporary
     folder is removed and ``path`` is left as it was. Refuses a non-empty ``path`` unless
     ``force`` (then the old folder is replaced as a whole)."""
@@ -695,7 +696,9 @@ def _write_folder(
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.tmp-", dir=parent)
     try:
         for name, write in files.items():
-            write(os.path.join(tmp, name))
+            target = os.path.join(tmp, name)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            write(target)
         if os.path.isdir(folder):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.old-", dir=parent)
             os.rmdir(old)
