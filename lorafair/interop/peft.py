@@ -538,7 +538,9 @@ def read_adapter(path: str | os.PathLike[str], *, client: int | None = None) -> 
     config = _load_config(folder, who)
     file, state = _load_weights(folder, who)
     where = f"{who}: {file}"
-    for key in state:
+    for key, value in state.items():
+        if not isinstance(value, Tensor):
+            raise AdapterFolderError(f"{where}: key {key!r} holds a {type(value).__name__}")
         for marker, what in _REFUSED_KEYS:
             if marker in str(key):
                 raise AdapterFolderError(

@@ -347,3 +347,13 @@ def test_write_failure_leaves_nothing(
     with pytest.raises(error, match=Q0):
         write_adapter(tmp_path / "out", update, like=like)
     assert sorted(os.listdir(tmp_path)) == before  # no folder, no temporary left behind
+
+
+def test_error_bin_with_a_non_tensor(saved: Client) -> None:
+    folder = Path(saved.path)
+    state: dict[str, object] = dict(_state(saved))
+    state["base_model.model.step"] = 3
+    torch.save(state, folder / "adapter_model.bin")
+    (folder / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterFolderError, match=r"client 1 .*key 'base_model.model.step' holds"):
+        read_adapter(saved.path, client=1)
