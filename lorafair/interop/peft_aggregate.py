@@ -246,6 +246,36 @@ def _cosines(
     return {name: r.cosine for name, r in report.items()}
 
 
+class _Written(NamedTuple):
+    adapters: tuple[dict[str, LoRAFactors], ...]
+    residual: dict[str, LoRAFactors] | None
+
+
+def _one_adapter(result: Any, scalings: Sequence[Mapping[str, float]]) -> _Written:
+    return _Written((_scaled(result, scalings[0]),), None)
+
+
+def _adapter_and_residual(result: Any, scalings: Sequence[Mapping[str, float]]) -> _Written:
+    fedex: FedExResult = result
+    return _Written((_scaled(fedex.adapters, scalings[0]),), _scaled(fedex.residual, scalings[0]))
+
+
+def _per_client(result: Any, scalings: Sequence[Mapping[str, float]]) -> _Written:
+    personal: FedSAResult = result
+    return _Written(
+        tuple(_scaled(a, s) for a, s in zip(personal.adapters, scalings, strict=True)), None
+    )
+
+
+_OUTPUTS: Mapping[registry.Output, Callable[[Any, Sequence[Mapping[str, float]]], _Written]] = {
+    "adapters": _one_adapter,
+    "adapters+residual": _adapter_and_residual,
+    "per_client": _per_client,
+}
+"""Per kind of method output: the applied updates (client k's scaling applied to its own
+adapter; client 0's to a global one) and FedEx-LoRA's applied residual."""
+
+
 def aggregate_adapters(
     adapters: Sequence[PeftAdapter],
     *,
@@ -277,35 +307,22 @@ def aggregate_adapters(
         result = spec.fn(clients, weights, **kwargs)
     except LoRAFairError as exc:
         hint = (
-            f"{method} needs every client to share one frozen A (train with A frozen, from "
-            "one initialisation): "
+            f"{method} needs every client to share the frozen factor (trained with it frozen, "
+            "from one initialisation): "
             if spec.shared_A and isinstance(exc, FrozenFactorMismatchError)
             else f"{method}: "
         )
         raise type(exc)(hint + _client_paths(str(exc), adapters)) from None
-    s0 = adapters[0].scalings
-    unit = dict.fromkeys(layers, 1.0)
-
-    def applied(
-        factors: Mapping[str, LoRAFactors], s: Mapping[str, float]
-    ) -> dict[str, LoRAFactors]:
-        return _scaled(factors, unit if folded else s)
-
-    residual: dict[str, LoRAFactors] | None = None
-    if spec.output == "per_client":
-        personal: FedSAResult = result
-        outs = tuple(applied(personal.adapters[k], a.scalings) for k, a in enumerate(adapters))
+    scalings = [dict.fromkeys(layers, 1.0) if folded else a.scalings for a in adapters]
+    written = _OUTPUTS[spec.output](result, scalings)
+    if spec.personalised:  # each client keeps its own non-LoRA keys
         others = tuple(dict(a.others) for a in adapters)
     else:
-        if spec.output == "adapters+residual":
-            fedex: FedExResult = result
-            outs = (applied(fedex.adapters, s0),)
-            residual = applied(fedex.residual, s0)
-        else:
-            outs = (applied(result, s0),)
         try:
             averaged = (
-                fedavg_others([a.others for a in adapters], weights) if adapters[0].others else {}
+                fedavg_others([a.others for a in adapters], weights)
+                if any(a.others for a in adapters)
+                else {}
             )
         except LoRAFairError as exc:
             raise type(exc)(_client_paths(str(exc), adapters)) from None
@@ -316,7 +333,14 @@ def aggregate_adapters(
             cosine = _cosines(clients, spec.update_factors(result), weights)
         fedit_cosine = _cosines(clients, fedit(_zero_padded(clients), weights), weights)
     return AggregatedAdapters(
-        method, spec.output, outs, others, residual, cosine, fedit_cosine, folded
+        method,
+        spec.output,
+        written.adapters,
+        others,
+        written.residual,
+        cosine,
+        fedit_cosine,
+        folded,
     )
 
 
