@@ -288,12 +288,10 @@ def test_flexlora_energy_writes_per_layer_ranks(
         assert stored[f"{n}.lora_A.weight"].shape[0] == want
 
 
-@pytest.mark.parametrize(
-    "method", ["fedit", "flora", "flexlora", "lora_fair", "fedex_lora", "fedsa_lora"]
-)
+@pytest.mark.parametrize("method", registry.names())
 def test_rslora(method: str, base: Any, tmp_path: Path) -> None:
     cfg = {"r": 4, "lora_alpha": 8, "use_rslora": True}
-    clients = _clients(base, tmp_path / "in", [cfg] * 2)
+    clients = _clients(base, tmp_path / "in", [cfg] * 2, shared=method in SHARED_A)
     check_method(method, base, clients, tmp_path / "out")
 
 
