@@ -94,9 +94,16 @@ def save_client(
 
 
 def merged_deltas(base: Any, folder: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Load ``folder`` on a copy of ``base`` with peft, merge, return W_merged − W0 (float64)."""
+    """Load ``folder`` on a copy of ``base`` with peft, check its keys, merge, return
+    W_merged − W0 (float64)."""
     before = {n: p.detach().to(torch.float64).clone() for n, p in base.state_dict().items()}
     model = peft.PeftModel.from_pretrained(copy.deepcopy(base), os.fspath(folder))
+    # peft warns (an error under filterwarnings) on missing keys but not on unexpected ones:
+    # the file must hold exactly the keys the loaded model saves.
+    from safetensors.torch import load_file
+
+    stored = set(load_file(os.path.join(os.fspath(folder), "adapter_model.safetensors")))
+    assert stored == set(peft.get_peft_model_state_dict(model))
     merged = model.merge_and_unload()
     out: dict[str, Tensor] = {}
     for name, tensor in merged.state_dict().items():
