@@ -67,8 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     run = getattr(args, "run", None)
     if run is None:
-        parser.print_usage(sys.stderr)
-        print("lorafair: error: choose a command (see --help)", file=sys.stderr)
+        commands = ", ".join(name for name, _ in _COMMANDS)
+        print(f"lorafair: error: choose a command ({commands}; see --help)", file=sys.stderr)
         return 2
     prog = f"lorafair {args.command}"
     try:
