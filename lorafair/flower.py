@@ -7,8 +7,26 @@ Protocol (Flower's Message API, as for ``flwr.serverapp.strategy.FedAvg``): each
 with one ``ArrayRecord`` holding its peft adapter state dict (``get_peft_model_state_dict`` or the
 module state dict; see :mod:`lorafair.interop.peft`) and one ``MetricRecord`` holding its weight
 under ``weighted_by_key`` (``"num-examples"`` by default). The server splits each state dict into
-LoRA factors and other tensors, aggregates the factors with the chosen lorafair function, averages
-the other tensors (FedAvg), and returns one ``ArrayRecord`` in the first reply's key format.
+LoRA factors and other tensors, aggregates the factors with the chosen method, averages the
+other tensors (FedAvg), and returns one ``ArrayRecord`` in the first reply's key format.
+
+What travels to the clients follows the method's registry entry
+(:class:`lorafair.registry.AggregatorSpec`), never its name:
+
+- ``output="adapters"``: the global adapter, in the ``arrays`` record (FedAvg's place).
+- ``output="adapters+residual"`` (FedEx-LoRA): the adapter as above, and the round's residual
+  in its own record :data:`RESIDUAL_KEY` (peft keys, ``B_res @ A_res`` is the update), with
+  ``config["lorafair-residual-round"]`` the round that produced it. The client adds
+  ``B_res @ A_res`` to its frozen weights once per residual round (keep the round folded last
+  in ``context.state``); :attr:`LoRAStrategy.residual_total` is the sum over rounds.
+- ``output="per_client"`` (FedSA-LoRA): only the shared ``Ā`` (the ``lora_A`` keys and the
+  averaged other tensors); each client keeps its own ``B`` in its ``context.state``.
+- ``round_options`` (RoLoRA): options that follow ``server_round``; the round's values also go
+  to the clients as ``config["lorafair-<option>"]`` (e.g. ``"lorafair-trained": "A"``).
+
+Every message also carries :data:`RANKS_KEY`, a ``ConfigRecord`` ``{layer: rank}`` of the
+adapter it holds, so that a client can rebuild its adapter when a method changes the rank
+(FLoRA's ``Σ r_k``, FlexLoRA's and HetLoRA's truncations).
 
 bfloat16 adapters: Flower's ``ArrayRecord(state_dict)`` cannot hold them (it goes through
 NumPy). Encode with :func:`to_array_record` and decode with :func:`from_array_record`, which
@@ -18,37 +36,58 @@ the adapters' own dtype.
 If clients' LoRA ranks or alphas differ, clients should upload factors with peft's scaling folded
 into B (:func:`lorafair.interop.peft.fold_scaling`) and unfold their own scaling from what they
 receive (:func:`~lorafair.interop.peft.unfold_scaling`); the strategy itself is scaling-agnostic.
-Ranks may differ between clients (and the result may have another rank, e.g. FLoRA's Σ r_k):
-replies are validated for identical keys only, never identical shapes.
+Ranks may differ between clients where the method allows it.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from logging import INFO
-from typing import Any, Literal
+from logging import INFO, WARNING
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 from flwr.supercore import log
 from torch import Tensor
 
-from lorafair._fair import lora_fair_solved
-from lorafair.aggregate import ResidualSolution, lora_fair
-from lorafair.interop.peft import fedavg_others, from_peft_state_dict, to_peft_state_dict
+from lorafair import registry
+from lorafair.aggregate import FedExResult, FedSAResult, lora_fair, lora_fair_solved
+from lorafair.errors import LoRAFairError
+from lorafair.interop.peft import (
+    PeftSplit,
+    fedavg_others,
+    from_peft_state_dict,
+    to_peft_state_dict,
+)
 from lorafair.metrics import aggregation_bias
+from lorafair.registry import AggregatorSpec
 from lorafair.types import LoRAFactors
 
-__all__ = ["BF16_STYPE", "LoRAStrategy", "from_array_record", "to_array_record"]
+__all__ = [
+    "BF16_STYPE",
+    "RANKS_KEY",
+    "RESIDUAL_KEY",
+    "LoRAStrategy",
+    "from_array_record",
+    "to_array_record",
+]
 
-Aggregator = Callable[..., Mapping[str, LoRAFactors]]
+Aggregator = Callable[..., Any]
 
 BF16_STYPE = "lorafair.bfloat16.le-bytes"
 """The ``Array.stype`` of a bfloat16 tensor carried as its raw little-endian bytes."""
+
+RESIDUAL_KEY = "lorafair-residual"
+"""The message record holding FedEx-LoRA's residual (peft keys; ``B @ A`` is the update)."""
+
+RANKS_KEY = "lorafair-ranks"
+"""The message record ``{layer: rank}`` of the adapter a message carries."""
 
 
 def to_array_record(state_dict: Mapping[str, Tensor]) -> ArrayRecord:
@@ -88,36 +127,219 @@ def from_array_record(record: ArrayRecord) -> dict[str, Tensor]:
     return out
 
 
-class LoRAStrategy(FedAvg):
-    """FedAvg's sampling and metrics, with LoRA factors aggregated by a lorafair function.
+OnInvalidReply = Literal["reject", "raise"]
+"""What :class:`LoRAStrategy` does with a reply it cannot aggregate: skip it, or raise."""
 
-    ``aggregator`` is any function of :mod:`lorafair.aggregate` (``fedit``, ``ffa_lora``,
-    ``flora``, ``flexlora``, ``lora_fair``, or your own with the same signature), called as
-    ``aggregator(clients, weights, **options)`` with ``weights`` the replies' ``weighted_by_key``
-    values (normalised to ``p_k = n_k / Σ n_j`` by the aggregator). Non-LoRA tensors are
-    averaged with :func:`~lorafair.interop.peft.fedavg_others` (``nonfloat`` as there).
+
+class _InvalidReply(Exception):
+    """A reply the strategy will not aggregate; ``error`` is what the check raised."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Reply(NamedTuple):
+    """One readable reply: its node, content, adapter split and weight."""
+
+    node: object
+    content: RecordDict
+    split: PeftSplit
+    weight: float
+
+
+class _Signature(NamedTuple):
+    """What every reply of one model shares: layers with (d_in, d_out[, rank]), other keys."""
+
+    layers: tuple[tuple[str, int, int, int], ...]
+    others: tuple[tuple[str, tuple[int, ...], str], ...]
+    dtype: str
+
+
+class _Download(NamedTuple):
+    """What one round sends the clients."""
+
+    arrays: dict[str, Tensor]
+    """The ``arrays`` record: the global adapter (or only ``Ā``, FedSA-LoRA) and other tensors."""
+    residual: dict[str, LoRAFactors] | None
+    """FedEx-LoRA's residual for the frozen weights; ``None`` for other methods."""
+    update: dict[str, LoRAFactors] | None
+    """Factors whose ``B @ A`` is the round's global update (for the bias metrics); ``None``
+    for personalised methods."""
+
+
+def _download_adapters(
+    spec: AggregatorSpec, result: Any, like: PeftSplit, others: Mapping[str, Tensor]
+) -> _Download:
+    adapters = dict(result)
+    update = spec.update_factors(result) if spec.update_factors is not None else None
+    return _Download(to_peft_state_dict(adapters, like=like, others=others), None, update)
+
+
+def _download_residual(
+    spec: AggregatorSpec, result: Any, like: PeftSplit, others: Mapping[str, Tensor]
+) -> _Download:
+    fedex: FedExResult = result
+    update = spec.update_factors(result) if spec.update_factors is not None else None
+    arrays = to_peft_state_dict(fedex.adapters, like=like, others=others)
+    return _Download(arrays, dict(fedex.residual), update)
+
+
+def _download_shared_A(
+    spec: AggregatorSpec, result: Any, like: PeftSplit, others: Mapping[str, Tensor]
+) -> _Download:
+    fedsa: FedSAResult = result
+    # Lay the shared Ā out in `like`'s key format, then drop every lora_B key (found by
+    # identity: they hold `like`'s own B tensors).
+    full = to_peft_state_dict(
+        {name: LoRAFactors(A, like.factors[name].B) for name, A in fedsa.shared_A.items()},
+        like=like,
+        others=others,
+    )
+    own_B = {id(f.B) for f in like.factors.values()}
+    return _Download({k: v for k, v in full.items() if id(v) not in own_B}, None, None)
+
+
+_DOWNLOADS: Mapping[
+    registry.Output,
+    Callable[[AggregatorSpec, Any, PeftSplit, Mapping[str, Tensor]], _Download],
+] = {
+    "adapters": _download_adapters,
+    "adapters+residual": _download_residual,
+    "per_client": _download_shared_A,
+}
+"""What a round sends, by the registry's ``output`` of the method."""
+
+_SOLVED: Mapping[Callable[..., Any], Callable[..., Any]] = {lora_fair: lora_fair_solved}
+"""Aggregators with a variant that also returns the solver's per-layer solutions (metrics)."""
+
+
+def _resolve(aggregator: str | AggregatorSpec | Aggregator) -> AggregatorSpec:
+    """The registry entry of ``aggregator`` (a name, a spec, or a registered function).
+
+    An unregistered function gets a spec with ``output="adapters"`` and no claims.
+    """
+    if isinstance(aggregator, AggregatorSpec):
+        return aggregator
+    if isinstance(aggregator, str):
+        return registry.get(aggregator)
+    if not callable(aggregator):
+        raise TypeError(
+            f"aggregator must be a registry name or a callable, got {type(aggregator).__name__}"
+        )
+    for spec in registry.specs():
+        if spec.fn is aggregator:
+            return spec
+    return AggregatorSpec(
+        name=getattr(aggregator, "__name__", repr(aggregator)),
+        fn=aggregator,
+        defaults={},
+        exact=False,
+        optimal=False,
+        never_worse_than_fedit=False,
+        shared_A=False,
+        equal_ranks=False,
+        floor="memory",
+        summary="user-supplied aggregator",
+    )
+
+
+def _ranks(arrays: ArrayRecord) -> dict[str, int]:
+    """``{layer: rank}`` of the ``lora_A`` arrays in ``arrays`` (keys as peft writes them)."""
+    out: dict[str, int] = {}
+    for key, array in arrays.items():
+        if ".lora_A." in key and len(array.shape) == 2:
+            out[key.split(".lora_A.")[0]] = int(array.shape[0])
+    return out
+
+
+def _signature(split: PeftSplit, *, with_ranks: bool) -> _Signature:
+    layers = tuple(
+        (name, int(A.shape[1]), int(B.shape[0]), int(A.shape[0]) if with_ranks else 0)
+        for name, (A, B) in split.factors.items()
+    )
+    others = tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in split.others.items()))
+    first = next(iter(split.factors.values()))
+    return _Signature(layers, others, str(first.A.dtype))
+
+
+def _describe_mismatch(got: _Signature, want: _Signature) -> str:
+    if {n for n, *_ in got.layers} != {n for n, *_ in want.layers}:
+        extra = sorted({n for n, *_ in got.layers} - {n for n, *_ in want.layers})
+        missing = sorted({n for n, *_ in want.layers} - {n for n, *_ in got.layers})
+        return f"layers differ from the global adapter's (extra {extra}, missing {missing})"
+    shapes = {n: rest for n, *rest in want.layers}
+    for name, *rest in got.layers:
+        if shapes[name] != rest:
+            d_in, d_out, rank = rest
+            w_in, w_out, w_rank = shapes[name]
+            return (
+                f"layer {name!r} has (d_in, d_out{', rank' if rank else ''}) = "
+                f"{(d_in, d_out, rank)[: 3 if rank else 2]}, the global adapter "
+                f"{(w_in, w_out, w_rank)[: 3 if w_rank else 2]}"
+            )
+    if got.others != want.others:
+        return "its non-LoRA tensors differ in keys, shapes or dtypes from the global adapter's"
+    return f"its factors are {got.dtype}, the global adapter's {want.dtype}"
+
+
+def _check_finite(split: PeftSplit) -> None:
+    for name, (A, B) in split.factors.items():
+        for which, t in (("A", A), ("B", B)):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise LoRAFairError(f"layer {name!r}: lora_{which} holds NaN or Inf")
+    for key, t in split.others.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise LoRAFairError(f"tensor {key!r} holds NaN or Inf")
+
+
+class LoRAStrategy(FedAvg):
+    """FedAvg's sampling and metrics, with LoRA factors aggregated by any lorafair method.
+
+    ``aggregator`` is a registry name (``"fedit"``, ``"fedex_lora"``, ``"rolora"``, ... see
+    :func:`lorafair.registry.names`), an :class:`~lorafair.registry.AggregatorSpec`, a
+    registered function of :mod:`lorafair.aggregate`, or your own function with the same
+    signature. It is called as ``fn(clients, weights, **options)`` with ``weights`` the replies'
+    ``weighted_by_key`` values (normalised to ``p_k = n_k / Σ n_j`` by the aggregator) and
+    ``options`` the registry's ``defaults``, then its ``round_options(server_round - 1)``, then
+    ``options`` given here (later ones win). What travels back follows the registry's
+    ``output`` (see the module docstring). Non-LoRA tensors are averaged with
+    :func:`~lorafair.interop.peft.fedavg_others` (``nonfloat`` as there).
+
+    Bad replies (``on_invalid_reply="reject"``, the default): a reply whose records are not one
+    ``ArrayRecord`` and one ``MetricRecord``, whose weight is missing or not a finite number
+    ``>= 0``, whose adapter cannot be decoded or split (the library's error), holds NaN or
+    Inf, or has other layers, shapes, dtypes (or, for equal-rank methods, ranks) than the
+    global adapter sent (than most replies, before any was sent) is rejected: logged with its
+    node id and the error, counted in the round's metric ``"replies-rejected"``, and the others
+    are aggregated exactly as if it had not been sent. With fewer than ``min_train_nodes``
+    valid replies left, or if the method itself rejects the valid ones (e.g. FFA-LoRA's
+    ``FrozenAMismatchError``), the round returns no arrays and Flower keeps the global adapter
+    as it was. ``on_invalid_reply="raise"`` raises instead (``InconsistentMessageReplies`` for
+    the records, lorafair's errors for the adapters).
 
     :meth:`aggregate_train` returns the aggregated ``ArrayRecord`` and a ``MetricRecord`` with
-    the clients' metrics averaged as FedAvg does, plus, with ``report_bias``, the per-layer
-    cosine ``cos(B A, ΔW)`` of the result to the ideal ``ΔW = Σ p_k B_k A_k`` as
+    the clients' metrics averaged as FedAvg does, ``"replies-rejected"``, plus, with
+    ``report_bias`` and a global update (every method but FedSA-LoRA), the per-layer cosine
+    ``cos(B A, ΔW)`` of the update to the ideal ``ΔW = Σ p_k B_k A_k`` as
     ``"bias-cosine/<layer>"``, its minimum ``"bias-cosine-min"`` and mean ``"bias-cosine-mean"``
     and the largest relative error ``"bias-relative-error-max"`` (factored, float64, via
-    :func:`lorafair.metrics.aggregation_bias`); and, when ``aggregator`` is ``lora_fair``, the
-    solver's ``"solver-iterations-max"`` and ``"solver-converged"`` (fraction of layers). For
-    ``lora_fair`` the residual problem is solved once per round: one solve gives both
-    ``lora_fair``'s output (bit for bit) and the solutions behind the metrics.
+    :func:`lorafair.metrics.aggregation_bias`); and, for ``lora_fair``, the solver's
+    ``"solver-iterations-max"`` and ``"solver-converged"`` (fraction of layers), from the same
+    single solve that gives the adapter (:func:`lorafair.aggregate.lora_fair_solved`).
 
     Every other argument is :class:`flwr.serverapp.strategy.FedAvg`'s, keyword-only.
     """
 
     def __init__(
         self,
-        aggregator: Aggregator,
+        aggregator: str | AggregatorSpec | Aggregator,
         *,
         options: Mapping[str, Any] | None = None,
         adapter_name: str = "default",
         nonfloat: Literal["equal", "first"] = "equal",
         report_bias: bool = True,
+        on_invalid_reply: OnInvalidReply = "reject",
         fraction_train: float = 1.0,
         fraction_evaluate: float = 1.0,
         min_train_nodes: int = 2,
@@ -129,10 +351,13 @@ class LoRAStrategy(FedAvg):
         train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
         evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
     ) -> None:
-        if not callable(aggregator):
-            raise TypeError(f"aggregator must be callable, got {type(aggregator).__name__}")
+        spec = _resolve(aggregator)
         if nonfloat not in ("equal", "first"):
             raise ValueError(f"nonfloat must be 'equal' or 'first', got {nonfloat!r}")
+        if on_invalid_reply not in ("reject", "raise"):
+            raise ValueError(
+                f"on_invalid_reply must be 'reject' or 'raise', got {on_invalid_reply!r}"
+            )
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
@@ -145,29 +370,159 @@ class LoRAStrategy(FedAvg):
             train_metrics_aggr_fn=train_metrics_aggr_fn,
             evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
         )
-        self.aggregator = aggregator
+        self.spec = spec
+        self.aggregator = spec.fn
         self.options: dict[str, Any] = dict(options or {})
         self.adapter_name = adapter_name
         self.nonfloat: Literal["equal", "first"] = nonfloat
         self.report_bias = report_bias
+        self.on_invalid_reply: OnInvalidReply = on_invalid_reply
+        self._reference: _Signature | None = None
+        self._residual: ArrayRecord | None = None
+        self._residual_round = 0
+        self._residual_total: dict[str, LoRAFactors] = {}
+
+    @property
+    def residual_total(self) -> dict[str, LoRAFactors]:
+        """FedEx-LoRA: every round's residual so far, concatenated along the rank axis.
+
+        ``B @ A`` per layer is what the clients have added to their frozen weights; empty for
+        other methods. Rank: the sum of the rounds' residual ranks.
+        """
+        return dict(self._residual_total)
+
+    def round_options(self, server_round: int) -> dict[str, Any]:
+        """The aggregator's options in ``server_round`` (1-based, as Flower counts)."""
+        scheduled = self.spec.round_options(server_round - 1) if self.spec.round_options else {}
+        return {**self.spec.defaults, **scheduled, **self.options}
 
     def summary(self) -> None:
-        """Log the configuration (FedAvg's, plus the aggregator and its options)."""
-        name = getattr(self.aggregator, "__name__", repr(self.aggregator))
-        log(INFO, "\t├──> LoRA aggregation: %s %s", name, self.options)
+        """Log the configuration (FedAvg's, plus the method and its options)."""
+        log(INFO, "\t├──> LoRA aggregation: %s %s", self.spec.name, self.options)
+        log(INFO, "\t├──> Invalid replies: %s", self.on_invalid_reply)
         super().summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's messages, plus this round's options, the ranks and FedEx-LoRA's residual.
+
+        ``config["lorafair-<option>"]`` carries each scheduled option of the round (RoLoRA's
+        ``"lorafair-trained"``); see the module docstring for the records.
+        """
+        self._reference = self._signature_of(arrays)
+        if self.spec.round_options is not None:
+            for key, value in self.spec.round_options(server_round - 1).items():
+                if isinstance(value, str | int | float | bool):
+                    config[f"lorafair-{key}"] = value
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        return self._attach(messages, arrays)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's messages, plus the ranks and FedEx-LoRA's residual (as for training)."""
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        return self._attach(messages, arrays)
+
+    def _attach(self, messages: list[Message], arrays: ArrayRecord) -> list[Message]:
+        ranks = ConfigRecord(dict(_ranks(arrays)))
+        for msg in messages:
+            msg.content[RANKS_KEY] = ranks
+            if self._residual is not None:
+                msg.content[RESIDUAL_KEY] = self._residual
+                msg.content.config_records[self.configrecord_key]["lorafair-residual-round"] = (
+                    self._residual_round
+                )
+        return messages
+
+    def _signature_of(self, arrays: ArrayRecord) -> _Signature | None:
+        try:
+            split = from_peft_state_dict(from_array_record(arrays), adapter_name=self.adapter_name)
+        except (LoRAFairError, ValueError, TypeError):
+            return None  # e.g. FedSA-LoRA's Ā-only download: compare replies with each other
+        return _signature(split, with_ranks=self.spec.equal_ranks)
+
+    def _read(self, msg: Message) -> _Reply:
+        """One reply's adapter and weight; raises what makes it invalid."""
+        content = msg.content
+        if len(content.array_records) != 1 or len(content.metric_records) != 1:
+            raise InconsistentMessageReplies(
+                reason=f"expected one ArrayRecord and one MetricRecord, got "
+                f"{len(content.array_records)} and {len(content.metric_records)}"
+            )
+        metrics = next(iter(content.metric_records.values()))
+        if self.weighted_by_key not in metrics:
+            raise InconsistentMessageReplies(
+                reason=f"its MetricRecord has no weight {self.weighted_by_key!r}"
+            )
+        value = metrics[self.weighted_by_key]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InconsistentMessageReplies(
+                reason=f"weight {self.weighted_by_key!r} must be a single number, got {value!r}"
+            )
+        if not math.isfinite(value) or value < 0:
+            raise InconsistentMessageReplies(
+                reason=f"weight {self.weighted_by_key!r} must be finite and >= 0, got {value!r}"
+            )
+        state_dict = from_array_record(next(iter(content.array_records.values())))
+        split = from_peft_state_dict(state_dict, adapter_name=self.adapter_name)
+        _check_finite(split)
+        return _Reply(msg.metadata.src_node_id, content, split, float(value))
+
+    def _read_all(self, messages: list[Message]) -> tuple[list[_Reply], int]:
+        """The readable replies of one model, and how many were rejected."""
+        readable: list[_Reply] = []
+        rejected = 0
+        for msg in messages:
+            try:
+                readable.append(self._read(msg))
+            except Exception as error:  # any failure to read one reply
+                if self.on_invalid_reply == "raise":
+                    raise
+                self._reject(msg, error)
+                rejected += 1
+        if not readable:
+            return readable, rejected
+        signatures = [_signature(r.split, with_ranks=self.spec.equal_ranks) for r in readable]
+        want = self._reference
+        if want is None:
+            want = Counter(signatures).most_common(1)[0][0]
+        kept: list[_Reply] = []
+        for reply, got in zip(readable, signatures, strict=True):
+            if got == want:
+                kept.append(reply)
+                continue
+            mismatch = InconsistentMessageReplies(reason=_describe_mismatch(got, want))
+            if self.on_invalid_reply == "raise":
+                raise mismatch
+            self._reject_node(reply.node, mismatch)
+            rejected += 1
+        return kept, rejected
+
+    def _reject(self, msg: Message, error: Exception) -> None:
+        self._reject_node(msg.metadata.src_node_id, error)
+
+    @staticmethod
+    def _reject_node(node: object, error: Exception) -> None:
+        log(
+            WARNING,
+            "\t> Rejected the reply from node %s: %s: %s",
+            node,
+            type(error).__name__,
+            error,
+        )
 
     def aggregate_train(
         self,
         server_round: int,
         replies: Iterable[Message],
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate the replies' adapters with ``self.aggregator``; see the class docstring.
+        """Aggregate the replies' adapters with the method; see the class docstring.
 
         Replies carrying an error are skipped (and logged), as in FedAvg. Returns
-        ``(None, None)`` when no valid reply is left. Raises ``InconsistentMessageReplies``
-        (Flower's) for replies without exactly one ArrayRecord and one MetricRecord, or with
-        differing keys, and lorafair's errors (naming layer and client) for bad adapters.
+        ``(None, None)`` when no reply without error is left, and ``(None, metrics)`` (the
+        global adapter stays) when fewer than ``min_train_nodes`` valid replies remain.
         """
         replies = list(replies)
         valid = [msg for msg in replies if not msg.has_error()]
@@ -187,30 +542,53 @@ class LoRAStrategy(FedAvg):
                 )
         if not valid:
             return None, None
-        contents = [msg.content for msg in valid]
-        # Keys and the weight entry only: shapes may differ (heterogeneous ranks).
-        validate_message_reply_consistency(
-            replies=contents, weighted_by_key=self.weighted_by_key, check_arrayrecord=True
-        )
-        state_dicts = [from_array_record(next(iter(c.array_records.values()))) for c in contents]
-        weights = [_weight(c, self.weighted_by_key) for c in contents]
-        splits = [from_peft_state_dict(sd, adapter_name=self.adapter_name) for sd in state_dicts]
-        clients = [s.factors for s in splits]
-        solved: dict[str, ResidualSolution] | None = None
-        if self.aggregator is lora_fair:
-            aggregated, solved = lora_fair_solved(clients, weights, **self.options)
-        else:
-            aggregated = dict(self.aggregator(clients, weights, **self.options))
+        kept, rejected = self._read_all(valid)
+        unchanged = MetricRecord({"replies-rejected": rejected})
+        if self.on_invalid_reply == "reject" and len(kept) < max(self.min_train_nodes, 1):
+            log(
+                WARNING,
+                "aggregate_train: %d valid replies < min_train_nodes = %d; "
+                "the global adapter stays as it was",
+                len(kept),
+                self.min_train_nodes,
+            )
+            return None, unchanged
+        weights = [r.weight for r in kept]
+        clients = [r.split.factors for r in kept]
+        options = self.round_options(server_round)
+        solved: Mapping[str, Any] | None = None
+        try:
+            if self.spec.fn in _SOLVED:
+                result, solved = _SOLVED[self.spec.fn](clients, weights, **options)
+            else:
+                result = self.spec.fn(clients, weights, **options)
+        except LoRAFairError as error:
+            if self.on_invalid_reply == "raise":
+                raise
+            log(
+                WARNING,
+                "aggregate_train: %s rejected the round's replies (%s: %s); "
+                "the global adapter stays as it was",
+                self.spec.name,
+                type(error).__name__,
+                error,
+            )
+            return None, unchanged
+        like = kept[0].split
         others = (
-            fedavg_others([s.others for s in splits], weights, nonfloat=self.nonfloat)
-            if splits[0].others
+            fedavg_others([r.split.others for r in kept], weights, nonfloat=self.nonfloat)
+            if like.others
             else {}
         )
-        arrays = to_array_record(to_peft_state_dict(aggregated, like=splits[0], others=others))
+        download = _DOWNLOADS[self.spec.output](self.spec, result, like, others)
+        if download.residual is not None:
+            self._add_residual(server_round, download.residual, like)
+        arrays = to_array_record(download.arrays)
 
-        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-        if self.report_bias:
-            _add_bias_metrics(metrics, aggregation_bias(clients, aggregated, weights))
+        metrics = self.train_metrics_aggr_fn([r.content for r in kept], self.weighted_by_key)
+        metrics["replies-rejected"] = rejected
+        if self.report_bias and download.update is not None:
+            _add_bias_metrics(metrics, aggregation_bias(clients, download.update, weights))
         if solved is not None:
             iterations = [int(s.iterations) for s in solved.values()]
             converged = [bool(s.converged) for s in solved.values()]
@@ -218,13 +596,19 @@ class LoRAStrategy(FedAvg):
             metrics["solver-converged"] = sum(converged) / len(converged)
         return arrays, metrics
 
-
-def _weight(content: RecordDict, key: str) -> float:
-    record = next(iter(content.metric_records.values()))
-    value = record[key]
-    if isinstance(value, list):  # validate_message_reply_consistency rejects this already
-        raise ValueError(f"metric {key!r} must be a single number, got a list")
-    return float(value)
+    def _add_residual(
+        self, server_round: int, residual: Mapping[str, LoRAFactors], like: PeftSplit
+    ) -> None:
+        self._residual = to_array_record(to_peft_state_dict(residual, like=like))
+        self._residual_round = server_round
+        total = self._residual_total
+        self._residual_total = {
+            name: LoRAFactors(
+                torch.cat([total[name].A, A]) if name in total else A.clone(),
+                torch.cat([total[name].B, B], dim=1) if name in total else B.clone(),
+            )
+            for name, (A, B) in residual.items()
+        }
 
 
 def _add_bias_metrics(metrics: MetricRecord, reports: Mapping[str, Any]) -> None:
