@@ -58,7 +58,7 @@ from torch import Tensor
 
 from lorafair import registry
 from lorafair.aggregate import FedExResult, FedSAResult, lora_fair, lora_fair_solved
-from lorafair.errors import LoRAFairError
+from lorafair.errors import LoRAFairError, NonFiniteError
 from lorafair.interop.peft import (
     PeftSplit,
     fedavg_others,
@@ -287,10 +287,10 @@ def _check_finite(split: PeftSplit) -> None:
     for name, (A, B) in split.factors.items():
         for which, t in (("A", A), ("B", B)):
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise LoRAFairError(f"layer {name!r}: lora_{which} holds NaN or Inf")
+                raise NonFiniteError(f"layer {name!r}: lora_{which} holds NaN or Inf")
     for key, t in split.others.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise LoRAFairError(f"tensor {key!r} holds NaN or Inf")
+            raise NonFiniteError(f"tensor {key!r} holds NaN or Inf")
 
 
 class LoRAStrategy(FedAvg):

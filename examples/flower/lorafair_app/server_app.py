@@ -15,19 +15,29 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import Result
+from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from lorafair import aggregate
+from lorafair import registry
 from lorafair.flower import LoRAStrategy
+from lorafair.interop.peft import from_peft_state_dict
 
-from .task import client_data, download, evaluate, lora_model, upload
+from .task import HETERO, add_to_base, client_data, download, evaluate, lora_model, upload
 
-METHODS = ("fedit", "ffa_lora", "flexlora", "lora_fair")
+METHODS = registry.names()
 
 
 def _global_rank(method: str) -> int:
-    return 8 if method == "flexlora" else 4
+    return 8 if method in HETERO else 4
+
+
+def _options(method: str, lam: float) -> dict[str, Any]:
+    """This example's options per method (the registry's defaults fill the rest)."""
+    return {
+        "flexlora": {"rank": 8},
+        "lora_fair": {"lam": lam},
+        "flora": {"allow_excess_rank": True},  # the rank grows K-fold per round here
+    }.get(method, {})
 
 
 def _counting(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
@@ -48,23 +58,22 @@ def run_strategy(
     lr: float = 0.1,
     fraction_evaluate: float = 1.0,
     round_timeout: float = 3600.0,
+    wrap: Callable[[LoRAStrategy], Strategy] | None = None,
 ) -> Result:
     """Run ``rounds`` rounds of ``method`` on ``grid``; returns Flower's ``Result``.
 
     Every connected node trains each round (``fraction_train = 1``), once at least
     ``min_nodes`` are connected; a round whose replies have not all arrived after
     ``round_timeout`` seconds is aggregated from those that have (Flower's FedAvg behaviour).
+    ``wrap`` (optional) wraps the strategy, e.g. in Flower's
+    ``DifferentialPrivacyServerSideFixedClipping``.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    aggregator: Callable[..., Any] = getattr(aggregate, method)
     rank = _global_rank(method)
-    options: dict[str, Any] = {"rank": rank} if method == "flexlora" else {}
-    if method == "lora_fair":
-        options["lam"] = lam
     strategy = LoRAStrategy(
-        aggregator,  # FlowerTune's server would say FedAvg(...) here
-        options=options,
+        method,  # FlowerTune's server would say FedAvg(...) here
+        options=_options(method, lam),
         fraction_evaluate=fraction_evaluate,
         min_train_nodes=min_nodes,
         min_evaluate_nodes=min_nodes,
@@ -75,14 +84,20 @@ def run_strategy(
     xs, ys = zip(*(client_data(k, train=False) for k in range(3)), strict=True)
     x_test, y_test = torch.cat(xs), torch.cat(ys)
 
-    def central_eval(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model = lora_model(rank, 8.0)
-        download(model, arrays.to_torch_state_dict())
+    def central_eval(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if strategy.spec.personalised:  # no global model: the clients evaluate their own
+            return None
+        sd = arrays.to_torch_state_dict()
+        ranks = {name: A.shape[0] for name, (A, _) in from_peft_state_dict(sd).factors.items()}
+        model = lora_model(rank, 8.0, ranks=ranks)
+        download(model, sd)
+        add_to_base(model, {n: B @ A for n, (A, B) in strategy.residual_total.items()})
         loss, acc = evaluate(model, x_test, y_test)
         return MetricRecord({"loss": loss, "accuracy": acc})
 
     config = ConfigRecord({"method": method, "local-steps": local_steps, "lr": lr})
-    return strategy.start(
+    runner: Strategy = strategy if wrap is None else wrap(strategy)
+    return runner.start(
         grid=grid,
         initial_arrays=ArrayRecord(upload(initial)),
         num_rounds=rounds,
