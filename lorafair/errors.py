@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "AdapterFolderError",
     "AdapterFormatError",
     "DeviceMismatchError",
     "DtypeMismatchError",
@@ -64,3 +65,8 @@ class FrozenAMismatchError(FrozenFactorMismatchError):
 
 class FrozenBMismatchError(FrozenFactorMismatchError):
     """A method freezing ``B`` (RoLoRA's A-rounds) was given clients whose ``B`` factors differ."""
+
+
+class AdapterFolderError(LoRAFairError):
+    """A peft adapter folder is missing, unreadable, inconsistent with its config, unsupported
+    (DoRA, embedding LoRA, LoRA biases), or cannot be written (a non-empty output folder)."""

@@ -22,20 +22,36 @@ FLoRA's stacked result has rank ``R = Σ r_k``: load it into a peft model built 
 and any ``lora_alpha = α``, after ``unfold_scaling(result, lora_scaling(R, α))`` (or
 ``scalings_of(model)``); that model then applies exactly ``ΔW``.
 
+Folders. :func:`read_adapter` reads what ``save_pretrained`` writes (``adapter_config.json``
+plus ``adapter_model.safetensors`` or ``.bin``) into a :class:`PeftAdapter`, with each layer's
+scaling exactly as peft computes it; :func:`applied_factors` folds it into B; and
+:func:`write_adapter` writes a result as a folder that ``PeftModel.from_pretrained`` loads and
+that applies exactly the result's ``B @ A``, with ``r`` / ``rank_pattern`` / ``alpha_pattern``
+fitted to its per-layer ranks and the input dtype kept. DoRA, embedding LoRA and LoRA biases
+are refused by name (their updates are not ``s · B @ A``); ``modules_to_save`` copies are kept
+in ``others``. Reading and writing ``.safetensors`` needs the ``safetensors`` package
+(``pip install 'lorafair[peft]'``).
+
 Nothing in this module imports peft.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping, Sequence
-from typing import Literal, NamedTuple
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 from lorafair._validate import normalise_weights, same_keys, weighted_sum
 from lorafair.errors import (
+    AdapterFolderError,
     DtypeMismatchError,
     EmptyClientsError,
     LayerKeyError,
@@ -46,14 +62,19 @@ from lorafair.errors import (
 from lorafair.types import LoRAFactors
 
 __all__ = [
+    "AdapterFolderError",
+    "PeftAdapter",
     "PeftSplit",
+    "applied_factors",
     "fedavg_others",
     "fold_scaling",
     "from_peft_state_dict",
     "lora_scaling",
+    "read_adapter",
     "scalings_of",
     "to_peft_state_dict",
     "unfold_scaling",
+    "write_adapter",
 ]
 
 _FACTOR_NAMES = ("lora_A", "lora_B")
@@ -349,3 +370,410 @@ def scalings_of(model: torch.nn.Module, *, adapter_name: str = "default") -> dic
     if not out:
         raise LayerKeyError(f"model has no LoRA layers with adapter {adapter_name!r}")
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Adapter folders, as peft's ``save_pretrained`` writes them.
+
+_CONFIG_FILE = "adapter_config.json"
+_SAFETENSORS_FILE = "adapter_model.safetensors"
+_BIN_FILE = "adapter_model.bin"
+_MODEL_PREFIX = "base_model.model."
+# peft's LoraConfig defaults for the fields that set the scaling.
+_DEFAULT_R = 8
+_DEFAULT_ALPHA = 8
+# Keys of LoRA variants whose update is not ``s · B @ A``, or that lorafair cannot aggregate.
+_REFUSED_KEYS = (
+    ("lora_magnitude_vector", "DoRA magnitudes (use_dora=True): DoRA's update is not s·B@A"),
+    ("lora_embedding_A", "embedding LoRA"),
+    ("lora_embedding_B", "embedding LoRA"),
+    ("lora_A.bias", "a LoRA bias (lora_bias=True)"),
+    ("lora_B.bias", "a LoRA bias (lora_bias=True)"),
+)
+
+
+class PeftAdapter(NamedTuple):
+    """One peft LoRA adapter folder, read without peft.
+
+    ``path``: the folder; ``config``: ``adapter_config.json`` as loaded; ``factors``: layer
+    (module path in the saved keys, e.g. ``base_model.model.model.layers.0.self_attn.q_proj``)
+    to ``LoRAFactors(A, B)`` exactly as stored; ``scalings``: per layer, peft's ``s`` from ``r``,
+    ``lora_alpha``, ``use_rslora``, ``rank_pattern`` and ``alpha_pattern``; ``others``: every
+    other key, unchanged (``modules_to_save`` copies); ``dtype``: the factors' dtype.
+    The model applies ``W0 + s · B @ A`` per layer; :func:`applied_factors` folds ``s`` into B.
+    """
+
+    path: str
+    config: dict[str, Any]
+    factors: dict[str, LoRAFactors]
+    scalings: dict[str, float]
+    others: dict[str, Tensor]
+    dtype: torch.dtype
+
+
+def _who(path: str | os.PathLike[str], client: int | None) -> str:
+    return f"{os.fspath(path)}" if client is None else f"client {client} ({os.fspath(path)})"
+
+
+def _module_key(layer: str) -> str:
+    """The base model's module name of a saved layer: ``layer`` without ``base_model.model.``.
+
+    peft matches ``rank_pattern`` / ``alpha_pattern`` against this name.
+    """
+    return layer[len(_MODEL_PREFIX) :] if layer.startswith(_MODEL_PREFIX) else layer
+
+
+def _pattern_value(pattern: Mapping[str, Any], key: str, default: Any) -> Any:
+    """peft's ``get_pattern_key``: the first pattern ``p`` with ``re.match(rf"(.*\\.)?({p})$")``."""
+    for p in pattern:
+        if re.match(rf"(.*\.)?({p})$", key):
+            return pattern[p]
+    return default
+
+
+def _exact_pattern(layer: str) -> str:
+    """A ``rank_pattern`` / ``alpha_pattern`` key that matches exactly the module of ``layer``.
+
+    ``^`` plus the escaped module name: under peft's rule ``(.*\\.)?(key)$`` the anchor fails
+    unless the optional prefix is empty, so no other module (e.g. ``x.<name>``) matches.
+    """
+    return "^" + re.escape(_module_key(layer))
+
+
+class _RankAlpha(NamedTuple):
+    rank: int
+    alpha: float
+
+
+def _rank_alpha(config: Mapping[str, Any], layer: str) -> _RankAlpha:
+    key = _module_key(layer)
+    rank = _pattern_value(config.get("rank_pattern") or {}, key, config.get("r", _DEFAULT_R))
+    alpha = _pattern_value(
+        config.get("alpha_pattern") or {}, key, config.get("lora_alpha", _DEFAULT_ALPHA)
+    )
+    return _RankAlpha(rank, alpha)
+
+
+def _scaling(config: Mapping[str, Any], layer: str, where: str) -> tuple[int, float]:
+    rank, alpha = _rank_alpha(config, layer)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise AdapterFolderError(f"{where}: layer {layer!r}: config gives rank {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise AdapterFolderError(f"{where}: layer {layer!r}: config gives lora_alpha {alpha!r}")
+    return rank, lora_scaling(rank, float(alpha), use_rslora=bool(config.get("use_rslora")))
+
+
+def _load_config(path: str, who: str) -> dict[str, Any]:
+    file = os.path.join(path, _CONFIG_FILE)
+    if not os.path.isdir(path):
+        raise AdapterFolderError(f"{who}: not a folder")
+    try:
+        with open(file, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except FileNotFoundError:
+        raise AdapterFolderError(f"{who}: no {_CONFIG_FILE} in the folder") from None
+    except (OSError, ValueError) as exc:
+        raise AdapterFolderError(f"{who}: {file} cannot be read as JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise AdapterFolderError(f"{who}: {file} is not a JSON object")
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise AdapterFolderError(f"{who}: {file} has peft_type {peft_type!r}; only LORA is read")
+    for field, what in (("use_dora", "DoRA"), ("target_parameters", "LoRA on nn.Parameter")):
+        if config.get(field):
+            raise AdapterFolderError(
+                f"{who}: {file} sets {field}={config[field]!r} ({what}): its update is not "
+                "s·B@A of lora_A/lora_B, which is what lorafair aggregates"
+            )
+    return config
+
+
+def _load_weights(path: str, who: str) -> tuple[str, dict[str, Tensor]]:
+    safe = os.path.join(path, _SAFETENSORS_FILE)
+    binary = os.path.join(path, _BIN_FILE)
+    if os.path.isfile(safe):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise AdapterFolderError(
+                f"{who}: reading {_SAFETENSORS_FILE} needs safetensors: "
+                "pip install 'lorafair[peft]'"
+            ) from None
+        try:
+            return safe, load_file(safe)
+        except Exception as exc:  # safetensors raises its own error types on corrupt files
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise AdapterFolderError(
+                f"{who}: {safe} cannot be read (truncated or corrupt?): {reason}"
+            ) from None
+    if os.path.isfile(binary):
+        try:
+            state = torch.load(binary, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle, zip and EOF errors alike
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise AdapterFolderError(
+                f"{who}: {binary} cannot be read (truncated or corrupt?): {reason}"
+            ) from None
+        if not isinstance(state, dict):
+            raise AdapterFolderError(f"{who}: {binary} does not hold a state dict")
+        return binary, state
+    raise AdapterFolderError(f"{who}: neither {_SAFETENSORS_FILE} nor {_BIN_FILE} in the folder")
+
+
+def read_adapter(path: str | os.PathLike[str], *, client: int | None = None) -> PeftAdapter:
+    """Read a peft LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``,
+    or ``adapter_model.bin``) into factors and peft's per-layer scalings, without peft.
+
+    Each layer's rank and alpha come from ``rank_pattern`` / ``alpha_pattern`` (first matching
+    pattern, peft's ``(.*\\.)?(pattern)$`` rule on the base model's module name) or ``r`` /
+    ``lora_alpha``; ``s = alpha / r`` (``alpha / √r`` with ``use_rslora``). Checked: the stored
+    rank equals the config's, every factor is finite and all factors share one floating dtype.
+    Refused, naming the key: DoRA magnitudes, embedding LoRA, LoRA biases (their updates are
+    not ``s · B @ A``). Every error names the file, the layer and ``client`` (when given) and
+    is an :class:`AdapterFolderError` or another :class:`~lorafair.errors.LoRAFairError`.
+    Cost: one read of the file; no copies beyond safetensors' own load.
+    """
+    folder = os.fspath(path)
+    who = _who(folder, client)
+    config = _load_config(folder, who)
+    file, state = _load_weights(folder, who)
+    where = f"{who}: {file}"
+    for key in state:
+        for marker, what in _REFUSED_KEYS:
+            if marker in str(key):
+                raise AdapterFolderError(
+                    f"{where}: key {key!r} is {what}; lorafair does not aggregate it"
+                )
+    try:
+        split = from_peft_state_dict(state)
+    except LoRAFairError as exc:
+        raise type(exc)(f"{where}: {exc}") from None
+    dtypes = {f.A.dtype for f in split.factors.values()} | {
+        f.B.dtype for f in split.factors.values()
+    }
+    first_layer = next(iter(split.factors))
+    dtype = split.factors[first_layer].A.dtype
+    scalings: dict[str, float] = {}
+    for layer, (A, B) in split.factors.items():
+        for label, t in (("lora_A", A), ("lora_B", B)):
+            if not t.is_floating_point():
+                raise DtypeMismatchError(f"{where}: layer {layer!r}: {label} has dtype {t.dtype}")
+            if len(dtypes) > 1 and t.dtype != dtype:
+                raise DtypeMismatchError(
+                    f"{where}: layer {layer!r}: {label} has dtype {t.dtype} but layer "
+                    f"{first_layer!r} has {dtype}"
+                )
+            if not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(f"{where}: layer {layer!r}: {label} has NaN or Inf")
+        rank, s = _scaling(config, layer, where)
+        if A.shape[0] != rank:
+            raise LoRAShapeError(
+                f"{where}: layer {layer!r}: lora_A has rank {A.shape[0]} but the config gives "
+                f"rank {rank} (r / rank_pattern)"
+            )
+        scalings[layer] = s
+    return PeftAdapter(folder, config, split.factors, scalings, split.others, dtype)
+
+
+def applied_factors(adapter: PeftAdapter) -> dict[str, LoRAFactors]:
+    """Factors whose ``B @ A`` is the update the model applies: ``(A, s · B)`` per layer.
+
+    ``s · B`` is computed in float64 and rounded once to the adapter's dtype (exact when ``s``
+    is a power of two, e.g. ``lora_alpha = 2r``). Cost: one scaled copy of each B.
+    """
+    return {
+        name: LoRAFactors(A, (B.to(torch.float64) * adapter.scalings[name]).to(B.dtype))
+        for name, (A, B) in adapter.factors.items()
+    }
+
+
+def _most_common(values: Sequence[Any]) -> Any:
+    counts: dict[Any, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return max(counts, key=lambda v: counts[v])  # first seen wins a tie
+
+
+def _plain(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _fitted_config(like: PeftAdapter, ranks: Mapping[str, int]) -> dict[str, Any]:
+    """``like.config`` with ``r``, ``lora_alpha``, ``rank_pattern`` and ``alpha_pattern`` fitted
+    to per-layer ``ranks``, every other field kept.
+
+    Each layer keeps ``like``'s scaling ``s``: a layer whose rank is unchanged keeps its alpha;
+    one of new rank ``R`` gets ``alpha = s · R`` (``s · √R`` with rsLoRA). ``r`` and
+    ``lora_alpha`` are the most common values; the other layers are listed in the patterns
+    under :func:`exact_pattern` keys (previous patterns are replaced).
+    """
+    rslora = bool(like.config.get("use_rslora"))
+    target: dict[str, _RankAlpha] = {}
+    for layer, R in ranks.items():
+        old = _rank_alpha(like.config, layer)
+        if old.rank == R:
+            target[layer] = _RankAlpha(R, old.alpha)
+        else:
+            s = like.scalings[layer]
+            target[layer] = _RankAlpha(R, _plain(s * (math.sqrt(R) if rslora else R)))
+    r = _most_common([t.rank for t in target.values()])
+    alpha = _most_common([t.alpha for t in target.values()])
+    config = dict(like.config)
+    config["r"] = r
+    config["lora_alpha"] = alpha
+    config["rank_pattern"] = {_exact_pattern(n): t.rank for n, t in target.items() if t.rank != r}
+    config["alpha_pattern"] = {
+        _exact_pattern(n): t.alpha for n, t in target.items() if t.alpha != alpha
+    }
+    return config
+
+
+def _check_update(
+    update: Mapping[str, LoRAFactors | tuple[Tensor, Tensor]], like: PeftAdapter
+) -> dict[str, LoRAFactors]:
+    if not isinstance(update, Mapping):
+        raise LayerKeyError("update must be a mapping of layer name to (A, B)")
+    missing = [n for n in like.factors if n not in update]
+    if missing:
+        raise LayerKeyError(f"update lacks layer {missing[0]!r} of {like.path}")
+    extra = [n for n in update if n not in like.factors]
+    if extra:
+        raise LayerKeyError(f"update has layer {extra[0]!r} that {like.path} does not have")
+    out: dict[str, LoRAFactors] = {}
+    for name, (A0, B0) in like.factors.items():
+        value = update[name]
+        if isinstance(value, Tensor) or not isinstance(value, Sequence) or len(value) != 2:
+            raise LoRAShapeError(f"layer {name!r}: expected a pair (A, B)")
+        A, B = value[0], value[1]
+        if not isinstance(A, Tensor) or not isinstance(B, Tensor) or A.ndim != 2 or B.ndim != 2:
+            raise LoRAShapeError(f"layer {name!r}: A and B must be 2-D tensors")
+        if A.shape[1] != A0.shape[1] or B.shape[0] != B0.shape[0] or A.shape[0] != B.shape[1]:
+            raise LoRAShapeError(
+                f"layer {name!r}: A {tuple(A.shape)} and B {tuple(B.shape)} do not fit "
+                f"{like.path}'s layer (d_out, d_in) = ({B0.shape[0]}, {A0.shape[1]})"
+            )
+        if A.shape[0] < 1:
+            raise LoRAShapeError(f"layer {name!r}: rank 0 cannot be written as a peft adapter")
+        for label, t in (("A", A), ("B", B)):
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(f"layer {name!r}: {label} is not finite floating point")
+        out[name] = LoRAFactors(A, B)
+    return out
+
+
+def _is_nonempty_dir(path: str) -> bool:
+    if not os.path.isdir(path):
+        return False
+    with os.scandir(path) as entries:
+        return any(True for _ in entries)
+
+
+def _check_output_folder(path: str | os.PathLike[str], *, force: bool = False) -> None:
+    """Raise :class:`AdapterFolderError` unless ``path`` may be written: absent, an empty
+    folder, or (with ``force``) a folder to replace. A file in its place is always refused."""
+    folder = os.fspath(path)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise AdapterFolderError(f"{folder}: exists and is not a folder")
+    if _is_nonempty_dir(folder) and not force:
+        raise AdapterFolderError(f"{folder}: folder is not empty (pass force=True / --force)")
+
+
+def _write_folder(
+    path: str | os.PathLike[str],
+    files: Mapping[str, Callable[[str], None]],
+    *,
+    force: bool = False,
+) -> None:
+    """Write a folder atomically: each ``files[name](file_path)`` writes one file into a temporary
+    folder beside ``path``, which then replaces ``path`` by rename. On any failure the temporary
+    folder is removed and ``path`` is left as it was. Refuses a non-empty ``path`` unless
+    ``force`` (then the old folder is replaced as a whole)."""
+    folder = os.path.abspath(os.fspath(path))
+    _check_output_folder(folder, force=force)
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.tmp-", dir=parent)
+    try:
+        for name, write in files.items():
+            write(os.path.join(tmp, name))
+        if os.path.isdir(folder):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.old-", dir=parent)
+            os.rmdir(old)
+            os.rename(folder, old)
+            try:
+                os.rename(tmp, folder)
+            except BaseException:
+                os.rename(old, folder)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _adapter_files(
+    update: Mapping[str, LoRAFactors | tuple[Tensor, Tensor]],
+    *,
+    like: PeftAdapter,
+    others: Mapping[str, Tensor] | None = None,
+) -> dict[str, Callable[[str], None]]:
+    """The two files of :func:`write_adapter`, as writers for :func:`write_folder` (to add more
+    files, e.g. FedEx-LoRA's residual, to the same atomic write). Validates ``update`` first."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise AdapterFolderError(
+            "writing adapters needs safetensors: pip install 'lorafair[peft]'"
+        ) from None
+    checked = _check_update(update, like)
+    config = _fitted_config(like, {n: A.shape[0] for n, (A, _) in checked.items()})
+    state: dict[str, Tensor] = {}
+    for name, (A, B) in checked.items():
+        rank, s = _scaling(config, name, "written config")
+        if rank != A.shape[0]:  # _fitted_config's patterns must reproduce the ranks
+            raise LoRAFairError(
+                f"layer {name!r}: fitted config gives rank {rank}, not {A.shape[0]}"
+            )
+        state[f"{name}.lora_A.weight"] = A.to(like.dtype).contiguous().clone()
+        state[f"{name}.lora_B.weight"] = (B.to(torch.float64) / s).to(like.dtype).contiguous()
+    rest = like.others if others is None else others
+    for key, tensor in rest.items():
+        if key in state:
+            raise LayerKeyError(f"key {key!r} of `others` collides with a LoRA factor key")
+        state[key] = tensor.contiguous().clone()
+
+    def write_config(file: str) -> None:
+        with open(file, "w", encoding="utf-8") as fh:
+            json.dump(config, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+
+    def write_weights(file: str) -> None:
+        save_file(state, file, metadata={"format": "pt"})
+
+    return {_CONFIG_FILE: write_config, _SAFETENSORS_FILE: write_weights}
+
+
+def write_adapter(
+    path: str | os.PathLike[str],
+    update: Mapping[str, LoRAFactors | tuple[Tensor, Tensor]],
+    *,
+    like: PeftAdapter,
+    others: Mapping[str, Tensor] | None = None,
+    force: bool = False,
+) -> None:
+    """Write ``update`` as a peft adapter folder that ``PeftModel.from_pretrained`` loads and that
+    applies exactly ``B @ A`` per layer.
+
+    ``update[layer] = (A, B)``: ``B @ A`` is the update the loaded model must apply (scaling
+    folded in, as :func:`applied_factors` gives), of any rank per layer, with ``like``'s layers
+    and shapes. The config is ``like.config`` with ``r`` / ``lora_alpha`` / ``rank_pattern`` /
+    ``alpha_pattern`` fitted by :func:`fitted_config` (each layer keeps ``like``'s scaling ``s``);
+    ``adapter_model.safetensors`` holds ``A`` and ``B / s`` (divided in float64, rounded once to
+    ``like.dtype``: bf16 stays bf16) under peft's saved keys, plus ``others`` (default:
+    ``like.others``). Atomic (:func:`write_folder`); refuses a non-empty ``path`` unless
+    ``force``. Cost: one float64 copy of each B, one write.
+    """
+    _check_output_folder(path, force=force)
+    _write_folder(path, _adapter_files(update, like=like, others=others), force=force)
