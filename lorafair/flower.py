@@ -14,11 +14,14 @@ What travels to the clients follows the method's registry entry
 (:class:`lorafair.registry.AggregatorSpec`), never its name:
 
 - ``output="adapters"``: the global adapter, in the ``arrays`` record (FedAvg's place).
-- ``output="adapters+residual"`` (FedEx-LoRA): the adapter as above, and the round's residual
-  in its own record :data:`RESIDUAL_KEY` (peft keys, ``B_res @ A_res`` is the update), with
-  ``config["lorafair-residual-round"]`` the round that produced it. The client adds
-  ``B_res @ A_res`` to its frozen weights once per residual round (keep the round folded last
-  in ``context.state``); :attr:`LoRAStrategy.residual_total` is the sum over rounds.
+- ``output="adapters+residual"`` (FedEx-LoRA): the adapter as above, and the residuals of
+  every round so far in their own record :data:`RESIDUAL_KEY` (peft keys; the rounds' factors
+  concatenated along the rank axis, so ``B_res @ A_res`` is their sum,
+  :attr:`LoRAStrategy.residual_total`), with ``config["lorafair-residual-round"]`` the last
+  round it includes. The client adds ``B_res @ A_res`` to a fresh copy of its frozen weights:
+  no client state, so a client that missed a round or a restarted run still folds the whole
+  sum. Cost: the rank grows by FedEx-LoRA's residual rank (``Σ r_k + r``, or
+  ``residual_rank``) per round.
 - ``output="per_client"`` (FedSA-LoRA): only the shared ``Ā`` (the ``lora_A`` keys and the
   averaged other tensors); each client keeps its own ``B`` in its ``context.state``.
 - ``round_options`` (RoLoRA): options that follow ``server_round``; the round's values also go
@@ -599,8 +602,6 @@ class LoRAStrategy(FedAvg):
     def _add_residual(
         self, server_round: int, residual: Mapping[str, LoRAFactors], like: PeftSplit
     ) -> None:
-        self._residual = to_array_record(to_peft_state_dict(residual, like=like))
-        self._residual_round = server_round
         total = self._residual_total
         self._residual_total = {
             name: LoRAFactors(
@@ -609,6 +610,8 @@ class LoRAStrategy(FedAvg):
             )
             for name, (A, B) in residual.items()
         }
+        self._residual = to_array_record(to_peft_state_dict(self._residual_total, like=like))
+        self._residual_round = server_round
 
 
 def _add_bias_metrics(metrics: MetricRecord, reports: Mapping[str, Any]) -> None:

@@ -30,7 +30,7 @@ with warnings.catch_warnings():
     from examples.flower.inprocess import InProcessGrid, serving
     from examples.flower.lorafair_app import client_app as example_client
     from examples.flower.lorafair_app.server_app import run_strategy
-    from lorafair.flower import RANKS_KEY, LoRAStrategy, from_array_record
+    from lorafair.flower import RANKS_KEY, RESIDUAL_KEY, LoRAStrategy, from_array_record
 
 from lorafair import registry
 from lorafair.interop.peft import from_peft_state_dict
@@ -89,16 +89,18 @@ def test_every_method_runs_in_simulation(method: str) -> None:
         assert all(train[r]["bias-relative-error-max"] < 1e-4 for r in train)
 
 
-def test_fedex_lora_residual_travels_and_is_folded_once() -> None:
+def test_fedex_lora_residuals_travel_in_their_own_record() -> None:
     _, grid = simulate("fedex_lora")
     first, second = train_messages(grid, 1)[0], train_messages(grid, 2)[0]
-    assert "lorafair-residual" not in first.content.array_records
+    assert RESIDUAL_KEY not in first.content.array_records
     assert second.content.config_records["config"]["lorafair-residual-round"] == 1
-    residual = from_peft_state_dict(from_array_record(second.content["lorafair-residual"]))
+    residual = from_peft_state_dict(from_array_record(second.content[RESIDUAL_KEY]))
     # Its rank: the stacked clients plus the average, Σ r_k + r (all ranks 4 here).
     assert {A.shape[0] for A, _ in residual.factors.values()} == {CLIENTS * 4 + 4}
-    for context in grid.contexts.values():
-        assert context.state.config_records["lorafair-frozen-round"]["round"] == ROUNDS
+    last = [m for m in grid.delivered if m.metadata.message_type == "evaluate"][-1]
+    assert last.content.config_records["config"]["lorafair-residual-round"] == ROUNDS
+    total = from_peft_state_dict(from_array_record(last.content[RESIDUAL_KEY]))
+    assert {A.shape[0] for A, _ in total.factors.values()} == {ROUNDS * (CLIENTS * 4 + 4)}
 
 
 def test_rolora_trained_factor_follows_the_round() -> None:

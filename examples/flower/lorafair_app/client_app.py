@@ -8,8 +8,8 @@ What a client does with what it receives follows the method's registry entry
   here; the paper's clients merge it into their base weights instead.
 - FlexLoRA, HetLoRA, LoRA-FAIR with a larger global rank: keep the leading components at the
   client's own rank (FlexLoRA's are its top singular directions; HetLoRA's rule).
-- FedEx-LoRA: add each new round's residual (:data:`lorafair.flower.RESIDUAL_KEY`) to the
-  frozen base weights once, kept in ``context.state`` with the round it came from.
+- FedEx-LoRA: add the sum of the rounds' residuals (:data:`lorafair.flower.RESIDUAL_KEY`) to
+  a fresh copy of the frozen base weights.
 - FedSA-LoRA: load the shared ``Ā`` and keep the client's own ``B`` in ``context.state``.
 - FFA-LoRA, FedSVD (shared ``A``) and RoLoRA (``config["lorafair-trained"]``): freeze the
   factor that is not trained this round.
@@ -19,12 +19,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import Tensor
 
 from lorafair import registry
-from lorafair.flower import RANKS_KEY, RESIDUAL_KEY, from_array_record, to_array_record
+from lorafair.flower import RANKS_KEY, RESIDUAL_KEY, from_array_record
 from lorafair.interop.peft import from_peft_state_dict
 
 from .task import HETERO, add_to_base, client_data, download, evaluate, lora_model, train, upload
@@ -33,30 +33,15 @@ app = ClientApp()
 
 RANKS = (2, 4, 8)  # for HETERO methods (heterogeneous ranks); other methods use rank 4
 ALPHAS = (8.0, 8.0, 16.0)
-FOLDED = "lorafair-frozen"  # context.state: the residuals added to the base, per layer
-FOLDED_ROUND = "lorafair-frozen-round"
 OWN_B = "lorafair-own-B"  # context.state: this client's B (FedSA-LoRA)
 
 
-def _fold_residual(msg: Message, context: Context) -> dict[str, Tensor]:
-    """The sum of every residual received so far (dense, per layer), updated from ``msg``."""
-    folded: dict[str, Tensor] = (
-        from_array_record(context.state.array_records[FOLDED])
-        if FOLDED in context.state.array_records
-        else {}
-    )
-    done = int(context.state.config_records[FOLDED_ROUND]["round"]) if folded else 0
+def _residual(msg: Message) -> dict[str, Tensor]:
+    """FedEx-LoRA: the sum of every round's residual so far, dense per layer (else empty)."""
     if RESIDUAL_KEY not in msg.content.array_records:
-        return folded
-    new = int(msg.content.config_records["config"]["lorafair-residual-round"])
-    if new > done:
-        residual = from_peft_state_dict(from_array_record(msg.content.array_records[RESIDUAL_KEY]))
-        for layer, (A, B) in residual.factors.items():
-            delta = (B.double() @ A.double()).float()
-            folded[layer] = folded[layer] + delta if layer in folded else delta
-        context.state[FOLDED] = to_array_record(folded)
-        context.state[FOLDED_ROUND] = ConfigRecord({"round": new})
-    return folded
+        return {}
+    residual = from_peft_state_dict(from_array_record(msg.content.array_records[RESIDUAL_KEY]))
+    return {layer: (B.double() @ A.double()).float() for layer, (A, B) in residual.factors.items()}
 
 
 def _model(context: Context, msg: Message) -> Any:
@@ -79,7 +64,7 @@ def _model(context: Context, msg: Message) -> Any:
         else:
             received = {**upload(model), **received}
     download(model, received)
-    add_to_base(model, _fold_residual(msg, context))
+    add_to_base(model, _residual(msg))
     trained = config.get("lorafair-trained")
     frozen = {"A": "B", "B": "A"}[str(trained)] if trained else ("A" if spec.shared_A else None)
     if frozen is not None:
