@@ -44,7 +44,11 @@ Ranks may differ between clients where the method allows it.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO, WARNING
@@ -55,7 +59,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import InconsistentMessageReplies
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 from flwr.supercore import log
 from torch import Tensor
 
@@ -63,10 +67,13 @@ from lorafair import registry
 from lorafair.aggregate import FedExResult, FedSAResult, lora_fair, lora_fair_solved
 from lorafair.errors import LoRAFairError, NonFiniteError
 from lorafair.interop.peft import (
+    PeftAdapter,
     PeftSplit,
     fedavg_others,
+    fold_scaling,
     from_peft_state_dict,
     to_peft_state_dict,
+    write_adapter,
 )
 from lorafair.metrics import aggregation_bias
 from lorafair.registry import AggregatorSpec
@@ -76,8 +83,10 @@ __all__ = [
     "BF16_STYPE",
     "RANKS_KEY",
     "RESIDUAL_KEY",
+    "Checkpoint",
     "LoRAStrategy",
     "from_array_record",
+    "latest_checkpoint",
     "to_array_record",
 ]
 
@@ -296,6 +305,48 @@ def _check_finite(split: PeftSplit) -> None:
             raise NonFiniteError(f"tensor {key!r} holds NaN or Inf")
 
 
+class Checkpoint(NamedTuple):
+    """A round's checkpoint as :meth:`LoRAStrategy.restore` reads it."""
+
+    path: str
+    round: int
+    """The last round it holds; a resumed run starts at ``round + 1``."""
+    arrays: ArrayRecord
+    """The global ``arrays`` exactly as the strategy held them (the clients' key format)."""
+
+
+_STATE = "state.json"
+_ARRAYS = "arrays.safetensors"
+_RESIDUAL = "residual.safetensors"
+_ADAPTER = "adapter"
+
+
+def latest_checkpoint(directory: str | os.PathLike[str]) -> str | None:
+    """The complete ``round-<t>`` folder with the largest ``t`` in ``directory``, or ``None``."""
+    if not os.path.isdir(directory):
+        return None
+    rounds = [
+        int(name[len("round-") :])
+        for name in os.listdir(directory)
+        if name.startswith("round-")
+        and name[len("round-") :].isdigit()
+        and os.path.isfile(os.path.join(directory, name, _STATE))
+    ]
+    return os.path.join(directory, f"round-{max(rounds)}") if rounds else None
+
+
+def _save_tensors(path: str, tensors: Mapping[str, Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path)
+
+
+def _load_tensors(path: str) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
 class LoRAStrategy(FedAvg):
     """FedAvg's sampling and metrics, with LoRA factors aggregated by any lorafair method.
 
@@ -331,6 +382,21 @@ class LoRAStrategy(FedAvg):
     ``"solver-iterations-max"`` and ``"solver-converged"`` (fraction of layers), from the same
     single solve that gives the adapter (:func:`lorafair.aggregate.lora_fair_solved`).
 
+    Checkpoints (``checkpoint_dir`` with ``checkpoint_like``, a peft adapter folder read with
+    :func:`lorafair.interop.peft.read_adapter`, e.g. the initial adapter's ``save_pretrained``):
+    when round ``t``'s global adapter is sent for evaluation (:meth:`configure_evaluate`, which
+    Flower calls every round, also with ``fraction_evaluate = 0``), the strategy writes
+    ``checkpoint_dir/round-<t>/`` atomically (a temporary folder, then a rename) with
+    ``adapter/`` (a peft folder for ``PeftModel.from_pretrained``, via
+    :func:`~lorafair.interop.peft.write_adapter`; ``scaling_folded`` says whether the replies
+    carry peft's scaling in B as :func:`~lorafair.interop.peft.fold_scaling` gives; FedSA-LoRA
+    has no global adapter and writes none), ``arrays.safetensors`` (the global arrays exactly,
+    for a bit-exact resume), ``residual.safetensors`` (FedEx-LoRA: the summed residual, which
+    belongs in the frozen weights) and ``state.json`` (round, method). A restarted ServerApp
+    calls :meth:`restore` on :func:`latest_checkpoint` and passes ``first_round = round + 1``
+    to :meth:`start`: RoLoRA's phase and any schedule read from ``server-round`` (e.g. a
+    cosine learning rate) follow, because they are functions of the round.
+
     Every other argument is :class:`flwr.serverapp.strategy.FedAvg`'s, keyword-only.
     """
 
@@ -343,6 +409,9 @@ class LoRAStrategy(FedAvg):
         nonfloat: Literal["equal", "first"] = "equal",
         report_bias: bool = True,
         on_invalid_reply: OnInvalidReply = "reject",
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        checkpoint_like: PeftAdapter | None = None,
+        scaling_folded: bool = False,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 1.0,
         min_train_nodes: int = 2,
@@ -357,6 +426,11 @@ class LoRAStrategy(FedAvg):
         spec = _resolve(aggregator)
         if nonfloat not in ("equal", "first"):
             raise ValueError(f"nonfloat must be 'equal' or 'first', got {nonfloat!r}")
+        if (checkpoint_dir is None) != (checkpoint_like is None):
+            raise ValueError(
+                "checkpoint_dir and checkpoint_like go together: the folder to write to and "
+                "the peft adapter (lorafair.interop.peft.read_adapter) whose config it follows"
+            )
         if on_invalid_reply not in ("reject", "raise"):
             raise ValueError(
                 f"on_invalid_reply must be 'reject' or 'raise', got {on_invalid_reply!r}"
@@ -380,6 +454,9 @@ class LoRAStrategy(FedAvg):
         self.nonfloat: Literal["equal", "first"] = nonfloat
         self.report_bias = report_bias
         self.on_invalid_reply: OnInvalidReply = on_invalid_reply
+        self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
+        self.checkpoint_like = checkpoint_like
+        self.scaling_folded = scaling_folded
         self._reference: _Signature | None = None
         self._residual: ArrayRecord | None = None
         self._residual_round = 0
@@ -424,7 +501,13 @@ class LoRAStrategy(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's messages, plus the ranks and FedEx-LoRA's residual (as for training)."""
+        """FedAvg's messages, plus the ranks and FedEx-LoRA's residual (as for training).
+
+        With ``checkpoint_dir``, first writes round ``server_round``'s checkpoint (``arrays``
+        is the round's global adapter; see the class docstring).
+        """
+        if self.checkpoint_dir is not None:
+            self.save_checkpoint(server_round, arrays)
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         return self._attach(messages, arrays)
 
@@ -523,7 +606,8 @@ class LoRAStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the replies' adapters with the method; see the class docstring.
 
-        Replies carrying an error are skipped (and logged), as in FedAvg. Returns
+        Replies carrying an error are skipped (and logged), as in FedAvg; the others are
+        aggregated in the order of their node ids, whatever order they arrived in. Returns
         ``(None, None)`` when no reply without error is left, and ``(None, metrics)`` (the
         global adapter stays) when fewer than ``min_train_nodes`` valid replies remain.
         """
@@ -545,6 +629,9 @@ class LoRAStrategy(FedAvg):
                 )
         if not valid:
             return None, None
+        # Node-id order: replies arrive in any order (and Flower samples nodes at random), and
+        # floating-point sums depend on the order; this makes a round's result reproducible.
+        valid.sort(key=_node_order)
         kept, rejected = self._read_all(valid)
         unchanged = MetricRecord({"replies-rejected": rejected})
         if self.on_invalid_reply == "reject" and len(kept) < max(self.min_train_nodes, 1):
@@ -612,6 +699,152 @@ class LoRAStrategy(FedAvg):
         }
         self._residual = to_array_record(to_peft_state_dict(self._residual_total, like=like))
         self._residual_round = server_round
+
+    def save_checkpoint(self, server_round: int, arrays: ArrayRecord) -> str:
+        """Write ``checkpoint_dir/round-<server_round>`` (see the class docstring); its path.
+
+        Atomic: everything goes to a temporary folder beside it, renamed when complete; an
+        older folder of the same round is replaced. Cost: one write of the adapter twice (the
+        peft folder and the exact arrays) plus FedEx-LoRA's residual.
+        """
+        if self.checkpoint_dir is None or self.checkpoint_like is None:
+            raise ValueError("this strategy has no checkpoint_dir / checkpoint_like")
+        os.makedirs(self.checkpoint_dir, exist_ok=True)
+        final = os.path.join(self.checkpoint_dir, f"round-{server_round}")
+        tmp = os.path.join(self.checkpoint_dir, f".round-{server_round}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        try:
+            state_dict = from_array_record(arrays)
+            if not self.spec.personalised:
+                split = from_peft_state_dict(state_dict, adapter_name=self.adapter_name)
+                update = (
+                    split.factors
+                    if self.scaling_folded
+                    else fold_scaling(split.factors, self.checkpoint_like.scalings)
+                )
+                write_adapter(
+                    os.path.join(tmp, _ADAPTER),
+                    update,
+                    like=self.checkpoint_like,
+                    others=split.others,
+                )
+            _save_tensors(os.path.join(tmp, _ARRAYS), state_dict)
+            if self._residual is not None:
+                _save_tensors(os.path.join(tmp, _RESIDUAL), from_array_record(self._residual))
+            state = {
+                "round": server_round,
+                "method": self.spec.name,
+                "residual_round": self._residual_round,
+            }
+            with open(os.path.join(tmp, _STATE), "w") as f:
+                json.dump(state, f, indent=1)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def restore(self, path: str | os.PathLike[str]) -> Checkpoint:
+        """Read a checkpoint folder written by :meth:`save_checkpoint` into this strategy.
+
+        Restores FedEx-LoRA's summed residual; returns the round and the global arrays to
+        pass to :meth:`start` (``initial_arrays=c.arrays, first_round=c.round + 1``). Raises
+        ``ValueError`` naming the folder when it is incomplete or from another method.
+        """
+        folder = os.fspath(path)
+        try:
+            with open(os.path.join(folder, _STATE)) as f:
+                state = json.load(f)
+            arrays = _load_tensors(os.path.join(folder, _ARRAYS))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{folder}: not a complete lorafair checkpoint ({error})") from None
+        if state.get("method") != self.spec.name:
+            raise ValueError(
+                f"{folder}: a checkpoint of {state.get('method')!r}, not {self.spec.name!r}"
+            )
+        residual_file = os.path.join(folder, _RESIDUAL)
+        if os.path.isfile(residual_file):
+            residual = _load_tensors(residual_file)
+            self._residual = to_array_record(residual)
+            self._residual_round = int(state["residual_round"])
+            self._residual_total = dict(
+                from_peft_state_dict(residual, adapter_name=self.adapter_name).factors
+            )
+        return Checkpoint(folder, int(state["round"]), to_array_record(arrays))
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        first_round: int = 1,
+    ) -> Result:
+        """Flower's :meth:`Strategy.start` loop over rounds ``first_round … num_rounds``.
+
+        The same steps as Flower 1.42's loop (train, aggregate, evaluate, central evaluation);
+        ``first_round > 1`` resumes a run from a checkpoint (:meth:`restore`), with
+        ``initial_arrays`` the checkpoint's arrays (centrally evaluated as round
+        ``first_round - 1``).
+        """
+        if first_round < 1:
+            raise ValueError(f"first_round must be >= 1, got {first_round}")
+        log(
+            INFO, "Starting %s strategy at round %s of %s:", self.spec.name, first_round, num_rounds
+        )
+        self.summary()
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result = Result()
+        t_start = time.time()
+        if evaluate_fn:
+            res = evaluate_fn(first_round - 1, initial_arrays)
+            log(INFO, "Initial global evaluation results: %s", res)
+            if res is not None:
+                result.evaluate_metrics_serverapp[first_round - 1] = res
+        arrays = initial_arrays
+        result.arrays = arrays
+        for current_round in range(first_round, num_rounds + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %s/%s]", current_round, num_rounds)
+            train_replies = grid.send_and_receive(
+                messages=self.configure_train(current_round, arrays, train_config, grid),
+                timeout=timeout,
+            )
+            agg_arrays, agg_train_metrics = self.aggregate_train(current_round, train_replies)
+            if agg_arrays is not None:
+                result.arrays = agg_arrays
+                arrays = agg_arrays
+            if agg_train_metrics is not None:
+                log(INFO, "\t└──> Aggregated MetricRecord: %s", agg_train_metrics)
+                result.train_metrics_clientapp[current_round] = agg_train_metrics
+            evaluate_replies = grid.send_and_receive(
+                messages=self.configure_evaluate(current_round, arrays, evaluate_config, grid),
+                timeout=timeout,
+            )
+            agg_evaluate_metrics = self.aggregate_evaluate(current_round, evaluate_replies)
+            if agg_evaluate_metrics is not None:
+                log(INFO, "\t└──> Aggregated MetricRecord: %s", agg_evaluate_metrics)
+                result.evaluate_metrics_clientapp[current_round] = agg_evaluate_metrics
+            if evaluate_fn:
+                res = evaluate_fn(current_round, arrays)
+                log(INFO, "\t└──> MetricRecord: %s", res)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[current_round] = res
+        log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
+        return result
+
+
+def _node_order(msg: Message) -> int:
+    node = msg.metadata.src_node_id
+    return node if isinstance(node, int) else 0
 
 
 def _add_bias_metrics(metrics: MetricRecord, reports: Mapping[str, Any]) -> None:
