@@ -44,6 +44,7 @@ Ranks may differ between clients where the method allows it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -382,6 +383,11 @@ class LoRAStrategy(FedAvg):
     ``"solver-iterations-max"`` and ``"solver-converged"`` (fraction of layers), from the same
     single solve that gives the adapter (:func:`lorafair.aggregate.lora_fair_solved`).
 
+    ``reply_order="content"`` (the default) aggregates the replies sorted by the SHA-256 of
+    their contents, so that a round's result depends only on the set of replies, not on their
+    arrival order or the nodes' ids (floating-point sums depend on the order); ``"arrival"``
+    keeps Flower's order.
+
     Checkpoints (``checkpoint_dir`` with ``checkpoint_like``, a peft adapter folder read with
     :func:`lorafair.interop.peft.read_adapter`, e.g. the initial adapter's ``save_pretrained``):
     when round ``t``'s global adapter is sent for evaluation (:meth:`configure_evaluate`, which
@@ -412,6 +418,7 @@ class LoRAStrategy(FedAvg):
         checkpoint_dir: str | os.PathLike[str] | None = None,
         checkpoint_like: PeftAdapter | None = None,
         scaling_folded: bool = False,
+        reply_order: Literal["content", "arrival"] = "content",
         fraction_train: float = 1.0,
         fraction_evaluate: float = 1.0,
         min_train_nodes: int = 2,
@@ -431,6 +438,8 @@ class LoRAStrategy(FedAvg):
                 "checkpoint_dir and checkpoint_like go together: the folder to write to and "
                 "the peft adapter (lorafair.interop.peft.read_adapter) whose config it follows"
             )
+        if reply_order not in ("content", "arrival"):
+            raise ValueError(f"reply_order must be 'content' or 'arrival', got {reply_order!r}")
         if on_invalid_reply not in ("reject", "raise"):
             raise ValueError(
                 f"on_invalid_reply must be 'reject' or 'raise', got {on_invalid_reply!r}"
@@ -457,6 +466,7 @@ class LoRAStrategy(FedAvg):
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         self.checkpoint_like = checkpoint_like
         self.scaling_folded = scaling_folded
+        self.reply_order: Literal["content", "arrival"] = reply_order
         self._reference: _Signature | None = None
         self._residual: ArrayRecord | None = None
         self._residual_round = 0
@@ -607,7 +617,7 @@ class LoRAStrategy(FedAvg):
         """Aggregate the replies' adapters with the method; see the class docstring.
 
         Replies carrying an error are skipped (and logged), as in FedAvg; the others are
-        aggregated in the order of their node ids, whatever order they arrived in. Returns
+        aggregated in ``reply_order``. Returns
         ``(None, None)`` when no reply without error is left, and ``(None, metrics)`` (the
         global adapter stays) when fewer than ``min_train_nodes`` valid replies remain.
         """
@@ -629,9 +639,12 @@ class LoRAStrategy(FedAvg):
                 )
         if not valid:
             return None, None
-        # Node-id order: replies arrive in any order (and Flower samples nodes at random), and
-        # floating-point sums depend on the order; this makes a round's result reproducible.
-        valid.sort(key=_node_order)
+        # Replies arrive in any order (and Flower samples nodes at random); floating-point sums
+        # depend on the order. Sorting by content makes the result a function of the set of
+        # replies alone, whatever the arrival order or the nodes' ids (a resumed run on a new
+        # federation reproduces the uninterrupted one bit for bit).
+        if self.reply_order == "content":
+            valid.sort(key=_content_order)
         kept, rejected = self._read_all(valid)
         unchanged = MetricRecord({"replies-rejected": rejected})
         if self.on_invalid_reply == "reject" and len(kept) < max(self.min_train_nodes, 1):
@@ -842,9 +855,20 @@ class LoRAStrategy(FedAvg):
         return result
 
 
-def _node_order(msg: Message) -> int:
-    node = msg.metadata.src_node_id
-    return node if isinstance(node, int) else 0
+def _content_order(msg: Message) -> bytes:
+    """SHA-256 of a reply's array keys and bytes: a sort key independent of who sent it.
+
+    Cost: one pass over the reply's bytes (hashing runs at about 1 GB/s).
+    """
+    digest = hashlib.sha256()
+    for name, record in msg.content.array_records.items():
+        digest.update(name.encode())
+        for key, array in record.items():
+            digest.update(f"{key}|{array.dtype}|{tuple(array.shape)}|".encode())
+            digest.update(array.data)
+    for metrics in msg.content.metric_records.values():
+        digest.update(repr(sorted(metrics.items())).encode())
+    return digest.digest()
 
 
 def _add_bias_metrics(metrics: MetricRecord, reports: Mapping[str, Any]) -> None:

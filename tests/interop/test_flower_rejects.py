@@ -162,3 +162,16 @@ def test_on_invalid_reply_raise(bad: str, error: type[Exception]) -> None:
         LoRAStrategy("fedit", on_invalid_reply="raise").aggregate_train(1, [*good(), BAD[bad]()])
     with pytest.raises(ValueError, match="on_invalid_reply"):
         LoRAStrategy("fedit", on_invalid_reply="skip")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", ["fedit", "lora_fair", "flexlora"])
+def test_result_depends_on_the_set_of_replies_not_their_order_or_nodes(method: str) -> None:
+    sds = [client_sd(k) for k in range(4)]
+    first = [reply(100 + k, ArrayRecord(sd), 10.0 + k) for k, sd in enumerate(sds)]
+    shuffled = [reply(900 - k, ArrayRecord(sds[k]), 10.0 + k) for k in (2, 0, 3, 1)]
+    a, _ = LoRAStrategy(method).aggregate_train(1, first)
+    b, _ = LoRAStrategy(method).aggregate_train(1, shuffled)
+    assert a is not None
+    assert b is not None
+    x, y = from_array_record(a), from_array_record(b)
+    assert all(torch.equal(x[k], y[k]) for k in x)

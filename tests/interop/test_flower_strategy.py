@@ -248,7 +248,8 @@ def test_lora_fair_solves_once_and_matches_lora_fair(
     sds = [{k: v.to(dtype) for k, v in client_sd(s, r).items()} for s, r in enumerate(ranks)]
     n = [1.0, 2.0, 3.0]
     solves = _count_solves(monkeypatch)
-    strategy = LoRAStrategy(aggregate.lora_fair, options=options)
+    # "arrival": the replies in the order given, as `expected` below takes them.
+    strategy = LoRAStrategy(aggregate.lora_fair, options=options, reply_order="arrival")
     out, metrics = run(strategy, sds, n)
     assert len(solves) == 1  # one residual solve per round, metrics included
     monkeypatch.undo()
