@@ -25,7 +25,7 @@ from torch import Tensor
 
 from lorafair import _average, _linalg
 from lorafair._exact import fedex_lora, fedsvd
-from lorafair._fair import ResidualSolution, lora_fair, solve_residual
+from lorafair._fair import FairSolved, ResidualSolution, lora_fair, lora_fair_solved, solve_residual
 from lorafair._frozen import check_factor, check_tolerances, shared_factor
 from lorafair._hetero import hetlora, hetlora_truncate
 from lorafair._personal import fedsa_lora
@@ -44,6 +44,7 @@ from lorafair.types import FedExResult, FedSAResult, FlexLoRAReport, LoRAFactors
 
 __all__ = [
     "EnergyThreshold",
+    "FairSolved",
     "FedExResult",
     "FedSAResult",
     "FlexLoRAReport",
@@ -60,6 +61,7 @@ __all__ = [
     "hetlora",
     "hetlora_truncate",
     "lora_fair",
+    "lora_fair_solved",
     "rolora",
     "rolora_trained",
     "solve_residual",

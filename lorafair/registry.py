@@ -20,7 +20,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from lorafair import aggregate
-from lorafair.aggregate import EnergyThreshold
+from lorafair.aggregate import EnergyThreshold, rolora_trained
 from lorafair.types import FedExResult, LoRAFactors
 
 __all__ = ["AggregatorSpec", "Floor", "Output", "get", "names", "specs"]
@@ -79,6 +79,18 @@ class AggregatorSpec(NamedTuple):
     (FedEx-LoRA: adapters and residual concatenated); ``None`` for personalised methods."""
     personalised: bool = False
     """Each client ends the round with its own adapter; there is no single global update."""
+    round_options: Callable[[int], Mapping[str, object]] | None = None
+    """Options that follow the round (0-based index), merged over ``defaults``; e.g. RoLoRA's
+    ``{"trained": rolora_trained(i)}``. ``None``: the options are the same every round."""
+    secure_aggregation: bool = False
+    """The server needs only sums over clients of client-computed quantities (e.g. ``Σ p_k B_k``
+    and ``Σ p_k A_k``), so a secure-aggregation protocol that reveals only sums suffices.
+    ``False``: it needs each client's factors (stacks, SVDs of ``ΔW``, per-client Grams)."""
+    dp_clipping: bool = False
+    """Flower's fixed-clipping DP wrappers (``DifferentialPrivacyServerSideFixedClipping`` /
+    ``...ClientSideFixedClipping``) apply: with equal client ranks the result has the clients'
+    shapes (the wrapper clips ``reply − global`` array by array) and is the whole download
+    (nothing travels outside the noised ``ArrayRecord``)."""
 
 
 def _spec(
@@ -94,6 +106,9 @@ def _spec(
     equal_ranks: bool = True,
     floor: Floor = "memory",
     output: Output = "adapters",
+    round_options: Callable[[int], Mapping[str, object]] | None = None,
+    secure_aggregation: bool = False,
+    dp_clipping: bool = False,
 ) -> AggregatorSpec:
     return AggregatorSpec(
         name=name,
@@ -113,17 +128,32 @@ def _spec(
             "per_client": None,
         }[output],
         personalised=output == "per_client",
+        round_options=round_options,
+        secure_aggregation=secure_aggregation,
+        dp_clipping=dp_clipping,
     )
 
 
+def _rolora_round(round_index: int) -> Mapping[str, object]:
+    return {"trained": rolora_trained(round_index)}
+
+
 _SPECS: tuple[AggregatorSpec, ...] = (
-    _spec("fedit", aggregate.fedit, "average A and B separately (biased)"),
+    _spec(
+        "fedit",
+        aggregate.fedit,
+        "average A and B separately (biased)",
+        secure_aggregation=True,
+        dp_clipping=True,
+    ),
     _spec(
         "ffa_lora",
         aggregate.ffa_lora,
         "A frozen and shared; average B (exact)",
         exact=True,
         shared_A=True,
+        secure_aggregation=True,
+        dp_clipping=True,
     ),
     _spec(
         "flora",
@@ -139,6 +169,7 @@ _SPECS: tuple[AggregatorSpec, ...] = (
         optimal=True,
         equal_ranks=False,
         floor="gram",
+        dp_clipping=True,
     ),
     _spec(
         "lora_fair",
@@ -148,6 +179,7 @@ _SPECS: tuple[AggregatorSpec, ...] = (
         never_worse_than_fedit=True,
         equal_ranks=False,
         floor="gram",
+        dp_clipping=True,
     ),
     _spec(
         "fedex_lora",
@@ -161,6 +193,7 @@ _SPECS: tuple[AggregatorSpec, ...] = (
         aggregate.fedsa_lora,
         "average and share A; each client keeps its own B (personalised)",
         output="per_client",
+        secure_aggregation=True,
     ),
     _spec(
         "rolora",
@@ -169,12 +202,17 @@ _SPECS: tuple[AggregatorSpec, ...] = (
         defaults={"trained": "B"},
         exact=True,
         shared_A=True,
+        round_options=_rolora_round,
+        secure_aggregation=True,
+        dp_clipping=True,
     ),
     _spec(
         "hetlora",
         aggregate.hetlora,
         "zero-pad ranks to the largest; average weighted by p_k ‖B_k A_k‖_F (biased)",
         equal_ranks=False,
+        secure_aggregation=True,
+        dp_clipping=True,
     ),
     _spec(
         "fedsvd",
@@ -182,6 +220,8 @@ _SPECS: tuple[AggregatorSpec, ...] = (
         "B trained on a shared A; re-factor B̄A as (Vᵀ, UΣ), A orthonormal (exact)",
         exact=True,
         shared_A=True,
+        secure_aggregation=True,
+        dp_clipping=True,
     ),
     _spec(
         "flexlora_energy",

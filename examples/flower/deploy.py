@@ -46,12 +46,21 @@ class DeploymentError(RuntimeError):
 
 
 class RunSpec(NamedTuple):
-    """One ``flwr run`` on the federation; ``kill_node``: the SuperNode to crash in round 1."""
+    """One ``flwr run`` on the federation; ``kill_node``: the SuperNode to crash in round 1.
+
+    ``checkpoint_dir``: the ServerApp's ``checkpoint-dir`` (empty: none); ``resume``: continue
+    from its latest checkpoint; ``kill_superlink_after``: SIGKILL the SuperLink and everything
+    it started (the ServerApp included), by pid, once round k's checkpoint is written; the run
+    then has no result and the federation is down (make it the deployment's last run).
+    """
 
     rounds: int = 2
     method: str = "lora_fair"
     kill_node: int | None = None
     round_timeout: float = 3600.0
+    checkpoint_dir: str = ""
+    resume: bool = False
+    kill_superlink_after: int | None = None
 
 
 class RunResult(NamedTuple):
@@ -364,6 +373,9 @@ def _one_run(
         "round-timeout": str(spec.round_timeout),
         "result-path": f"'{result_path}'",
     }
+    if spec.checkpoint_dir:
+        config["checkpoint-dir"] = f"'{spec.checkpoint_dir}'"
+        config["resume"] = "true" if spec.resume else "false"
     run_config = " ".join(f"{k}={v}" for k, v in config.items())
     out = _flwr(procs, "run", str(APP), "deploy", "--run-config", run_config, "--format", "json")
     run_id = str(json.loads(out)["run-id"])
@@ -378,6 +390,13 @@ def _one_run(
         )
         procs.kill_tree(victim)
         procs.started[f"killed-{victim}"] = procs.started.pop(victim)
+    if spec.kill_superlink_after is not None:
+        done = Path(spec.checkpoint_dir) / f"round-{spec.kill_superlink_after}" / "state.json"
+        _wait(f"waiting for {done}", done.exists, deadline, procs, poll=0.2)
+        procs.track()  # remember the ServerApp process, then kill the SuperLink's whole tree
+        procs.kill_tree("superlink")
+        procs.started["killed-superlink"] = procs.started.pop("superlink")
+        return RunResult(spec, {}, "", 0.0)
     _wait(f"running {run_id}", result_path.exists, deadline, procs, poll=0.5)
     time.sleep(0.2)  # the ServerApp writes the file in one call; let it close
     result = json.loads(result_path.read_text())

@@ -51,3 +51,28 @@ def test_simulation_smoke(tmp_path: Path) -> None:
     train = {int(k): v for k, v in result["train"].items()}
     assert sorted(train) == [1, 2]
     assert 0.9 < train[2]["bias-cosine-min"] <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fedex_lora", "fedsa_lora"])
+def test_simulation_of_the_methods_with_extra_records_or_client_state(
+    method: str, tmp_path: Path
+) -> None:
+    """Under ray: FedEx-LoRA's residual record, FedSA-LoRA's B kept in ``context.state``."""
+    out = tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "examples.flower.run", "--method", method, "--rounds", "2"]
+    cmd += ["--clients", "2", "--json", str(out)]
+    env = dict(os.environ, RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    train = {int(k): v for k, v in result["train"].items()}
+    assert sorted(train) == [1, 2]
+    assert all(m["num-replies"] == 2 for m in train.values())
+    assert all(m["replies-rejected"] == 0 for m in train.values())
+    central = {int(k): v for k, v in result["central"].items()}
+    if method == "fedex_lora":  # exact, with the residual in the frozen weights
+        assert central[2]["loss"] < central[0]["loss"]
+        assert all(m["bias-relative-error-max"] < 1e-4 for m in train.values())
+    else:  # personalised: no global model to evaluate centrally
+        assert central == {}

@@ -184,10 +184,10 @@ def test_custom_weight_key_error_replies_and_no_bias_report() -> None:
     assert strategy.aggregate_train(3, []) == (None, None)
 
 
-def test_inconsistent_replies_are_rejected() -> None:
+def test_inconsistent_replies_raise_with_on_invalid_reply_raise() -> None:
     a, b = client_sd(0, 2), client_sd(1, 2)
     del b[f"{P}head.weight"]
-    strategy = LoRAStrategy(aggregate.fedit)
+    strategy = LoRAStrategy(aggregate.fedit, on_invalid_reply="raise")
     with pytest.raises(InconsistentMessageReplies):
         strategy.aggregate_train(
             1, [create_mock_reply(ArrayRecord(a), 1.0), create_mock_reply(ArrayRecord(b), 1.0)]
@@ -195,7 +195,9 @@ def test_inconsistent_replies_are_rejected() -> None:
     with pytest.raises(InconsistentMessageReplies):
         strategy.aggregate_train(1, [create_mock_reply(ArrayRecord(a), 1.0, key="w")])
     with pytest.raises(TypeError):
-        LoRAStrategy("fedit")  # type: ignore[arg-type]
+        LoRAStrategy(3)  # type: ignore[arg-type]
+    with pytest.raises(KeyError, match="fedit"):
+        LoRAStrategy("fedavg")
 
 
 def test_lora_fair_reports_solver_metrics() -> None:
@@ -246,7 +248,8 @@ def test_lora_fair_solves_once_and_matches_lora_fair(
     sds = [{k: v.to(dtype) for k, v in client_sd(s, r).items()} for s, r in enumerate(ranks)]
     n = [1.0, 2.0, 3.0]
     solves = _count_solves(monkeypatch)
-    strategy = LoRAStrategy(aggregate.lora_fair, options=options)
+    # "arrival": the replies in the order given, as `expected` below takes them.
+    strategy = LoRAStrategy(aggregate.lora_fair, options=options, reply_order="arrival")
     out, metrics = run(strategy, sds, n)
     assert len(solves) == 1  # one residual solve per round, metrics included
     monkeypatch.undo()

@@ -9,6 +9,7 @@ example runs offline. Adapters travel with peft's scaling folded into B
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -25,6 +26,8 @@ from lorafair.interop.peft import (
 
 D_IN, HIDDEN, CLASSES = 16, 32, 4
 TARGETS = ["fc1", "fc2"]
+HETERO = ("flora", "flexlora", "flexlora_energy", "hetlora")
+"""Methods this example runs with heterogeneous client ranks (2, 4, 8; global rank 8)."""
 
 
 class MLP(nn.Module):
@@ -48,14 +51,27 @@ def base_model() -> MLP:
 _BASE = base_model()
 
 
-def lora_model(rank: int, alpha: float, *, seed: int = 0, use_rslora: bool = False) -> Any:
-    """The base wrapped in peft LoRA on ``fc1``/``fc2``; the head is trained and averaged."""
+def lora_model(
+    rank: int,
+    alpha: float,
+    *,
+    seed: int = 0,
+    use_rslora: bool = False,
+    ranks: Mapping[str, int] | None = None,
+) -> Any:
+    """The base wrapped in peft LoRA on ``fc1``/``fc2``; the head is trained and averaged.
+
+    ``ranks`` (``{layer: rank}``, layers as in the state dict, e.g. ``base_model.model.fc1``)
+    overrides ``rank`` per layer: what :data:`lorafair.flower.RANKS_KEY` carries, to rebuild
+    an adapter of a rank-changing method exactly.
+    """
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
         use_rslora=use_rslora,
         target_modules=TARGETS,
         modules_to_save=["head"],
+        rank_pattern={name.rsplit(".", 1)[-1]: r for name, r in (ranks or {}).items()},
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -93,6 +109,14 @@ def download(model: Any, global_sd: dict[str, Tensor]) -> None:
     result = set_peft_model_state_dict(model, payload)
     if result.unexpected_keys:
         raise RuntimeError(f"unexpected keys: {result.unexpected_keys}")
+
+
+def add_to_base(model: Any, deltas: Mapping[str, Tensor]) -> None:
+    """Add ``deltas[layer]`` (d_out × d_in) to the frozen base weight of each LoRA layer."""
+    with torch.no_grad():
+        for layer, delta in deltas.items():
+            weight = model.get_submodule(layer).base_layer.weight
+            weight.add_(delta.to(weight.dtype))
 
 
 def _teacher() -> tuple[Tensor, Tensor]:

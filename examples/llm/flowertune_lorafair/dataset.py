@@ -1,12 +1,19 @@
-"""A tiny generated text corpus and a character tokenizer, so the example runs offline.
+"""flowertune-lorafair: the dataset (FlowerTune's ``dataset.py`` shape, offline).
 
-Client k writes sentences about its own topics (non-IID): the same grammar, different
-vocabularies. Characters map to ids 1..len(ALPHABET); 0 pads.
+FlowerTune loads an instruction dataset with ``flwr_datasets.FederatedDataset`` and formats it
+with a ``transformers`` tokenizer and ``trl``'s completion-only collator. Offline, this module
+keeps the same three entry points over a generated corpus: client k writes sentences about its
+own topics (non-IID: the same grammar, different vocabularies), tokenised by characters (ids
+1..len(ALPHABET); 0 pads). ``replace_keys`` is FlowerTune's config helper; ``DictConfig`` is
+omegaconf's when installed, else a minimal stand-in with the same attribute access.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Mapping
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -32,14 +39,9 @@ _OBJECTS = (
 )
 
 
-def sentences(partition: int, n: int, *, seed: int = 0) -> list[str]:
-    """``n`` sentences in partition ``partition``'s topic (topics cycle over 3)."""
-    rng = random.Random(1000 * seed + partition)
-    topic = partition % len(_SUBJECTS)
-    return [
-        f"{rng.choice(_SUBJECTS[topic])} {rng.choice(_VERBS[topic])} {rng.choice(_OBJECTS[topic])}."
-        for _ in range(n)
-    ]
+def formatting_prompts_func(example: Mapping[str, list[str]]) -> list[str]:
+    """The training texts of a batch of examples (here: the sentences themselves)."""
+    return list(example["text"])
 
 
 def encode(texts: list[str]) -> Tensor:
@@ -51,6 +53,53 @@ def encode(texts: list[str]) -> Tensor:
     return out
 
 
-def client_data(partition: int, *, n: int = 64, train: bool = True) -> Tensor:
-    """Partition ``partition``'s token ids (train and test sets use different seeds)."""
-    return encode(sentences(partition, n, seed=0 if train else 1))
+def get_tokenizer_and_data_collator_and_propt_formatting(
+    model_name: str,
+) -> tuple[Callable[[list[str]], Tensor], None, Callable[[Mapping[str, list[str]]], list[str]]]:
+    """(tokenizer, data collator, prompt formatting), as FlowerTune's; no collator needed."""
+    return encode, None, formatting_prompts_func
+
+
+def sentences(partition: int, n: int, *, seed: int = 0) -> list[str]:
+    """``n`` sentences in partition ``partition``'s topic (topics cycle over 3)."""
+    rng = random.Random(1000 * seed + partition)
+    topic = partition % len(_SUBJECTS)
+    return [
+        f"{rng.choice(_SUBJECTS[topic])} {rng.choice(_VERBS[topic])} {rng.choice(_OBJECTS[topic])}."
+        for _ in range(n)
+    ]
+
+
+def load_data(
+    partition_id: int, num_partitions: int, dataset_name: str, *, n: int = 64, train: bool = True
+) -> dict[str, list[str]]:
+    """Partition ``partition_id``'s examples (``{"text": [...]}``; test set: another seed)."""
+    del num_partitions, dataset_name  # one generated corpus, partitioned by topic
+    return {"text": sentences(partition_id, n, seed=0 if train else 1)}
+
+
+def replace_keys(
+    input_dict: Mapping[str, Any], match: str = "-", target: str = "_"
+) -> dict[str, Any]:
+    """Recursively replace ``match`` with ``target`` in the keys (FlowerTune's helper)."""
+    return {
+        key.replace(match, target): (
+            replace_keys(value, match, target) if isinstance(value, Mapping) else value
+        )
+        for key, value in input_dict.items()
+    }
+
+
+def _namespace(values: Mapping[str, Any]) -> SimpleNamespace:
+    return SimpleNamespace(
+        **{k: _namespace(v) if isinstance(v, Mapping) else v for k, v in values.items()}
+    )
+
+
+try:
+    from omegaconf import DictConfig
+except ImportError:  # offline without omegaconf: the same attribute access (cfg.train.x)
+
+    def DictConfig(values: Mapping[str, Any]) -> Any:  # type: ignore[no-redef]
+        """``omegaconf.DictConfig``'s attribute access over nested dicts."""
+        return _namespace(values)
