@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from lorafair import _linalg
+from lorafair._fit import fits_dtype
 from lorafair._frozen import check_tolerances, shared_factor
 from lorafair._threads import torch_single_threaded
 from lorafair._validate import accumulation_dtype, prepare, stacked, weighted_sum
@@ -26,6 +27,7 @@ _Clients = Sequence[Mapping[str, "LoRAFactors | tuple[Tensor, Tensor]"]]
 
 
 @torch_single_threaded
+@fits_dtype
 def fedex_lora(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -122,6 +124,7 @@ def _orthonormal_refactor(B: Tensor, A: Tensor) -> LoRAFactors:
 
 
 @torch_single_threaded
+@fits_dtype
 def fedsvd(
     clients: _Clients,
     weights: Sequence[float] | None = None,

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from lorafair import _linalg
+from lorafair._fit import fits_dtype
 from lorafair._threads import torch_single_threaded
 from lorafair._validate import accumulation_dtype, prepare
 from lorafair.errors import LoRAFairError, LoRAShapeError
@@ -30,6 +31,7 @@ def _mixing(p: Sequence[float], norms: Sequence[float]) -> tuple[float, ...]:
 
 
 @torch_single_threaded
+@fits_dtype
 def hetlora(
     clients: _Clients,
     weights: Sequence[float] | None = None,

@@ -26,6 +26,7 @@ from torch import Tensor
 from lorafair import _average, _linalg
 from lorafair._exact import fedex_lora, fedsvd
 from lorafair._fair import ResidualSolution, lora_fair, solve_residual
+from lorafair._fit import fits_dtype
 from lorafair._frozen import check_factor, check_tolerances, shared_factor
 from lorafair._hetero import hetlora, hetlora_truncate
 from lorafair._personal import fedsa_lora
@@ -73,6 +74,7 @@ _BATCH_BYTES = 1 << 28
 
 
 @torch_single_threaded
+@fits_dtype
 def fedit(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -126,6 +128,7 @@ def _max_drift(copies: Sequence[Sequence[Tensor]]) -> list[Tensor]:
 
 
 @torch_single_threaded
+@fits_dtype
 def ffa_lora(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -204,6 +207,7 @@ def rolora_trained(round_index: int) -> Literal["A", "B"]:
 
 
 @torch_single_threaded
+@fits_dtype
 def rolora(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -239,6 +243,7 @@ def rolora(
 
 
 @torch_single_threaded
+@fits_dtype
 def flora(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -468,6 +473,7 @@ def _layer(svd: _linalg.FactoredSVD, i: int) -> _linalg.FactoredSVD:
     return _linalg.FactoredSVD(*(t[i] for t in svd))
 
 
+@fits_dtype
 def flexlora(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -540,6 +546,7 @@ def flexlora(
     ).adapters
 
 
+@fits_dtype
 def flexlora_report(
     clients: _Clients,
     weights: Sequence[float] | None = None,

@@ -17,6 +17,7 @@ from lorafair._fair._batch import _build_group, _corrected, _delta, _Group, _Sol
 from lorafair._fair._columns import solve_columns
 from lorafair._fair._flat import _solve_flat
 from lorafair._fair._options import Norm, ResidualOn, Similarity, _check_options, _Options
+from lorafair._fit import fits_dtype
 from lorafair._threads import single_threaded
 from lorafair._validate import Prepared, group_by_shape, prepare
 from lorafair.types import LoRAFactors
@@ -138,6 +139,7 @@ def _solutions(
     return out
 
 
+@fits_dtype
 def lora_fair(
     clients: _Clients,
     weights: Sequence[float] | None = None,

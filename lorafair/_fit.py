@@ -1,0 +1,141 @@
+"""Private: one rule for a result that does not fit the output dtype.
+
+Every aggregator computes in float64 (or in float32 for a float16/bfloat16 average) and returns
+in the inputs' dtype. For finite input a result fits whenever each output entry is a convex
+combination, or a weighted copy, of input entries (FedIT, FFA-LoRA, RoLoRA, FLoRA, HetLoRA,
+FedSA-LoRA, FedEx-LoRA's adapters and its exact residual ``[B_s, B̄]·[A_s; −Ā]``). Where a
+method re-factors the update, its factors can carry more magnitude than its inputs:
+
+- where the method's contract leaves the scale free it already takes the representation that
+  fits best, the balanced split ``B = U S^{1/2}``, ``A = S^{1/2} Vᵀ`` (FlexLoRA's default
+  ``split="balanced"``, FedEx-LoRA's ``residual_rank=q``); an entry of it above the dtype's
+  limit means some rank-one term ``b_i a_iᵀ`` of every factorisation has
+  ``‖b_i‖_∞‖a_i‖_∞ ≥ max|ΔW_jl| / rank``, so no re-balancing would fit either;
+- where the contract fixes the scale (FedSVD's ``A' = Vᵀ`` with orthonormal rows, so
+  ``B' = UΣ``; FlexLoRA's ``split="left"``; LoRA-FAIR's ``Ā`` kept and ``B̄ + ΔB`` corrected)
+  the factor is what the method promises, and changing it would break the promise.
+
+So the rule is the same for every method: a result that holds Inf or NaN for finite input
+raises :class:`~lorafair.errors.DtypeOverflowError`, never returns silently.
+:func:`fits_dtype` applies it to every public aggregator's return value: one float64 sum per
+output tensor and one host synchronisation per call (O(r (d_in + d_out)) per layer, against
+the aggregators' own O(K r (d_in + d_out)) or more); only when a sum is not finite are the
+tensors scanned one by one. To name the value that does not fit, the offending layer alone is
+recomputed from the clients' factors cast to float64 (error path only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import wraps
+from typing import Any, NamedTuple, ParamSpec, TypeVar
+
+import torch
+from torch import Tensor
+
+from lorafair.errors import DtypeOverflowError, LoRAFairError
+
+__all__ = ["fits_dtype"]
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+class _Leaf(NamedTuple):
+    """One output tensor and where it sits in the result (the keys that lead to it)."""
+
+    path: tuple[str | int, ...]
+    layer: str
+    factor: str
+    tensor: Tensor
+
+
+def _leaves(
+    value: object, path: tuple[str | int, ...] = (), layer: str = "", label: str = ""
+) -> Iterator[_Leaf]:
+    """Every tensor of a result, with its layer and a label such as ``"client 1's B"``."""
+    if isinstance(value, Tensor):
+        yield _Leaf(path, layer, label or "factor", value)
+    elif isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple
+        for field, item in zip(value._fields, value, strict=True):
+            named = field if len(field) > 1 else f"{label} {field}".strip()
+            yield from _leaves(item, (*path, field), layer, named)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _leaves(item, (*path, key), str(key), label)
+    elif isinstance(value, (tuple, list)):
+        for k, item in enumerate(value):
+            yield from _leaves(item, (*path, k), layer, f"client {k}'s")
+
+
+def _at(value: Any, path: Sequence[str | int]) -> Any:
+    for key in path:
+        value = (
+            getattr(value, key)
+            if isinstance(key, str) and hasattr(value, "_fields")
+            else value[key]
+        )
+    return value
+
+
+def _float64_value(
+    fn: Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any], leaf: _Leaf
+) -> float | None:
+    """Largest magnitude of the offending tensor, recomputed for its layer alone in float64."""
+    clients = args[0] if args else kwargs.get("clients")
+    if not isinstance(clients, Sequence):
+        return None
+    try:
+        one = [{leaf.layer: tuple(t.double() for t in c[leaf.layer])} for c in clients]
+        rest = {k: v for k, v in kwargs.items() if k != "clients"}
+        out = fn(one, *args[1:], **rest)
+        return float(_at(out, leaf.path).abs().max())
+    except (LoRAFairError, RuntimeError, KeyError, TypeError, IndexError, AttributeError):
+        return None
+
+
+def _overflow(
+    fn: Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any], leaf: _Leaf
+) -> DtypeOverflowError:
+    dtype = leaf.tensor.dtype
+    name = str(dtype).removeprefix("torch.")
+    limit = float(torch.finfo(dtype).max)
+    value = _float64_value(fn, args, kwargs, leaf)
+    wider = (
+        "float32" if value is None or value < float(torch.finfo(torch.float32).max) else "float64"
+    )
+    held = f"{value:.6g}" if value is not None else "a value beyond it"
+    fit = "" if value is None or value >= limit else f" (it fits, but {name} arithmetic overflowed)"
+    return DtypeOverflowError(
+        f"layer {leaf.layer!r}: {fn.__name__}'s {leaf.factor} holds {held}{fit}, above "
+        f"{name}'s largest finite value {limit:.6g}, so the result cannot be returned in {name}; "
+        f"aggregate in {wider} instead (cast every client's A and B with .to(torch.{wider}))",
+        layer=leaf.layer,
+        factor=leaf.factor,
+        value=value,
+        dtype=dtype,
+    )
+
+
+def fits_dtype(fn: Callable[_P, _T]) -> Callable[_P, _T]:
+    """Decorator: ``fn``'s result, or :class:`DtypeOverflowError` if a tensor of it is not finite.
+
+    ``fn`` validates its input (finite), so a non-finite output means the result does not fit
+    the output dtype. Cost: one float64 sum per output tensor and one host synchronisation.
+    """
+
+    @wraps(fn)
+    def checked(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        out = fn(*args, **kwargs)
+        leaves = list(_leaves(out))
+        if not leaves:
+            return out
+        sums = torch.stack([leaf.tensor.sum(dtype=torch.float64) for leaf in leaves])
+        if bool(torch.isfinite(sums).all()):
+            return out
+        for leaf in leaves:  # a sum may overflow float64 with every entry finite
+            if not bool(torch.isfinite(leaf.tensor).all()):
+                raise _overflow(fn, args, dict(kwargs), leaf)
+        return out
+
+    return checked
