@@ -26,6 +26,7 @@ recomputed from the clients' factors cast to float64 (error path only).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import wraps
 from typing import Any, NamedTuple, ParamSpec, TypeVar
@@ -104,7 +105,7 @@ def _overflow(
     wider = (
         "float32" if value is None or value < float(torch.finfo(torch.float32).max) else "float64"
     )
-    held = f"{value:.6g}" if value is not None else "a value beyond it"
+    held = "a value beyond it" if value is None or value == math.inf else f"{value:.6g}"
     fit = "" if value is None or value >= limit else f" (it fits, but {name} arithmetic overflowed)"
     return DtypeOverflowError(
         f"layer {leaf.layer!r}: {fn.__name__}'s {leaf.factor} holds {held}{fit}, above "
