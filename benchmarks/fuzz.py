@@ -53,7 +53,7 @@ _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 class Case(NamedTuple):
     """One fuzzed call: the method, the clients' factors and weights it receives."""
 
-    index: int
+    number: int
     spec: AggregatorSpec
     dtype: torch.dtype
     clients: list[dict[str, LoRAFactors]]
