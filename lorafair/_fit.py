@@ -17,7 +17,7 @@ method re-factors the update, its factors can carry more magnitude than its inpu
 
 So the rule is the same for every method: a result that holds Inf or NaN for finite input
 raises :class:`~lorafair.errors.DtypeOverflowError`, never returns silently.
-:func:`fits_dtype` applies it to every public aggregator's return value: one float64 sum per
+:func:`fits_dtype` applies it to every public aggregator's return value: one sum per
 output tensor and one host synchronisation per call (O(r (d_in + d_out)) per layer, against
 the aggregators' own O(K r (d_in + d_out)) or more); only when a sum is not finite are the
 tensors scanned one by one. To name the value that does not fit, the offending layer alone is
@@ -118,11 +118,18 @@ def _overflow(
     )
 
 
+def _sum(t: Tensor) -> Tensor:
+    """``Σ t``, finite whenever every entry is (unless the sum itself overflows): float32
+    accumulation for half types, native (and cheaper than a float64 sum) for the others."""
+    return t.sum(dtype=torch.float32) if t.element_size() < 4 else t.sum()
+
+
 def fits_dtype(fn: Callable[_P, _T]) -> Callable[_P, _T]:
     """Decorator: ``fn``'s result, or :class:`DtypeOverflowError` if a tensor of it is not finite.
 
     ``fn`` validates its input (finite), so a non-finite output means the result does not fit
-    the output dtype. Cost: one float64 sum per output tensor and one host synchronisation.
+    the output dtype. Cost: one sum per output tensor and one host synchronisation; only when a
+    sum is not finite (NaN/Inf, or a sum that overflows) are the tensors scanned one by one.
     """
 
     @wraps(fn)
@@ -131,8 +138,10 @@ def fits_dtype(fn: Callable[_P, _T]) -> Callable[_P, _T]:
         leaves = list(_leaves(out))
         if not leaves:
             return out
-        sums = torch.stack([leaf.tensor.sum(dtype=torch.float64) for leaf in leaves])
-        if bool(torch.isfinite(sums).all()):
+        sums = [_sum(leaf.tensor) for leaf in leaves]
+        if len({t.dtype for t in sums}) > 1:
+            sums = [t.double() for t in sums]
+        if bool(torch.isfinite(torch.stack(sums)).all()):
             return out
         for leaf in leaves:  # a sum may overflow float64 with every entry finite
             if not bool(torch.isfinite(leaf.tensor).all()):
