@@ -27,7 +27,7 @@ _Clients = Sequence[Mapping[str, "LoRAFactors | tuple[Tensor, Tensor]"]]
 
 
 @torch_single_threaded
-@fits_dtype
+@fits_dtype(bounded=lambda kwargs: kwargs.get("residual_rank") is None)
 def fedex_lora(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -124,7 +124,7 @@ def _orthonormal_refactor(B: Tensor, A: Tensor) -> LoRAFactors:
 
 
 @torch_single_threaded
-@fits_dtype
+@fits_dtype()
 def fedsvd(
     clients: _Clients,
     weights: Sequence[float] | None = None,

@@ -16,7 +16,10 @@ method re-factors the update, its factors can carry more magnitude than its inpu
   the factor is what the method promises, and changing it would break the promise.
 
 So the rule is the same for every method: a result that holds Inf or NaN for finite input
-raises :class:`~lorafair.errors.DtypeOverflowError`, never returns silently.
+raises :class:`~lorafair.errors.DtypeOverflowError`, never returns silently. One exception,
+declared per method (``fits_dtype(bounded=True)``): an average's exact value lies within the
+dtype's range, so an Inf there is the rounding of a sum at the limit (``fl(p₁x + p₂x)`` can
+exceed ``max`` for ``x = max``) and is clamped to ``±max``, within an ulp of the exact value.
 :func:`fits_dtype` applies it to every public aggregator's return value: one sum per
 output tensor and one host synchronisation per call (O(r (d_in + d_out)) per layer, against
 the aggregators' own O(K r (d_in + d_out)) or more); only when a sum is not finite are the
@@ -124,28 +127,44 @@ def _sum(t: Tensor) -> Tensor:
     return t.sum(dtype=torch.float32) if t.element_size() < 4 else t.sum()
 
 
-def fits_dtype(fn: Callable[_P, _T]) -> Callable[_P, _T]:
+def fits_dtype(
+    *, bounded: bool | Callable[[Mapping[str, Any]], bool] = False
+) -> Callable[[Callable[_P, _T]], Callable[_P, _T]]:
     """Decorator: ``fn``'s result, or :class:`DtypeOverflowError` if a tensor of it is not finite.
 
     ``fn`` validates its input (finite), so a non-finite output means the result does not fit
-    the output dtype. Cost: one sum per output tensor and one host synchronisation; only when a
-    sum is not finite (NaN/Inf, or a sum that overflows) are the tensors scanned one by one.
+    the output dtype. ``bounded`` (or ``bounded(kwargs)``) declares that every output entry is a
+    convex combination, or a copy times a weight ``0 ≤ p ≤ 1``, of finite input entries: its
+    exact value lies within the dtype's range, so an Inf can only be the rounding of a sum at
+    the limit (``fl(p₁x + p₂x) > max`` for ``x = max``), and is clamped to ``±max`` (within an
+    ulp of the exact value) instead of raising. Cost: one sum per output tensor and one host
+    synchronisation; only when a sum is not finite (NaN/Inf, or a sum that overflows) are the
+    tensors scanned one by one.
     """
 
-    @wraps(fn)
-    def checked(*args: _P.args, **kwargs: _P.kwargs) -> _T:
-        out = fn(*args, **kwargs)
-        leaves = list(_leaves(out))
-        if not leaves:
-            return out
-        sums = [_sum(leaf.tensor) for leaf in leaves]
-        if len({t.dtype for t in sums}) > 1:
-            sums = [t.double() for t in sums]
-        if bool(torch.isfinite(torch.stack(sums)).all()):
-            return out
-        for leaf in leaves:  # a sum may overflow float64 with every entry finite
-            if not bool(torch.isfinite(leaf.tensor).all()):
+    def decorate(fn: Callable[_P, _T]) -> Callable[_P, _T]:
+        @wraps(fn)
+        def checked(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+            out = fn(*args, **kwargs)
+            leaves = list(_leaves(out))
+            if not leaves:
+                return out
+            sums = [_sum(leaf.tensor) for leaf in leaves]
+            if len({t.dtype for t in sums}) > 1:
+                sums = [t.double() for t in sums]
+            if bool(torch.isfinite(torch.stack(sums)).all()):
+                return out
+            clamp = bounded(kwargs) if callable(bounded) else bounded
+            for leaf in leaves:  # a sum may overflow with every entry finite
+                if bool(torch.isfinite(leaf.tensor).all()):
+                    continue
+                if clamp and not bool(leaf.tensor.isnan().any()):
+                    limit = float(torch.finfo(leaf.tensor.dtype).max)
+                    leaf.tensor.clamp_(-limit, limit)  # a fresh output tensor of fn's
+                    continue
                 raise _overflow(fn, args, dict(kwargs), leaf)
-        return out
+            return out
 
-    return checked
+        return checked
+
+    return decorate

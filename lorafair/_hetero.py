@@ -54,7 +54,7 @@ def _log_fro_norm(B: Tensor, A: Tensor) -> Tensor:
 
 
 @torch_single_threaded
-@fits_dtype
+@fits_dtype(bounded=True)
 def hetlora(
     clients: _Clients,
     weights: Sequence[float] | None = None,

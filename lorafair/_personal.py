@@ -17,7 +17,7 @@ _Clients = Sequence[Mapping[str, "LoRAFactors | tuple[Tensor, Tensor]"]]
 
 
 @torch_single_threaded
-@fits_dtype
+@fits_dtype(bounded=True)
 def fedsa_lora(
     clients: _Clients,
     weights: Sequence[float] | None = None,

@@ -74,7 +74,7 @@ _BATCH_BYTES = 1 << 28
 
 
 @torch_single_threaded
-@fits_dtype
+@fits_dtype(bounded=True)
 def fedit(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -128,7 +128,7 @@ def _max_drift(copies: Sequence[Sequence[Tensor]]) -> list[Tensor]:
 
 
 @torch_single_threaded
-@fits_dtype
+@fits_dtype(bounded=True)
 def ffa_lora(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -207,7 +207,7 @@ def rolora_trained(round_index: int) -> Literal["A", "B"]:
 
 
 @torch_single_threaded
-@fits_dtype
+@fits_dtype(bounded=True)
 def rolora(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -243,7 +243,7 @@ def rolora(
 
 
 @torch_single_threaded
-@fits_dtype
+@fits_dtype(bounded=True)
 def flora(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -502,7 +502,7 @@ def _layer(svd: _linalg.FactoredSVD, i: int) -> _linalg.FactoredSVD:
     return _linalg.FactoredSVD(*(t[i] for t in svd))
 
 
-@fits_dtype
+@fits_dtype()
 def flexlora(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -575,7 +575,7 @@ def flexlora(
     ).adapters
 
 
-@fits_dtype
+@fits_dtype()
 def flexlora_report(
     clients: _Clients,
     weights: Sequence[float] | None = None,

@@ -186,3 +186,29 @@ def _shared_a(clients: list[dict[str, LoRAFactors]]) -> list[dict[str, LoRAFacto
 def test_the_error_is_exported() -> None:
     assert "DtypeOverflowError" in lorafair.__all__
     assert issubclass(lorafair.DtypeOverflowError, lorafair.LoRAFairError)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weights", [[0.1, 5.0, 0.7], [1e-6, 1.0, 9.0], None])
+def test_averages_at_the_dtype_limit_stay_finite(
+    dtype: torch.dtype, weights: list[float] | None
+) -> None:
+    """Every entry at the largest finite value: the exact average is that value, which fits;
+    a weighted sum may round past it (it did: ``fedit`` raised in float64) but is clamped."""
+    top = torch.finfo(dtype).max
+    clients = [
+        {
+            "l0": LoRAFactors(
+                torch.full((2, 3), top, dtype=dtype), torch.full((4, 2), -top, dtype=dtype)
+            )
+        }
+        for _ in range(3)
+    ]
+    for fn in (lorafair.fedit, lorafair.ffa_lora, lorafair.hetlora):
+        A, B = fn(clients, weights)["l0"]
+        torch.testing.assert_close(A, torch.full_like(A, top))
+        torch.testing.assert_close(B, torch.full_like(B, -top))
+    result = lorafair.fedex_lora(clients, weights)
+    for A, B in (*result.adapters.values(), *result.residual.values()):
+        assert bool(torch.isfinite(A).all())
+        assert bool(torch.isfinite(B).all())

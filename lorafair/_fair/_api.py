@@ -140,7 +140,7 @@ def _solutions(
     return out
 
 
-@fits_dtype
+@fits_dtype()
 def lora_fair(
     clients: _Clients,
     weights: Sequence[float] | None = None,

@@ -27,6 +27,8 @@ from lorafair.types import LoRAFactors
 _FAR = 128
 """A layer is rescaled when its largest |A| or |B| entry lies outside ``[2^-128, 2^128]``."""
 
+_MAX = float(torch.finfo(torch.float64).max)
+
 _Solve = Callable[
     [Sequence[Mapping[str, LoRAFactors]], "Sequence[float] | None", _Options],
     dict[str, LoRAFactors],
@@ -62,6 +64,14 @@ def _exponent(ts: Sequence[Tensor]) -> int:
     return 0 if top == 0.0 or not math.isfinite(top) else math.frexp(top)[1]
 
 
+def _below_max(t: Tensor, e: int) -> Tensor:
+    """``t`` clamped so that ``t · 2^e`` stays within float64's range."""
+    if e <= 0:
+        return t
+    bound = math.ldexp(_MAX, -e)
+    return t.clamp(-bound, bound)
+
+
 def solve_scaled(
     solve: _Solve,
     clients: Sequence[Mapping[str, LoRAFactors | tuple[Tensor, Tensor]]],
@@ -90,6 +100,8 @@ def solve_scaled(
             pad_B = [torch.cat([B, B.new_zeros(B.shape[0], r - B.shape[1])], 1) for B in Bs]
             A_hat = weighted_sum(pad_A, prep.weights, torch.float64)
             B_hat = weighted_sum(pad_B, prep.weights, torch.float64)
+            # averages of entries ≤ max: an Inf after scaling back is the rounding at the limit
+            A_hat, B_hat = _below_max(A_hat, a), _below_max(B_hat, b)
         out[name] = LoRAFactors(
             torch.ldexp(A_hat, torch.tensor(a)).to(layer.dtype),
             torch.ldexp(B_hat, torch.tensor(b)).to(layer.dtype),
