@@ -8,9 +8,10 @@ method re-factors the update, its factors can carry more magnitude than its inpu
 
 - where the method's contract leaves the scale free it already takes the representation that
   fits best, the balanced split ``B = U S^{1/2}``, ``A = S^{1/2} Vᵀ`` (FlexLoRA's default
-  ``split="balanced"``, FedEx-LoRA's ``residual_rank=q``); an entry of it above the dtype's
-  limit means some rank-one term ``b_i a_iᵀ`` of every factorisation has
-  ``‖b_i‖_∞‖a_i‖_∞ ≥ max|ΔW_jl| / rank``, so no re-balancing would fit either;
+  ``split="balanced"``, FedEx-LoRA's ``residual_rank=q``). Its entries are at most
+  ``√σ_i``, so one exceeds the dtype's limit only where ``σ₁ > max²`` (4.3·10⁹ in float16);
+  every rank-r factorisation ``B A = ΔW`` then has ``max|B|·max|A| ≥ σ₁ / (r √(d_in d_out))``,
+  rarely within range, so the method raises rather than search for another split;
 - where the contract fixes the scale (FedSVD's ``A' = Vᵀ`` with orthonormal rows, so
   ``B' = UΣ``; FlexLoRA's ``split="left"``; LoRA-FAIR's ``Ā`` kept and ``B̄ + ΔB`` corrected)
   the factor is what the method promises, and changing it would break the promise.
@@ -108,12 +109,15 @@ def _overflow(
     wider = (
         "float32" if value is None or value < float(torch.finfo(torch.float32).max) else "float64"
     )
+    advice = f"aggregate in {wider} instead (cast every client's A and B with .to(torch.{wider}))"
+    if dtype == torch.float64:
+        advice = "float64 is the widest dtype: check the clients' factors (a diverged client?)"
     held = "a value beyond it" if value is None or value == math.inf else f"{value:.6g}"
     fit = "" if value is None or value >= limit else f" (it fits, but {name} arithmetic overflowed)"
     return DtypeOverflowError(
         f"layer {leaf.layer!r}: {fn.__name__}'s {leaf.factor} holds {held}{fit}, above "
         f"{name}'s largest finite value {limit:.6g}, so the result cannot be returned in {name}; "
-        f"aggregate in {wider} instead (cast every client's A and B with .to(torch.{wider}))",
+        f"{advice}",
         layer=leaf.layer,
         factor=leaf.factor,
         value=value,
