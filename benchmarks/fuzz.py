@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import signal
 import sys
 import time
 import traceback
@@ -285,6 +286,11 @@ def _describe(case: Case) -> str:
     )
 
 
+def _stop(signum: int, frame: object) -> None:
+    """SIGTERM (e.g. ``timeout``) ends the run like Ctrl-C: the summary of the calls made."""
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the fuzz; print defects and a summary; exit 1 if any call broke the promise."""
     p = argparse.ArgumentParser(
@@ -292,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--calls", type=int, default=2000, help="number of calls (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
+    p.add_argument("--start", type=int, default=0, help="first call index (to split a run)")
     p.add_argument("--case", type=int, default=None, help="replay one call with its traceback")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     args = p.parse_args(argv)
@@ -311,30 +318,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     defects: list[str] = []
     bar = _progress(args.calls, args.no_progress or args.calls < 2000)
     start = time.perf_counter()
-    for i in range(args.calls):
-        case = make_case(args.seed, i)
-        outcome = run_case(case)
-        kinds[outcome.kind] += 1
-        if outcome.kind.startswith("error:"):
-            dt = str(case.dtype).removeprefix("torch.")
-            raised[f"{outcome.kind.removeprefix('error:')} {case.spec.name} {dt}"] += 1
-        if outcome.kind == "defect":
-            defects.append(
-                f"case {i} (python -m benchmarks.fuzz --seed {args.seed} --case {i}): "
-                f"{_describe(case)}: {outcome.detail}"
-            )
-        if bar is not None:
-            bar.update(1)
+    done = 0
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        for i in range(args.start, args.start + args.calls):
+            case = make_case(args.seed, i)
+            outcome = run_case(case)
+            done += 1
+            kinds[outcome.kind] += 1
+            if outcome.kind.startswith("error:"):
+                dt = str(case.dtype).removeprefix("torch.")
+                raised[f"{outcome.kind.removeprefix('error:')} {case.spec.name} {dt}"] += 1
+            if outcome.kind == "defect":
+                defects.append(
+                    f"case {i} (python -m benchmarks.fuzz --seed {args.seed} --case {i}): "
+                    f"{_describe(case)}: {outcome.detail}"
+                )
+                print(defects[-1], flush=True)
+            if bar is not None:
+                bar.update(1)
+    except KeyboardInterrupt:
+        print(f"stopped after {done} of {args.calls} calls", flush=True)
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - start
-    for line in defects:
-        print(line)
     for what, n in sorted(raised.items()):
         print(f"raised {what}: {n}")
     counts = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
+    calls = f"calls {args.start}..{args.start + done - 1}" if args.start else f"{done} calls"
     print(
-        f"{args.calls} calls over {len(specs())} methods, seed {args.seed}, {elapsed:.0f} s: "
+        f"{calls} over {len(specs())} methods, seed {args.seed}, {elapsed:.0f} s: "
         f"{len(defects)} defects ({counts})"
     )
     return 1 if defects else 0
