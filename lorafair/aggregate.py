@@ -8,7 +8,8 @@ to ``p_k = w_k / Σ w_j``; ``None`` means ``p_k = 1/K``), keyword-only options, 
 frozen weights, and the personalised :func:`fedsa_lora`, which returns a :class:`FedSAResult`
 with one adapter per client). Inputs are validated once (see :mod:`lorafair.errors`) and never
 mutated; a result that does not fit the output dtype raises
-:class:`~lorafair.errors.DtypeOverflowError` (one rule for every method, ``lorafair._fit``). A rank above both ``d_in`` and ``d_out`` is rejected as a likely A/B swap (A must be
+:class:`~lorafair.errors.DtypeOverflowError` (one rule for every method, ``lorafair._fit``).
+A rank above both ``d_in`` and ``d_out`` is rejected as a likely A/B swap (A must be
 (r, d_in), B (d_out, r)); every aggregator takes ``allow_excess_rank=True`` to accept such a
 rank on purpose. Every aggregator runs its call with torch's intra-op pool pinned to one thread
 (restored after; :mod:`lorafair._threads` says why and what it costs).
