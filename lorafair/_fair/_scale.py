@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from lorafair._fair._options import _Options
-from lorafair._validate import prepare, weighted_sum
+from lorafair._validate import Layer, prepare, weighted_sum
 from lorafair.types import LoRAFactors
 
 _FAR = 128
@@ -72,6 +72,16 @@ def _below_max(t: Tensor, e: int) -> Tensor:
     return t.clamp(-bound, bound)
 
 
+def _fedit(
+    layer: Layer, As: Sequence[Tensor], Bs: Sequence[Tensor], p: Sequence[float]
+) -> LoRAFactors:
+    """FedIT's ``(Ā, B̄)`` of the scaled factors, zero-padded to the largest rank (``ΔB = 0``)."""
+    r = max(layer.ranks)
+    pad_A = [torch.cat([A, A.new_zeros(r - A.shape[0], A.shape[1])]) for A in As]
+    pad_B = [torch.cat([B, B.new_zeros(B.shape[0], r - B.shape[1])], 1) for B in Bs]
+    return LoRAFactors(weighted_sum(pad_A, p, torch.float64), weighted_sum(pad_B, p, torch.float64))
+
+
 def solve_scaled(
     solve: _Solve,
     clients: Sequence[Mapping[str, LoRAFactors | tuple[Tensor, Tensor]]],
@@ -79,7 +89,13 @@ def solve_scaled(
     opts: _Options,
     allow_excess_rank: bool,
 ) -> dict[str, LoRAFactors]:
-    """``solve`` per layer on factors scaled to a largest entry in ``[0.5, 1)``, scaled back."""
+    """``solve`` per layer on factors scaled to a largest entry in ``[0.5, 1)``, scaled back.
+
+    Where even the scaled problem leaves float64's range (clients whose updates differ by more
+    than about 10^150, so that ``‖ΔW‖²`` or ``‖B̄Ā‖²`` underflows beside the other), the solve
+    cannot evaluate the objective and no candidate can beat ``ΔB = 0``: FedIT's answer, as
+    the solvers return whenever nothing beats it.
+    """
     prep = prepare(clients, weights, equal_ranks=False, allow_excess_rank=allow_excess_rank)
     out: dict[str, LoRAFactors] = {}
     power = 2 if opts.norm == "fro_squared" else 1
@@ -90,18 +106,22 @@ def solve_scaled(
         try:
             lam = math.ldexp(opts.lam, power * (b if opts.residual_on == "B" else a))
         except OverflowError:
-            lam = math.inf
+            lam = math.inf  # every nonzero residual costs infinitely much: ΔB* = 0
+        solved = None
         if math.isfinite(lam):
             scaled = [{name: LoRAFactors(A, B)} for A, B in zip(As, Bs, strict=True)]
-            A_hat, B_hat = solve(scaled, weights, replace(opts, lam=lam))[name]
-        else:  # every nonzero residual costs infinitely much: ΔB* = 0, FedIT's average
-            r = max(layer.ranks)
-            pad_A = [torch.cat([A, A.new_zeros(r - A.shape[0], A.shape[1])]) for A in As]
-            pad_B = [torch.cat([B, B.new_zeros(B.shape[0], r - B.shape[1])], 1) for B in Bs]
-            A_hat = weighted_sum(pad_A, prep.weights, torch.float64)
-            B_hat = weighted_sum(pad_B, prep.weights, torch.float64)
+            try:
+                solved = solve(scaled, weights, replace(opts, lam=lam))[name]
+            except RuntimeError:  # torch.linalg.LinAlgError: the scaled problem is out of reach
+                solved = None
+            if solved is not None and not all(bool(torch.isfinite(t).all()) for t in solved):
+                solved = None
+        if solved is None:
+            A_hat, B_hat = _fedit(layer, As, Bs, prep.weights)
             # averages of entries ≤ max: an Inf after scaling back is the rounding at the limit
             A_hat, B_hat = _below_max(A_hat, a), _below_max(B_hat, b)
+        else:
+            A_hat, B_hat = solved
         out[name] = LoRAFactors(
             torch.ldexp(A_hat, torch.tensor(a)).to(layer.dtype),
             torch.ldexp(B_hat, torch.tensor(b)).to(layer.dtype),
