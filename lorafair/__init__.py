@@ -26,6 +26,7 @@ from lorafair.aggregate import (
 from lorafair.errors import (
     DeviceMismatchError,
     DtypeMismatchError,
+    DtypeOverflowError,
     EmptyClientsError,
     FrozenAMismatchError,
     FrozenBMismatchError,
@@ -63,6 +64,7 @@ __all__ = [
     "Clients",
     "DeviceMismatchError",
     "DtypeMismatchError",
+    "DtypeOverflowError",
     "EmptyClientsError",
     "EnergyThreshold",
     "FairReport",

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from lorafair import _linalg
+from lorafair._fit import fits_dtype
 from lorafair._frozen import check_tolerances, shared_factor
 from lorafair._threads import torch_single_threaded
 from lorafair._validate import accumulation_dtype, prepare, stacked, weighted_sum
@@ -26,6 +27,7 @@ _Clients = Sequence[Mapping[str, "LoRAFactors | tuple[Tensor, Tensor]"]]
 
 
 @torch_single_threaded
+@fits_dtype(bounded=lambda kwargs: kwargs.get("residual_rank") is None)
 def fedex_lora(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -122,6 +124,7 @@ def _orthonormal_refactor(B: Tensor, A: Tensor) -> LoRAFactors:
 
 
 @torch_single_threaded
+@fits_dtype()
 def fedsvd(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -154,6 +157,12 @@ def fedsvd(
     for name, layer in prep.layers.items():
         A = shared_factor(layer, "A", rtol=rtol, atol=atol, method="FedSVD")
         B_bar = weighted_sum(layer.Bs, p, torch.float64)
-        A_new, B_new = _orthonormal_refactor(B_bar, A.double())
+        # Powers of two scale both factors to a largest entry in [0.5, 1) (exact), so that the
+        # QRs and the core neither overflow nor underflow for float64 input near its limits;
+        # the scale goes back on B' = UΣ alone (A' is orthonormal whatever the scale).
+        A64 = A.double()
+        ea, eb = torch.frexp(A64.abs().amax())[1], torch.frexp(B_bar.abs().amax())[1]
+        A_new, B_new = _orthonormal_refactor(torch.ldexp(B_bar, -eb), torch.ldexp(A64, -ea))
+        B_new = torch.ldexp(B_new, ea + eb)
         out[name] = LoRAFactors(A_new.to(layer.dtype), B_new.to(layer.dtype))
     return out

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from lorafair import _linalg
+from lorafair._fit import fits_dtype
 from lorafair._threads import torch_single_threaded
 from lorafair._validate import accumulation_dtype, prepare
 from lorafair.errors import LoRAFairError, LoRAShapeError
@@ -20,16 +21,40 @@ __all__ = ["hetlora", "hetlora_truncate"]
 _Clients = Sequence[Mapping[str, "LoRAFactors | tuple[Tensor, Tensor]"]]
 
 
-def _mixing(p: Sequence[float], norms: Sequence[float]) -> tuple[float, ...]:
-    """``q_k = p_k n_k / Σ_j p_j n_j``; ``p`` itself when every weighted norm is zero."""
-    raw = [w * n for w, n in zip(p, norms, strict=True)]
-    total = math.fsum(raw)
-    if total <= 0.0:
+def _mixing(p: Sequence[float], log_norms: Sequence[float]) -> tuple[float, ...]:
+    """``q_k = p_k n_k / Σ_j p_j n_j`` from ``log n_k``; ``p`` itself when every ``p_k n_k`` is 0.
+
+    Shifted by the largest ``log(p_k n_k)`` first, so norms beyond float64's range (float64
+    factors near its limit) still give finite weights.
+    """
+    logs = [math.log(w) + n if w > 0.0 else -math.inf for w, n in zip(p, log_norms, strict=True)]
+    top = max(logs)
+    if top == -math.inf:
         return tuple(p)
+    raw = [math.exp(x - top) for x in logs]
+    total = math.fsum(raw)
     return tuple(x / total for x in raw)
 
 
+def _log_sum_squares(logs: Sequence[float]) -> float:
+    """``log sqrt(Σ_i exp(logs_i)²)``, shifted so that it neither overflows nor underflows."""
+    top = max(logs)
+    if top == -math.inf:
+        return -math.inf
+    return top + 0.5 * math.log(math.fsum(math.exp(2.0 * (x - top)) for x in logs))
+
+
+def _log_fro_norm(B: Tensor, A: Tensor) -> Tensor:
+    """``log ‖B A‖_F`` (−inf for 0) in float64, with ``B`` and ``A`` first scaled exactly by
+    powers of two to a largest entry in [0.5, 1), so the norm neither overflows nor underflows."""
+    a, b = A.double(), B.double()
+    ea, eb = torch.frexp(a.abs().amax())[1], torch.frexp(b.abs().amax())[1]
+    norm = _linalg.fro_norm(torch.ldexp(b, -eb), torch.ldexp(a, -ea))
+    return norm.log() + (ea + eb).double() * math.log(2.0)
+
+
 @torch_single_threaded
+@fits_dtype(bounded=True)
 def hetlora(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -59,16 +84,13 @@ def hetlora(
         raise LoRAFairError(f"norm must be 'layer' or 'model', got {norm!r}")
     prep = prepare(clients, weights, equal_ranks=False, allow_excess_rank=allow_excess_rank)
     p = prep.weights
-    layer_norms: dict[str, list[float]] = {}
+    layer_norms: dict[str, list[float]] = {}  # log ‖B_k A_k‖_F per layer and client
     for name, layer in prep.layers.items():
-        values = [
-            _linalg.fro_norm(B.double(), A.double())
-            for A, B in zip(layer.As, layer.Bs, strict=True)
-        ]
+        values = [_log_fro_norm(B, A) for A, B in zip(layer.As, layer.Bs, strict=True)]
         layer_norms[name] = [float(v) for v in torch.stack(values).cpu().tolist()]
     if norm == "model":
         whole = [
-            math.sqrt(math.fsum(layer_norms[n][k] ** 2 for n in layer_norms))
+            _log_sum_squares([layer_norms[n][k] for n in layer_norms])
             for k in range(prep.n_clients)
         ]
         mixing = {n: _mixing(p, whole) for n in layer_norms}

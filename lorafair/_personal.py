@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor
 
+from lorafair._fit import fits_dtype
 from lorafair._threads import torch_single_threaded
 from lorafair._validate import accumulation_dtype, prepare, weighted_sum
 from lorafair.types import FedSAResult, LoRAFactors
@@ -16,6 +17,7 @@ _Clients = Sequence[Mapping[str, "LoRAFactors | tuple[Tensor, Tensor]"]]
 
 
 @torch_single_threaded
+@fits_dtype(bounded=True)
 def fedsa_lora(
     clients: _Clients,
     weights: Sequence[float] | None = None,

@@ -7,7 +7,9 @@ to ``p_k = w_k / Σ w_j``; ``None`` means ``p_k = 1/K``), keyword-only options, 
 (except :func:`fedex_lora`, which returns a :class:`FedExResult` with the residual for the
 frozen weights, and the personalised :func:`fedsa_lora`, which returns a :class:`FedSAResult`
 with one adapter per client). Inputs are validated once (see :mod:`lorafair.errors`) and never
-mutated. A rank above both ``d_in`` and ``d_out`` is rejected as a likely A/B swap (A must be
+mutated; a result that does not fit the output dtype raises
+:class:`~lorafair.errors.DtypeOverflowError` (one rule for every method, ``lorafair._fit``).
+A rank above both ``d_in`` and ``d_out`` is rejected as a likely A/B swap (A must be
 (r, d_in), B (d_out, r)); every aggregator takes ``allow_excess_rank=True`` to accept such a
 rank on purpose. Every aggregator runs its call with torch's intra-op pool pinned to one thread
 (restored after; :mod:`lorafair._threads` says why and what it costs).
@@ -26,6 +28,7 @@ from torch import Tensor
 from lorafair import _average, _linalg
 from lorafair._exact import fedex_lora, fedsvd
 from lorafair._fair import FairSolved, ResidualSolution, lora_fair, lora_fair_solved, solve_residual
+from lorafair._fit import fits_dtype
 from lorafair._frozen import check_factor, check_tolerances, shared_factor
 from lorafair._hetero import hetlora, hetlora_truncate
 from lorafair._personal import fedsa_lora
@@ -75,6 +78,7 @@ _BATCH_BYTES = 1 << 28
 
 
 @torch_single_threaded
+@fits_dtype(bounded=True)
 def fedit(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -128,6 +132,7 @@ def _max_drift(copies: Sequence[Sequence[Tensor]]) -> list[Tensor]:
 
 
 @torch_single_threaded
+@fits_dtype(bounded=True)
 def ffa_lora(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -206,6 +211,7 @@ def rolora_trained(round_index: int) -> Literal["A", "B"]:
 
 
 @torch_single_threaded
+@fits_dtype(bounded=True)
 def rolora(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -241,6 +247,7 @@ def rolora(
 
 
 @torch_single_threaded
+@fits_dtype(bounded=True)
 def flora(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -415,6 +422,7 @@ def _flexlora_svd(
     route: Route,
     scratch: _Scratch | None = None,
     rank: int = 0,
+    left_power: float = 0.5,
 ) -> tuple[_linalg.FactoredSVD, Tensor, Tensor | None]:
     """Every triplet of each layer of one same-shaped batch, by ``route`` (the top ``rank`` where
     ``rank`` > 0 on the Gram route, and always on dense_top); with per-layer non-finite flags and
@@ -457,8 +465,36 @@ def _flexlora_svd(
         bad = ~(torch.isfinite(A_s).flatten(1).all(1) & torch.isfinite(B_s).flatten(1).all(1))
         keep = (~bad).to(A_s.dtype).reshape(-1, 1, 1)
         A_s, B_s = torch.nan_to_num(A_s) * keep, torch.nan_to_num(B_s) * keep
+        ea, eb = _far_exponent(A_s), _far_exponent(B_s)
+        A_s, B_s = torch.ldexp(A_s, -ea), torch.ldexp(B_s, -eb)
         svd = _linalg.qr_svd(B_s, A_s) if route == "qr" else _linalg.dense_svd(B_s, A_s)
+        svd = _unscale(svd, (ea + eb).double(), left_power)
     return svd, bad, gram_ok
+
+
+def _far_exponent(t: Tensor) -> Tensor:
+    """Per layer of ``t`` (L, m, n): the binary exponent of its largest entry where that lies
+    outside ``[2⁻¹²⁸, 2¹²⁸]`` (float64 input near its limits), else 0; shape (L, 1, 1), int.
+
+    Scaling by ``2^-e`` (exact) keeps the QR route's core and the dense route's products within
+    float64's range; inputs of float32's range are left as they are (``e = 0``), bit for bit.
+    """
+    e = torch.frexp(t.abs().amax(dim=(-2, -1), keepdim=True))[1]
+    return torch.where(e.abs() > 128, e, torch.zeros_like(e))
+
+
+def _unscale(svd: _linalg.FactoredSVD, e: Tensor, left_power: float) -> _linalg.FactoredSVD:
+    """The SVD of ``2^e`` times the one given, with the scale on its outer factors, not on S:
+    ``2^(e p)`` on ``left`` and ``2^(e (1 − p))`` on ``right`` for ``split``'s power ``p``, so the
+    split factors are the unscaled ones and ``S`` (read only through ratios: ranks, energy) never
+    overflows. ``e = 0`` returns ``svd`` unchanged."""
+    x = e * left_power
+    k = x.floor()
+    left = torch.ldexp(svd.left, k.to(torch.int64)) * torch.exp2(x - k)
+    y = e - x
+    k = y.floor()
+    right = torch.ldexp(svd.right, k.to(torch.int64)) * torch.exp2(y - k)
+    return svd._replace(left=left, right=right)
 
 
 def _output(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -470,6 +506,7 @@ def _layer(svd: _linalg.FactoredSVD, i: int) -> _linalg.FactoredSVD:
     return _linalg.FactoredSVD(*(t[i] for t in svd))
 
 
+@fits_dtype()
 def flexlora(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -542,6 +579,7 @@ def flexlora(
     ).adapters
 
 
+@fits_dtype()
 def flexlora_report(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -608,13 +646,13 @@ def _flexlora(
         if route == "dense_top":
             route = _route(layer.d_out, layer.d_in, sum(layer.ranks), layer.dtype, None)
             if route != "gram":
-                return _layer(_flexlora_svd([layer], p, route)[0], 0)
+                return _layer(_flexlora_svd([layer], p, route, left_power=left_power)[0], 0)
             top = True  # the full Gram route, κ permitting
         if top:
             svd, bad, ok = _flexlora_svd([layer], p, "gram")
             if ok is not None and _average.check([bad.any()], prep.layers, ok)[0]:
                 return _layer(svd, 0)
-        return _layer(_flexlora_svd([layer], p, "qr")[0], 0)
+        return _layer(_flexlora_svd([layer], p, "qr", left_power=left_power)[0], 0)
 
     def kept(layer: Layer) -> int | None:
         """The fixed number of triplets kept, or None when every σ is needed."""
@@ -650,7 +688,7 @@ def _flexlora(
             if scratch is not None:
                 part = _Scratch(scratch.A[: len(batch)], scratch.B[: len(batch)])
             target = kept(first)
-            svd, bad, route_ok = _flexlora_svd(batch, p, route, part, target or 0)
+            svd, bad, route_ok = _flexlora_svd(batch, p, route, part, target or 0, left_power)
             if target is None:
                 ok = _average.check([bad.any()], prep.layers, route_ok)
                 for j, layer in enumerate(batch):

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
     "AdapterFolderError",
     "AdapterFormatError",
     "DeviceMismatchError",
     "DtypeMismatchError",
+    "DtypeOverflowError",
     "EmptyClientsError",
     "FrozenAMismatchError",
     "FrozenBMismatchError",
@@ -70,3 +76,23 @@ class FrozenBMismatchError(FrozenFactorMismatchError):
 class AdapterFolderError(LoRAFairError):
     """A peft adapter folder is missing, unreadable, inconsistent with its config, unsupported
     (DoRA, embedding LoRA, LoRA biases), or cannot be written (a non-empty output folder)."""
+
+
+class DtypeOverflowError(LoRAFairError):
+    """A result does not fit the output dtype: a factor holds a value beyond its largest finite.
+
+    Raised for finite input only when the method's documented factorisation fixes the scale of
+    the factor (e.g. FedSVD's ``B' = UΣ`` beside an orthonormal ``A'``): the message names the
+    layer, the factor, the value (from the same computation in float64) and the dtype, and
+    suggests aggregating in float32. ``layer``, ``factor``, ``value`` (``None`` if the float64
+    recomputation failed) and ``dtype`` are kept as attributes.
+    """
+
+    def __init__(
+        self, message: str, *, layer: str, factor: str, value: float | None, dtype: torch.dtype
+    ) -> None:
+        super().__init__(message)
+        self.layer = layer
+        self.factor = factor
+        self.value = value
+        self.dtype = dtype

@@ -17,6 +17,8 @@ from lorafair._fair._batch import _build_group, _corrected, _delta, _Group, _Sol
 from lorafair._fair._columns import solve_columns
 from lorafair._fair._flat import _solve_flat
 from lorafair._fair._options import Norm, ResidualOn, Similarity, _check_options, _Options
+from lorafair._fair._scale import far_float64, solve_scaled
+from lorafair._fit import fits_dtype
 from lorafair._threads import single_threaded
 from lorafair._validate import Prepared, group_by_shape, prepare
 from lorafair.types import LoRAFactors
@@ -138,6 +140,7 @@ def _solutions(
     return out
 
 
+@fits_dtype()
 def lora_fair(
     clients: _Clients,
     weights: Sequence[float] | None = None,
@@ -199,9 +202,17 @@ def lora_fair(
     (torch.Size([1, 2]), torch.Size([2, 1]))
     """
     opts = _check_options(lam, norm, similarity, residual_on, tol, max_iter)
-    with single_threaded():
+
+    def solve(
+        clients: _Clients, weights: Sequence[float] | None, opts: _Options
+    ) -> dict[str, LoRAFactors]:
         groups, solved = _run(clients, weights, opts, allow_excess_rank)
         return _factors(clients, groups, solved, opts)
+
+    with single_threaded():
+        if far_float64(clients):  # float64 factors near its limits: see ._scale
+            return solve_scaled(solve, clients, weights, opts, allow_excess_rank)
+        return solve(clients, weights, opts)
 
 
 def _factors(
