@@ -222,3 +222,17 @@ def test_properties_need_hypothesis_only_when_they_run():
     assert result.stdout.split() == [str(len(check_names()) - len(PROPERTIES)), "True"], (
         result.stderr
     )
+
+
+def test_the_readme_usage_runs():
+    from pathlib import Path
+
+    from lorafair.aggregate import flora, hetlora
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Test your own aggregator", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len([line for line in code.splitlines() if line.strip()]) == 2
+    exec(code, {"my_aggregate": flora})
+    with pytest.raises(AssertionError, match="property 'exact' failed"):
+        exec(code, {"my_aggregate": hetlora})  # biased: weights by p_k ‖B_k A_k‖_F
