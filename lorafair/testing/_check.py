@@ -167,7 +167,9 @@ def check_aggregator(
         call: Callable[..., Any] = functools.partial(spec.fn, **spec.defaults)
     else:
         assert callable(fn)
-        name = getattr(fn, "__name__", repr(fn))
+        name = str(
+            getattr(fn, "__name__", None) or getattr(getattr(fn, "func", fn), "__name__", "fn")
+        )
         call = fn
     target = Target(name, call, claims, update, objective or _objective(spec))
     skip_set = _selected(skip)
