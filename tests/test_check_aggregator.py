@@ -112,6 +112,41 @@ def ignores_the_weights(clients, weights=None):
     return fedit(clients)
 
 
+REFUSED: list[int] = []
+
+
+def raises_where_half_may_overflow(clients, weights=None):
+    """FedIT, refusing float16 input where Σ p_k ‖B_k‖_F ‖A_k‖_F (a bound on ‖ΔW‖_2) of a layer
+    exceeds 2⁻⁸ of float16's range, as D's overflow rule may."""
+    out = fedit(clients, weights)
+    p = [1.0] * len(clients) if weights is None else weights
+    for name, (A, _) in clients[0].items():
+        size = sum(
+            w * float(c[name][1].double().norm() * c[name][0].double().norm())
+            for w, c in zip(p, clients, strict=True)
+        )
+        if A.dtype == torch.float16 and size / sum(p) > 65504 / 256:
+            REFUSED.append(1)
+            raise errors.LoRAFairError(f"layer {name!r}: the update may overflow float16")
+    return out
+
+
+def raises_on_every_half(clients, weights=None):
+    if next(iter(clients[0].values()))[0].dtype == torch.float16:
+        raise errors.LoRAFairError("float16 is not supported")
+    return fedit(clients, weights)
+
+
+def test_a_lorafair_error_stands_in_for_a_result_that_may_overflow():
+    REFUSED.clear()
+    report = check_aggregator(raises_where_half_may_overflow, equal_ranks=True, max_examples=20)
+    assert "finite_output" in report.checked
+    assert REFUSED  # the check saw the error, and accepted it
+    with pytest.raises(AssertionError) as excinfo:
+        check_aggregator(raises_on_every_half, equal_ranks=True, max_examples=FEW)
+    assert "float16 is not supported" in failed("dtype_device", excinfo)
+
+
 def failed(check: str, excinfo: pytest.ExceptionInfo[AssertionError]) -> str:
     message = str(excinfo.value)
     head = rf"check_aggregator\(\w+\): (check|property) '{re.escape(check)}' failed"

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from lorafair.testing._reference import Objective
+from lorafair.testing._reference import Objective, input_scale
 from lorafair.types import LoRAFactors
 
 Adapter = Mapping[str, "LoRAFactors | tuple[Tensor, Tensor]"]
@@ -33,6 +33,10 @@ RTOL: Mapping[torch.dtype, float] = {
 # looser, since a solver's iterates may stop at a different point of a flat minimum.
 OBJECTIVE_SLACK = 1e-9
 OBJECTIVE_RTOL = 1e-7
+# A LoRAFairError stands in for a finite result only where the result may honestly overflow the
+# dtype: Σ p_k ‖B_k‖_F ‖A_k‖_F (which bounds ‖ΔW‖_2, hence the SVD factors a method may
+# return) of some layer above this fraction of the dtype's largest finite value.
+OVERFLOW_FRACTION = 2.0**-8
 
 
 class Claims(NamedTuple):
@@ -123,6 +127,13 @@ def fits(
                     f"fit the layer (d_out, d_in) = ({d_out}, {d_in})"
                 )
     return adapters
+
+
+def may_overflow(clients: Sequence[Adapter], weights: Sequence[float] | None) -> bool:
+    """Whether a LoRAFairError may stand in for a finite result (see ``OVERFLOW_FRACTION``)."""
+    dtype = next(iter(clients[0].values()))[0].dtype
+    limit = OVERFLOW_FRACTION * torch.finfo(dtype).max
+    return any(input_scale(clients, weights, name) > limit for name in clients[0])
 
 
 def run(target: Target, clients: Sequence[Adapter], weights: Sequence[float] | None) -> Any:
