@@ -109,8 +109,8 @@ def check_aggregator(
     Every tensor in the result is checked for dtype, device, purity and determinism.
 
     Conformance checks, on fixed inputs: ``dtype_device`` (float16/bfloat16/float32/float64
-    on the CPU, and CUDA if present, give results of the same dtype and device, finite, or a
-    ``LoRAFairError``), ``no_mutation``, ``no_aliasing``, ``deterministic``, ``plain_tuples``,
+    on the CPU, and CUDA if present, give finite results of the same dtype and device),
+    ``no_mutation``, ``no_aliasing``, ``deterministic``, ``plain_tuples``,
     ``zero_update`` (ΔW = 0 gives a finite zero update), ``one_client`` (gets its update back;
     for an ``optimal`` method, its best approximation at the result's rank), ``zero_weight``
     (a zero-weight client is ignored), ``shared_A`` and ``equal_ranks`` (rejected with a
@@ -128,6 +128,10 @@ def check_aggregator(
     dtypes), and, if claimed, ``exact`` (float64 and float32), ``optimal`` and
     ``never_worse_than_fedit``. Tolerances are relative to ``Σ p_k ‖B_k‖_F ‖A_k‖_F`` by dtype
     (``lorafair.testing._target.RTOL``: 1e-9 in float64, 1e-5 in float32).
+
+    Finite input must give a finite result, or, where the result may honestly overflow the
+    dtype (``Σ p_k ‖B_k‖_F ‖A_k‖_F`` of a layer, a bound on ``‖ΔW‖_2``, above 2⁻⁸ of the
+    dtype's largest value), a ``LoRAFairError``; raising on any other valid input fails.
 
     ``skip`` switches checks off by name (:func:`check_names`; ``"bad_input"`` for all of its
     cases). ``max_examples`` per property defaults to the loaded Hypothesis profile's, capped

@@ -236,7 +236,8 @@ PROPERTIES: Mapping[str, Property] = {
         "weights=None gives the update of equal weights", _always, (_F64,), none_means_equal_weights
     ),
     "finite_output": Property(
-        "finite input gives a finite result in the input dtype, or a LoRAFairError",
+        "finite input gives a finite result in the input dtype, or a LoRAFairError where "
+        "that may overflow",
         _always,
         _ALL,
         finite_output,
