@@ -196,6 +196,7 @@ def check_aggregator(
     skipped += [p for p in _PROPERTY_NAMES if _skipped(p, skip_set)]
     if wanted:
         properties = _import_properties()
+        assert tuple(properties.PROPERTIES) == _PROPERTY_NAMES, "keep the two lists in step"
         if max_examples is None:
             examples = min(examples, properties.profile_max_examples())
         for prop_name in wanted:
