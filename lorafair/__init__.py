@@ -1,8 +1,9 @@
 """lorafair: exact, factored server-side aggregation for federated LoRA fine-tuning.
 
 The whole API: the aggregators in :mod:`lorafair.aggregate`, the diagnostics in
-:mod:`lorafair.metrics`, the types and errors below. Property-testing helpers live in
-:mod:`lorafair.testing` (needs the ``test`` extra for its Hypothesis strategies).
+:mod:`lorafair.metrics`, the types and errors below. Testing helpers live in
+:mod:`lorafair.testing`: ``check_aggregator`` runs lorafair's conformance suite and properties on
+any aggregator (its properties and the strategies need the ``test`` extra).
 """
 
 from lorafair.aggregate import (

@@ -1,8 +1,9 @@
-"""One conformance suite over every aggregator (optax-style): dtypes, devices, purity, errors."""
+"""The bad-input half of the conformance suite, with lorafair's exact error classes and messages,
+over every aggregator; the rest runs through ``check_aggregator``
+(tests/test_check_aggregator.py)."""
 
 from __future__ import annotations
 
-import copy
 import functools
 import itertools
 from collections.abc import Callable
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from lorafair import LoRAFactors, errors, registry
-from lorafair.aggregate import EnergyThreshold, lora_fair
+from lorafair.aggregate import lora_fair
 
 Aggregator = Callable[..., dict[str, LoRAFactors]]
 
@@ -34,8 +35,6 @@ AGGREGATORS: dict[str, Aggregator] = {
         )
     },
 }
-DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def make_clients(*, k=3, dtype=torch.float32, device="cpu", seed=0, zero_B=False):
@@ -67,80 +66,16 @@ def aggregate(request) -> Aggregator:
     return AGGREGATORS[request.param]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_dtype_device_and_names_preserved(aggregate, dtype, device):
-    clients = make_clients(dtype=dtype, device=device)
-    out = aggregate(clients, [1.0, 2.0, 3.0])
-    assert list(out) == list(clients[0])
-    for name, factors in out.items():
-        assert isinstance(factors, LoRAFactors)
-        A, B = factors
-        assert A.dtype == B.dtype == dtype
-        assert A.device.type == B.device.type == torch.device(device).type
-        assert A.shape[1] == clients[0][name].A.shape[1]
-        assert B.shape[0] == clients[0][name].B.shape[0]
-        assert torch.isfinite(A).all()
-        assert torch.isfinite(B).all()
-
-
-def test_inputs_are_not_mutated_and_outputs_do_not_alias_them(aggregate):
+def test_result_is_a_dict_of_lora_factors_in_the_clients_layer_order(aggregate):
+    # dtypes, devices, purity, determinism, tuples, ΔW = 0, one client and zero weights:
+    # check_aggregator (tests/test_check_aggregator.py) runs them on every registered method and
+    # every LoRA-FAIR form above. What stays here is lorafair's own contract beyond them: the
+    # result type and layer order, and (below) the exact error classes and messages.
     clients = make_clients()
-    snapshot = copy.deepcopy(clients)
-    out = aggregate(clients, [1.0, 0.0, 2.0])
-    for before, after in zip(snapshot, clients, strict=True):
-        for name in before:
-            assert torch.equal(before[name].A, after[name].A)
-            assert torch.equal(before[name].B, after[name].B)
-    inputs = {t.data_ptr() for c in clients for f in c.values() for t in f}
-    for A, B in out.values():
-        assert A.data_ptr() not in inputs
-        assert B.data_ptr() not in inputs
-
-
-def test_deterministic(aggregate):
-    clients = make_clients(seed=3)
-    first = aggregate(clients, [3.0, 1.0, 1.0])
-    second = aggregate(clients, [3.0, 1.0, 1.0])
-    for name in first:
-        assert torch.equal(first[name].A, second[name].A)
-        assert torch.equal(first[name].B, second[name].B)
-
-
-def test_plain_tuples_and_mappings_are_accepted(aggregate):
-    clients = [{n: (f.A, f.B) for n, f in c.items()} for c in make_clients()]
-    out = aggregate(tuple(clients))
-    assert set(out) == set(clients[0])
-
-
-def test_zero_delta_w_gives_finite_output(aggregate):
-    out = aggregate(make_clients(zero_B=True))
-    for A, B in out.values():
-        assert torch.isfinite(A).all()
-        assert torch.isfinite(B).all()
-        assert torch.count_nonzero(B @ A) == 0
-
-
-def test_single_client(aggregate, request):
-    name = request.node.callspec.params["aggregate"]
-    defaults = registry.get(name).defaults if name in registry.names() else {}
-    if isinstance(defaults.get("rank"), EnergyThreshold):
-        pytest.skip("a rank chosen by energy may keep less than the one client's update")
-    clients = make_clients(k=1)
-    out = aggregate(clients)
-    for name, (A, B) in out.items():
-        A0, B0 = clients[0][name]
-        torch.testing.assert_close(B @ A, B0 @ A0, rtol=1e-5, atol=1e-5)
-
-
-def test_zero_weight_client_is_ignored(aggregate):
-    clients = make_clients(k=3, seed=5)
-    with_zero = aggregate(clients, [1.0, 0.0, 1.0])
-    without = aggregate([clients[0], clients[2]], [1.0, 1.0])
-    for name in with_zero:
-        A1, B1 = with_zero[name]
-        A2, B2 = without[name]
-        torch.testing.assert_close(B1 @ A1, B2 @ A2, rtol=1e-5, atol=1e-5)
+    out = aggregate(clients, [1.0, 2.0, 3.0])
+    assert type(out) is dict
+    assert list(out) == list(clients[0])
+    assert all(isinstance(factors, LoRAFactors) for factors in out.values())
 
 
 # ---- bad input: every case raises the documented error and names what is wrong ----

@@ -1,34 +1,17 @@
-"""The conformance checks (dtypes, devices, purity, every bad input) for the methods whose result
-is not a plain ``dict[str, LoRAFactors]`` — FedEx-LoRA, FedSA-LoRA — and the other methods of
-issue 16 (RoLoRA, HetLoRA, FedSVD, FlexLoRA with an energy threshold), driven by the registry."""
+"""The bad-input checks, with lorafair's exact error classes and messages, for the methods whose
+result is not a plain ``dict[str, LoRAFactors]`` — FedEx-LoRA, FedSA-LoRA — and the other
+methods of issue 16 (RoLoRA, HetLoRA, FedSVD, FlexLoRA with an energy threshold), driven by the
+registry; the rest of the conformance suite runs through ``check_aggregator``."""
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterator, Mapping
-
 import pytest
 import torch
-from torch import Tensor
 
 from lorafair import LoRAFactors, errors, registry
 from tests.test_conformance import make_clients, with_layer
 
 NAMES = ["fedex_lora", "fedsa_lora", "rolora", "hetlora", "fedsvd", "flexlora_energy"]
-DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def tensors(x: object) -> Iterator[Tensor]:
-    """Every tensor in a result (NamedTuples, dicts, tuples; report numbers skipped)."""
-    if isinstance(x, Tensor):
-        yield x
-    elif isinstance(x, Mapping):
-        for v in x.values():
-            yield from tensors(v)
-    elif isinstance(x, tuple | list):
-        for v in x:
-            yield from tensors(v)
 
 
 def updates(spec, out) -> list[dict[str, LoRAFactors]]:
@@ -55,82 +38,19 @@ def test_registry_describes_the_output_kinds():
         assert registry.get(name).output == "adapters"
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_dtype_device_and_names_preserved(spec, dtype, device):
-    clients = make_clients(dtype=dtype, device=device)
-    out = run(spec, clients, [1.0, 2.0, 3.0])
-    for t in tensors(out):
-        assert t.dtype == dtype
-        assert t.device.type == torch.device(device).type
-        assert torch.isfinite(t).all()
-    for adapter in updates(spec, out):
-        assert list(adapter) == list(clients[0])
-        for name, (A, B) in adapter.items():
-            assert A.shape[1] == clients[0][name].A.shape[1]
-            assert B.shape[0] == clients[0][name].B.shape[0]
-            assert A.shape[0] == B.shape[1]
+# dtypes, devices, purity, determinism, tuples, ΔW = 0, one client and zero weights run through
+# check_aggregator for every registered method (tests/test_check_aggregator.py), which reads
+# these results through the registry's update_factors / personalised, as updates() does here.
 
 
-def test_inputs_are_not_mutated_and_outputs_do_not_alias_them(spec):
-    clients = make_clients()
-    snapshot = copy.deepcopy(clients)
-    out = run(spec, clients, [1.0, 0.0, 2.0])
-    for before, after in zip(snapshot, clients, strict=True):
-        for name in before:
-            assert torch.equal(before[name].A, after[name].A)
-            assert torch.equal(before[name].B, after[name].B)
-    inputs = {t.data_ptr() for c in clients for f in c.values() for t in f}
-    assert not inputs & {t.data_ptr() for t in tensors(out)}
-
-
-def test_deterministic(spec):
-    clients = make_clients(seed=3)
-    first = list(tensors(run(spec, clients, [3.0, 1.0, 1.0])))
-    second = list(tensors(run(spec, clients, [3.0, 1.0, 1.0])))
-    assert len(first) == len(second)
-    for a, b in zip(first, second, strict=True):
-        assert torch.equal(a, b)
-
-
-def test_plain_tuples_are_accepted(spec):
-    clients = [{n: (f.A, f.B) for n, f in c.items()} for c in make_clients()]
-    for adapter in updates(spec, run(spec, tuple(clients))):
-        assert set(adapter) == set(clients[0])
-
-
-def test_zero_delta_w_gives_a_finite_zero_update(spec):
-    out = run(spec, make_clients(zero_B=True))
-    for t in tensors(out):
-        assert torch.isfinite(t).all()
-    for adapter in updates(spec, out):
-        for A, B in adapter.values():
-            assert torch.count_nonzero(B @ A) == 0
-
-
-def test_single_client_gets_its_own_update(spec):
+def test_energy_rank_keeps_its_share_of_one_clients_update():
+    spec = registry.get("flexlora_energy")
     clients = make_clients(k=1)
     for adapter in updates(spec, run(spec, clients)):
         for name, (A, B) in adapter.items():
             A0, B0 = clients[0][name]
-            if spec.name == "flexlora_energy":  # lossy by design: keeps >= 99% of the energy
-                lost = float((B0 @ A0 - B @ A).double().norm() ** 2)
-                assert lost <= (1 - 0.99) * float((B0 @ A0).double().norm() ** 2) * (1 + 1e-4)
-                continue
-            torch.testing.assert_close(B @ A, B0 @ A0, rtol=1e-5, atol=1e-5)
-
-
-def test_zero_weight_client_is_ignored(spec):
-    clients = make_clients(k=3, seed=5)
-    with_zero = updates(spec, run(spec, clients, [1.0, 0.0, 1.0]))
-    without = updates(spec, run(spec, [clients[0], clients[2]], [1.0, 1.0]))
-    if spec.personalised:  # the zero-weight client still gets an adapter; drop it
-        with_zero = [with_zero[0], with_zero[2]]
-    for got, expected in zip(with_zero, without, strict=True):
-        for name in got:
-            A1, B1 = got[name]
-            A2, B2 = expected[name]
-            torch.testing.assert_close(B1 @ A1, B2 @ A2, rtol=1e-5, atol=1e-5)
+            lost = float((B0 @ A0 - B @ A).double().norm() ** 2)
+            assert lost <= (1 - 0.99) * float((B0 @ A0).double().norm() ** 2) * (1 + 1e-4)
 
 
 # ---- bad input: every case raises the documented error and names what is wrong ----

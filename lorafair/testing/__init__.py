@@ -1,5 +1,7 @@
-"""Helpers for testing aggregators: :func:`assert_factors_close` here, Hypothesis strategies in
-:mod:`lorafair.testing.strategies` (needs the ``test`` extra; imported only when you import it).
+"""Helpers for testing aggregators: :func:`check_aggregator` (lorafair's conformance suite and
+Hypothesis properties, for any aggregator) and :func:`assert_factors_close` here, Hypothesis
+strategies in :mod:`lorafair.testing.strategies` (Hypothesis, the ``test`` extra, is imported
+only when you import the strategies or a property runs).
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lorafair.testing._check import CheckReport, check_aggregator, check_names
+from lorafair.testing._reference import Objective
 from lorafair.types import LoRAFactors
 
-__all__ = ["assert_factors_close"]
+__all__ = ["CheckReport", "Objective", "assert_factors_close", "check_aggregator", "check_names"]
 
 _Factors = Mapping[str, "LoRAFactors | tuple[Tensor, Tensor]"]
 

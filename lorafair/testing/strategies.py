@@ -18,6 +18,7 @@ replay exactly from the printed seed.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from hypothesis import strategies as st
@@ -26,10 +27,12 @@ from lorafair.types import LoRAFactors
 
 __all__ = [
     "ClientsAndWeights",
+    "SeededClients",
     "clients",
     "clients_and_weights",
     "layer_shapes",
     "ranks",
+    "seeded_clients",
     "weights",
 ]
 
@@ -59,8 +62,15 @@ def weights(
     return st.lists(value, min_size=n_clients, max_size=n_clients).filter(lambda ws: sum(ws) > 1e-3)
 
 
+class SeededClients(NamedTuple):
+    """The clients :func:`seeded_clients` drew and the ``torch.Generator`` seed of their entries."""
+
+    seed: int
+    clients: list[dict[str, LoRAFactors]]
+
+
 @st.composite
-def clients(
+def seeded_clients(
     draw: st.DrawFn,
     /,
     *,
@@ -74,7 +84,7 @@ def clients(
     dtype: torch.dtype = torch.float64,
     device: str | torch.device = "cpu",
     excess_rank: bool = False,
-) -> list[dict[str, LoRAFactors]]:
+) -> SeededClients:
     """K clients' adapters with the same layer names ``"layer0"``, ``"layer1"``, ….
 
     Per layer: a drawn ``(d_out, d_in)`` and rank(s) (one rank for all clients when
@@ -83,6 +93,7 @@ def clients(
     Entries are Gaussian with a per-client scale drawn from 1e-2 … 1e2. A drawn rank above
     both ``d_in`` and ``d_out``, which aggregators reject as a likely A/B swap unless told
     ``allow_excess_rank=True``, is cut to ``max(d_in, d_out)`` unless ``excess_rank``.
+    Returned with the seed of the entries, so that a failure can be reported and replayed.
     """
     k = n_clients if isinstance(n_clients, int) else draw(n_clients)
     n = n_layers if isinstance(n_layers, int) else draw(n_layers)
@@ -106,7 +117,42 @@ def clients(
             out[c][f"layer{i}"] = LoRAFactors(
                 A.to(dtype=dtype, device=device).clone(), B.to(dtype=dtype, device=device)
             )
-    return out
+    return SeededClients(seed, out)
+
+
+def clients(
+    *,
+    n_clients: int | st.SearchStrategy[int] = _DEFAULT_N_CLIENTS,
+    n_layers: int | st.SearchStrategy[int] = _DEFAULT_N_LAYERS,
+    shapes: st.SearchStrategy[tuple[int, int]] | None = None,
+    rank: st.SearchStrategy[int] | None = None,
+    equal_ranks: bool = True,
+    shared_A: bool = False,
+    zero_B: bool = False,
+    dtype: torch.dtype = torch.float64,
+    device: str | torch.device = "cpu",
+    excess_rank: bool = False,
+) -> st.SearchStrategy[list[dict[str, LoRAFactors]]]:
+    """K clients' adapters with the same layer names ``"layer0"``, ``"layer1"``, …
+
+    :func:`seeded_clients` without the seed (the same options, the same draws).
+    """
+    return seeded_clients(
+        n_clients=n_clients,
+        n_layers=n_layers,
+        shapes=shapes,
+        rank=rank,
+        equal_ranks=equal_ranks,
+        shared_A=shared_A,
+        zero_B=zero_B,
+        dtype=dtype,
+        device=device,
+        excess_rank=excess_rank,
+    ).map(_without_seed)
+
+
+def _without_seed(drawn: SeededClients) -> list[dict[str, LoRAFactors]]:
+    return drawn.clients
 
 
 @st.composite
