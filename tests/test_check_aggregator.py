@@ -268,7 +268,7 @@ def test_the_readme_usage_runs(monkeypatch):
     section = readme.split("## Test your own aggregator", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     assert len([line for line in code.splitlines() if line.strip()]) == 2
-    few = functools.partial(check_aggregator, max_examples=FEW)
+    few = functools.partial(check_aggregator, max_examples=2)
     monkeypatch.setattr(lorafair.testing, "check_aggregator", few)
     exec(code, {"my_aggregate": flora})
     with pytest.raises(AssertionError, match="property 'exact' failed"):
