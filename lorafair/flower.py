@@ -8,7 +8,8 @@ with one ``ArrayRecord`` holding its peft adapter state dict (``get_peft_model_s
 module state dict; see :mod:`lorafair.interop.peft`) and one ``MetricRecord`` holding its weight
 under ``weighted_by_key`` (``"num-examples"`` by default). The server splits each state dict into
 LoRA factors and other tensors, aggregates the factors with the chosen method, averages the
-other tensors (FedAvg), and returns one ``ArrayRecord`` in the first reply's key format.
+other tensors (FedAvg), and returns one ``ArrayRecord`` in the key format of the first reply
+aggregated (see ``reply_order``).
 
 What travels to the clients follows the method's registry entry
 (:class:`lorafair.registry.AggregatorSpec`), never its name:

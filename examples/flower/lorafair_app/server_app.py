@@ -18,7 +18,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result, Strategy
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from lorafair import registry
 from lorafair.flower import LoRAStrategy, latest_checkpoint
@@ -42,11 +41,17 @@ def _options(method: str, lam: float) -> dict[str, Any]:
     }.get(method, {})
 
 
-def _counting(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    """FedAvg's metric average, plus ``num-replies``: how many replies the round aggregated."""
-    metrics = aggregate_metricrecords(records, weighted_by_key)
-    metrics["num-replies"] = len(records)
-    return metrics
+def _counting(
+    average: Callable[[list[RecordDict], str], MetricRecord],
+) -> Callable[[list[RecordDict], str], MetricRecord]:
+    """FedAvg's metric ``average``, plus ``num-replies``: how many replies the round aggregated."""
+
+    def counted(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+        metrics = average(records, weighted_by_key)
+        metrics["num-replies"] = len(records)
+        return metrics
+
+    return counted
 
 
 def run_strategy(
@@ -90,11 +95,11 @@ def run_strategy(
         min_train_nodes=min_nodes,
         min_evaluate_nodes=min_nodes,
         min_available_nodes=min_nodes,
-        train_metrics_aggr_fn=_counting,
         checkpoint_dir=checkpoint_dir or None,
         checkpoint_like=_like(checkpoint_dir, initial) if checkpoint_dir else None,
         scaling_folded=True,  # the clients upload with peft's scaling folded into B
     )
+    strategy.train_metrics_aggr_fn = _counting(strategy.train_metrics_aggr_fn)
     xs, ys = zip(*(client_data(k, train=False) for k in range(3)), strict=True)
     x_test, y_test = torch.cat(xs), torch.cat(ys)
 
