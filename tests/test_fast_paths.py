@@ -79,6 +79,57 @@ def test_torch_single_threaded_pins_and_restores_even_on_error():
         torch.set_num_threads(before)
 
 
+def _blas_threads() -> list[int]:
+    return [lib.num_threads for lib in _threads._blas()]
+
+
+def test_thread_rule_gives_a_thread_per_2_25_flops_up_to_the_process_pool():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with _threads.single_threaded():
+            assert torch.get_num_threads() == 1
+            assert _threads.threads_for(0) == 1
+            assert _threads.threads_for(2**26 - 1) == 1  # 2 threads need 2 · 2²⁵ flops
+            assert _threads.threads_for(2**26) == 2
+            assert _threads.threads_for(1e15) == 2  # never above the pool the call began with
+            with _threads.pool_for(2**26) as n:
+                assert n == 2
+                assert torch.get_num_threads() == 2
+                assert set(_blas_threads()) == {2}
+                with _threads.pool_for(10) as m:  # small work inside: stays as it is
+                    assert m == 1
+                    assert torch.get_num_threads() == 2
+                assert torch.get_num_threads() == 2
+            assert torch.get_num_threads() == 1  # the pin is back after the kernel
+            assert set(_blas_threads()) == {1}
+            with pytest.raises(ValueError, match="boom"), _threads.pool_for(2**30):
+                raise ValueError("boom")
+            assert torch.get_num_threads() == 1
+            assert set(_blas_threads()) == {1}
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)  # a process pinned by its environment: one thread everywhere
+        with _threads.single_threaded():
+            assert _threads.threads_for(1e15) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_thread_rule_keeps_vit_b_layers_on_one_thread_and_llm_grams_on_the_pool():
+    """The rule's two measured regimes: every ViT-B/16 Gram at K·r = 96 on one thread, every
+    Llama-3-8B linear's Gram at K·r = 320 on two (the module docstring's figures)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with _threads.single_threaded():
+            for d_out, d_in in [(2304, 768), (768, 768), (3072, 768), (768, 3072)]:
+                assert _threads.threads_for(min(d_out, d_in) * 96**2) == 1
+            for d_out, d_in in [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]:
+                assert _threads.threads_for(min(d_out, d_in) * 320**2) == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("spec", registry.specs(), ids=lambda s: s.name)
 def test_every_registered_aggregator_runs_on_one_torch_thread(spec, monkeypatch):
     """Every aggregator pins torch's pool for its call (lora_fair via single_threaded): seen from

@@ -22,6 +22,7 @@ from torch import Tensor
 from lorafair import _linalg
 from lorafair._fair import _tolerances as _tol
 from lorafair._fair._options import _Options
+from lorafair._threads import pool_for
 from lorafair._validate import Layer, accumulation_dtype, weighted_sum
 
 _F64 = torch.float64
@@ -173,11 +174,13 @@ def _layer_grams(grp: _Group) -> tuple[Tensor, Tensor]:
         host_b = np.empty((R, first.d_out))
         MA = np.empty((grp.n, R, R))
         MB = np.empty((grp.n, R, R))
-        for i, layer in enumerate(grp.layers):
-            _stacked_layer_host(layer, "A", host_a)
-            _stacked_layer_host(layer, "B", host_b)
-            np.matmul(host_a, host_a.T, out=MA[i])
-            np.matmul(host_b, host_b.T, out=MB[i])
+        # the thread policy, on the smaller syrk's flops (a thread per ms of work)
+        with pool_for(min(first.d_in, first.d_out) * R * R):
+            for i, layer in enumerate(grp.layers):
+                _stacked_layer_host(layer, "A", host_a)
+                _stacked_layer_host(layer, "B", host_b)
+                np.matmul(host_a, host_a.T, out=MA[i])
+                np.matmul(host_b, host_b.T, out=MB[i])
         return torch.from_numpy(MA), torch.from_numpy(MB)
     buf_a = torch.empty(R, first.d_in, dtype=_F64, device=grp.device)
     buf_b = torch.empty(first.d_out, R, dtype=_F64, device=grp.device)
@@ -209,9 +212,10 @@ def _p_times(grp: _Group, opts: _Options, coef: Tensor) -> Tensor:
         host = np.empty((R, d))
         coef_t = coef.mT.numpy()
         out_np = np.empty((grp.n, grp.r, d))
-        for i, layer in enumerate(grp.layers):
-            _stacked_layer_host(layer, side, host)
-            np.matmul(coef_t[i], host, out=out_np[i])
+        with pool_for(2 * grp.r * R * d):  # the thread policy, on one layer's product
+            for i, layer in enumerate(grp.layers):
+                _stacked_layer_host(layer, side, host)
+                np.matmul(coef_t[i], host, out=out_np[i])
         return torch.from_numpy(out_np).mT
     out = torch.empty(grp.n, grp.r, d, dtype=_F64, device=grp.device)
     if side == "B":
