@@ -20,7 +20,9 @@ probe and every method once; medians over ``--repeats`` rounds, so all see the s
 resetting it (``echo 5 > /proc/self/clear_refs``, written from the process) minus ``VmRSS``
 before the call, as a ratio to the input bytes.
 
-Run it as the environment comes and pinned, and compare (the load is printed):
+Run it as the environment comes and pinned, and compare (the load is printed), or in one
+process with ``--pinned-too`` (each method also run with torch's pool at one thread, which the
+thread policy reads as the process's pool, alternating with the default in the same rounds):
 
     python -m benchmarks.llm_cells [--blocks 4] [--K 20] [--r 16] [--dtype bfloat16]
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 python -m benchmarks.llm_cells
@@ -143,6 +145,19 @@ def _methods(free: Clients, shared: Clients) -> dict[str, Callable[[], object]]:
     return out
 
 
+def _pinned(fn: Callable[[], object], pool: int) -> Callable[[], object]:
+    """``fn`` run with torch's pool, hence the thread policy's pool, at one thread."""
+
+    def run() -> object:
+        torch.set_num_threads(1)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(pool)
+
+    return run
+
+
 def _vm(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -176,6 +191,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--only", nargs="*", default=None, help="methods to time (default: all)")
     ap.add_argument("--memory", action="store_true", help="peak RSS growth instead of time")
+    ap.add_argument(
+        "--pinned-too",
+        action="store_true",
+        help="also time each method with torch.set_num_threads(1) (the policy then gives every "
+        "kernel one thread), alternating with the default in the same rounds",
+    )
     a = ap.parse_args()
     dtype = getattr(torch, a.dtype)
     free = make_cell(a.blocks, a.K, a.r, dtype)
@@ -193,6 +214,10 @@ def main() -> None:
         return
     probes = measure_floors(n, a.K * a.r)
     methods = {k: v for k, v in _methods(free, shared).items() if a.only is None or k in a.only}
+    if a.pinned_too:  # each method also with the process pinned, alternating in this run
+        pool = torch.get_num_threads()
+        for k in list(methods):
+            methods[f"{k} pinned"] = _pinned(methods[k], pool)
     for fn in methods.values():
         fn()  # warm-up
     rates: dict[str, list[float]] = {k: [] for k in probes}
@@ -210,11 +235,12 @@ def main() -> None:
         f"read {bw / 1e9:.1f} GB/s → memory floor {mem_floor * 1e3:.1f} ms; "
         f"syrk {rate / 1e9:.1f} GFLOP/s → compute floor {comp_floor * 1e3:.0f} ms"
     )
-    for k, ts in times.items():
-        t = statistics.median(ts)
-        compute = k in ("lora_fair", "flexlora")
+    med = {k: statistics.median(ts) for k, ts in times.items()}
+    for k, t in med.items():
+        compute = k.split()[0] in ("lora_fair", "flexlora")
         floor, label = (comp_floor, "compute") if compute else (mem_floor, "memory")
-        print(f"{k:10s} {t * 1e3:8.1f} ms  {t / floor:5.2f}× {label} floor")
+        pinned = f"  default / pinned {t / med[k + ' pinned']:.2f}" if k + " pinned" in med else ""
+        print(f"{k:17s} {t * 1e3:8.1f} ms  {t / floor:5.2f}× {label} floor{pinned}")
     print(f"load after {os.getloadavg()[0]:.2f}")
 
 

@@ -18,17 +18,23 @@ So every aggregator call pins both pools to one thread (:func:`single_threaded`,
 :func:`torch_single_threaded`), and the few compute-bound kernels lift the pin for themselves
 through :func:`pool_for`, which asks the one rule, :func:`threads_for`:
 
-    threads = min(pool, max(1, ⌊flops / 2²⁵⌋))
+    threads = min(pool, round(free), max(1, ⌊flops / 2²⁵⌋))
 
 where ``pool`` is the process's pool as it was when the call began (torch's thread count: by
-default the number of cores, or what ``OMP_NUM_THREADS`` / ``torch.set_num_threads`` set) and
-``flops`` the kernel's own work. 2²⁵ flops is about a millisecond on one core (30 GFLOP/s), so
-a thread is added only for a millisecond or more of work: two threads need 67 Mflop, which no
-ViT-B/16 kernel at K·r ≤ 96 reaches (its largest ``syrk``, ``mlp.fc1``'s 3072 × 96, is
-28 Mflop), and every Llama-3-8B linear's Grams at R = 320 exceed (the smallest, ``k_proj``'s
-1024 × 320, is 105 Mflop). A process pinned by the environment
-(``OMP_NUM_THREADS=1``) gets one thread everywhere, as before; on a machine shared with other
-CPU-heavy work that is still the setting to use (threads then wait for cores, see above).
+default the number of cores, or what ``OMP_NUM_THREADS`` / ``torch.set_num_threads`` set),
+``free`` the cores free for this process (the machine's idle cores plus those this process
+kept busy itself, from ``/proc/stat`` over the time since the last estimate; once per call,
+and only when some kernel is large enough to ask) and ``flops`` the kernel's own work.
+2²⁵ flops is about a millisecond on one core (30 GFLOP/s), so a thread is added only for a
+millisecond or more of work: two threads need 67 Mflop, which no ViT-B/16 kernel at K·r ≤ 96
+reaches (its largest ``syrk``, ``mlp.fc1``'s 3072 × 96, is 28 Mflop), and every Llama-3-8B
+linear's Grams at R = 320 exceed (the smallest, ``k_proj``'s 1024 × 320, is 105 Mflop). A
+process pinned by the environment (``OMP_NUM_THREADS=1``) gets one thread everywhere, as
+before. ``free`` is there because a
+thread that waits for a core costs far more than it gives: on the 2-core machine of
+``benchmarks/README.md`` at a load average of 14, the Llama-3-8B cell's ``lora_fair`` took 7.7×
+as long on two threads as pinned (``python -m benchmarks.llm_cells --blocks 1 --pinned-too``
+without this term), and a lone (320 × 14336) ``syrk`` 9× as long at a load of 4.6.
 
 The limits are process-wide while the call runs (torch and OpenBLAS have no per-thread
 setting): a concurrent torch computation in another Python thread runs on the same pool size
@@ -38,10 +44,13 @@ directly, not through threadpoolctl's context manager, about 16 µs).
 
 from __future__ import annotations
 
+import math
+import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache, wraps
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import torch
 from threadpoolctl import ThreadpoolController
@@ -75,13 +84,67 @@ def _process_pool() -> int:
     return _pool[0] or torch.get_num_threads()
 
 
+class _CpuSample(NamedTuple):
+    wall: float  # time.monotonic()
+    idle: int  # the machine's idle + iowait jiffies, all cores (/proc/stat)
+    total: int  # all jiffies, all cores
+    own: float  # this process's CPU seconds, all its threads
+
+
+_MIN_WINDOW = 0.1
+"""Seconds of history below which the last estimate of the free cores is kept (10 jiffies)."""
+
+_cpu: dict[str, Any] = {"sample": None, "free": math.inf, "call": None}
+
+
+def _sample() -> _CpuSample | None:
+    try:
+        with open("/proc/stat", "rb") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return _CpuSample(time.monotonic(), fields[3] + fields[4], sum(fields), time.process_time())
+
+
+def _free_cores() -> float:
+    """Cores this process can use now: the machine's idle cores plus those this process itself
+    kept busy, over the time since the last estimate (at least ``_MIN_WINDOW``; the first one:
+    the cores above the 1-minute load average, plus one for this thread). ``inf`` where
+    ``/proc/stat`` cannot be read (not Linux). Cost: one line of ``/proc/stat``, about 20 µs.
+    """
+    now = _sample()
+    if now is None:
+        return math.inf
+    last: _CpuSample | None = _cpu["sample"]
+    cores = os.cpu_count() or 1
+    if last is None:
+        _cpu["sample"], _cpu["free"] = now, max(0.0, cores - os.getloadavg()[0]) + 1
+    elif now.wall - last.wall >= _MIN_WINDOW and now.total > last.total:
+        idle = cores * (now.idle - last.idle) / (now.total - last.total)
+        own = (now.own - last.own) / (now.wall - last.wall)
+        _cpu["sample"], _cpu["free"] = now, idle + own
+    free: float = _cpu["free"]
+    return free
+
+
 def threads_for(flops: float) -> int:
-    """The thread policy: ``min(pool, max(1, ⌊flops / 2²⁵⌋))`` threads for a kernel of ``flops``.
+    """The thread policy: ``min(pool, free, max(1, ⌊flops / 2²⁵⌋))`` threads for ``flops`` of work.
 
     One thread per 2²⁵ flops (about a millisecond of one core's work), at most the process's
-    pool (see the module's docstring for the measurements behind the rule).
+    pool and at most the cores free for it (:func:`_free_cores`, rounded; estimated once per
+    aggregator call, and only for a kernel large enough to want a second thread). See the
+    module's docstring for the measurements behind the rule.
     """
-    return max(1, min(_process_pool(), int(flops // _FLOPS_PER_THREAD)))
+    n = max(1, min(_process_pool(), int(flops // _FLOPS_PER_THREAD)))
+    if n == 1:
+        return 1
+    if _pool[0] == 0:  # outside an aggregator call: estimated now
+        free = _free_cores()
+    else:
+        if _cpu["call"] is None:  # once per call
+            _cpu["call"] = _free_cores()
+        free = _cpu["call"]
+    return max(1, int(min(float(n), free) + 0.5))  # free rounded; inf where unknown
 
 
 def _blas_threads() -> list[int]:
@@ -102,8 +165,11 @@ def pool_for(flops: float) -> Iterator[int]:
     comparison. ``flops``: one kernel's work (one layer's, where a batched kernel runs layer by
     layer). Yields the count.
     """
+    if _pool[0] == 0:  # outside a pinned call the pools are as the process set them
+        yield torch.get_num_threads()
+        return
     n = threads_for(flops)
-    if n == 1 or _pool[0] == 0:  # outside a pinned call the pools are as the process set them
+    if n == 1:
         yield n
         return
     before, blas = torch.get_num_threads(), _blas_threads()
@@ -125,7 +191,7 @@ def single_threaded() -> Iterator[None]:
     before = torch.get_num_threads()
     outer = _pool[0] == 0
     if outer:
-        _pool[0] = before
+        _pool[0], _cpu["call"] = before, None
     if before != 1:
         torch.set_num_threads(1)
     try:
@@ -152,7 +218,7 @@ def torch_single_threaded(fn: Callable[_P, _T]) -> Callable[_P, _T]:
             return fn(*args, **kwargs)
         outer = _pool[0] == 0
         if outer:
-            _pool[0] = before
+            _pool[0], _cpu["call"] = before, None
         torch.set_num_threads(1)
         try:
             return fn(*args, **kwargs)

@@ -3,6 +3,8 @@ Gram route's batching and syrk Grams, FFA-LoRA's copy check, and the benchmark f
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -83,7 +85,8 @@ def _blas_threads() -> list[int]:
     return [lib.num_threads for lib in _threads._blas()]
 
 
-def test_thread_rule_gives_a_thread_per_2_25_flops_up_to_the_process_pool():
+def test_thread_rule_gives_a_thread_per_2_25_flops_up_to_the_process_pool(monkeypatch):
+    monkeypatch.setattr(_threads, "_free_cores", lambda: 2.0)  # an idle 2-core machine
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -115,9 +118,41 @@ def test_thread_rule_gives_a_thread_per_2_25_flops_up_to_the_process_pool():
         torch.set_num_threads(before)
 
 
-def test_thread_rule_keeps_vit_b_layers_on_one_thread_and_llm_grams_on_the_pool():
+def test_thread_rule_gives_no_more_threads_than_free_cores(monkeypatch):
+    before = torch.get_num_threads()
+    calls = []
+
+    def busy() -> float:
+        calls.append(1)
+        return 1.4  # others keep 0.6 of a core busy: rounds to one free core
+
+    monkeypatch.setattr(_threads, "_free_cores", busy)
+    try:
+        torch.set_num_threads(2)
+        with _threads.single_threaded():
+            assert _threads.threads_for(1e15) == 1
+            assert _threads.threads_for(1e12) == 1
+            assert _threads.threads_for(10) == 1
+        assert calls == [1]  # estimated once per call, and only for a kernel that asks
+        with _threads.single_threaded():
+            assert _threads.threads_for(10) == 1
+        assert calls == [1]
+        monkeypatch.setattr(_threads, "_free_cores", lambda: 1.6)
+        with _threads.single_threaded():
+            assert _threads.threads_for(1e15) == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_free_cores_reads_the_machine():
+    free = _threads._free_cores()
+    assert 0.0 <= free <= (os.cpu_count() or 1) + 1 or free == float("inf")
+
+
+def test_thread_rule_keeps_vit_b_layers_on_one_thread_and_llm_grams_on_the_pool(monkeypatch):
     """The rule's two measured regimes: every ViT-B/16 Gram at K·r = 96 on one thread, every
     Llama-3-8B linear's Gram at K·r = 320 on two (the module docstring's figures)."""
+    monkeypatch.setattr(_threads, "_free_cores", lambda: 2.0)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
