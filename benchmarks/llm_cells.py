@@ -9,7 +9,8 @@ probe and every method once; medians over ``--repeats`` rounds, so all see the s
   contiguous buffer as large as the input (all of torch's threads);
 - **compute floor** = the two float64 R × R Grams per layer, ``(d_in + d_out) R²`` flops (the
   symmetric products they are, R = K r), at the dgemm rate of one NumPy ``syrk``
-  (``A Aᵀ``, A of 320 × 14336 float64) on all of NumPy's BLAS threads, counted the same way;
+  (``A Aᵀ``, A of R × 14336 float64) on all of NumPy's BLAS threads, counted the same way (also
+  printed: the same on one thread, and the scaling from one to all);
 - ``fedit``, ``ffa_lora`` (on clients sharing A), ``flora``: ratio to the memory floor;
   ``lora_fair``, ``flexlora``: ratio to the compute floor.
 - ``fp32 acc``: a plain float32 accumulation of the same inputs (``acc.add_(x.float(), alpha=p)``
@@ -39,7 +40,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_info
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from lorafair.aggregate import fedit, ffa_lora, flexlora, flora, lora_fair
 from lorafair.types import LoRAFactors
@@ -106,7 +107,11 @@ def measure_floors(n_bytes: int, R: int) -> dict[str, Callable[[], float]]:
         np.matmul(x, x.T, out=out)  # NumPy hands A Aᵀ to syrk: R² d flops
         return float(R * R * x.shape[1]) / (time.perf_counter() - t)
 
-    return {"read": read, "dgemm": dgemm}
+    def dgemm1() -> float:  # the same on one BLAS thread: the 1 → pool scaling
+        with threadpool_limits(limits=1, user_api="blas"):
+            return dgemm()
+
+    return {"read": read, "dgemm": dgemm, "dgemm 1 thread": dgemm1}
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -166,10 +171,10 @@ def _vm(key: str) -> int:
     raise RuntimeError(key)
 
 
-def memory(free: Clients, shared: Clients) -> None:
+def memory(free: Clients, shared: Clients, only: list[str] | None) -> None:
     n = input_bytes(free)
     for name, fn in _methods(free, shared).items():
-        if name in ("fp32 acc", "convert"):
+        if name in ("fp32 acc", "convert") or (only is not None and name not in only):
             continue
         fn()  # warm-up: code pages and pools resident
         gc.collect()
@@ -210,7 +215,7 @@ def main() -> None:
         f"load {os.getloadavg()[0]:.2f}"
     )
     if a.memory:
-        memory(free, shared)
+        memory(free, shared, a.only)
         return
     probes = measure_floors(n, a.K * a.r)
     methods = {k: v for k, v in _methods(free, shared).items() if a.only is None or k in a.only}
@@ -231,9 +236,11 @@ def main() -> None:
     rate = statistics.median(rates["dgemm"])
     mem_floor = n / bw
     comp_floor = gram_flops(free) / rate
+    rate1 = statistics.median(rates["dgemm 1 thread"])
     print(
         f"read {bw / 1e9:.1f} GB/s → memory floor {mem_floor * 1e3:.1f} ms; "
-        f"syrk {rate / 1e9:.1f} GFLOP/s → compute floor {comp_floor * 1e3:.0f} ms"
+        f"syrk {rate / 1e9:.1f} GFLOP/s → compute floor {comp_floor * 1e3:.0f} ms "
+        f"(one thread {rate1 / 1e9:.1f} GFLOP/s: {rate / rate1:.2f}× on {blas} BLAS threads)"
     )
     med = {k: statistics.median(ts) for k, ts in times.items()}
     for k, t in med.items():

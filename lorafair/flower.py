@@ -84,8 +84,40 @@ def from_array_record(record: ArrayRecord) -> dict[str, Tensor]:
             raw = np.frombuffer(array.data, dtype="<i2").astype(np.int16)
             out[key] = torch.from_numpy(raw).view(torch.bfloat16).reshape(array.shape)
         else:
-            out[key] = torch.from_numpy(array.numpy())
+            payload = _npy_payload(array)
+            out[key] = torch.from_numpy(array.numpy() if payload is None else payload.copy())
     return out
+
+
+_NPY_MAGIC = b"\x93NUMPY\x01\x00"
+
+
+def _npy_payload(array: Array) -> np.ndarray[Any, Any] | None:
+    """The entries of a Flower NumPy ``Array`` as a read-only view of its bytes, or ``None``.
+
+    Flower encodes with ``np.save`` (format 1.0): 10 bytes, a header of ``descr``,
+    ``fortran_order`` and ``shape``, then the entries in C order. Where the header is exactly the
+    one ``np.save`` writes for the ``Array``'s own dtype (this machine's byte order) and shape,
+    the entries are read in place (the caller copies them once); otherwise ``None``, and the
+    caller takes ``Array.numpy()`` (``np.load``: a second copy and a ``literal_eval`` of the
+    header, about 60% of a FedAvg round's time at the Llama-3-8B cell).
+    """
+    data = array.data
+    if array.stype != "numpy.ndarray" or data[:8] != _NPY_MAGIC:
+        return None
+    try:
+        dtype = np.dtype(array.dtype)
+    except TypeError:
+        return None
+    shape = tuple(int(n) for n in array.shape)
+    end = 10 + int.from_bytes(data[8:10], "little")
+    expected = f"{{'descr': '{dtype.str}', 'fortran_order': False, 'shape': {shape!r}, }}"
+    if dtype.hasobject or data[10:end].rstrip(b" \n") != expected.encode("latin1"):
+        return None
+    count = math.prod(shape)
+    if len(data) != end + count * dtype.itemsize:
+        return None
+    return np.frombuffer(data, dtype=dtype, count=count, offset=end).reshape(shape)
 
 
 class LoRAStrategy(FedAvg):
