@@ -8,8 +8,10 @@ all seven linears, rank r, as :mod:`benchmarks.llm_cells` builds them, each in o
 - ``FedAvg``: Flower's own ``flwr.serverapp.strategy.FedAvg`` (it averages every array);
 - ``LoRAStrategy(fedit)`` and ``LoRAStrategy(lora_fair)`` (``report_bias=False``: the bias
   metrics are a diagnostic, another pair of Grams per layer; ``--bias`` keeps them);
-- ``convert``: the message conversion alone (decode the K records, split them into factors,
-  encode one result: what the strategy adds around its aggregator);
+- ``convert``: the message conversion alone with the public functions (decode the K records
+  with :func:`lorafair.flower.from_array_record`, split them into factors, encode one result):
+  an upper bound of what the strategy adds around its aggregator (the strategy reads the
+  records in place, one copy less);
 - ``lora_fair`` and ``fedit`` called directly on the decoded factors;
 - the compute floor of :mod:`benchmarks.llm_cells` (the two float64 Grams per layer at the
   measured ``syrk`` rate).
