@@ -10,13 +10,18 @@ pool, the Grams' ``syrk``):
   with every pool pinned to one thread (``docs/lora_fair.md``, validation history), and ``fedit``
   on ViT-B/16 2.06 s against 32 ms.
 - **compute-bound kernels**: the float64 R × R Grams of large layers (``(d_in + d_out) R²``
-  flops), their thin QRs, dense products and SVDs. At LLM scale (a Llama-3-8B MLP layer at
+  flops) and the products with the stacked factors. At LLM scale (a Llama-3-8B MLP layer at
   R = K r = 320: 1.9 GFLOP) one such kernel runs for tens of milliseconds and the pool's start-up
   is noise; a single ``A_s A_sᵀ`` of (320 × 14336) ran 1.66× faster on 2 BLAS threads than on 1.
 
 So every aggregator call pins both pools to one thread (:func:`single_threaded`,
 :func:`torch_single_threaded`), and the few compute-bound kernels lift the pin for themselves
-through :func:`pool_for`, which asks the one rule, :func:`threads_for`:
+through :func:`pool_for`. Only kernels whose result does not depend on the thread count do so:
+NumPy's OpenBLAS ``syrk`` and ``gemm`` (the Grams, LoRA-FAIR's ``P_u coef``) split their output
+into blocks and sum each entry in the same order on any number of threads, so every result is
+the same to the bit whatever the pool or the load; torch's R × R algebra, QRs and SVDs (MKL and
+LAPACK) are not (FlexLoRA's float32 result changed in its last bits on two threads), and stay on
+one. :func:`pool_for` asks the one rule, :func:`threads_for`:
 
     threads = min(pool, round(free), max(1, ⌊flops / 2²⁵⌋))
 

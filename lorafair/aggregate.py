@@ -10,9 +10,11 @@ with one adapter per client). Inputs are validated once (see :mod:`lorafair.erro
 mutated. A rank above both ``d_in`` and ``d_out`` is rejected as a likely A/B swap (A must be
 (r, d_in), B (d_out, r)); every aggregator takes ``allow_excess_rank=True`` to accept such a
 rank on purpose. Every aggregator runs its call with torch's intra-op pool pinned to one thread
-(restored after), except the compute-bound kernels to which the thread policy gives more (one
-rule, :func:`lorafair._threads.threads_for`: a thread per 2²⁵ flops of one kernel, at most the
-process's pool; :mod:`lorafair._threads` says why and what it costs).
+(restored after), except the compute-bound NumPy products (the float64 Grams' ``syrk`` and
+LoRA-FAIR's ``P_u coef``) to which the thread policy gives more (one rule,
+:func:`lorafair._threads.threads_for`: a thread per 2²⁵ flops of one kernel, at most the
+process's pool and the cores free for it; results are the same to the bit on any number of
+threads; :mod:`lorafair._threads` says why and what it costs).
 
 The ideal global update of a layer is ``ΔW = Σ_k p_k B_k A_k``.
 """
@@ -32,7 +34,7 @@ from lorafair._frozen import check_factor, check_tolerances, shared_factor
 from lorafair._hetero import hetlora, hetlora_truncate
 from lorafair._personal import fedsa_lora
 from lorafair._rank import EnergyThreshold, check_policy, choose_rank, energy_kept
-from lorafair._threads import pool_for, single_threaded, torch_single_threaded
+from lorafair._threads import single_threaded, torch_single_threaded
 from lorafair._validate import (
     Layer,
     chunked,
@@ -464,20 +466,6 @@ def _flexlora_svd(
     return svd, bad, gram_ok
 
 
-def _layer_flops(route: Route, layer: Layer, rank: int) -> float:
-    """One layer's largest kernels on ``route``, for the thread policy (:func:`pool_for`): the
-    R × R core's products ``2R³`` and the output's ``2 (d_in + d_out) R rank`` on the Gram route
-    (its Grams set their own), the thin QRs' ``2 (d_in + d_out) R²``, or forming ΔW,
-    ``2 d_in d_out R``."""
-    R = sum(layer.ranks)
-    d = layer.d_in + layer.d_out
-    if route == "gram":
-        return 2.0 * max(R**3, d * R * rank)
-    if route == "qr":
-        return 2.0 * d * R * R
-    return 2.0 * layer.d_in * layer.d_out * R
-
-
 def _output(t: Tensor, dtype: torch.dtype) -> Tensor:
     """A result factor: ``t`` in the inputs' dtype, contiguous (``split`` may give a view)."""
     return t.to(dtype, memory_format=torch.contiguous_format)
@@ -547,10 +535,10 @@ def flexlora(
     32 MiB buffer, and on the CPU the Grams go through BLAS ``syrk``), so peak memory does not
     grow with the number of layers; NaN/Inf are read off the Grams' traces (or the stacks) and
     the whole call synchronises with the host once. The call runs on one thread of torch's and
-    NumPy's pools, except the kernels the thread policy gives more (:mod:`lorafair._threads`:
-    a thread per 2²⁵ flops of one layer's kernel, e.g. the Grams and the R × R core at LLM
-    scale). Cost: O((d_out + d_in) R² + R³) flops and
-    O((d_out + d_in) R) memory per layer on the factored routes,
+    NumPy's pools, except the Grams' ``syrk``, which get the threads the thread policy gives
+    them (:mod:`lorafair._threads`: a thread per 2²⁵ flops of one matrix, e.g. at LLM scale;
+    the result is the same to the bit on any number of threads). Cost: O((d_out + d_in) R² + R³)
+    flops and O((d_out + d_in) R) memory per layer on the factored routes,
     O(d_out d_in (R + min(d_out, d_in))) and one d_out × d_in buffer (plus a few n × n on
     dense_top) on the dense ones. :func:`flexlora_report` and ``EnergyThreshold`` ranks need
     every σ and never take dense_top.
@@ -669,15 +657,13 @@ def _flexlora(
             if scratch is not None:
                 part = _Scratch(scratch.A[: len(batch)], scratch.B[: len(batch)])
             target = kept(first)
-            with pool_for(_layer_flops(route, first, target or max(first.ranks))):
-                svd, bad, route_ok = _flexlora_svd(batch, p, route, part, target or 0)
-                if target is not None:
-                    B, A = _linalg.split(svd, target, left_power)
+            svd, bad, route_ok = _flexlora_svd(batch, p, route, part, target or 0)
             if target is None:
                 ok = _average.check([bad.any()], prep.layers, route_ok)
                 for j, layer in enumerate(batch):
                     finish(layer, redo(layer, route, False) if ok and not ok[j] else _layer(svd, j))
                 continue
+            B, A = _linalg.split(svd, target, left_power)
             pending.append(_Pending(batch, A, B, route, route_ok))
             flags.append(bad)
     if pending:  # the fixed-rank call's one host round trip: non-finite input, checks per layer

@@ -144,6 +144,39 @@ def test_thread_rule_gives_no_more_threads_than_free_cores(monkeypatch):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["lora_fair", "flexlora"])
+def test_threaded_kernels_give_the_same_bits_as_one_thread(method, dtype, monkeypatch):
+    """With every kernel large enough for the pool (threshold 1 flop, two free cores), the
+    result equals the one-thread result to the bit: the policy only threads kernels whose
+    result does not depend on the thread count."""
+    monkeypatch.setattr(_threads, "_free_cores", lambda: 2.0)
+    monkeypatch.setattr(_threads, "_FLOPS_PER_THREAD", 1.0)
+    g = torch.Generator().manual_seed(3)
+    clients = [
+        {
+            f"l{i}": LoRAFactors(
+                torch.randn(4, 300, generator=g).to(dtype),
+                torch.randn(200 + 40 * i, 4, generator=g).to(dtype),
+            )
+            for i in range(3)
+        }
+        for _ in range(5)
+    ]
+    fn = getattr(agg, method)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fn(clients)
+        torch.set_num_threads(2)
+        two = fn(clients)
+    finally:
+        torch.set_num_threads(before)
+    for name in one:
+        assert torch.equal(one[name].A, two[name].A)
+        assert torch.equal(one[name].B, two[name].B)
+
+
 def test_free_cores_reads_the_machine():
     free = _threads._free_cores()
     assert 0.0 <= free <= (os.cpu_count() or 1) + 1 or free == float("inf")
