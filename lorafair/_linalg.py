@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lorafair._threads import pool_for
+
 _EPS64 = torch.finfo(torch.float64).eps
 _U64 = _EPS64 / 2  # float64 unit roundoff
 
@@ -70,24 +72,26 @@ def _pinv_diag(values: Tensor) -> Tensor:
 def _gram_host(X: Tensor, left: bool) -> Tensor:
     """``X Xᵀ`` (``left``) or ``Xᵀ X`` of a CPU float64 tensor through NumPy, matrix by matrix:
     NumPy's matmul hands a product of a matrix with its own transpose to BLAS ``syrk``, which
-    computes one triangle (half the flops of torch's general product) and mirrors it."""
+    computes one triangle (half the flops of torch's general product) and mirrors it. Runs on
+    :func:`lorafair._threads.pool_for` one matrix's ``n² m`` flops."""
     x = X.detach().numpy()
     n = x.shape[-2] if left else x.shape[-1]
     out = np.empty((*x.shape[:-2], n, n))
-    for idx in np.ndindex(*x.shape[:-2]):
-        m = x[idx]
-        if left:
-            np.matmul(m, m.T, out=out[idx])
-        else:
-            np.matmul(m.T, m, out=out[idx])
+    with pool_for(n * n * (x.shape[-1] if left else x.shape[-2])):  # one matrix's syrk
+        for idx in np.ndindex(*x.shape[:-2]):
+            m = x[idx]
+            if left:
+                np.matmul(m, m.T, out=out[idx])
+            else:
+                np.matmul(m.T, m, out=out[idx])
     return torch.from_numpy(out)
 
 
 def grams(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
     """The two R × R Grams ``G_a = A Aᵀ`` and ``G_b = Bᵀ B``: O((d_in + d_out) R²).
 
-    CPU float64 Grams go through BLAS ``syrk`` (:func:`_gram_host`; callers pin NumPy's BLAS
-    pool with torch's, see :mod:`lorafair._threads`); elsewhere torch's product.
+    CPU float64 Grams go through BLAS ``syrk`` (:func:`_gram_host`, on the threads
+    :func:`lorafair._threads.threads_for` gives one matrix's syrk); elsewhere torch's product.
     """
     if A.device.type == "cpu" and A.dtype == B.dtype == torch.float64:
         return _gram_host(A, left=True), _gram_host(B, left=False)

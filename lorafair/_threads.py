@@ -1,39 +1,75 @@
-"""Private: run a solver on one CPU thread pool of one thread.
+"""Private: the thread policy, one rule by cost (:func:`threads_for`).
 
-LoRA-FAIR's solvers run many small operations (r × r algebra, a few (d × R) products, a host
-solve of a few numbers per layer) in two pools: torch's OpenMP/MKL pool and NumPy's OpenBLAS
-pool (the flat Grams' ``syrk``). None of them is large enough to gain from a second thread,
-but at the pools' default size each one waits for a worker to be scheduled, and on a busy
-machine that wait dominates: on a loaded 2-core machine one ViT-B ``attn.qkv`` layer took 350
-to 880 ms by default against 35 to 47 ms with every pool pinned to one thread by the
-environment (``docs/lora_fair.md``, validation history). :func:`single_threaded` pins both
-pools for the call and restores them afterwards, so a call runs as fast as in the pinned
-environment.
+Aggregators run two kinds of work in two pools (torch's OpenMP/MKL pool and NumPy's OpenBLAS
+pool, the Grams' ``syrk``):
+
+- **small work**: r × r algebra, a few small products, host solves, and the averaging methods'
+  memory-bound passes. None gains from a second thread, and at the pools' default size each
+  kernel waits for a worker to be scheduled; on a busy machine that wait dominates: on a loaded
+  2-core machine one ViT-B ``attn.qkv`` layer took 350 to 880 ms by default against 35 to 47 ms
+  with every pool pinned to one thread (``docs/lora_fair.md``, validation history), and ``fedit``
+  on ViT-B/16 2.06 s against 32 ms.
+- **compute-bound kernels**: the float64 R × R Grams of large layers (``(d_in + d_out) R²``
+  flops) and the products with the stacked factors. At LLM scale (a Llama-3-8B MLP layer at
+  R = K r = 320: 1.9 GFLOP) one such kernel runs for tens of milliseconds and the pool's start-up
+  is noise; a single ``A_s A_sᵀ`` of (320 × 14336) ran 1.66× faster on 2 BLAS threads than on 1.
+
+So every aggregator call pins both pools to one thread (:func:`single_threaded`,
+:func:`torch_single_threaded`), and the few compute-bound kernels lift the pin for themselves
+through :func:`pool_for`. Only kernels whose result does not depend on the thread count do so:
+NumPy's OpenBLAS ``syrk`` and ``gemm`` (the Grams, LoRA-FAIR's ``P_u coef``) split their output
+into blocks and sum each entry in the same order on any number of threads, so every result is
+the same to the bit whatever the pool or the load; torch's R × R algebra, QRs and SVDs (MKL and
+LAPACK) are not (FlexLoRA's float32 result changed in its last bits on two threads), and stay on
+one. :func:`pool_for` asks the one rule, :func:`threads_for`:
+
+    threads = min(pool, round(free), max(1, ⌊flops / 2²⁵⌋))
+
+where ``pool`` is the process's pool as it was when the call began (torch's thread count: by
+default the number of cores, or what ``OMP_NUM_THREADS`` / ``torch.set_num_threads`` set),
+``free`` the cores free for this process (the machine's idle cores plus those this process
+kept busy itself, from ``/proc/stat`` over the time since the last estimate; once per call,
+and only when some kernel is large enough to ask) and ``flops`` the kernel's own work.
+2²⁵ flops is about a millisecond on one core (30 GFLOP/s), so a thread is added only for a
+millisecond or more of work: two threads need 67 Mflop, which no ViT-B/16 kernel at K·r ≤ 96
+reaches (its largest ``syrk``, ``mlp.fc1``'s 3072 × 96, is 28 Mflop), and every Llama-3-8B
+linear's Grams at R = 320 exceed (the smallest, ``k_proj``'s 1024 × 320, is 105 Mflop). A
+process pinned by the environment (``OMP_NUM_THREADS=1``) gets one thread everywhere, as
+before. ``free`` is there because a
+thread that waits for a core costs far more than it gives: on the 2-core machine of
+``benchmarks/README.md`` at a load average of 14, the Llama-3-8B cell's ``lora_fair`` took 7.7×
+as long on two threads as pinned (``python -m benchmarks.llm_cells --blocks 1 --pinned-too``
+without this term), and a lone (320 × 14336) ``syrk`` 9× as long at a load of 4.6.
 
 The limits are process-wide while the call runs (torch and OpenBLAS have no per-thread
-setting): a concurrent torch computation in another Python thread runs on one thread meanwhile.
-
-:func:`torch_single_threaded` is the same for aggregators that never call NumPy: a decorator that
-pins torch's pool alone (well under a microsecond, against about 30 µs for threadpoolctl's
-library scan). Every aggregator is memory-bound or runs many small kernels; on the shared 2-core
-machine of ``benchmarks/README.md`` their default two-thread calls were 6 to 64 times slower than
-pinned ones (ViT-B/16, K = 6, r = 16; ``fedit`` 2.06 s against 32 ms).
+setting): a concurrent torch computation in another Python thread runs on the same pool size
+meanwhile. Changing them costs well under a microsecond for torch and a few for OpenBLAS (set
+directly, not through threadpoolctl's context manager, about 16 µs).
 """
 
 from __future__ import annotations
 
+import math
+import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache, wraps
-from typing import ParamSpec, TypeVar
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import torch
 from threadpoolctl import ThreadpoolController
 
-__all__ = ["single_threaded", "torch_single_threaded"]
+__all__ = ["pool_for", "single_threaded", "threads_for", "torch_single_threaded"]
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
+
+_FLOPS_PER_THREAD = float(1 << 25)
+"""Work per thread below which a thread is not worth waking (about 1 ms on one core)."""
+
+_pool = [0]
+"""The process's pool size at the start of the outermost pinned call (0: no call running)."""
 
 
 @cache
@@ -42,10 +78,125 @@ def _controller() -> ThreadpoolController:
     return ThreadpoolController()
 
 
+@cache
+def _blas() -> tuple[Any, ...]:
+    """NumPy's BLAS libraries' controllers (set directly: a few µs, not threadpoolctl's scan)."""
+    return tuple(_controller().select(user_api="blas").lib_controllers)
+
+
+def _process_pool() -> int:
+    """The pool a kernel may use: the size when the outermost pinned call began, else now."""
+    return _pool[0] or torch.get_num_threads()
+
+
+class _CpuSample(NamedTuple):
+    wall: float  # time.monotonic()
+    idle: int  # the machine's idle + iowait jiffies, all cores (/proc/stat)
+    total: int  # all jiffies, all cores
+    own: float  # this process's CPU seconds, all its threads
+
+
+_MIN_WINDOW = 0.1
+"""Seconds of history below which the last estimate of the free cores is kept (10 jiffies)."""
+
+_cpu: dict[str, Any] = {"sample": None, "free": math.inf, "call": None}
+
+
+def _sample() -> _CpuSample | None:
+    try:
+        with open("/proc/stat", "rb") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return _CpuSample(time.monotonic(), fields[3] + fields[4], sum(fields), time.process_time())
+
+
+def _free_cores() -> float:
+    """Cores this process can use now: the machine's idle cores plus those this process itself
+    kept busy, over the time since the last estimate (at least ``_MIN_WINDOW``; the first one:
+    the cores above the 1-minute load average, plus one for this thread). ``inf`` where
+    ``/proc/stat`` cannot be read (not Linux). Cost: one line of ``/proc/stat``, about 20 µs.
+    """
+    now = _sample()
+    if now is None:
+        return math.inf
+    last: _CpuSample | None = _cpu["sample"]
+    cores = os.cpu_count() or 1
+    if last is None:
+        _cpu["sample"], _cpu["free"] = now, max(0.0, cores - os.getloadavg()[0]) + 1
+    elif now.wall - last.wall >= _MIN_WINDOW and now.total > last.total:
+        idle = cores * (now.idle - last.idle) / (now.total - last.total)
+        own = (now.own - last.own) / (now.wall - last.wall)
+        _cpu["sample"], _cpu["free"] = now, idle + own
+    free: float = _cpu["free"]
+    return free
+
+
+def threads_for(flops: float) -> int:
+    """The thread policy: ``min(pool, free, max(1, ⌊flops / 2²⁵⌋))`` threads for ``flops`` of work.
+
+    One thread per 2²⁵ flops (about a millisecond of one core's work), at most the process's
+    pool and at most the cores free for it (:func:`_free_cores`, rounded; estimated once per
+    aggregator call, and only for a kernel large enough to want a second thread). See the
+    module's docstring for the measurements behind the rule.
+    """
+    n = max(1, min(_process_pool(), int(flops // _FLOPS_PER_THREAD)))
+    if n == 1:
+        return 1
+    if _pool[0] == 0:  # outside an aggregator call: estimated now
+        free = _free_cores()
+    else:
+        if _cpu["call"] is None:  # once per call
+            _cpu["call"] = _free_cores()
+        free = _cpu["call"]
+    return max(1, int(min(float(n), free) + 0.5))  # free rounded; inf where unknown
+
+
+def _blas_threads() -> list[int]:
+    return [int(lib.num_threads) for lib in _blas()]
+
+
+def _set_blas(counts: list[int]) -> None:
+    for lib, n in zip(_blas(), counts, strict=True):
+        lib.set_num_threads(n)
+
+
+@contextmanager
+def pool_for(flops: float) -> Iterator[int]:
+    """Run the body on :func:`threads_for` ``(flops)`` threads of torch's and NumPy's pools.
+
+    Inside a pinned call: sets both pools to that many threads and restores them after (nested
+    uses restore the outer one's); a kernel the rule gives one thread costs a division and a
+    comparison. ``flops``: one kernel's work (one layer's, where a batched kernel runs layer by
+    layer). Yields the count.
+    """
+    if _pool[0] == 0:  # outside a pinned call the pools are as the process set them
+        yield torch.get_num_threads()
+        return
+    n = threads_for(flops)
+    if n == 1:
+        yield n
+        return
+    before, blas = torch.get_num_threads(), _blas_threads()
+    torch.set_num_threads(n)
+    _set_blas([n] * len(blas))
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
+        _set_blas(blas)
+
+
 @contextmanager
 def single_threaded() -> Iterator[None]:
-    """Pin torch's intra-op pool and NumPy's BLAS pool to one thread; restore them on exit."""
+    """Pin torch's intra-op pool and NumPy's BLAS pool to one thread; restore them on exit.
+
+    Kernels inside may lift the pin for themselves with :func:`pool_for`.
+    """
     before = torch.get_num_threads()
+    outer = _pool[0] == 0
+    if outer:
+        _pool[0], _cpu["call"] = before, None
     if before != 1:
         torch.set_num_threads(1)
     try:
@@ -54,20 +205,31 @@ def single_threaded() -> Iterator[None]:
     finally:
         if before != 1:
             torch.set_num_threads(before)
+        if outer:
+            _pool[0] = 0
 
 
 def torch_single_threaded(fn: Callable[_P, _T]) -> Callable[_P, _T]:
-    """Decorator: run ``fn`` with torch's intra-op pool pinned to one thread, restored after."""
+    """Decorator: run ``fn`` with torch's intra-op pool pinned to one thread, restored after.
+
+    Kernels inside may lift the pin for themselves with :func:`pool_for` (torch's pool; NumPy's
+    BLAS pool is then left as the process set it).
+    """
 
     @wraps(fn)
     def pinned(*args: _P.args, **kwargs: _P.kwargs) -> _T:
         before = torch.get_num_threads()
         if before == 1:
             return fn(*args, **kwargs)
+        outer = _pool[0] == 0
+        if outer:
+            _pool[0], _cpu["call"] = before, None
         torch.set_num_threads(1)
         try:
             return fn(*args, **kwargs)
         finally:
             torch.set_num_threads(before)
+            if outer:
+                _pool[0] = 0
 
     return pinned

@@ -3,6 +3,8 @@ Gram route's batching and syrk Grams, FFA-LoRA's copy check, and the benchmark f
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -75,6 +77,123 @@ def test_torch_single_threaded_pins_and_restores_even_on_error():
             probe(True)
         assert seen == [1, 1]
         assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def _blas_threads() -> list[int]:
+    return [lib.num_threads for lib in _threads._blas()]
+
+
+def test_thread_rule_gives_a_thread_per_2_25_flops_up_to_the_process_pool(monkeypatch):
+    monkeypatch.setattr(_threads, "_free_cores", lambda: 2.0)  # an idle 2-core machine
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with _threads.single_threaded():
+            assert torch.get_num_threads() == 1
+            assert _threads.threads_for(0) == 1
+            assert _threads.threads_for(2**26 - 1) == 1  # 2 threads need 2 · 2²⁵ flops
+            assert _threads.threads_for(2**26) == 2
+            assert _threads.threads_for(1e15) == 2  # never above the pool the call began with
+            with _threads.pool_for(2**26) as n:
+                assert n == 2
+                assert torch.get_num_threads() == 2
+                assert set(_blas_threads()) == {2}
+                with _threads.pool_for(10) as m:  # small work inside: stays as it is
+                    assert m == 1
+                    assert torch.get_num_threads() == 2
+                assert torch.get_num_threads() == 2
+            assert torch.get_num_threads() == 1  # the pin is back after the kernel
+            assert set(_blas_threads()) == {1}
+            with pytest.raises(ValueError, match="boom"), _threads.pool_for(2**30):
+                raise ValueError("boom")
+            assert torch.get_num_threads() == 1
+            assert set(_blas_threads()) == {1}
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)  # a process pinned by its environment: one thread everywhere
+        with _threads.single_threaded():
+            assert _threads.threads_for(1e15) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_thread_rule_gives_no_more_threads_than_free_cores(monkeypatch):
+    before = torch.get_num_threads()
+    calls = []
+
+    def busy() -> float:
+        calls.append(1)
+        return 1.4  # others keep 0.6 of a core busy: rounds to one free core
+
+    monkeypatch.setattr(_threads, "_free_cores", busy)
+    try:
+        torch.set_num_threads(2)
+        with _threads.single_threaded():
+            assert _threads.threads_for(1e15) == 1
+            assert _threads.threads_for(1e12) == 1
+            assert _threads.threads_for(10) == 1
+        assert calls == [1]  # estimated once per call, and only for a kernel that asks
+        with _threads.single_threaded():
+            assert _threads.threads_for(10) == 1
+        assert calls == [1]
+        monkeypatch.setattr(_threads, "_free_cores", lambda: 1.6)
+        with _threads.single_threaded():
+            assert _threads.threads_for(1e15) == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["lora_fair", "flexlora"])
+def test_threaded_kernels_give_the_same_bits_as_one_thread(method, dtype, monkeypatch):
+    """With every kernel large enough for the pool (threshold 1 flop, two free cores), the
+    result equals the one-thread result to the bit: the policy only threads kernels whose
+    result does not depend on the thread count."""
+    monkeypatch.setattr(_threads, "_free_cores", lambda: 2.0)
+    monkeypatch.setattr(_threads, "_FLOPS_PER_THREAD", 1.0)
+    g = torch.Generator().manual_seed(3)
+    clients = [
+        {
+            f"l{i}": LoRAFactors(
+                torch.randn(4, 300, generator=g).to(dtype),
+                torch.randn(200 + 40 * i, 4, generator=g).to(dtype),
+            )
+            for i in range(3)
+        }
+        for _ in range(5)
+    ]
+    fn = getattr(agg, method)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fn(clients)
+        torch.set_num_threads(2)
+        two = fn(clients)
+    finally:
+        torch.set_num_threads(before)
+    for name in one:
+        assert torch.equal(one[name].A, two[name].A)
+        assert torch.equal(one[name].B, two[name].B)
+
+
+def test_free_cores_reads_the_machine():
+    free = _threads._free_cores()
+    assert 0.0 <= free <= (os.cpu_count() or 1) + 1 or free == float("inf")
+
+
+def test_thread_rule_keeps_vit_b_layers_on_one_thread_and_llm_grams_on_the_pool(monkeypatch):
+    """The rule's two measured regimes: every ViT-B/16 Gram at K·r = 96 on one thread, every
+    Llama-3-8B linear's Gram at K·r = 320 on two (the module docstring's figures)."""
+    monkeypatch.setattr(_threads, "_free_cores", lambda: 2.0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with _threads.single_threaded():
+            for d_out, d_in in [(2304, 768), (768, 768), (3072, 768), (768, 3072)]:
+                assert _threads.threads_for(min(d_out, d_in) * 96**2) == 1
+            for d_out, d_in in [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]:
+                assert _threads.threads_for(min(d_out, d_in) * 320**2) == 2
     finally:
         torch.set_num_threads(before)
 
