@@ -49,9 +49,9 @@ import hashlib
 import json
 import math
 import os
-import warnings
 import shutil
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO, WARNING
