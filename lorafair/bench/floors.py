@@ -1,9 +1,9 @@
 """What the hardware allows: each aggregator's time against two floors measured in the same run.
 
 - **memory floor** ``= in_bytes / BW_read + out_bytes / BW_write``: one read of every input byte
-  and one write of the output. ``BW_read`` comes from the faster of two probes over one contiguous
-  buffer as large as the input (at most 1 GiB, the time scaled linearly beyond), ``buf.sum()``
-  and a BLAS ``gemv`` with a vector of ones (the faster pure read on this machine),
+  and one write of the output. ``BW_read`` comes from the faster of two probes over one
+  contiguous float32 buffer of the input's bytes (at most 1 GiB, the time scaled linearly
+  beyond), ``buf.sum()`` and a BLAS ``gemv`` with a vector of ones (the faster pure read here),
   ``BW_write`` from ``buf.fill_(0)`` of one as large; all timed in the cell's round-robin (one
   kernel each: no per-tensor overhead, so a true floor).
   A third probe, not a floor, reads the same bytes one ``sum`` per input tensor: what any eager
@@ -110,14 +110,17 @@ def make_probes(inputs: Inputs, *, gram: bool) -> Probes:
     clients = inputs.free or inputs.shared
     in_bytes = min(factor_bytes(clients), _PROBE_BYTES)
     dev, dt = inputs.device, inputs.dtype
-    n = in_bytes // torch.empty((), dtype=dt).element_size()
-    read = torch.ones(n, dtype=dt, device=dev)
+    # bandwidth is bytes per second whatever they hold: the probes read float32 (float64 for
+    # float64 inputs), which every backend sums at full speed; a bfloat16 sum on a CPU converts
+    # each element and would measure the conversion, not the memory
+    acc = torch.float64 if dt == torch.float64 else torch.float32
+    n = in_bytes // torch.empty((), dtype=acc).element_size()
+    read = torch.ones(n, dtype=acc, device=dev)
     cols = 4096
     rows = read[: n // cols * cols].view(-1, cols)
     tail = read[n // cols * cols :]
-    ones = torch.ones(cols, dtype=dt, device=dev)
-    write = torch.empty(n, dtype=dt, device=dev)
-    acc = torch.float64 if dt == torch.float64 else torch.float32
+    ones = torch.ones(cols, dtype=acc, device=dev)
+    write = torch.empty(n, dtype=acc, device=dev)
     a = torch.randn(512, 512, dtype=acc, device=dev)
     tensors = [t for c in clients for f in c.values() for t in f]
     calls: dict[str, Callable[[], object]] = {
