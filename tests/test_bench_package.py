@@ -72,6 +72,8 @@ def test_from_config_matches_the_built_model(tmp_path: pathlib.Path) -> None:
     assert not any("lm_head" in n for n, _, _ in every.layers)
     with pytest.raises(ValueError, match="no linear layer"):
         from_config(cfg, ["nope"])
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        from_config(str(tmp_path / "nowhere"), ["q_proj"])
 
 
 # peft 0.21 calls a transformers 5 property that warns of its own deprecation

@@ -276,11 +276,17 @@ def from_config(
         import transformers
     except ImportError:
         raise ImportError("from_config needs transformers (pip install transformers)") from None
-    if isinstance(config, str):
-        path = config
-        cfg = transformers.AutoConfig.from_pretrained(
-            os.path.dirname(path) if os.path.isfile(path) else path
-        )
+    if isinstance(config, str) and os.path.isfile(config):
+        try:
+            with open(config) as f:
+                fields = json.load(f)
+            cfg = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{config}: not a transformers config ({e!r})") from None
+    elif isinstance(config, str):
+        if not os.path.isfile(os.path.join(config, "config.json")):
+            raise FileNotFoundError(f"{config}: no config.json (a transformers config folder)")
+        cfg = transformers.AutoConfig.from_pretrained(config)
     else:
         cfg = config
     full_blocks = int(getattr(cfg, "num_hidden_layers", 0) or 0)
