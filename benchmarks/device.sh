@@ -10,7 +10,7 @@
 #
 #   bash benchmarks/device.sh           # PYTHON=... OUT_DIR=... REPEATS=... CELL_TIMEOUT=... to override
 #   bash benchmarks/device.sh --cpu     # check the script itself on a CPU: the same cells on the
-#                                       # first block only, one timed call each (minutes)
+#                                       # first two layers only, one timed call each
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
@@ -21,10 +21,10 @@ LOG="$OUT_DIR/device.log"
 
 if [ "${1:-}" = "--cpu" ]; then
     DEVICE=cpu
-    EXTRA=(--blocks 1 --warmup 0)
+    EXTRA=(--max-layers 2 --warmup 0)
     REPEATS=1
     CELL_TIMEOUT="${CELL_TIMEOUT:-1200}"
-    echo "device.sh --cpu: checking the script's cells on the CPU (first block only)" | tee "$LOG"
+    echo "device.sh --cpu: checking the script's cells on the CPU (first two layers only)" | tee "$LOG"
 else
     if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
         echo "device.sh: no CUDA device (torch.cuda.is_available() is False): skipping the CUDA tests and GPU cells" | tee "$LOG"

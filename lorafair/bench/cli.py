@@ -4,8 +4,9 @@ counts, against the machine's memory and compute floors measured in the same run
 Shapes come from a peft adapter folder (``--adapter DIR``: its config and tensor header, no
 values), a transformers config and target modules (``--config PATH --target-modules ...``: the
 model built on the ``meta`` device, no weights), or a preset of a real model (``--preset``). The
-clients are synthetic (seeded) factors on those shapes; every result is checked against
-``ΔW = Σ p_k B_k A_k`` before it is timed. Also ``python -m lorafair.bench``.
+clients are synthetic (seeded) factors of rank r on every layer (default: an adapter's largest
+rank, and its stored dtype); every result is checked against ``ΔW = Σ p_k B_k A_k`` before it is
+timed. Also ``python -m lorafair.bench``.
 """
 
 from __future__ import annotations

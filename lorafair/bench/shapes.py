@@ -196,7 +196,12 @@ def _tensor_shapes(
 ) -> tuple[str, dict[str, tuple[tuple[int, ...], torch.dtype | None]]]:
     st = os.path.join(folder, "adapter_model.safetensors")
     if os.path.exists(st):
-        from safetensors import safe_open
+        try:
+            from safetensors import safe_open
+        except ImportError:
+            raise ImportError(
+                f"{st}: reading it needs safetensors (pip install safetensors)"
+            ) from None
 
         try:
             with safe_open(st, framework="pt") as f:
@@ -234,6 +239,8 @@ def from_adapter(folder: str) -> tuple[ShapeSet, int, torch.dtype | None]:
         raise FileNotFoundError(f"{cfg_path}: missing (not a peft adapter folder)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg_path}: not a JSON object")
     path, shapes = _tensor_shapes(folder)
     dtype: torch.dtype | None = None
     layers: list[LayerShape] = []
