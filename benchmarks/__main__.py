@@ -1,5 +1,5 @@
-"""``python -m benchmarks``: the command-line entry point (see :mod:`benchmarks.run`)."""
+"""``python -m benchmarks``: the command-line entry point (see :mod:`benchmarks.cli`)."""
 
-from benchmarks.run import main
+from benchmarks.cli import main
 
 raise SystemExit(main())

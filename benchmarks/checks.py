@@ -1,9 +1,11 @@
 """Correctness before timing: independent float64 factored checks of every result.
 
 What is checked follows each entry's guarantees (the registry's flags), not its name: the
-element-wise expectation of :data:`benchmarks.references.EXPECTED` where one is written, exactness,
-Eckart–Young optimality, the LoRA-FAIR objective (never worse than FedIT where promised) and the
-agreement with the entry's dense reference on the reference layers.
+element-wise definition of :data:`benchmarks.references.EXPECTED` and the stated form of
+:data:`benchmarks.references.PROPERTIES` where one is written, exactness, Eckart–Young optimality
+(and, for an energy-threshold rank, that the rank is the smallest keeping that energy), the
+LoRA-FAIR objective (never worse than FedIT where promised) and the agreement with the entry's
+dense reference on the reference layers.
 """
 
 from __future__ import annotations
@@ -12,15 +14,13 @@ import functools
 import math
 import statistics
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from benchmarks import new_methods
 from benchmarks import references as ref
-from benchmarks.cells import Inputs
-from benchmarks.entries import Entry
+from lorafair.aggregate import EnergyThreshold
+from lorafair.bench import Entry, Inputs, Quality
 from lorafair.types import LoRAFactors
 
 __all__ = ["OBJ_TOL", "REL_TOL", "Quality", "check"]
@@ -29,14 +29,6 @@ __all__ = ["OBJ_TOL", "REL_TOL", "Quality", "check"]
 # bfloat16 alone is ~4e-3). The objective tolerance is absolute, on an objective of order 1e-2.
 REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}
 OBJ_TOL = {torch.float64: 1e-9, torch.float32: 1e-6, torch.bfloat16: 1e-3}
-
-
-@dataclass
-class Quality:
-    cos_mean: float
-    cos_min: float
-    objective: float | None = None  # mean LoRA-FAIR objective over the checked layers
-    problems: list[str] = field(default_factory=list)
 
 
 def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -63,6 +55,8 @@ def check(
     lam = float(options.get("lam", 0.01))
     similarity = options.get("similarity", "flat")
     expected = ref.EXPECTED.get(entry.reproduces or entry.name)
+    form = ref.PROPERTIES.get(entry.reproduces or entry.name)
+    energy = entry.defaults.get("rank")
     refs = {
         name: out for name, out in dense.items() if name != entry.name and _reproduces(name, entry)
     }
@@ -83,14 +77,28 @@ def check(
                     problems.append(f"{layer}: {label} differs from its definition by {e:.2e}")
         if entry.exact and (e := ref.diff_norm(B, A, B_s, A_s) / ideal) > tol:
             problems.append(f"{layer}: ‖BA − ΔW‖/‖ΔW‖ = {e:.2e} > {tol:g} (must be exact)")
+        if form is not None and (wrong := form(A, B, tol)) is not None:
+            problems.append(f"{layer}: {wrong}")
         if entry.optimal:
+            r = int(A.shape[0])
             sv = ref.singular_values(B_s, A_s)
-            tail = math.sqrt(float((sv[int(A.shape[0]) :] ** 2).sum()))
+            tail = math.sqrt(float((sv[r:] ** 2).sum()))
             err = ref.diff_norm(B, A, B_s, A_s)
             if abs(err - tail) > tol * ideal:
                 problems.append(
                     f"{layer}: ‖ΔW − BA‖ = {err:.6e} but the Eckart–Young optimum is {tail:.6e}"
                 )
+            if isinstance(energy, EnergyThreshold):
+                total = float((sv**2).sum())
+                kept = float((sv[:r] ** 2).sum()) / total
+                if kept < energy.threshold * (1 - tol):
+                    problems.append(
+                        f"{layer}: keeps {kept:.6f} of ‖ΔW‖², under the {energy.threshold} asked"
+                    )
+                if r > 1 and float((sv[: r - 1] ** 2).sum()) / total >= energy.threshold:
+                    problems.append(
+                        f"{layer}: rank {r} is not the smallest reaching {energy.threshold}"
+                    )
         if entry.norm is not None:
             objective = functools.partial(
                 ref.fair_objective,
@@ -115,8 +123,6 @@ def check(
                     problems.append(f"{layer}: objective {obj:.8f} worse than {name}'s {o_ref:.8f}")
             elif (e := ref.diff_norm(B, A, Bd, Ad) / ref.fro_norm(Bd, Ad)) > tol:
                 problems.append(f"{layer}: differs from the {name} product by {e:.2e}")
-    if entry.name in new_methods.NAMES:  # issue 16's method-specific checks
-        problems += new_methods.check(entry.name, result, clients, tol)
     return Quality(
         cos_mean=statistics.fmean(cosines) if cosines else float("nan"),
         cos_min=min(cosines) if cosines else float("nan"),

@@ -1,88 +1,40 @@
-"""What the benchmarks run: the registered aggregators, benchmark variants, dense references.
+"""What the benchmarks run: the registered aggregators, their variants and the dense references.
 
-Built from :mod:`lorafair.registry`, so that a new method gets a row by its registry entry alone.
-Each :class:`Entry` carries the guarantees its result is checked against (the registry's flags;
-the dense references state their own) and the floor its time is compared with.
+All read off :mod:`lorafair.registry` by its fields, so that a new method gets its rows by its
+registry entry alone:
+
+- every registered aggregator (:func:`lorafair.bench.library`);
+- ``<name>_sq`` for every method that is ``never_worse_than_fedit`` (the LoRA-FAIR objective),
+  with ``norm="fro_squared"``;
+- ``dense_svd``: the dense truncated SVD of ΔW, reproducing the first ``optimal`` method with a
+  fixed rank (no ``rank`` policy among its defaults);
+- ``dense_sgd`` / ``dense_sgd_sq``: the paper-style SGD on the objective, reproducing each
+  ``never_worse_than_fedit`` method and its ``_sq`` variant.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, Literal, NamedTuple
+from typing import Any
 
-from benchmarks import new_methods
 from benchmarks import references as ref
-from benchmarks.cells import Inputs
 from lorafair import registry
-from lorafair.registry import AggregatorSpec, Floor
-from lorafair.types import LoRAFactors
+from lorafair.bench import Entry, Inputs, Norm, Result, Runner, from_spec, library
 
 __all__ = ["Entry", "Result", "entries", "get", "names"]
 
-Result = tuple[dict[str, LoRAFactors], dict[str, ref.SGDInfo]]
-Runner = Callable[[Inputs, Mapping[str, Any], "Sequence[str] | None"], Result]
-
-
-class Entry(NamedTuple):
-    """One benchmark row kind."""
-
-    name: str
-    run: Runner
-    """``run(inputs, options, ref_layers)``: the result (and SGD diagnostics for references)."""
-    exact: bool
-    optimal: bool
-    never_worse_than_fedit: bool
-    shared_A: bool
-    floor: Floor
-    dense: bool = False
-    """A slow reference: run one layer at a time on the reference layers only."""
-    norm: ref.Norm | None = None
-    """The LoRA-FAIR objective's regulariser norm, for methods that minimise it."""
-    reproduces: str | None = None
-    """For a dense reference: the library entry it computes the slow way."""
-
-
-def _accepted(fn: Callable[..., Any], options: Mapping[str, Any]) -> dict[str, Any]:
-    params = inspect.signature(fn).parameters
-    return {k: v for k, v in options.items() if k in params}
-
-
-def _library(spec: AggregatorSpec, overrides: Mapping[str, Any]) -> Runner:
-    def run(inputs: Inputs, options: Mapping[str, Any], ref_layers: Sequence[str] | None) -> Result:
-        clients = inputs.shared if spec.shared_A else inputs.free
-        if spec.name in new_methods.NAMES:  # issue 16's: FedEx's residual, FedSA's client 0
-            return new_methods.call(spec.name, clients), {}
-        kwargs = {**spec.defaults, **_accepted(spec.fn, options), **overrides}
-        if kwargs.get("similarity") == "flat":
-            kwargs.pop("similarity")  # the default; not every version takes it by keyword
-        return spec.fn(clients, **kwargs), {}
-
-    return run
-
-
-def _from_spec(spec: AggregatorSpec, name: str | None = None, **overrides: Any) -> Entry:
-    norm = overrides.get("norm", "fro") if spec.never_worse_than_fedit else None
-    return Entry(
-        name=name or spec.name,
-        run=_library(spec, MappingProxyType(overrides)),
-        exact=spec.exact,
-        optimal=spec.optimal,
-        never_worse_than_fedit=spec.never_worse_than_fedit,
-        shared_A=spec.shared_A,
-        floor=spec.floor,
-        norm=norm,
-    )
+_SQUARED: Norm = "fro_squared"
 
 
 def _dense_svd(inputs: Inputs, options: Mapping[str, Any], layers: Sequence[str] | None) -> Result:
-    return ref.dense_svd_flexlora(inputs.free, layers=layers), {}
+    out = ref.dense_svd_flexlora(inputs.free, layers=layers)
+    return out, {}
 
 
-def _dense_sgd(norm: ref.Norm) -> Runner:
+def _dense_sgd(norm: Norm) -> Runner:
     def run(inputs: Inputs, options: Mapping[str, Any], layers: Sequence[str] | None) -> Result:
-        return ref.dense_sgd_lora_fair(
+        out, info = ref.dense_sgd_lora_fair(
             inputs.free,
             lam=float(options.get("lam", 0.01)),
             norm=norm,
@@ -93,33 +45,33 @@ def _dense_sgd(norm: ref.Norm) -> Runner:
             layers=layers,
             sync=inputs.device.type == "cuda",
         )
+        return out, dict(info)
 
     return run
 
 
 def _build() -> dict[str, Entry]:
-    out = {s.name: _from_spec(s) for s in registry.specs()}
-    fair = registry.get("lora_fair")
-    sq = _from_spec(fair, "lora_fair_sq", norm="fro_squared")
-    out["lora_fair_sq"] = sq
-    flex = out["flexlora"]
-    out["dense_svd"] = flex._replace(
-        name="dense_svd", run=_dense_svd, dense=True, reproduces=flex.name
+    out = {e.name: e for e in library()}
+    fair = [s for s in registry.specs() if s.never_worse_than_fedit]
+    for spec in fair:
+        sq = from_spec(spec, spec.name + "_sq", norm=_SQUARED)
+        out[sq.name] = sq
+    svd = next(s for s in registry.specs() if s.optimal and "rank" not in s.defaults)
+    out["dense_svd"] = out[svd.name]._replace(
+        name="dense_svd", run=_dense_svd, dense=True, reproduces=svd.name
     )
-    norms: tuple[tuple[Entry, Literal["fro", "fro_squared"]], ...] = (
-        (out["lora_fair"], "fro"),
-        (sq, "fro_squared"),
-    )
-    for base, norm in norms:
-        name = "dense_sgd" + base.name.removeprefix("lora_fair")
-        # SGD descends from FedIT's point but promises nothing: no guarantee is claimed for it
-        out[name] = base._replace(
-            name=name,
-            run=_dense_sgd(norm),
-            never_worse_than_fedit=False,
-            dense=True,
-            reproduces=base.name,
-        )
+    for spec in fair:
+        for base in (out[spec.name], out[spec.name + "_sq"]):
+            assert base.norm is not None
+            name = "dense_sgd" + base.name.removeprefix(spec.name)
+            # SGD descends from FedIT's point but promises nothing: no guarantee is claimed for it
+            out[name] = base._replace(
+                name=name,
+                run=_dense_sgd(base.norm),
+                never_worse_than_fedit=False,
+                dense=True,
+                reproduces=base.name,
+            )
     return out
 
 
@@ -128,7 +80,7 @@ _ENTRIES: Mapping[str, Entry] = MappingProxyType(_TABLE)
 
 
 def names() -> tuple[str, ...]:
-    """Every entry: the registry's aggregators, ``lora_fair_sq``, then the dense references."""
+    """Every entry: the registry's aggregators, the ``_sq`` variants, then the dense references."""
     return tuple(_ENTRIES)
 
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from benchmarks import entries
-from benchmarks.cells import Inputs, make_inputs
 from benchmarks.checks import check
+from lorafair.bench import Inputs, make_inputs, preset
 
 pytest.importorskip("pytest_benchmark")
 
@@ -22,7 +22,7 @@ _VIT = [n for n in entries.names() if not entries.get(n).dense]
 
 @pytest.fixture(scope="module")
 def vit_k6_r16() -> Inputs:
-    return make_inputs("vit_b16", None, 6, 16, "float32", "cpu")
+    return make_inputs(preset("vit_b16"), 6, 16, "float32", "cpu")
 
 
 @pytest.mark.parametrize("name", _VIT)

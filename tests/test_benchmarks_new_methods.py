@@ -1,45 +1,74 @@
-"""The benchmark rows of issue 16's methods: right results pass their checks, wrong ones fail."""
+"""The benchmarks' checks of every registered method: right results pass, wrong ones fail.
+
+The checks are chosen by the registry's fields and the references' tables, never by a method's
+name in the benchmark code; these tests name methods only to build wrong results."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
-from benchmarks import new_methods
-from benchmarks.shapes import SHAPE_SETS, make_clients
+from benchmarks import entries
+from benchmarks.checks import check
+from lorafair import registry
 from lorafair.aggregate import fedit, flexlora
+from lorafair.bench import Inputs, make_inputs, preset
 from lorafair.types import LoRAFactors
 
-
-def _clients(shared_A: bool) -> list[dict[str, LoRAFactors]]:
-    return make_clients(SHAPE_SETS["tiny"], 3, 3, dtype=torch.float64, seed=0, shared_A=shared_A)
+_OPTIONS = {"lam": 0.01, "similarity": "flat"}
 
 
-@pytest.mark.parametrize("name", new_methods.NAMES)
+def _inputs() -> Inputs:
+    return make_inputs(preset("tiny"), 3, 3, "float64", "cpu", seed=0)
+
+
+def _problems(name: str, result: dict[str, LoRAFactors], inputs: Inputs) -> list[str]:
+    return check(entries.get(name), result, inputs, _OPTIONS, dense={}).problems
+
+
+@pytest.mark.parametrize("name", registry.names())
 def test_registered_result_passes_its_check(name: str) -> None:
-    clients = _clients(new_methods.needs_shared_A(name))
-    out = new_methods.call(name, clients)
-    assert new_methods.check(name, out, clients, 1e-9) == []
+    inputs = _inputs()
+    result, _ = entries.get(name).run(inputs, _OPTIONS, None)
+    assert _problems(name, result, inputs) == []
+
+
+def test_every_registered_method_has_an_entry_with_its_flags() -> None:
+    for spec in registry.specs():
+        e = entries.get(spec.name)
+        assert (e.exact, e.optimal, e.shared_A, e.floor, e.personalised) == (
+            spec.exact,
+            spec.optimal,
+            spec.shared_A,
+            spec.floor,
+            spec.personalised,
+        )
 
 
 @pytest.mark.parametrize("name", ["fedex_lora", "fedsa_lora", "hetlora", "fedsvd"])
 def test_fedit_passed_off_as_the_method_is_caught(name: str) -> None:
-    clients = _clients(new_methods.needs_shared_A(name))
-    wrong = fedit(clients)
+    inputs = _inputs()
+    clients = inputs.shared if entries.get(name).shared_A else inputs.free
     if name == "hetlora":  # plain mean instead of the norm-weighted one
-        weights = [1.0, 5.0, 25.0]
         clients = [
             {n: LoRAFactors(f.A, f.B * w) for n, f in c.items()}
-            for c, w in zip(clients, weights, strict=True)
+            for c, w in zip(clients, [1.0, 5.0, 25.0], strict=True)
         ]
-        wrong = fedit(clients)
-    if name == "fedsa_lora":  # Ā kept, but B averaged instead of client 0's own
-        assert any("B was not kept" in p for p in new_methods.check(name, wrong, clients, 1e-9))
+        inputs.free = clients
+    wrong = fedit(clients)
+    if name == "fedsvd":  # the right product, but A not orthonormal
+        problems = _problems(name, wrong, inputs)
+        assert any("differs from I" in p for p in problems)
         return
-    assert new_methods.check(name, wrong, clients, 1e-9)
+    problems = _problems(name, wrong, inputs)
+    if name == "fedsa_lora":  # Ā kept, but B averaged instead of client 0's own
+        assert any("B differs from its definition" in p for p in problems)
+        assert not any("A differs" in p for p in problems)
+        return
+    assert problems
 
 
 def test_energy_rank_that_is_too_small_or_too_large_is_caught() -> None:
-    clients = _clients(False)
-    assert new_methods.check("flexlora_energy", flexlora(clients, rank=1), clients, 1e-9)
-    assert new_methods.check("flexlora_energy", flexlora(clients, rank=9), clients, 1e-9)
+    inputs = _inputs()
+    for rank in (1, 9):
+        problems = _problems("flexlora_energy", flexlora(inputs.free, rank=rank), inputs)
+        assert any("smallest" in p or "under the" in p for p in problems)

@@ -10,17 +10,17 @@ import math
 import pytest
 import torch
 
-from benchmarks import entries, run
+from benchmarks import cli, entries
 from benchmarks import references as ref
-from benchmarks.shapes import SHAPE_SETS, make_clients
 from lorafair.aggregate import fedit, flexlora, lora_fair
+from lorafair.bench import make_clients, preset, ratio_lines, ratios
 from lorafair.types import LoRAFactors
 
 _NORMS: tuple[ref.Norm, ...] = ("fro", "fro_squared")
 
 
 def _tiny(K: int = 3, r: int = 3, seed: int = 0) -> list[dict[str, LoRAFactors]]:
-    return make_clients(SHAPE_SETS["tiny"], K, r, dtype=torch.float64, seed=seed)
+    return make_clients(preset("tiny").layers, K, r, dtype=torch.float64, seed=seed)
 
 
 def _dense_delta(clients: list[dict[str, LoRAFactors]], name: str) -> torch.Tensor:
@@ -115,11 +115,11 @@ _CLI += ["--sgd-max-steps", "50"]
 
 
 def test_cli_end_to_end_writes_results(tmp_path: pytest.TempPathFactory) -> None:
-    code = run.main([*_CLI, "--ranks", "2", "3", "--out", str(tmp_path)])
+    code = cli.main([*_CLI, "--ranks", "2", "3", "--out", str(tmp_path)])
     assert code == 0
     data = json.loads((tmp_path / "results.json").read_text())  # type: ignore[operator]
     rows = data["rows"]
-    assert {w["aggregator"] for w in rows} == set(run.AGGREGATORS)
+    assert {w["aggregator"] for w in rows} == set(cli.AGGREGATORS)
     assert all(w["check"] == "ok" for w in rows)
     assert all(math.isfinite(w["time_s"]) and w["time_s"] > 0 for w in rows)
     exact = [w for w in rows if w["aggregator"] in ("flora", "ffa_lora")]
@@ -134,36 +134,42 @@ def test_cli_fails_loudly_on_a_wrong_result(monkeypatch: pytest.MonkeyPatch) -> 
     flex = entries.get("flexlora")
     wrong = flex._replace(run=lambda inputs, options, layers: (fedit(inputs.free), {}))
     monkeypatch.setitem(entries._TABLE, "flexlora", wrong)
-    code = run.main([*_CLI, "--ranks", "2", "--aggregators", "flexlora", "dense_svd"])
+    code = cli.main([*_CLI, "--ranks", "2", "--aggregators", "flexlora", "dense_svd"])
     assert code == 1
 
 
 def test_memory_child_reports_the_dense_temporary() -> None:
-    from benchmarks.memory import measure
+    import os
 
-    spec = {
-        "shape_set": "vit_b16",
-        "max_layers": 1,
-        "K": 2,
-        "r": 2,
-        "dtype": "float32",
-        "device": "cpu",
-        "seed": 0,
-        "aggregator": "fedit",
-        "options": {},
-        "ref_layers": None,
-        "threads": 1,
-    }
-    small = measure(spec)
-    big = measure({**spec, "aggregator": "dense_svd", "ref_layers": ["blocks.0.attn.qkv"]})
+    from lorafair.bench import MemorySpec, measure
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    spec = MemorySpec(
+        layers=[(s.name, s.d_out, s.d_in) for s in preset("vit_b16").layers[:1]],
+        K=2,
+        r=2,
+        dtype="float32",
+        device="cpu",
+        seed=0,
+        aggregator="fedit",
+        provider="benchmarks.entries",
+        options={},
+        ref_layers=None,
+        threads=1,
+    )
+    small = measure(spec, pythonpath=root)
+    big_spec = spec.copy()
+    big_spec.update(aggregator="dense_svd", ref_layers=["blocks.0.attn.qkv"])
+    big = measure(big_spec, pythonpath=root)
     dense_bytes = 2304 * 768 * 4  # one float32 ΔW of attn.qkv
     assert small["peak_extra_bytes"] < dense_bytes / 4
     assert big["peak_extra_bytes"] >= dense_bytes
 
 
 def test_every_library_row_carries_both_floor_ratios(tmp_path: pytest.TempPathFactory) -> None:
-    names = [n for n in run.AGGREGATORS if not entries.get(n).dense]
-    code = run.main([*_CLI, "--ranks", "2", "--aggregators", *names, "--out", str(tmp_path)])
+    names = [n for n in cli.AGGREGATORS if not entries.get(n).dense]
+    code = cli.main([*_CLI, "--ranks", "2", "--aggregators", *names, "--out", str(tmp_path)])
     assert code == 0
     data = json.loads((tmp_path / "results.json").read_text())  # type: ignore[operator]
     for w in data["rows"]:
@@ -179,8 +185,8 @@ def test_every_library_row_carries_both_floor_ratios(tmp_path: pytest.TempPathFa
 
 
 def test_smoke_run_prints_no_ratio() -> None:
-    assert run.ratios([], quick=True) == []
-    assert "none printed" in run.ratio_lines([{"shape_set": "x"}], quick=True)
+    assert ratios([], quick=True) == []
+    assert "none printed" in ratio_lines([{"shape_set": "x"}], quick=True)
 
 
 def test_registry_drives_the_benchmarks() -> None:

@@ -1,4 +1,4 @@
-"""One benchmark cell's inputs: synthetic clients on a shape set (see :mod:`benchmarks.shapes`)."""
+"""One benchmark cell's inputs: synthetic clients on a shape set (:mod:`lorafair.bench.shapes`)."""
 
 from __future__ import annotations
 
@@ -6,34 +6,37 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.shapes import SHAPE_SETS, LayerShape, make_clients
+from lorafair.bench.shapes import LayerShape, ShapeSet, make_clients
 from lorafair.types import LoRAFactors
 
-__all__ = ["DTYPES", "Inputs", "layers_for", "make_inputs"]
+__all__ = ["DTYPES", "Inputs", "make_inputs"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+"""The dtypes a cell may use, by the name the command line takes."""
 
 
 @dataclass
 class Inputs:
-    """The clients of one cell: ``free`` (A_k differ) and ``shared`` (A_k equal, for FFA-LoRA)."""
+    """The clients of one cell: ``free`` (A_k differ) and ``shared`` (A_k equal, for methods
+    whose clients share one frozen ``A``); either is empty when no chosen method needs it."""
 
-    shape_set: str
-    layers: list[LayerShape]
+    shapes: ShapeSet
     free: list[dict[str, LoRAFactors]]
     shared: list[dict[str, LoRAFactors]]
     dtype: torch.dtype
     device: torch.device
 
+    @property
+    def shape_set(self) -> str:
+        return self.shapes.name
 
-def layers_for(shape_set: str, max_layers: int | None) -> list[str]:
-    """Layer names of a shape set, truncated to the first ``max_layers``."""
-    return [s.name for s in SHAPE_SETS[shape_set][:max_layers]]
+    @property
+    def layers(self) -> tuple[LayerShape, ...]:
+        return self.shapes.layers
 
 
 def make_inputs(
-    shape_set: str,
-    max_layers: int | None,
+    shapes: ShapeSet,
     K: int,
     r: int,
     dtype: str,
@@ -44,12 +47,12 @@ def make_inputs(
     need_free: bool = True,
 ) -> Inputs:
     """Build the synthetic clients of one cell (deterministic in ``seed``)."""
-    layers = SHAPE_SETS[shape_set][:max_layers]
     dt = DTYPES[dtype]
+    layers = shapes.layers
     free = make_clients(layers, K, r, dtype=dt, device=device, seed=seed) if need_free else []
     shared = (
         make_clients(layers, K, r, dtype=dt, device=device, seed=seed + 1, shared_A=True)
         if need_shared
         else []
     )
-    return Inputs(shape_set, list(layers), free, shared, dt, torch.device(device))
+    return Inputs(shapes, free, shared, dt, torch.device(device))

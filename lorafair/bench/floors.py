@@ -1,17 +1,18 @@
 """What the hardware allows: each aggregator's time against two floors measured in the same run.
 
 - **memory floor** ``= in_bytes / BW_read + out_bytes / BW_write``: one read of every input byte
-  and one write of the output. ``BW_read`` comes from the faster of two probes over one contiguous
-  buffer as large as the input, ``buf.sum()`` and a BLAS ``gemv`` with a vector of ones (the
-  faster pure read on this machine), ``BW_write`` from ``buf.fill_(0)`` of one as large; all
-  timed in the cell's round-robin (one kernel each: no per-tensor overhead, so a true floor).
+  and one write of the output. ``BW_read`` comes from the faster of two probes over one
+  contiguous float32 buffer of the input's bytes (at most 1 GiB, the time scaled linearly
+  beyond), ``buf.sum()`` and a BLAS ``gemv`` with a vector of ones (the faster pure read here),
+  ``BW_write`` from ``buf.fill_(0)`` of one as large; all timed in the cell's round-robin (one
+  kernel each: no per-tensor overhead, so a true floor).
   A third probe, not a floor, reads the same bytes one ``sum`` per input tensor: what any eager
   torch code that touches every input tensor once pays on top (per-kernel start-up).
 - **compute floor**: the method's essential flops at the GEMM rate measured in the same run, in
-  its accumulation dtype. For the averaging methods (FedIT, FFA-LoRA, FLoRA) that is
+  its accumulation dtype. For the averaging methods (``floor == "memory"``) that is
   ``2·n_in`` flops (one multiply-add per input element) at the rate of a 512³ GEMM in float32
   (float64 for float64 inputs); it is far below the memory floor. For the Gram methods
-  (``lora_fair``, ``flexlora``) it is, per shape, the cheaper of two routes, each *timed* on
+  (``floor == "gram"``) it is, per shape, the cheaper of two routes, each *timed* on
   float64 stacks of the cell's own shapes (torch's product: the GEMM rate on exactly these
   shapes): the two R × R Grams per layer, ``A_s A_sᵀ`` and ``B_sᵀ B_s`` with R = K·r,
   ``2 (d_in + d_out) R²`` flops (batched per shape, at most 256 MiB of stacks at a time, scaled
@@ -27,19 +28,16 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.cells import Inputs
+from lorafair.bench.cells import Inputs
+from lorafair.bench.shapes import factor_bytes
 from lorafair.registry import Floor
-from lorafair.types import LoRAFactors
 
-__all__ = ["Floors", "Probes", "factor_bytes", "make_probes"]
+__all__ = ["Floors", "Probes", "make_probes"]
 
 _BUDGET = 1 << 28
-
-
-def factor_bytes(clients: list[dict[str, LoRAFactors]] | dict[str, LoRAFactors]) -> int:
-    """Bytes of every factor of ``clients`` (a list of clients, or one result)."""
-    items = clients if isinstance(clients, list) else [clients]
-    return sum(t.numel() * t.element_size() for c in items for f in c.values() for t in f)
+_PROBE_BYTES = 1 << 30
+"""The read and write probes use a buffer of at most this many bytes; their times are scaled
+linearly to the input's bytes (bandwidth is flat far beyond the caches)."""
 
 
 @dataclass
@@ -47,6 +45,7 @@ class Probes:
     """The timed probes of one cell (call each once per round of the round-robin)."""
 
     in_bytes: int
+    """Bytes of the read and write probes' buffers (the input's, capped at 1 GiB)."""
     calls: dict[str, Callable[[], object]]
     gram_flops: float
     scales: dict[str, float]
@@ -109,21 +108,24 @@ def make_probes(inputs: Inputs, *, gram: bool) -> Probes:
     """Buffers for the read/write/GEMM probes and, if ``gram``, float64 stacks for the Grams
     (and the dense products, where they may be the cheaper route)."""
     clients = inputs.free or inputs.shared
-    in_bytes = factor_bytes(clients)
+    in_bytes = min(factor_bytes(clients), _PROBE_BYTES)
     dev, dt = inputs.device, inputs.dtype
-    n = in_bytes // torch.empty((), dtype=dt).element_size()
-    read = torch.ones(n, dtype=dt, device=dev)
+    # bandwidth is bytes per second whatever they hold: the probes read float32 (float64 for
+    # float64 inputs), which every backend sums at full speed; a bfloat16 sum on a CPU converts
+    # each element and would measure the conversion, not the memory
+    acc = torch.float64 if dt == torch.float64 else torch.float32
+    n = in_bytes // torch.empty((), dtype=acc).element_size()
+    read = torch.ones(n, dtype=acc, device=dev)
     cols = 4096
     rows = read[: n // cols * cols].view(-1, cols)
     tail = read[n // cols * cols :]
-    ones = torch.ones(cols, dtype=dt, device=dev)
-    write = torch.empty(n, dtype=dt, device=dev)
-    acc = torch.float64 if dt == torch.float64 else torch.float32
+    ones = torch.ones(cols, dtype=acc, device=dev)
+    write = torch.empty(n, dtype=acc, device=dev)
     a = torch.randn(512, 512, dtype=acc, device=dev)
     tensors = [t for c in clients for f in c.values() for t in f]
     calls: dict[str, Callable[[], object]] = {
         "read_sum": read.sum,
-        # not a floor: the same bytes read one kernel per input tensor, as eager torch must
+        # not a floor: every input byte read one kernel per input tensor, as eager torch must
         "read_per_tensor": lambda: [t.sum() for t in tensors],
         "read_gemv": lambda: (rows @ ones, tail.sum()),
         "write": lambda: write.fill_(0),

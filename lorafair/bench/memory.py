@@ -1,27 +1,28 @@
-"""Peak extra memory of one aggregator call, measured in a fresh process.
+"""Peak memory growth of one aggregator call, measured in a fresh process.
 
 ``tracemalloc`` does not see torch's CPU allocations, so on the CPU each measurement runs in a
-new Python process (``python -m benchmarks.memory SPEC_JSON``) that
+new Python process (``python -m lorafair.bench.memory SPEC_JSON``) that
 
-1. imports everything and runs the aggregator once on the ``tiny`` shapes (so that code pages
-   and thread pools are resident before the baseline is taken),
-2. builds the clients' factors, runs ``gc.collect()``, reads its resident set size
-   ``VmRSS`` and resets the kernel's peak-RSS counter (``echo 5 > /proc/self/clear_refs``, so
+1. imports everything and runs the aggregator once on two tiny layers (so that code pages and
+   thread pools are resident before the baseline is taken),
+2. builds the clients' factors, runs ``gc.collect()``, reads its resident set size ``VmRSS``
+   and resets the kernel's peak-RSS counter (writes ``5`` to ``/proc/self/clear_refs``, so
    ``VmHWM`` restarts from the current RSS),
 3. calls the aggregator once and keeps the result alive,
 4. reads the peak resident set size ``VmHWM`` from ``/proc/self/status``.
 
 ``peak_extra = VmHWM_after − VmRSS_before``: every byte the call touched on top of its inputs at
-its peak, the result included. Where ``clear_refs`` cannot be written, the child falls back to
-``ru_maxrss`` (not resettable): then the figure is an upper bound, flagged ``new_peak = False``
-when the call did not set a new process peak. On CUDA the child uses
-``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus
-``torch.cuda.memory_allocated()`` before the call.
+its peak, the result included. ``ru_maxrss`` is not used where ``clear_refs`` can be written: it
+cannot be reset, and a child inherits its parent's. Where it cannot, the child falls back to
+``ru_maxrss`` and the figure is an upper bound, flagged ``new_peak = False`` when the call did
+not set a new process peak. On CUDA: ``torch.cuda.max_memory_allocated()`` after
+``reset_peak_memory_stats()``, minus ``torch.cuda.memory_allocated()`` before the call.
 """
 
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import os
 import resource
@@ -33,18 +34,21 @@ __all__ = ["MemorySpec", "measure"]
 
 
 class MemorySpec(TypedDict):
-    """What one child process measures: a cell (as :func:`benchmarks.cells.make_inputs` takes
-    it), the aggregator's name in :mod:`benchmarks.entries`, its options, the reference layers
-    (dense references only) and the torch thread count."""
+    """What one child process measures.
 
-    shape_set: str
-    max_layers: int | None
+    ``layers``: the cell's ``[name, d_out, d_in]``; ``provider``: the module whose ``get(name)``
+    returns the :class:`~lorafair.bench.entries.Entry` (``lorafair.bench.entries`` for the
+    registry's aggregators); ``ref_layers``: the layers a reference runs on (``None``: all).
+    """
+
+    layers: list[tuple[str, int, int]]
     K: int
     r: int
     dtype: str
     device: str
     seed: int
     aggregator: str
+    provider: str
     options: dict[str, Any]
     ref_layers: list[str] | None
     threads: int | None
@@ -68,17 +72,21 @@ def _reset_peak() -> bool:
 
 
 def _maxrss_bytes() -> int:
-    # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def measure(spec: MemorySpec, *, timeout_s: float = 3600.0) -> dict[str, Any]:
-    """Run ``spec`` (a :class:`MemorySpec`) in a fresh interpreter; return its report."""
+def measure(
+    spec: MemorySpec, *, timeout_s: float = 3600.0, pythonpath: str | None = None
+) -> dict[str, Any]:
+    """Run ``spec`` in a fresh interpreter; its report ``{"peak_extra_bytes", "new_peak",
+    "method"}``. ``pythonpath`` is prepended to the child's ``PYTHONPATH`` (for a provider
+    outside the installed packages)."""
     env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if pythonpath:
+        rest = env.get("PYTHONPATH")
+        env["PYTHONPATH"] = pythonpath + (os.pathsep + rest if rest else "")
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.memory", json.dumps(spec)],
+        [sys.executable, "-m", "lorafair.bench.memory", json.dumps(spec)],
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -94,20 +102,20 @@ def measure(spec: MemorySpec, *, timeout_s: float = 3600.0) -> dict[str, Any]:
 def _child(spec: MemorySpec) -> dict[str, Any]:
     import torch
 
-    from benchmarks import entries
-    from benchmarks.cells import layers_for, make_inputs
+    from lorafair.bench.cells import make_inputs
+    from lorafair.bench.shapes import LayerShape, ShapeSet, preset
 
     threads = spec.get("threads")
     if threads:
         torch.set_num_threads(int(threads))
     device = torch.device(spec["device"])
-    entry = entries.get(spec["aggregator"])
-    warm = make_inputs("tiny", None, 2, 2, spec["dtype"], spec["device"], seed=1)
+    entry = importlib.import_module(spec["provider"]).get(spec["aggregator"])
+    warm = make_inputs(preset("tiny"), 2, 2, spec["dtype"], spec["device"], seed=1)
     entry.run(warm, spec["options"], None)
     del warm
+    layers = tuple(LayerShape(n, int(o), int(i)) for n, o, i in spec["layers"])
     inputs = make_inputs(
-        spec["shape_set"],
-        spec["max_layers"],
+        ShapeSet("cell", layers, len(layers), "memory child"),
         spec["K"],
         spec["r"],
         spec["dtype"],
@@ -116,11 +124,6 @@ def _child(spec: MemorySpec) -> dict[str, Any]:
         need_shared=entry.shared_A,
         need_free=not entry.shared_A,
     )
-    ref_layers = spec["ref_layers"]
-    if ref_layers is not None:
-        ref_layers = [
-            n for n in layers_for(spec["shape_set"], spec["max_layers"]) if n in ref_layers
-        ]
     gc.collect()
     resettable = False
     if device.type == "cuda":
@@ -131,20 +134,17 @@ def _child(spec: MemorySpec) -> dict[str, Any]:
         before = _status_bytes("VmRSS")
         resettable = _reset_peak()
     peak_before = _maxrss_bytes()
-    result = entry.run(inputs, spec["options"], ref_layers)
+    result = entry.run(inputs, spec["options"], spec["ref_layers"])
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
-        new_peak = True
-        method = "cuda.max_memory_allocated"
+        new_peak, method = True, "cuda.max_memory_allocated"
     elif resettable:
         peak = _status_bytes("VmHWM")
-        new_peak = True
-        method = "VmHWM - VmRSS"
+        new_peak, method = True, "VmHWM - VmRSS"
     else:
         peak = _maxrss_bytes()
-        new_peak = peak > peak_before
-        method = "ru_maxrss - VmRSS"
+        new_peak, method = peak > peak_before, "ru_maxrss - VmRSS"
     del result
     return {"peak_extra_bytes": int(peak - before), "new_peak": bool(new_peak), "method": method}
 

@@ -1,0 +1,148 @@
+"""``lorafair.bench`` and ``lorafair bench``: shapes from presets, peft folders and transformers
+configs; the registry-driven entries; the check that runs before timing; the command's exits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import pytest
+import torch
+
+from lorafair import registry
+from lorafair.aggregate import fedit
+from lorafair.bench import (
+    check_update,
+    from_adapter,
+    from_config,
+    library,
+    make_clients,
+    preset,
+)
+from lorafair.bench.cli import main, register
+
+
+def test_llama3_presets_have_the_public_configs_shapes() -> None:
+    s8 = preset("llama3_8b")
+    assert len(s8.layers) == s8.full_layers == 224
+    shapes8 = {n.rsplit(".", 1)[-1]: (o, i) for n, o, i in s8.layers[:7]}
+    assert shapes8 == {
+        "q_proj": (4096, 4096),
+        "k_proj": (1024, 4096),
+        "v_proj": (1024, 4096),
+        "o_proj": (4096, 4096),
+        "gate_proj": (14336, 4096),
+        "up_proj": (14336, 4096),
+        "down_proj": (4096, 14336),
+    }
+    s70 = preset("llama3_70b", blocks=2)
+    assert (len(s70.layers), s70.full_layers) == (14, 560)
+    assert {(o, i) for _, o, i in s70.layers} == {
+        (8192, 8192),
+        (1024, 8192),
+        (28672, 8192),
+        (8192, 28672),
+    }
+
+
+def _tiny_llama_config() -> object:
+    transformers = pytest.importorskip("transformers")
+    return transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+    )
+
+
+def test_from_config_matches_the_built_model(tmp_path: pathlib.Path) -> None:
+    cfg = _tiny_llama_config()
+    cfg.save_pretrained(tmp_path)  # type: ignore[attr-defined]
+    qv = from_config(str(tmp_path), ["q_proj", "v_proj"])
+    assert [(n.rsplit(".", 1)[-1], o, i) for n, o, i in qv.layers] == [
+        ("q_proj", 32, 32),
+        ("v_proj", 16, 32),
+    ] * 3
+    every = from_config(str(tmp_path / "config.json"), ["all-linear"], blocks=1)
+    assert len(every.layers) == 7
+    assert every.full_layers == 21
+    assert not any("lm_head" in n for n, _, _ in every.layers)
+    with pytest.raises(ValueError, match="no linear layer"):
+        from_config(cfg, ["nope"])
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        from_config(str(tmp_path / "nowhere"), ["q_proj"])
+
+
+# peft 0.21 calls a transformers 5 property that warns of its own deprecation
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_from_adapter_reads_shapes_rank_and_dtype_of_a_peft_folder(tmp_path: pathlib.Path) -> None:
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(_tiny_llama_config()).to(torch.bfloat16)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    peft.get_peft_model(model, lora, autocast_adapter_dtype=False).save_pretrained(tmp_path)
+    shapes, rank, dtype = from_adapter(str(tmp_path))
+    assert rank == 4
+    assert dtype == torch.bfloat16
+    assert sorted((n, o, i) for n, o, i in shapes.layers) == sorted(
+        [(f"model.layers.{b}.self_attn.q_proj", 32, 32) for b in range(3)]
+        + [(f"model.layers.{b}.mlp.down_proj", 32, 48) for b in range(3)]
+    )
+
+
+def test_library_entries_are_the_registry() -> None:
+    assert tuple(e.name for e in library()) == registry.names()
+
+
+def test_check_catches_a_biased_result_passed_off_as_an_exact_one() -> None:
+    flora = next(e for e in library() if e.exact and not e.shared_A)
+    clients = make_clients(preset("tiny").layers, 3, 2, dtype=torch.float64)
+    q = check_update(flora, fedit(clients), clients, torch.float64)
+    assert q.problems
+    assert "must be exact" in q.problems[0]
+    assert q.cos_min < 1.0
+
+
+def test_command_times_every_method_and_writes_checked_rows(tmp_path: pathlib.Path) -> None:
+    argv = ["--preset", "tiny", "-K", "3", "-r", "2", "--repeats", "1", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [w["aggregator"] for w in rows] == list(registry.names())
+    assert all(w["check"] == "ok" and w["floor_memory_s"] > 0 for w in rows)
+    assert "| fedit |" in (tmp_path / "results.md").read_text()
+
+
+def test_command_extrapolates_a_subset_of_blocks_and_says_so(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["--preset", "vit_b16", "--blocks", "1", "-K", "2", "-r", "2", "--repeats", "1"]
+    assert main([*argv, "--methods", registry.names()[0], "--no-progress"]) == 0
+    assert "48 layers ≈" in capsys.readouterr().out
+
+
+def test_command_bad_input_is_one_line_and_exit_2(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--adapter", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "adapter_config.json" in err
+    assert "Traceback" not in err
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"truncated")
+    assert main(["--adapter", str(tmp_path)]) == 2
+    assert "adapter_model.safetensors" in capsys.readouterr().err
+    assert main(["--preset", "tiny", "--adapter", str(tmp_path)]) == 2
+
+
+def test_register_adds_the_bench_subcommand() -> None:
+    parser = argparse.ArgumentParser(prog="lorafair")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--preset", "tiny", "-K", "2"])
+    assert args.command == "bench"
+    assert callable(args.run)
+    assert args.clients == [2]
