@@ -40,14 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in _COMMANDS:
-        try:
-            imported = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            # Only while a subcommand's module is not in this tree yet (helper branches);
-            # a missing dependency of a present module is still an error.
-            if exc.name is not None and module.startswith(exc.name):
-                continue
-            raise
+        imported = importlib.import_module(module)
         imported.register(subparsers)
         if name not in subparsers.choices:
             raise RuntimeError(f"{module}.register did not add the {name!r} subcommand")
