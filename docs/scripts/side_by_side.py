@@ -68,6 +68,15 @@ def iid_clients(
     return out
 
 
+def _in(value: Any, package: ModuleType) -> Any:
+    """An option value of this tree's ``lorafair`` (e.g. ``EnergyThreshold``) as ``package``'s."""
+    cls = type(value)
+    if not cls.__module__.startswith("lorafair."):
+        return value
+    module = importlib.import_module(package.__name__.split(".")[0] + cls.__module__[8:])
+    return getattr(module, cls.__name__)(*value)
+
+
 def _ms(fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -96,7 +105,7 @@ def main() -> None:
         layers = layers[: args.layers]
         print(
             f"old {args.old} vs {args.new or 'the working tree'}; "
-            f"{args.shapes} {len(layers)} layers, "
+            f"{args.shapes} {len(layers)} layers ({layers[0].name}, ...), "
             f"K = {args.clients}, r = {args.rank}, {'iid' if args.iid else 'make_clients'}, "
             f"medians of {args.repeats}, torch threads {torch.get_num_threads()}, "
             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
@@ -111,11 +120,12 @@ def main() -> None:
                 clients = make_clients(layers, args.clients, args.rank, shared_A=spec.shared_A)
             new_fn = getattr(new, spec.fn.__name__)
             old_fn = getattr(old, spec.fn.__name__)
-            kwargs = dict(spec.defaults)
+            old_kw = {k: _in(v, old) for k, v in spec.defaults.items()}
+            new_kw = {k: _in(v, new) for k, v in spec.defaults.items()}
             times: dict[str, list[float]] = {"old": [], "new": []}
             for _ in range(args.repeats):
-                times["old"].append(_ms(lambda: old_fn(clients, **kwargs)))  # noqa: B023
-                times["new"].append(_ms(lambda: new_fn(clients, **kwargs)))  # noqa: B023
+                times["old"].append(_ms(lambda: old_fn(clients, **old_kw)))  # noqa: B023
+                times["new"].append(_ms(lambda: new_fn(clients, **new_kw)))  # noqa: B023
             o, n = statistics.median(times["old"]), statistics.median(times["new"])
             print(f"{name:16s} old {o:10.1f} ms  new {n:10.1f} ms  new/old {n / o:.3f}")
         print(f"load average after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
