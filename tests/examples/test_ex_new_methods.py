@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from examples.data import ArrayDataset, ClientData
-from examples.loop import FedConfig, evaluate_state, local_train
+from examples.loop import FedConfig, evaluate_state, local_train, run_method
 from examples.lora import VIT_TARGETS, inject_lora, lora_layers
 from examples.methods import (
     ClientUpload,
@@ -218,3 +218,15 @@ def test_fedsvd_trains_B_only_and_returns_an_orthonormal_A() -> None:
     assert rr.bytes_down == 3 * sum(
         (f.A.numel() + f.B.numel()) * 4 for f in rr.state.factors.values()
     )
+
+
+def test_hetlora_under_partial_participation_keeps_the_full_rank() -> None:
+    # With one client a round, a round may have no client of the full rank: the global adapter
+    # is zero-padded back to it, so the next round's clients can still load it.
+    clients = _clients()
+    tests = {c.domain: c.data for c in clients}
+    result = run_method("hetlora", _make, clients, tests, _cfg(rounds=3, clients_per_round=1))
+    assert len(result.accuracy) == 3
+    full = sum((m.lora_A.numel() + m.lora_B.numel()) * 4 for m in lora_layers(_make()[0]).values())
+    assert all(0 < down <= full for down in result.bytes_down)
+    assert any(down < full for down in result.bytes_down)  # a round without a full-rank client
