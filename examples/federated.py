@@ -1,8 +1,9 @@
 """Federated LoRA fine-tuning of timm ViT / MLP-Mixer with lorafair's aggregators.
 
 Offline default (no downloads): small ViT and Mixer pre-trained in-process on a digits source task,
-then federated LoRA on six digit-style domains, all five methods. Real setup: ``--setup
-domainnet|nico --data-root DIR --weights FILE``. ``python -m examples.federated --help``.
+then federated LoRA on six digit-style domains, every method of ``examples.methods.SIDES``. Real
+setup: ``--setup domainnet|nico --data-root DIR --weights FILE``. ``python -m examples.federated
+--help``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from examples.data import (
 from examples.jobs import Job, Tick, available_cpus, run_jobs
 from examples.loop import FedConfig, MethodResult, run_method
 from examples.methods import METHODS
-from examples.new_methods import NEW_METHODS, run_new_method
 from examples.report import accuracy_table, all_finite, write_outputs
 
 __all__ = ["build_parser", "main"]
@@ -166,9 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("federation")
     g.add_argument(
         "--methods",
-        type=_csv([*METHODS, *NEW_METHODS]),
-        default=[*METHODS, *NEW_METHODS],
-        help="comma-separated subset of " + ",".join([*METHODS, *NEW_METHODS]),
+        type=_csv(METHODS),
+        default=list(METHODS),
+        help="comma-separated subset of " + ",".join(METHODS),
     )
     g.add_argument(
         "--partition",
@@ -513,12 +513,10 @@ def _run(
             seed=seed,
             merge_when_training=args.setup == "offline",
         )
-        cfg_s = replace(cfg, seed=seed)
         label = f"{arch} seed {seed} "
-        run_one = run_new_method if m in NEW_METHODS else run_method
-        run = run_one(cast(Any, m), make, clients, tests, cfg_s, label=label, on_round=tick)
-        run.seed = seed
-        return run
+        return run_method(
+            m, make, clients, tests, replace(cfg, seed=seed), label=label, on_round=tick
+        )
 
     bar: Any = None
     if not args.no_progress:

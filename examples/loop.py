@@ -19,18 +19,29 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from examples.data import ArrayDataset, ClientData
-from examples.lora import get_factors, set_factors
+from examples.lora import set_factors
 from examples.methods import (
-    ClientUpload,
+    SIDES,
     GlobalState,
     Method,
+    ServerOptions,
     client_start,
+    client_upload,
     initial_state,
     server_step,
     trainable_parameters,
 )
+from lorafair import registry
 
-__all__ = ["FedConfig", "MethodResult", "batches", "evaluate", "local_train", "run_method"]
+__all__ = [
+    "FedConfig",
+    "MethodResult",
+    "batches",
+    "evaluate",
+    "evaluate_state",
+    "local_train",
+    "run_method",
+]
 
 log = logging.getLogger("examples.federated")
 
@@ -155,6 +166,36 @@ def local_train(
     return float(np.mean(losses)) if losses else float("nan")
 
 
+def evaluate_state(
+    method: Method,
+    model: nn.Module,
+    head: nn.Module,
+    state: GlobalState,
+    tests: Mapping[str, Dataset[tuple[Tensor, Tensor]]],
+    clients: Sequence[ClientData],
+    cfg: FedConfig,
+) -> dict[str, float]:
+    """Accuracy (%) per domain and ``"avg"`` of what the clients start the next round from.
+
+    The global adapter ``state.factors`` on every domain; for a personalised method (the
+    registry's ``personalised``) client k's own adapter on its own domain instead, a domain's
+    accuracy the mean over its clients and ``"avg"`` the mean over domains.
+    """
+    head.load_state_dict(state.head)
+    kw = {"device": cfg.device, "batch_size": cfg.eval_batch_size, "workers": cfg.workers}
+    if not registry.get(SIDES[method].aggregator).personalised:
+        set_factors(model, state.factors)
+        return evaluate(model, tests, **kw)  # type: ignore[arg-type]
+    per_domain: dict[str, list[float]] = {}
+    for k, client in enumerate(clients):
+        set_factors(model, state.personal.get(k, state.factors))
+        acc = evaluate(model, {client.domain: tests[client.domain]}, **kw)  # type: ignore[arg-type]
+        per_domain.setdefault(client.domain, []).append(acc[client.domain])
+    out = {d: float(np.mean(v)) for d, v in per_domain.items()}
+    out["avg"] = float(np.mean(list(out.values())))
+    return out
+
+
 def run_method(
     method: Method,
     make_model: Callable[[], tuple[nn.Module, nn.Module]],
@@ -165,7 +206,7 @@ def run_method(
     label: str = "",
     on_round: Callable[[int], None] | None = None,
 ) -> MethodResult:
-    """Run ``cfg.rounds`` federated rounds of ``method``; returns accuracy/bytes per round.
+    """Run ``cfg.rounds`` federated rounds of ``method``; accuracy, bytes, diagnostics per round.
 
     ``make_model()`` returns ``(model, head)`` where ``head`` is the classifier submodule of
     ``model`` (trained by every client, FedAvg'd). Client ``k``'s SGD order in round ``t`` is
@@ -189,31 +230,14 @@ def run_method(
             client_start(
                 method, model, head, state, seed=cfg.seed * 7919 + t * 104_729 + k + 1, client=k
             )
-            params = trainable_parameters(method, model, head)
+            params = trainable_parameters(method, model, head, round_index=t)
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + t * 1009 + k)
             losses.append(local_train(model, params, clients[k].data, cfg, generator=g))
-            uploads.append(
-                ClientUpload(
-                    get_factors(model),
-                    {n: v.detach().clone() for n, v in head.state_dict().items()},
-                    len(clients[k]),
-                )
-            )
-        rr = server_step(
-            method,
-            model,
-            uploads,
-            rank=cfg.rank,
-            lam=cfg.lam,
-            residual_on=cfg.residual_on,
-            flexlora_split=cfg.flexlora_split,
-        )
+            uploads.append(client_upload(method, model, head, client=k, n=len(clients[k])))
+        options = ServerOptions(cfg.rank, cfg.lam, cfg.residual_on, cfg.flexlora_split, t)
+        rr = server_step(method, model, state, uploads, chosen, options)
         state = rr.state
-        set_factors(model, state.factors)
-        head.load_state_dict(state.head)
-        acc = evaluate(
-            model, tests, device=cfg.device, batch_size=cfg.eval_batch_size, workers=cfg.workers
-        )
+        acc = evaluate_state(method, model, head, state, tests, clients, cfg)
         result.accuracy.append(acc)
         result.bytes_up.append(rr.bytes_up)
         result.bytes_down.append(rr.bytes_down)

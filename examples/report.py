@@ -117,26 +117,26 @@ def _mean_over_seeds(runs: Sequence[MethodResult], key: str) -> list[float]:
 def bias_table(results: Results) -> str:
     """Per model and round: every method's ``cos(BA, ΔW)`` (mean over seeds and layers).
 
-    For LoRA-FAIR also Table 4's columns: ``cos(B', B̄)`` and FedIT's ``cos(B̄Ā, ΔW)`` at the
-    same uploads (what FedIT would have sent back from LoRA-FAIR's clients).
+    For a method that reports Table 4's columns (LoRA-FAIR) also ``cos(B', B̄)`` and FedIT's
+    ``cos(B̄Ā, ΔW)`` at the same uploads (what FedIT would have sent back from its clients).
     """
     lines = []
     for model, by_method in results.items():
         methods = [m for m, rs in by_method.items() if rs and rs[0].diagnostics[0]]
         if not methods:
             continue
-        fair = "lora_fair" in methods
+        table4 = [m for m in methods if "cos_B_prime_B_bar" in by_method[m][0].diagnostics[0]]
         lines += [f"### {model}", ""]
         head = "| round | " + " | ".join(methods)
-        if fair:
-            head += " | lora_fair: cos(B', B̄) | lora_fair: FedIT's cos(B̄Ā, ΔW) at its uploads"
-        lines += [head + " |", "|---" * (len(methods) + 1 + 2 * fair) + "|"]
-        cols = {m: _mean_over_seeds(by_method[m], "cos_agg_dW") for m in methods}
-        if fair:
-            cols["b"] = _mean_over_seeds(by_method["lora_fair"], "cos_B_prime_B_bar")
-            cols["f"] = _mean_over_seeds(by_method["lora_fair"], "fedit_cos_B_bar_A_bar_dW")
-        for t in range(len(cols[methods[0]])):
-            lines.append(f"| {t + 1} | " + " | ".join(f"{c[t]:.6f}" for c in cols.values()) + " |")
+        for m in table4:
+            head += f" | {m}: cos(B', B̄) | {m}: FedIT's cos(B̄Ā, ΔW) at its uploads"
+        lines += [head + " |", "|---" * (len(methods) + 1 + 2 * len(table4)) + "|"]
+        cols = [_mean_over_seeds(by_method[m], "cos_agg_dW") for m in methods]
+        for m in table4:
+            cols.append(_mean_over_seeds(by_method[m], "cos_B_prime_B_bar"))
+            cols.append(_mean_over_seeds(by_method[m], "fedit_cos_B_bar_A_bar_dW"))
+        for t in range(len(cols[0])):
+            lines.append(f"| {t + 1} | " + " | ".join(f"{c[t]:.6f}" for c in cols) + " |")
         lines.append("")
     return "\n".join(lines)
 

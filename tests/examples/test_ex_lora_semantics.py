@@ -1,4 +1,4 @@
-"""Client-side semantics of the example's five methods, asserted directly (no timm needed).
+"""Client-side semantics of the example's methods, asserted directly (no timm needed).
 
 A toy model with timm-style layer names (``blocks.i.mlp.fc1/fc2`` and a ``head``) goes through
 real local SGD; every expectation is recomputed here plainly in float64.
@@ -25,7 +25,11 @@ from examples.methods import (
     METHODS,
     SIDES,
     ClientUpload,
+    GlobalState,
+    RoundResult,
+    ServerOptions,
     client_start,
+    client_upload,
     initial_state,
     server_step,
     trainable_parameters,
@@ -98,16 +102,29 @@ def _cfg(**kw: object) -> FedConfig:
     return FedConfig(**base)  # type: ignore[arg-type]
 
 
-def _local_round(method: str, model: nn.Module, head: nn.Module, state, clients, cfg):  # type: ignore[no-untyped-def]
+def _local_round(method: str, model: nn.Module, head: nn.Module, state, clients, cfg, t=0):  # type: ignore[no-untyped-def]
     """One round of client work, exactly as run_method does it; returns the uploads."""
     uploads = []
     for k, c in enumerate(clients):
-        client_start(method, model, head, state, seed=100 + k)  # type: ignore[arg-type]
-        params = trainable_parameters(method, model, head)  # type: ignore[arg-type]
+        client_start(method, model, head, state, seed=100 + k, client=k)
+        params = trainable_parameters(method, model, head, round_index=t)
         local_train(model, params, c.data, cfg, generator=torch.Generator().manual_seed(k))
-        heads = {n: v.detach().clone() for n, v in head.state_dict().items()}
-        uploads.append(ClientUpload(get_factors(model), heads, len(c)))
+        uploads.append(client_upload(method, model, head, client=k, n=len(c)))
     return uploads
+
+
+def _server(
+    method: str,
+    model: nn.Module,
+    state: GlobalState,
+    uploads: list[ClientUpload],
+    *,
+    t: int = 0,
+    **options: object,
+) -> RoundResult:
+    """The server step of round ``t`` with every client of ``uploads`` taking part."""
+    opts = ServerOptions(RANK, **options)._replace(round_index=t)  # type: ignore[arg-type]
+    return server_step(method, model, state, uploads, list(range(len(uploads))), opts)
 
 
 def _p(uploads: list[ClientUpload]) -> list[float]:
@@ -220,7 +237,7 @@ def test_fedit_clients_restart_from_plain_averages_and_head_is_fedavg() -> None:
     state = initial_state(model, head)
     uploads = _local_round("fedit", model, head, state, clients, cfg)
     p = _p(uploads)
-    rr = server_step("fedit", model, uploads, rank=RANK)
+    rr = _server("fedit", model, state, uploads)
     client_start("fedit", model, head, rr.state, seed=0)
     got = get_factors(model)
     for name in got:
@@ -248,7 +265,7 @@ def test_ffa_lora_freezes_the_shared_a_and_sends_only_b() -> None:
             for n, (A, B) in u.factors.items():
                 assert torch.equal(A, init_A[n]), "FFA-LoRA client changed the frozen A"
                 assert torch.count_nonzero(B) > 0
-        rr = server_step("ffa_lora", model, uploads, rank=RANK)
+        rr = _server("ffa_lora", model, state, uploads)
         state = rr.state
         for n, (A, _) in state.factors.items():
             assert torch.equal(A, init_A[n])
@@ -273,7 +290,7 @@ def test_flora_merges_the_stacked_update_then_reinitialises() -> None:
     # uploaded A differ across clients, unlike FedIT's shared start).
     n0 = "blocks.0.mlp.fc1"
     assert not torch.equal(uploads[0].factors[n0].A, uploads[1].factors[n0].A)
-    rr = server_step("flora", model, uploads, rank=RANK)
+    rr = _server("flora", model, state, uploads)
     for n, m in lora_layers(model).items():
         want = base0[n] + _dense_dw(uploads, n)
         torch.testing.assert_close(m.base.weight.detach().to(F64), want, rtol=1e-5, atol=1e-5)
@@ -295,7 +312,7 @@ def test_flexlora_clients_take_the_best_rank_r_approximation() -> None:
     cfg, clients = _cfg(), _clients()
     state = initial_state(model, head)
     uploads = _local_round("flexlora", model, head, state, clients, cfg)
-    rr = server_step("flexlora", model, uploads, rank=RANK)
+    rr = _server("flexlora", model, state, uploads)
     client_start("flexlora", model, head, rr.state, seed=0)
     for n, (A, B) in get_factors(model).items():
         U, S, Vh = torch.linalg.svd(_dense_dw(uploads, n))
@@ -309,7 +326,7 @@ def test_lora_fair_clients_start_from_corrected_average() -> None:
     state = initial_state(model, head)
     uploads = _local_round("lora_fair", model, head, state, clients, cfg)
     p = _p(uploads)
-    rr = server_step("lora_fair", model, uploads, rank=RANK, lam=0.01)
+    rr = _server("lora_fair", model, state, uploads, lam=0.01)
     client_start("lora_fair", model, head, rr.state, seed=0)
     got = get_factors(model)
     moved = 0.0
@@ -327,7 +344,7 @@ def test_lora_fair_clients_start_from_corrected_average() -> None:
     assert 0.0 < d["cos_B_prime_B_bar"] <= 1.0 + 1e-12
 
 
-@pytest.mark.parametrize("method", ["fedit", "ffa_lora", "flora", "flexlora", "lora_fair"])
+@pytest.mark.parametrize("method", METHODS)
 def test_run_method_two_rounds_is_finite_and_deterministic(method: str) -> None:
     clients = _clients()
     tests = {c.domain: c.data for c in clients}
@@ -336,8 +353,14 @@ def test_run_method_two_rounds_is_finite_and_deterministic(method: str) -> None:
     r2 = run_method(method, _make, clients, tests, cfg)  # type: ignore[arg-type]
     assert len(r1.accuracy) == 2
     assert r1.accuracy == r2.accuracy
+    assert r1.diagnostics == r2.diagnostics
     assert all(0.0 <= v <= 100.0 for a in r1.accuracy for v in a.values())
     assert all(b > 0 for b in r1.bytes_up + r1.bytes_down)
+    # Every method records the same bias diagnostics of the update its clients apply.
+    for d in r1.diagnostics:
+        assert -1.0 <= d["min_cos_agg_dW"] <= d["cos_agg_dW"] <= 1.0
+        if registry.get(SIDES[method].aggregator).exact:
+            assert d["min_cos_agg_dW"] == pytest.approx(1.0, abs=1e-6), method
 
 
 def test_partial_participation_samples_clients_per_round() -> None:
@@ -354,8 +377,9 @@ def test_every_method_dispatches_to_a_registered_aggregator() -> None:
     assert {"fedit", "ffa_lora", "flora", "flexlora", "lora_fair"} <= set(METHODS)
     for name, side in SIDES.items():
         assert side.aggregator in registry.names(), name
+    model, head = _make()
     with pytest.raises(ValueError, match="unknown method 'nope'"):
-        server_step("nope", _make()[0], [], rank=RANK)
+        server_step("nope", model, initial_state(model, head), [], [], ServerOptions(RANK))
 
 
 def test_fedit_reports_its_own_bias_and_exact_methods_report_none() -> None:
@@ -364,7 +388,7 @@ def test_fedit_reports_its_own_bias_and_exact_methods_report_none() -> None:
     state = initial_state(model, head)
     for method, exact in (("fedit", False), ("ffa_lora", True)):
         uploads = _local_round(method, model, head, state, clients, cfg)
-        rr = server_step(method, model, uploads, rank=RANK)
+        rr = _server(method, model, state, uploads)
         cos = []
         for n in uploads[0].factors:
             A, B = rr.state.factors[n]

@@ -43,7 +43,7 @@ def test_three_seeds_use_the_t_quantile_with_two_degrees_of_freedom() -> None:
 
 
 def test_float_noise_is_a_tie_not_a_win() -> None:
-    # The case from issue 17: the same counts averaged in another order.
+    # Two means of the same counts, summed in another order, differ in the last bits.
     fedit = [68.1987000928505, 70.0, 66.5]
     fair = [68.19870009285052, 70.0, 66.5]
     pr = paired(fair, fedit)

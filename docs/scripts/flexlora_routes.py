@@ -1,0 +1,118 @@
+"""FlexLoRA's routes: the time of each route on one layer, and whether every layer certifies.
+
+Run from the repository root, one thread (as the documented runs)::
+
+    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 \\
+        python docs/scripts/flexlora_routes.py routes
+    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 \\
+        python docs/scripts/flexlora_routes.py certified
+
+``routes``: ``flexlora(rank=16)`` on one ViT-B/16 layer of ``benchmarks.shapes.make_clients``,
+once per route with the cost model (``lorafair.aggregate._route``) forced to it; ms per call,
+"–" where the route refuses the layer. ``certified``: ``flexlora`` (fixed rank 16) on the first
+12 ViT-B/16 layers at each K; counts the layers whose route's own check failed (they are redone
+by the next route: "fell back"), by wrapping ``lorafair.aggregate._flexlora_svd``. Both patch
+private functions of the public module ``lorafair.aggregate`` for the duration of the script;
+they measure the library, not an API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.shapes import SHAPE_SETS, make_clients
+from lorafair import aggregate
+
+ROUTES = ("gram", "qr", "dense", "dense_top")
+PROBES = (
+    ("attn.qkv", 60),
+    ("attn.qkv", 100),
+    ("attn.proj", 60),
+    ("mlp.fc2", 100),
+    ("attn.qkv", 30),
+)
+
+
+def _layer(suffix: str) -> Any:
+    return next(s for s in SHAPE_SETS["vit_b16"] if s.name.endswith(suffix))
+
+
+def routes(rank: int) -> None:
+    real = aggregate._route
+    print("| layer | K | " + " | ".join(ROUTES) + " |")
+    print("|---" * (2 + len(ROUTES)) + "|")
+    for suffix, K in PROBES:
+        shape = _layer(suffix)
+        clients = make_clients([shape], K, rank)
+        cells = []
+        for route in ROUTES:
+            aggregate._route = lambda *a, _r=route, **k: _r
+            try:
+                t0 = time.perf_counter()
+                aggregate.flexlora(clients, rank=rank)
+                cells.append(f"{1000 * (time.perf_counter() - t0):.0f}")
+            except Exception as e:
+                cells.append(f"– ({type(e).__name__})")
+            finally:
+                aggregate._route = real
+        name = f"{suffix.split('.')[-1]} {shape.d_out} × {shape.d_in}"
+        print(f"| {name} | {K} | " + " | ".join(cells) + " |")
+
+
+def certified(rank: int, Ks: list[int]) -> None:
+    real = aggregate._flexlora_svd
+    failed: list[int] = []
+    checked: list[int] = []
+
+    def wrapped(batch: Any, *args: Any, **kwargs: Any) -> Any:
+        out = real(batch, *args, **kwargs)
+        ok = out[2]
+        if ok is not None:
+            checked.append(int(ok.numel()))
+            failed.append(int((~ok.bool()).sum()))
+        return out
+
+    aggregate._flexlora_svd = wrapped
+    try:
+        for K in Ks:
+            failed.clear()
+            checked.clear()
+            clients = make_clients(SHAPE_SETS["vit_b16"][:12], K, rank)
+            aggregate.flexlora(clients, rank=rank)
+            print(
+                f"K = {K:3d}: {sum(checked)} layer checks by the route's certificate, "
+                f"{sum(failed)} failed (fell back)"
+            )
+    finally:
+        aggregate._flexlora_svd = real
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("what", choices=["routes", "certified"])
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--clients", type=int, nargs="+", default=[6, 18, 30, 60, 100])
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    print(
+        f"torch {torch.__version__}, one thread, OMP_NUM_THREADS="
+        f"{os.environ.get('OMP_NUM_THREADS', 'unset')}; load {os.getloadavg()[0]:.2f}"
+    )
+    if args.what == "routes":
+        routes(args.rank)
+    else:
+        certified(args.rank, args.clients)
+    print(f"load average after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
