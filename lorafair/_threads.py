@@ -7,7 +7,7 @@ pool, the Grams' ``syrk``):
   memory-bound passes. None gains from a second thread, and at the pools' default size each
   kernel waits for a worker to be scheduled; on a busy machine that wait dominates: on a loaded
   2-core machine one ViT-B ``attn.qkv`` layer took 350 to 880 ms by default against 35 to 47 ms
-  with every pool pinned to one thread (``docs/lora_fair.md``, validation history), and ``fedit``
+  with every pool pinned to one thread (``docs/validation.md``), and ``fedit``
   on ViT-B/16 2.06 s against 32 ms.
 - **compute-bound kernels**: the float64 R × R Grams of large layers (``(d_in + d_out) R²``
   flops) and the products with the stacked factors. At LLM scale (a Llama-3-8B MLP layer at

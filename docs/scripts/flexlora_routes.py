@@ -7,7 +7,7 @@ Run from the repository root, one thread (as the documented runs)::
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 \\
         python docs/scripts/flexlora_routes.py certified
 
-``routes``: ``flexlora(rank=16)`` on one ViT-B/16 layer of ``benchmarks.shapes.make_clients``,
+``routes``: ``flexlora(rank=16)`` on one ViT-B/16 layer of ``lorafair.bench.make_clients``,
 once per route with the cost model (``lorafair.aggregate._route``) forced to it; ms per call,
 "–" where the route refuses the layer. ``certified``: ``flexlora`` (fixed rank 16) on the first
 12 ViT-B/16 layers at each K; counts the layers whose route's own check failed (they are redone
@@ -29,8 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.shapes import SHAPE_SETS, make_clients
 from lorafair import aggregate
+from lorafair.bench import PRESETS, make_clients, preset
+
+SHAPE_SETS = {name: list(preset(name).layers) for name in PRESETS}
 
 ROUTES = ("gram", "qr", "dense", "dense_top")
 PROBES = (

@@ -8,7 +8,7 @@ old, new, old, new, ... and the medians are compared. Run it from the repository
     python docs/scripts/side_by_side.py --old 8f2b460 --new d9510d5 --clients 6 --layers 48 \\
         --repeats 5 --aggregators fedit,ffa_lora,flora,flexlora
 
-Inputs: ``benchmarks.shapes.make_clients`` on the first ``--layers`` layers of ``--shapes``
+Inputs: ``lorafair.bench.make_clients`` on the first ``--layers`` layers of ``--shapes``
 (``shared_A`` where the registry says the method needs it), or with ``--iid`` i.i.d. Gaussian
 factors (no gap in the spectrum of ΔW at the rank). Prints one line per aggregator: the old and
 new medians (ms) and new/old, then the load average before and after.
@@ -35,7 +35,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.shapes import SHAPE_SETS, make_clients  # noqa: E402
+from lorafair.bench import PRESETS, make_clients, preset  # noqa: E402
+
+SHAPE_SETS = {name: list(preset(name).layers) for name in PRESETS}
 from lorafair import aggregate, registry  # noqa: E402
 from lorafair.types import LoRAFactors  # noqa: E402
 

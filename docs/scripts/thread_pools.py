@@ -11,7 +11,7 @@ repository root::
     python docs/scripts/thread_pools.py
     python docs/scripts/thread_pools.py --rev 6334c2f~1
 
-Inputs: ``benchmarks.shapes.make_clients``, K = 6, r = 16, float32: one ViT-B/16 ``attn.qkv``
+Inputs: ``lorafair.bench.make_clients``, K = 6, r = 16, float32: one ViT-B/16 ``attn.qkv``
 layer (2304 × 768) for seeds 0–4, and the twelve ``attn.proj`` layers (768 × 768), seed 0.
 """
 
@@ -35,7 +35,9 @@ def worker(pinned: bool, repeats: int) -> None:
     """In a fresh interpreter: medians (ms) of ``lora_fair`` on each input, as JSON."""
     import torch
 
-    from benchmarks.shapes import SHAPE_SETS, make_clients
+    from lorafair.bench import PRESETS, make_clients, preset
+
+    SHAPE_SETS = {name: list(preset(name).layers) for name in PRESETS}
     from lorafair.aggregate import lora_fair
 
     if pinned:
