@@ -7,18 +7,19 @@ and :func:`lorafair.aggregate.solve_residual` on
 
 - the ViT-B/16 step: 12 blocks × {qkv 2304×768, proj 768×768, fc1 3072×768, fc2 768×3072},
   K = 6 clients of rank 16, fp32 (:func:`benchmarks.columns.vit_clients`, seed 0), and
-- ``--problems`` seeded random problems: 1–3 layers of small shapes (some shared, so layers
-  batch), K = 1–5 clients of equal or different ranks 1–6, fp32 or fp64 (one in eight bf16),
-  some with identical clients or a zero client,
+- ``--problems`` (default 200) seeded random problems: 1–3 layers of small shapes (some
+  shared, so layers batch), K = 1–5 clients of equal or different ranks 1–6, fp32 or fp64
+  (one in eight bf16), some with identical clients or a zero client,
 
 each with ``similarity`` ∈ {flat, columns}, ``λ`` ∈ {0, 0.01, 1}, ``norm`` ∈ {fro, fro_squared}
-and ``residual_on`` ∈ {B, A} (24 option sets per problem), and saves every output to ``--save``;
-``--compare FILE`` re-runs and fails (exit 1, naming the first difference) unless every tensor is
-``torch.equal`` and every float has the same bits (a run with fewer ``--problems`` or
-``--no-vit`` is compared on the outputs it makes). Run it before the change (``--save``) and after
-(``--compare``):
+and ``residual_on`` ∈ {B, A} (24 option sets per problem), and saves every output to ``--save``
+(a call that raises is recorded by its error). ``--compare FILE`` re-runs and fails (exit 1,
+naming the first difference) unless every tensor is ``torch.equal`` byte for byte, every float
+has the same bits and every call that raised raises the same error (a run with fewer
+``--problems`` or ``--no-vit`` is compared on the outputs it makes). Run it before the change
+(``--save``) and after (``--compare``):
 
-    python -m benchmarks.solver_gate --save /tmp/gate.pt        # ~5 min on one CPU core
+    python -m benchmarks.solver_gate --save /tmp/gate.pt        # ~8 min on one idle CPU core
     python -m benchmarks.solver_gate --compare /tmp/gate.pt
     python -m benchmarks.solver_gate --problems 20 --no-vit --save /tmp/quick.pt   # seconds
 """
@@ -100,12 +101,15 @@ def _solve(clients: Clients, weights: list[float] | None, tag: str) -> dict[str,
             "allow_excess_rank": True,
         }
         key = f"{tag}|{sim}|{lam}|{norm}|{side}"
-        for name, (A, B) in lora_fair(clients, weights, **kw).items():
-            out[f"{key}|{name}|A"] = A
-            out[f"{key}|{name}|B"] = B
-        for name, s in solve_residual(clients, weights, **kw).items():
-            out[f"{key}|{name}|delta"] = s.delta
-            out[f"{key}|{name}|stats"] = (s.objective, s.cosine, s.iterations, s.converged)
+        try:
+            for name, (A, B) in lora_fair(clients, weights, **kw).items():
+                out[f"{key}|{name}|A"] = A
+                out[f"{key}|{name}|B"] = B
+            for name, s in solve_residual(clients, weights, **kw).items():
+                out[f"{key}|{name}|delta"] = s.delta
+                out[f"{key}|{name}|stats"] = (s.objective, s.cosine, s.iterations, s.converged)
+        except Exception as exc:  # recorded: the same call must fail the same way
+            out[f"{key}|error"] = f"{type(exc).__name__}: {exc}"
     return out
 
 
@@ -117,6 +121,8 @@ def record(problems: int, vit: bool) -> dict[str, Any]:
     for seed in range(problems):
         clients, weights = random_problem(seed)
         out.update(_solve(clients, weights, f"rand{seed}"))
+        if (seed + 1) % 25 == 0:
+            print(f"{seed + 1} random problems", file=sys.stderr, flush=True)
     return out
 
 
@@ -151,12 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--save", metavar="FILE", help="record every output to FILE")
     what.add_argument("--compare", metavar="FILE", help="fail unless every output equals FILE's")
-    ap.add_argument("--problems", type=int, default=300, help="random problems (default 300)")
+    ap.add_argument("--problems", type=int, default=200, help="random problems (default 200)")
     ap.add_argument("--no-vit", action="store_true", help="leave the ViT-B/16 step out")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     new = record(args.problems, not args.no_vit)
     took = time.perf_counter() - t0
+    for key, err in new.items():
+        if key.endswith("|error"):
+            print(f"{key}: {err}", file=sys.stderr)
     if args.save:
         torch.save(new, args.save)
         print(f"recorded {len(new)} outputs in {took:.0f} s")
