@@ -234,11 +234,12 @@ def _columns_end(
     shape = problem.shape
     Pi = torch.linalg.pinv(mat) @ mat if on_left else mat @ torch.linalg.pinv(mat)
 
-    def facing(W: Tensor) -> Tensor:  # the part of W that reaches the product (W: …, p, q)
-        P = Pi.reshape(Pi.shape[0], *([1] * (W.ndim - 3)), *Pi.shape[-2:])
+    def facing(W: Tensor, rows: Tensor) -> Tensor:  # the part of W (rows, …, p, q) that
+        # reaches the product, by the projectors of the layers ``rows``
+        P = Pi[rows].reshape(rows.shape[0], *([1] * (W.ndim - 3)), *Pi.shape[-2:])
         return torch.matmul(P, W) if on_left else torch.matmul(W, P)
 
-    part = facing(Z0)
+    part = facing(Z0, torch.arange(n_layers, device=Z0.device))
     keep = Z0 - part
     now = scorer.pick()
     floor = regulariser((part * part).sum(dim=(-2, -1)), opts.lam, opts.norm)
@@ -279,7 +280,7 @@ def _columns_end(
     Zs = sub0.pick().x
     limit = sub0.obj.values(Zs.reshape(rows.shape[0], 1, -1), *sub0.problem.data).squeeze(1)
     limit = limit + floor[rows]
-    offer(rows, facing(Zs).unsqueeze(1).expand(-1, n_s, -1, -1), steps, True)
+    offer(rows, facing(Zs, rows).unsqueeze(1).expand(-1, n_s, -1, -1), steps, True)
     # Layers whose end could still win by more than the plain points' reach: anchors Z0 / s
     # (s < 1; the anchor Z0 itself was solved and scored just above).
     rows = rows[scorer.pick().f[rows] - limit > _tol.END_REACH * (1.0 + limit.abs())]
@@ -292,7 +293,7 @@ def _columns_end(
     sub0 = ColumnScorer.of(lam0._replace(data=rep))
     _columns_minimise(sub0, starts0)
     Zs = sub0.pick().x
-    offer(rows, facing(Zs.reshape(n_s - 1, m, *shape).transpose(0, 1)), small, False)
+    offer(rows, facing(Zs.reshape(n_s - 1, m, *shape).transpose(0, 1), rows), small, False)
 
 
 def _mix_columns(Z: Tensor, f: Tensor, layer: Tensor, problem: ColumnProblem) -> Tensor:
