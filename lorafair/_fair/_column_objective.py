@@ -461,7 +461,7 @@ def _unsafe(Z: Tensor, data: ColumnData, on_left: bool, unit: _Rounding) -> Tens
     here without its ½: an admissibility margin, not a cost). Unsafe: their sum exceeds
     ``_tol.DROP_UNSAFE``.
     """
-    X = data[0]
+    X = data.X
     per_row = X.shape[-2] * X.shape[-1] * X.element_size() * (Z.shape[1] if Z.ndim == 4 else 1)
     out: Tensor = _in_chunks(
         lambda *a: _unsafe_rows(a[0], ColumnData(*a[1:]), on_left, unit), (Z, *data), per_row, -1
