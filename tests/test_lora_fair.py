@@ -833,6 +833,34 @@ def test_columns_result_does_not_depend_on_client_order() -> None:
             assert torch.equal(a.delta, b.delta)
 
 
+@pytest.mark.parametrize("residual_on", ["B", "A"])
+@pytest.mark.parametrize("lam", [0.01, 1.0])
+def test_columns_end_of_some_layers_of_a_batch(lam: float, residual_on: str) -> None:
+    # Two layers of one shape solved as one batch: "same" has identical clients (FedIT exact,
+    # already at its λ = 0 end's floor), "diff" has not, so the λ = 0 end runs for "diff"
+    # alone. Each layer must get what it gets solved on its own: FedIT's factors bit for bit
+    # for "same", the single-layer answer for "diff". (The end once projected the layer
+    # subset's points with every layer's projector: an IndexError here.)
+    gen = torch.Generator().manual_seed(0)
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=F64)
+
+    A, B = draw(3, 7), draw(6, 3)
+    clients = [
+        {"same": LoRAFactors(A, B), "diff": LoRAFactors(draw(3, 7), draw(6, 3))},
+        {"same": LoRAFactors(A.clone(), B.clone()), "diff": LoRAFactors(draw(3, 7), draw(6, 3))},
+    ]
+    opts: dict[str, Any] = {"lam": lam, "similarity": "columns", "residual_on": residual_on}
+    both = lora_fair(clients, **opts)
+    alone = lora_fair([{"diff": c["diff"]} for c in clients], **opts)["diff"]
+    fed = fedit(clients)["same"]
+    assert torch.equal(both["same"].A, fed.A)
+    assert torch.equal(both["same"].B, fed.B)
+    torch.testing.assert_close(both["diff"].A, alone.A, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(both["diff"].B, alone.B, rtol=1e-9, atol=1e-12)
+
+
 def test_pool_never_gives_a_layer_another_layers_point_for_a_nan_score() -> None:
     # A NaN score counts as +inf: layer 0 (only NaN candidates) keeps ΔB = 0, layer 1 its own
     # best candidate. Without that, amin carries the NaN to layer 0's best and its pick falls
@@ -845,7 +873,7 @@ def test_pool_never_gives_a_layer_another_layers_point_for_a_nan_score() -> None
     f = torch.tensor([float("nan"), 0.5], dtype=F64)
     none = torch.zeros(2, dtype=torch.int64)
     pool.add(x, f, torch.tensor([0, 1]), none, none.bool())
-    got = pool.choice((1, 3))
-    torch.testing.assert_close(got.Z[0, 0], zero_x[0])
-    torch.testing.assert_close(got.Z[1, 0], x[1])
+    got = pool.pick((1, 3))
+    torch.testing.assert_close(got.x[0, 0], zero_x[0])
+    torch.testing.assert_close(got.x[1, 0], x[1])
     torch.testing.assert_close(got.f, torch.tensor([1.0, 0.5], dtype=F64))

@@ -13,7 +13,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from lorafair._fair._batch import _build_group, _corrected, _delta, _Group, _Solved
+from lorafair._fair._batch import _build_group, _corrected, _delta, _Group, _Residuals
 from lorafair._fair._columns import solve_columns
 from lorafair._fair._flat import _solve_flat
 from lorafair._fair._options import Norm, ResidualOn, Similarity, _check_options, _Options
@@ -55,7 +55,7 @@ class _Form(Protocol):
 
     def __call__(
         self, groups: list[_Group], opts: _Options, single: bool, prep: Prepared
-    ) -> list[_Solved]: ...
+    ) -> list[_Residuals]: ...
 
 
 _FORMS: dict[Similarity, _Form] = {"flat": _solve_flat, "columns": solve_columns}
@@ -64,7 +64,7 @@ _FORMS: dict[Similarity, _Form] = {"flat": _solve_flat, "columns": solve_columns
 
 def _run(
     clients: _Clients, weights: Sequence[float] | None, opts: _Options, allow_excess_rank: bool
-) -> tuple[list[_Group], list[_Solved]]:
+) -> tuple[list[_Group], list[_Residuals]]:
     prep = prepare(
         clients, weights, equal_ranks=False, check_finite=False, allow_excess_rank=allow_excess_rank
     )
@@ -74,9 +74,9 @@ def _run(
 
 
 def _unbatch(
-    clients: _Clients, groups: list[_Group], solved: list[_Solved]
-) -> dict[str, tuple[_Group, _Solved, int]]:
-    where: dict[str, tuple[_Group, _Solved, int]] = {}
+    clients: _Clients, groups: list[_Group], solved: list[_Residuals]
+) -> dict[str, tuple[_Group, _Residuals, int]]:
+    where: dict[str, tuple[_Group, _Residuals, int]] = {}
     for grp, sol in zip(groups, solved, strict=True):
         for i, name in enumerate(grp.names):
             where[name] = (grp, sol, i)
@@ -115,7 +115,7 @@ def solve_residual(
 
 
 def _solutions(
-    clients: _Clients, groups: list[_Group], solved: list[_Solved], opts: _Options
+    clients: _Clients, groups: list[_Group], solved: list[_Residuals], opts: _Options
 ) -> dict[str, ResidualSolution]:
     host = [
         (
@@ -216,7 +216,7 @@ def lora_fair(
 
 
 def _factors(
-    clients: _Clients, groups: list[_Group], solved: list[_Solved], opts: _Options
+    clients: _Clients, groups: list[_Group], solved: list[_Residuals], opts: _Options
 ) -> dict[str, LoRAFactors]:
     out: dict[str, LoRAFactors] = {}
     fixed: dict[int, Tensor] = {}
@@ -232,7 +232,7 @@ def _factors(
     return out
 
 
-class FairSolved(NamedTuple):
+class AdaptersAndSolutions(NamedTuple):
     """:func:`lora_fair`'s output and :func:`solve_residual`'s solutions, from one solve."""
 
     adapters: dict[str, LoRAFactors]
@@ -250,7 +250,7 @@ def lora_fair_solved(
     tol: float = 1e-8,
     max_iter: int = 500,
     allow_excess_rank: bool = False,
-) -> FairSolved:
+) -> AdaptersAndSolutions:
     """``lora_fair(...)`` and ``solve_residual(...)`` of the same call, solving the problem once.
 
     ``adapters`` equals :func:`lora_fair`'s result bit for bit and ``solutions`` equals
@@ -260,6 +260,6 @@ def lora_fair_solved(
     opts = _check_options(lam, norm, similarity, residual_on, tol, max_iter)
     with single_threaded():
         groups, solved = _run(clients, weights, opts, allow_excess_rank)
-        return FairSolved(
+        return AdaptersAndSolutions(
             _factors(clients, groups, solved, opts), _solutions(clients, groups, solved, opts)
         )

@@ -232,7 +232,7 @@ def _p_times(grp: _Group, opts: _Options, coef: Tensor) -> Tensor:
     return out.mT
 
 
-class _Solved(NamedTuple):
+class _Residuals(NamedTuple):
     """A group's residuals: ``ΔP = P_u coef`` (flat) plus ``extra`` (explicit, float64, in the
     corrected factor's own orientation: (L, d_out, r) for ΔB, (L, r, d_in) for ΔA)."""
 
@@ -249,7 +249,7 @@ def _orient(t: Tensor, opts: _Options) -> Tensor:
     return t if opts.residual_on == "B" else t.mT
 
 
-def _delta(grp: _Group, sol: _Solved, opts: _Options) -> Tensor:
+def _delta(grp: _Group, sol: _Residuals, opts: _Options) -> Tensor:
     """The explicit residual (L, …) in float64 (one ``(d × R)(R × r)`` GEMM per layer)."""
     parts = []
     if sol.coef is not None:
@@ -259,7 +259,7 @@ def _delta(grp: _Group, sol: _Solved, opts: _Options) -> Tensor:
     return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
 
-def _corrected(grp: _Group, sol: _Solved, opts: _Options) -> Tensor:
+def _corrected(grp: _Group, sol: _Residuals, opts: _Options) -> Tensor:
     """The corrected factor (``B̄ + ΔB`` or ``Ā + ΔA``, L layers) in the inputs' dtype.
 
     Flat: one float64 GEMM ``P_u (E + coef)`` per layer, rounded once. Layers whose residual is

@@ -3,13 +3,18 @@
 The mean over the ``d_in`` columns of ``cos(X_j, Y_j)`` with ``Y = left Z right`` (a basis of
 at most ``(K + 1) r`` rows, never ``d_out × d_in``), plus ``λ R(‖Z − Z0‖²)``, with closed-form
 gradient, Hessian, line values and the carried features ``ZᵀX`` (:func:`columns_objective`),
-evaluated in cache-sized row chunks (:func:`_in_chunks`); and the admissibility check
+evaluated in cache-sized row chunks (:func:`_in_chunks`); the admissibility check
 (:func:`_unsafe`, :func:`_first_safe`): whether the output's rounding can resolve the objective
-at a point, where a product column nearly vanishes.
+at a point, where a product column nearly vanishes; and the form's one scorer
+(:class:`ColumnScorer`), which owns both and the pool.
+
+The problem travels as :class:`ColumnProblem` (its per-layer tensors :class:`ColumnData`, the
+side its matrix multiplies on, the options and the output's rounding).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -20,12 +25,67 @@ from lorafair._fair import _tolerances as _tol
 from lorafair._fair._batch import _Rounding, turning
 from lorafair._fair._newton import (
     Batched,
+    Runs,
     _reg_grad_coef,
     _reg_hessian,
     _safe_sqrt,
     regulariser,
 )
-from lorafair._fair._options import Norm
+from lorafair._fair._options import Norm, _Options
+from lorafair._fair._pool import Picked, _Pool
+
+
+class ColumnData(NamedTuple):
+    """The column problem's tensors, one row per layer: ``X`` (L, m, n) ΔW in the coordinates of
+    ``Y``, ``xn`` (L, n) ΔW's full column norms, ``active`` (L, n) the columns whose cosine can
+    be non-zero, ``Z0`` (L, p, q) FedIT's point (``ΔB = 0``), ``mat`` the fixed factor of
+    ``Y``: ``left`` (L, m, p) in ``Y = left Z`` (residual on A) or ``right`` (L, q, n) in
+    ``Y = Z right`` (residual on B). Unpacks as :func:`columns_objective`'s data."""
+
+    X: Tensor
+    xn: Tensor
+    active: Tensor
+    Z0: Tensor
+    mat: Tensor
+
+    def take(self, rows: Tensor) -> ColumnData:
+        """Rows ``rows`` (sorted and unique, as ``nonzero`` gives them): the tensors themselves
+        when that is every row (no copy of ``X``, the largest of them)."""
+        if rows.shape[0] == self.X.shape[0]:
+            return self
+        return ColumnData(*(t[rows] for t in self))
+
+    def sides(self, on_left: bool) -> tuple[Tensor | None, Tensor | None]:
+        """``(left, right)`` of ``Y = left Z right``: ``mat`` on its side, None on the other."""
+        return (self.mat, None) if on_left else (None, self.mat)
+
+
+class ColumnProblem(NamedTuple):
+    """A group's column problem: minimise ``1 − mean_j cos(X_j, Y_j) + λ R(‖Z − Z0‖²)`` over
+    ``Z`` (L, p, q). ``data`` its tensors; ``on_left``: ``Y = left Z`` (residual on A), else
+    ``Y = Z right``; ``opts`` λ, the norm, ``tol`` and ``max_iter``; ``unit`` how the output
+    dtype rounds (the admissibility rule of :func:`_unsafe`)."""
+
+    data: ColumnData
+    on_left: bool
+    opts: _Options
+    unit: _Rounding
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(p, q)``, the shape of ``Z``."""
+        return int(self.data.Z0.shape[-2]), int(self.data.Z0.shape[-1])
+
+    def objective(self, has_offset: bool = False) -> Batched:
+        """:func:`columns_objective` of this problem (``has_offset``: its restricted problems)."""
+        o = self.opts
+        return columns_objective(
+            o.lam, o.norm, self.shape, self.on_left, not self.on_left, has_offset
+        )
+
+    def at_lam0(self) -> ColumnProblem:
+        """The same problem with ``λ = 0`` (the λ = 0 end)."""
+        return self._replace(opts=dataclasses.replace(self.opts, lam=0.0))
 
 
 def _column_norms(t: Tensor) -> Tensor:
@@ -358,39 +418,25 @@ def _in_chunks(fn: Callable[..., Any], args: tuple[Tensor, ...], per_row: int, k
     return torch.cat(parts)
 
 
-def _column_scale(
-    Z: Tensor, Z0: Tensor, left: Tensor | None, right: Tensor | None, floor: float = 0.0
-) -> tuple[Tensor, Tensor]:
-    """``(‖Y_j‖, s_j)`` (…, n) for ``Y = left Z right`` (``Z`` (rows, p, q)), with
-    ``s_j = ‖left‖ (‖Z‖ + ‖Z0‖ + floor) ‖right_j‖`` bounding the rounding of ``Y_j`` (here and in
-    ``(B̄ + ΔB) Ā``) by ~ε s_j (``floor``: where the output's entries lose relative precision)."""
-    mat = left if right is None else right
-    assert mat is not None
-    has_left = right is None
+def _column_scale(Z: Tensor, Z0: Tensor, mat: Tensor, on_left: bool) -> tuple[Tensor, Tensor]:
+    """``(‖Y_j‖, s_j)`` (…, n) for ``Y = left Z right`` (``Z`` (rows, p, q); ``mat`` is ``left``
+    where ``on_left``, else ``right``), with ``s_j = ‖left‖ (‖Z‖ + ‖Z0‖) ‖right_j‖`` bounding
+    the rounding of ``Y_j`` (here and in ``(B̄ + ΔB) Ā``) by ~ε s_j."""
 
     def rows(Z: Tensor, Z0: Tensor, mat: Tensor) -> tuple[Tensor, Tensor]:
-        return (
-            _scale_rows(Z, Z0, mat, None, floor)
-            if has_left
-            else _scale_rows(Z, Z0, None, mat, floor)
-        )
+        left, right = (mat, None) if on_left else (None, mat)
+        return _norms_sq(Z, left, right).sqrt(), _rounding_scale(Z, Z0, left, right, 0.0)
 
-    m, n = (mat.shape[-2], Z.shape[-1]) if has_left else (Z.shape[-2], mat.shape[-1])
+    m, n = (mat.shape[-2], Z.shape[-1]) if on_left else (Z.shape[-2], mat.shape[-1])
     out: tuple[Tensor, Tensor] = _in_chunks(rows, (Z, Z0, mat), m * n * Z.element_size(), -1)
     return out
-
-
-def _scale_rows(
-    Z: Tensor, Z0: Tensor, left: Tensor | None, right: Tensor | None, floor: float
-) -> tuple[Tensor, Tensor]:
-    """:func:`_column_scale` on one chunk of rows."""
-    return _norms_sq(Z, left, right).sqrt(), _rounding_scale(Z, Z0, left, right, floor)
 
 
 def _rounding_scale(
     Z: Tensor, Z0: Tensor, left: Tensor | None, right: Tensor | None, floor: float
 ) -> Tensor:
-    """``s_j = ‖left‖ (‖Z‖ + ‖Z0‖ + floor) ‖right_j‖`` (…, n) of :func:`_column_scale`."""
+    """``s_j = ‖left‖ (‖Z‖ + ‖Z0‖ + floor) ‖right_j‖`` (…, n) of :func:`_column_scale`
+    (``floor``: where the output's entries lose relative precision; :func:`_unsafe` adds it)."""
     scale: Tensor = torch.linalg.matrix_norm(Z) + torch.linalg.matrix_norm(Z0) + floor
     if left is not None:
         scale = scale * torch.linalg.matrix_norm(left)
@@ -400,10 +446,10 @@ def _rounding_scale(
     return scale
 
 
-def _unsafe(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: _Rounding) -> Tensor:
+def _unsafe(Z: Tensor, data: ColumnData, on_left: bool, unit: _Rounding) -> Tensor:
     """Whether the output cannot resolve the objective at ``Z`` (rows, [S,] p, q) to
-    ``max(_tol.DROP_UNSAFE, 10 ε)`` (``ε = unit.eps``: machine epsilon of the output dtype, ``ε₆₄``
-    below; ``‖Z‖ + ‖Z0‖`` below also gets ``unit.floor``, for float16's subnormals).
+    ``max(DROP_UNSAFE, UNSAFE_EPS · ε)`` (``ε = unit.eps``: machine epsilon of the output dtype,
+    ``ε₆₄`` below; ``‖Z‖ + ‖Z0‖`` below also gets ``unit.floor``, for float16's subnormals).
 
     ``data`` per row (as in :func:`_solve_columns`). Evaluating the product perturbs the point
     by rounding of relative size ``ε₆₄`` (``Z`` itself, or ``B̄ + ΔB`` / ``Ā + ΔA`` in the
@@ -415,22 +461,22 @@ def _unsafe(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: _Rounding
     here without its ½: an admissibility margin, not a cost). Unsafe: their sum exceeds
     ``_tol.DROP_UNSAFE``.
     """
-    X = data[0]
+    X = data.X
     per_row = X.shape[-2] * X.shape[-1] * X.element_size() * (Z.shape[1] if Z.ndim == 4 else 1)
     out: Tensor = _in_chunks(
-        lambda *a: _unsafe_rows(a[0], a[1:], has_left, unit), (Z, *data), per_row, -1
+        lambda *a: _unsafe_rows(a[0], ColumnData(*a[1:]), on_left, unit), (Z, *data), per_row, -1
     )
     return out
 
 
-def _unsafe_rows(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: _Rounding) -> Tensor:
+def _unsafe_rows(Z: Tensor, data: ColumnData, on_left: bool, unit: _Rounding) -> Tensor:
     """:func:`_unsafe` on one chunk of rows."""
     X, xn, active, Z0, mat = data
     if Z.ndim == Z0.ndim + 1:
         X, xn, active, Z0, mat = (t.unsqueeze(1) for t in (X, xn, active, Z0, mat))
-    left, right = (mat, None) if has_left else (None, mat)
+    left, right = (mat, None) if on_left else (None, mat)
     sc = _rounding_scale(Z, Z0, left, right, unit.floor)
-    limit = max(_tol.DROP_UNSAFE, 10.0 * unit.eps)
+    limit = max(_tol.DROP_UNSAFE, _tol.UNSAFE_EPS * unit.eps)
     # Explicit Y here, whatever the shape: near a vanishing column the factored pullback's
     # two terms cancel, and their rounding (ε ‖Z‖ ‖right_j‖ / ν_j relative) is what is judged.
     Y = linear_map(Z, left, right)
@@ -452,14 +498,6 @@ def _unsafe_rows(Z: Tensor, data: tuple[Tensor, ...], has_left: bool, unit: _Rou
     return exact_zero | ~resolved
 
 
-def _take(data: tuple[Tensor, ...], rows: Tensor) -> tuple[Tensor, ...]:
-    """``data``'s rows ``rows`` (sorted and unique, as ``nonzero`` gives them): the tensors
-    themselves when that is every row (no copy of ``X``, the largest of them)."""
-    if rows.shape[0] == data[0].shape[0]:
-        return data
-    return tuple(t[rows] for t in data)
-
-
 def _first_safe(f: Tensor, unsafe_at: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
     """``f`` (rows, S) with ``inf`` where :func:`_unsafe`, as far as an argmin over ``S`` can
     tell: per row the points are checked best first (ties: lowest index first) until one is
@@ -479,14 +517,95 @@ def _first_safe(f: Tensor, unsafe_at: Callable[[Tensor, Tensor], Tensor]) -> Ten
     return out
 
 
-def _safe_best_first(
-    Z: Tensor, data: tuple[Tensor, ...], f: Tensor, m: int, unit: _Rounding
-) -> Tensor:
-    """:func:`_first_safe` over the ``m`` runs of each layer (``Z`` (m L, p, q) start-major,
-    ``data`` per layer; residual on B), as (m L,)."""
-    n_layers = f.shape[0] // m
+@dataclasses.dataclass
+class ColumnScorer:
+    """The column form's one scorer: the objective, the admissibility rule (:func:`_unsafe`) and
+    the pool, for one :class:`ColumnProblem`.
 
-    def unsafe_at(lay: Tensor, start: Tensor) -> Tensor:
-        return _unsafe(Z[start * n_layers + lay], _take(data, lay), False, unit)
+    Every candidate generator of :mod:`._columns` hands its points to :meth:`offer` (or, for the
+    multi-start's runs, :meth:`offer_runs`): each is scored by the true objective, ``inf`` where
+    ruled out (not valid, or its objective not resolved in the output dtype), and added to the
+    pool, which starts with ``ΔB = 0`` (``Z0``) at its objective; :meth:`pick` chooses
+    (:meth:`_Pool.choice`: per layer the lowest score, ``ΔB = 0`` unless beaten by ``TIE``).
+    """
 
-    return _first_safe(f.reshape(m, n_layers).mT, unsafe_at).mT.reshape(-1)
+    problem: ColumnProblem
+    obj: Batched
+    pool: _Pool
+
+    @classmethod
+    def of(cls, problem: ColumnProblem) -> ColumnScorer:
+        """A scorer whose pool holds ``ΔB = 0`` alone."""
+        obj = problem.objective()
+        Z0 = problem.data.Z0
+        f_zero = obj.values(Z0.reshape(Z0.shape[0], 1, -1), *problem.data).squeeze(1)
+        return cls(problem, obj, _Pool(Z0.flatten(-2), f_zero))
+
+    def values(self, x: Tensor) -> Tensor:
+        """The objective at the rows ``x`` (k L, N), start-major (row ``i L + l``: point ``i`` of
+        layer ``l``), each against its own layer's data; (k L,) in the same order."""
+        n_layers = self.problem.data.X.shape[0]
+        k = x.shape[0] // n_layers
+        data = self.problem.data
+        return self.obj.values(x.reshape(k, n_layers, -1).transpose(0, 1), *data).mT.reshape(-1)
+
+    def offer(
+        self,
+        pts: Tensor,
+        layer: Tensor,
+        iterations: Tensor,
+        converged: Tensor,
+        *,
+        data: ColumnData | None = None,
+        valid: Tensor | None = None,
+        best_first: bool = False,
+    ) -> Tensor:
+        """Points ``pts`` (rows, S, p, q), or one each (rows, p, q), of ``layer`` (rows,), from
+        runs with ``iterations`` / ``converged`` (rows,): scored against ``data`` (their layers'
+        rows of the problem's data; default the whole, one row per layer), ``inf`` where not
+        ``valid`` (rows, S) or :func:`_unsafe` (``best_first``: checked best first per row, as
+        far as the argmin can tell, :func:`_first_safe`), and added to the pool. Returns their
+        scores (rows, S)."""
+        p = self.problem
+        sub = p.data if data is None else data
+        x = pts.flatten(-2) if pts.ndim == 4 else pts.flatten(-2).unsqueeze(1)
+        f = self.obj.values(x, *sub)
+        if valid is not None:
+            f = torch.where(valid, f, torch.inf)
+        if best_first:
+
+            def unsafe_at(r: Tensor, k: Tensor) -> Tensor:
+                return _unsafe(pts[r, k], sub.take(r), p.on_left, p.unit)
+
+            f = _first_safe(f, unsafe_at)
+        else:
+            bad = _unsafe(pts, sub, p.on_left, p.unit)
+            f = torch.where(bad if pts.ndim == 4 else bad[:, None], torch.inf, f)
+        n = f.shape[1]
+        each = (t.repeat_interleave(n) for t in (layer, iterations, converged))
+        self.pool.add(x.flatten(0, 1), f.flatten(), *each)
+        return f
+
+    def offer_runs(self, runs: Runs, m: int) -> None:
+        """The multi-start's ``runs`` (``m`` starts per layer, start-major, ``f`` their values):
+        residual on A every unsafe run is ruled out (the column mix reads every score), residual
+        on B only as far as each layer's argmin can tell (:func:`_first_safe`)."""
+        p = self.problem
+        n_layers = p.data.X.shape[0]
+        layer = torch.arange(n_layers, device=runs.x.device).repeat(m)
+        Zr = runs.x.reshape(m * n_layers, *p.shape)
+        if p.on_left:
+            Z_lm = Zr.reshape(m, n_layers, *p.shape).transpose(0, 1)
+            bad = _unsafe(Z_lm, p.data, True, p.unit).transpose(0, 1).reshape(m * n_layers)
+            f = torch.where(bad, torch.inf, runs.f)
+        else:
+
+            def unsafe_at(lay: Tensor, start: Tensor) -> Tensor:
+                return _unsafe(Zr[start * n_layers + lay], p.data.take(lay), False, p.unit)
+
+            f = _first_safe(runs.f.reshape(m, n_layers).mT, unsafe_at).mT.reshape(-1)
+        self.pool.add(runs.x, f, layer, runs.iterations, runs.converged)
+
+    def pick(self) -> Picked:
+        """Per layer the chosen point ``x`` (L, p, q), its objective ``f`` and its run's counts."""
+        return self.pool.pick(self.problem.shape)

@@ -11,21 +11,18 @@ dtype (:func:`~lorafair._fair._column_objective._unsafe`) left out.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from lorafair._fair import _tolerances as _tol
-from lorafair._fair._batch import _Group, _Rounding, _rounding, _Solved
+from lorafair._fair._batch import _Group, _Residuals, _rounding
 from lorafair._fair._column_objective import (
+    ColumnData,
+    ColumnProblem,
+    ColumnScorer,
     _column_scale,
-    _first_safe,
-    _safe_best_first,
-    _take,
-    _unsafe,
-    columns_objective,
     linear_map,
 )
 from lorafair._fair._dropped import (
@@ -35,20 +32,14 @@ from lorafair._fair._dropped import (
     drop_start,
     dropped_points,
 )
-from lorafair._fair._newton import (
-    Batched,
-    SolveResult,
-    minimise,
-    regulariser,
-)
+from lorafair._fair._newton import Runs, minimise, regulariser
 from lorafair._fair._options import _Options
-from lorafair._fair._pool import _Pool
 from lorafair._validate import Prepared, raise_if_nonfinite
 
 
 def solve_columns(
     groups: list[_Group], opts: _Options, single: bool, prep: Prepared
-) -> list[_Solved]:
+) -> list[_Residuals]:
     """The column form (a :class:`~lorafair._fair._api._Form`): each group by
     :func:`_solve_columns`, after the inputs' NaN/Inf check (naming layer and client)."""
     raise_if_nonfinite(prep.layers)
@@ -106,81 +97,109 @@ def _canonical(grp: _Group, pad: int) -> _Stacks:
     return _Stacks(B_s, A_u * grp.pw[idx][..., None], E_c.mT @ A_u, B_s @ E_c, B_pad)
 
 
-def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Solved:
-    """Per-column cosine: iterate in a basis of at most ``(K + 1) r`` rows (never d_out × d_in)."""
+class _Setup(NamedTuple):
+    """A group's column problem, with what its starts and its answer need: the least-squares
+    fits ``Z_ls`` (of ``ΔW``) and ``Z_unit`` (of its unit columns), and ``basis`` (the
+    Householder QR of ``[B_s 0]``, residual on B with a basis; else None)."""
+
+    problem: ColumnProblem
+    Z_ls: Tensor
+    Z_unit: Tensor
+    basis: tuple[Tensor, Tensor] | None
+
+
+def _setup(grp: _Group, opts: _Options) -> _Setup:
+    """The typed problem in a basis of at most ``(K + 1) r`` rows (never d_out × d_in).
+
+    Residual on B: ``Y = Z Ā`` with ``Z = Qᵀ B'`` in a basis ``Q`` of ``span(B_s) ∋ B̄`` plus r
+    spare orthogonal directions (the Householder QR ``[B_s 0] = Q R``, ``Q`` kept as its
+    reflectors, never formed), or ``Z = B'`` itself where ``d_out <= (K + 1) r`` (cost model: then
+    d_out × d_in is no bigger than the factors). Residual on A: ``Y = R_B A'`` with
+    ``B̄ = Q_B R_B``; the column norms of ΔW from a QR of ``B_s``."""
     d_out, kr, r = grp.layers[0].d_out, sum(grp.layers[0].ranks), grp.r
     based = opts.residual_on == "B" and kr + r < d_out
     st = _canonical(grp, r if based else 0)
-    n_layers = st.Abar.shape[0]
-    left: Tensor | None
-    right: Tensor | None
     basis: tuple[Tensor, Tensor] | None = None
     if opts.residual_on == "B":
-        # Y = Z Ā with Z = Qᵀ B' in a basis Q of span(B_s) ∋ B̄ plus r spare orthogonal
-        # directions: the Householder QR [B_s 0] = Q R, Q kept as its reflectors (never formed).
         if based:
             m = kr + r
             basis = torch.geqrf(st.B_pad)
             Bq = basis[0][..., :m, :kr].triu()  # Qᵀ B_s: R's first K r columns
             Z0 = torch.ormqr(*basis, st.Bbar, left=True, transpose=True)[..., :m, :]
-        else:  # cost model: d_out <= (K + 1) r, so d_out × d_in is no bigger than the factors
+        else:
             Bq = st.B_s
             Z0 = st.Bbar
         X = Bq @ st.A_s
         xn = torch.linalg.vector_norm(X, dim=-2)
-        left, right = None, st.Abar
+        mat = st.Abar
         active = (xn > 0) & (torch.linalg.vector_norm(st.Abar, dim=-2) > 0)
         G_pinv = torch.linalg.pinv(st.Abar @ st.Abar.mT, hermitian=True)
         Z_ls = (Bq @ (st.A_s @ st.Abar.mT)) @ G_pinv
         Z_unit = (_unit_columns(X, xn) @ st.Abar.mT) @ G_pinv
     else:
-        # Y = R_B A' with B̄ = Q_B R_B; column norms of ΔW from a QR of B_s.
         Q_B, R_B = torch.linalg.qr(st.Bbar)
         X = (Q_B.mT @ st.B_s) @ st.A_s
         _, R_s = torch.linalg.qr(st.B_s, mode="r")
         xn = torch.linalg.vector_norm(R_s @ st.A_s, dim=-2)
-        left, right = R_B, None
+        mat = R_B
         nonzero_b = torch.linalg.matrix_norm(R_B) > 0
         active = (xn > 0) & nonzero_b[:, None]
         Z0 = st.Abar
         R_pinv = torch.linalg.pinv(R_B)
         Z_ls = R_pinv @ X
         Z_unit = R_pinv @ _unit_columns(X, xn)
-    shape = (int(Z0.shape[-2]), int(Z0.shape[-1]))
-    lam, norm = opts.lam, opts.norm
-    extra = tuple(t for t in (left, right) if t is not None)
-    data = (X, xn, active, Z0, *extra)
-    obj = columns_objective(lam, norm, shape, left is not None, right is not None)
+    data = ColumnData(X, xn, active, Z0, mat)
+    problem = ColumnProblem(data, opts.residual_on == "A", opts, _rounding(grp, opts))
+    return _Setup(problem, Z_ls, Z_unit, basis)
+
+
+def _starts(setup: _Setup) -> list[Tensor]:
+    """The multi-start's starts (each (L, p, q)): FedIT, the least-squares fit, their midpoint,
+    and the least-squares fit of the unit columns ``X_j/‖X_j‖`` (every column counts alike in
+    the mean cosine; scaled to ``Z_ls``'s product norm)."""
+    p = setup.problem
+    Z0, Z_ls, Z_unit = p.data.Z0, setup.Z_ls, setup.Z_unit
+    left, right = p.data.sides(p.on_left)
+    yl = torch.linalg.matrix_norm(linear_map(Z_ls, left, right))
+    yu = torch.linalg.matrix_norm(linear_map(Z_unit, left, right))
+    ratio = torch.where(yu > 0, yl / torch.where(yu > 0, yu, 1.0), 0.0)
+    return [Z0, Z_ls, 0.5 * (Z0 + Z_ls), Z_unit * ratio[:, None, None]]
+
+
+def _solve_columns(grp: _Group, opts: _Options, single: bool) -> _Residuals:
+    """Per-column cosine: the problem (:func:`_setup`), its candidates (the multi-start with
+    its restricted problems and, residual on A, the column mix: :func:`_columns_minimise`; for
+    ``λ > 0`` the λ = 0 end: :func:`_columns_end`), one scorer (:class:`ColumnScorer`) picks."""
+    setup = _setup(grp, opts)
+    problem = setup.problem
+    Z0 = problem.data.Z0
+    n_layers = Z0.shape[0]
     if single:
-        iters = torch.zeros(n_layers, dtype=torch.int64, device=X.device)
-        conv = torch.ones(n_layers, dtype=torch.bool, device=X.device)
+        iters = torch.zeros(n_layers, dtype=torch.int64, device=Z0.device)
+        conv = torch.ones(n_layers, dtype=torch.bool, device=Z0.device)
         Z = Z0
-        f_final = obj.values(Z.reshape(n_layers, 1, -1), *data).squeeze(1)
+        obj = problem.objective()
+        f_final = obj.values(Z.reshape(n_layers, 1, -1), *problem.data).squeeze(1)
     else:
-        # FedIT, the least-squares fit, their midpoint, and the least-squares fit of the unit
-        # columns X_j/‖X_j‖ (every column counts alike in the mean cosine; scaled to Z_ls's
-        # product norm).
-        yl = torch.linalg.matrix_norm(linear_map(Z_ls, left, right))
-        yu = torch.linalg.matrix_norm(linear_map(Z_unit, left, right))
-        ratio = torch.where(yu > 0, yl / torch.where(yu > 0, yu, 1.0), 0.0)
-        starts = [Z0, Z_ls, 0.5 * (Z0 + Z_ls), Z_unit * ratio[:, None, None]]
-        unit = _rounding(grp, opts)  # rounding of the output, in the dtype it comes in
+        starts = _starts(setup)
+        scorer = ColumnScorer.of(problem)
         f_starts = None  # where the starts are only ranked, their values serve both ends
-        if _ranked(shape[0] * shape[1], len(starts)):
-            f_starts = _row_values(obj, data, torch.cat([z.flatten(-2) for z in starts]))
-        pool = _columns_minimise(obj, data, starts, left is not None, opts, unit, f_starts)
+        if _ranked(Z0.shape[-2] * Z0.shape[-1], len(starts)):
+            f_starts = scorer.values(torch.cat([z.flatten(-2) for z in starts]))
+        _columns_minimise(scorer, starts, f_starts)
         if opts.lam > 0:
-            _columns_end(obj, data, starts, pool, left is not None, opts, unit, f_starts)
-        Z, f_final, iters, conv = pool.choice(shape)  # f: the scorer's value, by obj.values
+            _columns_end(scorer, starts, f_starts)
+        Z, f_final, _, iters, conv, _ = scorer.pick()  # f: the scorer's value, by obj.values
     diff = Z - Z0
-    reg = regulariser((diff * diff).sum(dim=(-2, -1)), lam, norm)
+    reg = regulariser((diff * diff).sum(dim=(-2, -1)), opts.lam, opts.norm)
     cos = 1.0 - (f_final - reg)
-    obj_val = f_final
-    if basis is not None:  # back from the basis: ΔB = Q (Z − Z0)
-        rest = diff.new_zeros(n_layers, d_out - diff.shape[-2], r)
-        diff = torch.ormqr(*basis, torch.cat([diff, rest], dim=-2), left=True, transpose=False)
-    delta = diff
-    return _Solved(obj_val, cos, iters, conv, extra=delta)
+    if setup.basis is not None:  # back from the basis: ΔB = Q (Z − Z0)
+        d_out = grp.layers[0].d_out
+        rest = diff.new_zeros(n_layers, d_out - diff.shape[-2], grp.r)
+        diff = torch.ormqr(
+            *setup.basis, torch.cat([diff, rest], dim=-2), left=True, transpose=False
+        )
+    return _Residuals(f_final, cos, iters, conv, extra=diff)
 
 
 def _unit_columns(X: Tensor, xn: Tensor) -> Tensor:
@@ -189,16 +208,9 @@ def _unit_columns(X: Tensor, xn: Tensor) -> Tensor:
 
 
 def _columns_end(
-    obj: Batched,
-    data: tuple[Tensor, ...],
-    starts: list[Tensor],
-    pool: _Pool,
-    has_left: bool,
-    opts: _Options,
-    unit: _Rounding,
-    f_starts: Tensor | None = None,
+    scorer: ColumnScorer, starts: list[Tensor], f_starts: Tensor | None = None
 ) -> None:
-    """Adds to ``pool`` points of the λ = 0 end: ``Z0`` with its product-facing part replaced by
+    """Offers ``scorer`` points of the λ = 0 end: ``Z0`` with its product-facing part replaced by
     ``t D``, ``D`` that part of a λ = 0 minimiser (scale-free).
 
     The infimum ``f*_{λ=0} + λ R(‖part‖²)`` is approached as ``t → 0⁺`` (the whole product
@@ -215,28 +227,28 @@ def _columns_end(
     them. ``f_starts`` (start-major, as :func:`_multistart`): the starts' objective values, where
     known; the λ = 0 solve ranks its starts by them less their regulariser (the same cosines).
     """
-    Z0, mat = data[3], data[4]
+    problem = scorer.problem
+    data, opts, on_left = problem.data, problem.opts, problem.on_left
+    Z0, mat = data.Z0, data.mat
     n_layers = Z0.shape[0]
-    shape = (int(Z0.shape[-2]), int(Z0.shape[-1]))
-    Pi = torch.linalg.pinv(mat) @ mat if has_left else mat @ torch.linalg.pinv(mat)
+    shape = problem.shape
+    Pi = torch.linalg.pinv(mat) @ mat if on_left else mat @ torch.linalg.pinv(mat)
 
-    def facing(W: Tensor) -> Tensor:  # the part of W that reaches the product (W: …, p, q)
-        P = Pi.reshape(Pi.shape[0], *([1] * (W.ndim - 3)), *Pi.shape[-2:])
-        return torch.matmul(P, W) if has_left else torch.matmul(W, P)
+    def facing(W: Tensor, rows: Tensor) -> Tensor:  # the part of W (rows, …, p, q) that
+        # reaches the product, by the projectors of the layers ``rows``
+        P = Pi[rows].reshape(rows.shape[0], *([1] * (W.ndim - 3)), *Pi.shape[-2:])
+        return torch.matmul(P, W) if on_left else torch.matmul(W, P)
 
-    part = facing(Z0)
+    part = facing(Z0, torch.arange(n_layers, device=Z0.device))
     keep = Z0 - part
-    now = pool.choice(shape)
+    now = scorer.pick()
     floor = regulariser((part * part).sum(dim=(-2, -1)), opts.lam, opts.norm)
     steps = torch.tensor(_tol.COLUMNS_END_STEPS, dtype=Z0.dtype, device=Z0.device)
     n_s = steps.shape[0]
-    opts0 = dataclasses.replace(opts, lam=0.0)
-    obj0 = columns_objective(0.0, opts.norm, shape, has_left, not has_left)
 
     def offer(rows: Tensor, D: Tensor, st: Tensor, with_tau: bool) -> None:
-        """``keep + t D_s`` into the pool (D: rows, S, p, q; ``D_s`` scaled to
+        """``keep + t D_s`` to the scorer (D: rows, S, p, q; ``D_s`` scaled to
         ``‖t D_s‖ = st_s ‖Z0‖``), checked by :func:`_unsafe` best first."""
-        sub = _take(data, rows)
         dd = (D * D).sum(dim=(-2, -1))
         ok = dd > 0
         dd1 = torch.where(ok, dd, torch.ones_like(dd))
@@ -246,26 +258,14 @@ def _columns_end(
             D, c, ok = (torch.cat([x[:, :1], x], dim=1) for x in (D, c, ok))
             c[:, 0] = tau
         pts = keep[rows].unsqueeze(1) + (c * ok)[..., None, None] * D
-        f = obj.values(pts.flatten(-2), *sub)
-        f = torch.where(ok & (c > 0), f, torch.inf)
-
-        def unsafe_at(r: Tensor, k: Tensor) -> Tensor:
-            return _unsafe(pts[r, k], _take(sub, r), has_left, unit)
-
-        f = _first_safe(f, unsafe_at)
-        n_pts = f.shape[1]
-
-        def each(t: Tensor) -> Tensor:
-            return t[rows].repeat_interleave(n_pts)
-
-        layer = torch.arange(n_layers, device=f.device)
-        pool.add(pts.flatten(-2).flatten(0, 1), f.flatten(), *map(each, (layer, *now[2:])))
+        its, cv = now.iterations[rows], now.converged[rows]
+        scorer.offer(pts, rows, its, cv, data=data.take(rows), valid=ok & (c > 0), best_first=True)
 
     rows = torch.nonzero(now.f > floor + _tol.TIE).squeeze(-1)
     if rows.numel() == 0:
         return
-    sub = _take(data, rows)
-    starts0 = [now.Z[rows], *(x[rows] for x in starts)]  # the λ > 0 result too: near λ = 0's
+    lam0 = problem.at_lam0()
+    starts0 = [now.x[rows], *(x[rows] for x in starts)]  # the λ > 0 result too: near λ = 0's
     f0 = None
     if f_starts is not None:
 
@@ -275,25 +275,28 @@ def _columns_end(
 
         known = [now.f[rows], *f_starts.reshape(len(starts), n_layers)[:, rows]]
         f0 = torch.cat([cosine_part(f, W) for f, W in zip(known, starts0, strict=True)])
-    Zs = _columns_minimise(obj0, sub, starts0, has_left, opts0, unit, f0).choice(shape).Z
-    limit = obj0.values(Zs.reshape(rows.shape[0], 1, -1), *sub).squeeze(1) + floor[rows]
-    offer(rows, facing(Zs).unsqueeze(1).expand(-1, n_s, -1, -1), steps, True)
+    sub0 = ColumnScorer.of(lam0._replace(data=data.take(rows)))
+    _columns_minimise(sub0, starts0, f0)
+    Zs = sub0.pick().x
+    limit = sub0.obj.values(Zs.reshape(rows.shape[0], 1, -1), *sub0.problem.data).squeeze(1)
+    limit = limit + floor[rows]
+    offer(rows, facing(Zs, rows).unsqueeze(1).expand(-1, n_s, -1, -1), steps, True)
     # Layers whose end could still win by more than the plain points' reach: anchors Z0 / s
     # (s < 1; the anchor Z0 itself was solved and scored just above).
-    rows = rows[pool.choice(shape).f[rows] - limit > _tol.END_REACH * (1.0 + limit.abs())]
+    rows = rows[scorer.pick().f[rows] - limit > _tol.END_REACH * (1.0 + limit.abs())]
     if rows.numel() == 0:
         return
     m, small = rows.shape[0], steps[1:]
-    rep = [t[rows].repeat(n_s - 1, *([1] * (t.ndim - 1))) for t in data]
-    rep[3] = rep[3] / small.repeat_interleave(m)[:, None, None]
+    rep = ColumnData(*(t[rows].repeat(n_s - 1, *([1] * (t.ndim - 1))) for t in data))
+    rep = rep._replace(Z0=rep.Z0 / small.repeat_interleave(m)[:, None, None])
     starts0 = [x[rows].repeat(n_s - 1, 1, 1) for x in starts]
-    Zs = _columns_minimise(obj0, tuple(rep), starts0, has_left, opts0, unit).choice(shape).Z
-    offer(rows, facing(Zs.reshape(n_s - 1, m, *shape).transpose(0, 1)), small, False)
+    sub0 = ColumnScorer.of(lam0._replace(data=rep))
+    _columns_minimise(sub0, starts0)
+    Zs = sub0.pick().x
+    offer(rows, facing(Zs.reshape(n_s - 1, m, *shape).transpose(0, 1), rows), small, False)
 
 
-def _mix_columns(
-    Z: Tensor, f: Tensor, layer: Tensor, data: tuple[Tensor, ...], opts: _Options
-) -> Tensor:
+def _mix_columns(Z: Tensor, f: Tensor, layer: Tensor, problem: ColumnProblem) -> Tensor:
     """Per layer, the point (L, p, n) made of each column's best among the candidates ``Z``
     (rows, p, n) of ``layer`` (rows,) with finite ``f`` (residual on A: ``Y = left Z``).
 
@@ -301,7 +304,8 @@ def _mix_columns(
     for ``"fro_squared"``; for ``"fro"``, ``λ ‖D‖`` linearised in ``‖D‖²`` at the layer's best
     candidate, ``λ ‖D_j‖² / (2 ‖D_best‖)``).
     """
-    X, xn, active, Z0, left = data
+    X, xn, active, Z0, left = problem.data
+    opts = problem.opts
     n_layers, n = xn.shape
     sub_Z0 = Z0[layer]
     Y = left[layer] @ Z
@@ -319,7 +323,7 @@ def _mix_columns(
         at = torch.full((n_layers,), 0, dtype=torch.int64, device=f.device)
         at = at.scatter_reduce(0, layer[f == f_best[layer]], rows[f == f_best[layer]], "amax")
         rho = torch.sqrt(dsq.sum(dim=-1))[at]
-        lam = opts.lam / (2.0 * torch.clamp(rho, min=1e-12))[layer]
+        lam = opts.lam / (2.0 * torch.clamp(rho, min=_tol.MIX_FLOOR))[layer]
     score = -cos / n + lam[:, None] * dsq
     score = torch.where(torch.isfinite(f)[:, None], score, torch.inf)
     best = torch.full((n_layers, n), torch.inf, dtype=f.dtype, device=f.device)
@@ -337,33 +341,18 @@ def _mix_columns(
     return torch.where(torch.isfinite(best).all(dim=-1)[:, None, None], mixed, Z0)
 
 
-def _row_values(obj: Batched, data: tuple[Tensor, ...], x: Tensor) -> Tensor:
-    """``obj.values`` at the rows ``x`` (k L, N), start-major (row ``i L + l``: point ``i`` of
-    layer ``l``), scored per layer against the layers' own data; (k L,) in the same order."""
-    n_layers = data[0].shape[0]
-    k = x.shape[0] // n_layers
-    return obj.values(x.reshape(k, n_layers, -1).transpose(0, 1), *data).mT.reshape(-1)
-
-
 def _ranked(n_unknowns: int, n_starts: int) -> bool:
     """Whether :func:`_multistart` ranks its starts (L-BFGS sizes) instead of running all."""
     return n_unknowns > _tol.NEWTON_MAX_UNKNOWNS and n_starts > 1
 
 
-def _multistart(
-    obj: Batched,
-    data: tuple[Tensor, ...],
-    starts: list[Tensor],
-    opts: _Options,
-    f_starts: Tensor | None = None,
-) -> SolveResult:
+def _multistart(scorer: ColumnScorer, starts: list[Tensor], f_starts: Tensor | None = None) -> Runs:
     """:func:`minimise` from every start (each (L, p, q)) of every layer; rows start-major
     (start ``i`` of layer ``l`` is row ``i L + l``). One run per start over the layers' own data
-    (no copy of the data per start). The result's ``f`` is the objective by ``obj.values`` (the
-    scorer's values, not the run's own) at every row that ran; ``f_starts`` (m L,): the starts'
-    values where the caller has them: they rank the starts and stand, unchanged, for those that
-    do not run (the λ = 0 end passes values less their regulariser, equal to ``obj.values`` up
-    to rounding).
+    (no copy of the data per start). The result's ``f`` is the objective by the scorer's values
+    (not the run's own) at every row that ran; ``f_starts`` (m L,): the starts' values where the
+    caller has them: they rank the starts and stand, unchanged, for those that do not run (the
+    λ = 0 end passes values less their regulariser, equal to the scorer's up to rounding).
 
     Up to ``NEWTON_MAX_UNKNOWNS`` unknowns every start runs to convergence. Above (L-BFGS,
     where each evaluation costs ``O((K + 1) r)`` per column and the starts dominate the cost)
@@ -371,18 +360,19 @@ def _multistart(
     stay candidates as they are. (On ViT-B/16 shapes all four starts end at the same minimum to
     ~1e-9; see ``docs/lora_fair.md``, validation history.)
     """
+    obj, data, opts = scorer.obj, scorer.problem.data, scorer.problem.opts
     n_layers, m = starts[0].shape[0], len(starts)
     x0s = [z.reshape(n_layers, -1) for z in starts]
 
-    def joined(runs: list[SolveResult]) -> SolveResult:
-        return SolveResult(*(torch.cat(z) for z in zip(*runs, strict=True)))
+    def joined(runs: list[Runs]) -> Runs:
+        return Runs(*(torch.cat(z) for z in zip(*runs, strict=True)))
 
     if not _ranked(x0s[0].shape[-1], m):
         res = joined([minimise(obj, data, x, tol=opts.tol, max_iter=opts.max_iter) for x in x0s])
-        return res._replace(f=_row_values(obj, data, res.x))
+        return res._replace(f=scorer.values(res.x))
     x = torch.cat(x0s)
     # the starts, ranked by their values
-    f = _row_values(obj, data, x) if f_starts is None else f_starts.clone()
+    f = scorer.values(x) if f_starts is None else f_starts.clone()
     best = torch.argmin(f.reshape(m, n_layers), dim=0)
     rows = best * n_layers + torch.arange(n_layers, device=best.device)
     more = minimise(obj, data, x[rows], tol=opts.tol, max_iter=opts.max_iter)
@@ -390,52 +380,40 @@ def _multistart(
     cv = torch.zeros_like(f, dtype=torch.bool)
     x[rows], f[rows], it[rows], cv[rows] = (
         more.x,
-        _row_values(obj, data, more.x),
+        scorer.values(more.x),
         more.iterations,
         more.converged,
     )
-    return SolveResult(x, f, it, cv)
+    return Runs(x, f, it, cv)
 
 
 def _columns_minimise(
-    obj: Batched,
-    data: tuple[Tensor, ...],
-    starts: list[Tensor],
-    has_left: bool,
-    opts: _Options,
-    unit: _Rounding,
-    f_starts: Tensor | None = None,
-) -> _Pool:
-    """Multi-start minimisation of the columns objective, through its unattained infima.
+    scorer: ColumnScorer, starts: list[Tensor], f_starts: Tensor | None = None
+) -> None:
+    """Multi-start minimisation of the columns objective, through its unattained infima: every
+    point it makes is offered to ``scorer``.
 
     The cosine of a product column jumps where the column vanishes, and the best values are
     often approached as some columns shrink to zero (``d_in > r``: dropping a column frees the
     others; it counts at its best cosine in the limit). Newton's iterates then creep towards
     the limit with vanishing steps and stop short of it, or pass the point where float64 can
     still resolve the column's direction. So after the plain runs, every result with columns
-    that are being driven to zero (below ``_tol.DROP_TINY`` of their scale), and for few columns the
-    best result with each single column, seeds a restricted problem (:func:`drop_columns`)
+    that are being driven to zero (below ``_tol.DROP_TINY`` of their scale), and for few columns
+    the best result with each single column, seeds a restricted problem (:func:`drop_columns`)
     in which those columns are exactly zero: a smooth problem whose minimum is the infimum. Its
     own vanishing columns are dropped in turn (at most ``n`` rounds; each adds columns). Each
-    restricted minimum is returned as a real point at a small distance ``ε`` from it
-    (:func:`dropped_points`, ``_tol.DROP_STEPS``), and every candidate is scored by the true
-    objective; points whose objective float64 cannot resolve (:func:`_unsafe`) are not
-    returned. Residual on A also tries the column-wise best mix of all candidates
-    (:func:`_mix_columns`), polished. ``ΔB = 0`` is kept unless beaten (:meth:`_Pool.choice`).
-    Host syncs: one per round of dropping (the number of restricted problems is data
-    dependent). Returns the pool (:meth:`_Pool.choice` picks from it).
+    restricted minimum is offered as a real point at a small distance ``ε`` from it
+    (:func:`dropped_points`, ``_tol.DROP_STEPS``). Residual on A also offers the column-wise
+    best mix of all candidates (:func:`_mix_columns`), polished. Host syncs: one per round of
+    dropping (the number of restricted problems is data dependent).
     """
-    X, xn, active, Z0 = data[:4]
-    has_right = not has_left  # the two shapes of _solve_columns: Z Ā (right) or R_B A' (left)
-
-    def sides(d: tuple[Tensor, ...]) -> tuple[Tensor | None, Tensor | None]:
-        return (d[4], None) if has_left else (None, d[4])
-
+    problem = scorer.problem
+    data, opts, on_left, shape = problem.data, problem.opts, problem.on_left, problem.shape
+    X, xn, active, Z0 = data.X, data.xn, data.active, data.Z0
     n_layers, n = xn.shape
-    shape = (int(Z0.shape[-2]), int(Z0.shape[-1]))
     dev = X.device
     m = len(starts)
-    res = _multistart(obj, data, starts, opts, f_starts)
+    res = _multistart(scorer, starts, f_starts)
     layer = torch.arange(n_layers, device=dev).repeat(m)
     Zr = res.x.reshape(m * n_layers, *shape)
     # per layer (L, m, …) against the layers' data, back to rows start-major (m L, …)
@@ -445,24 +423,15 @@ def _columns_minimise(
         return t.transpose(0, 1).reshape(m * n_layers, *t.shape[2:])
 
     f_raw = res.f
-    mat = data[4].unsqueeze(1)
     yn, sc = (
-        rows_of(t)
-        for t in _column_scale(Z_lm, Z0.unsqueeze(1), *((mat, None) if has_left else (None, mat)))
+        rows_of(t) for t in _column_scale(Z_lm, Z0.unsqueeze(1), data.mat.unsqueeze(1), on_left)
     )
-    if has_left:  # the column mix below reads every candidate's score
-        f_safe = torch.where(rows_of(_unsafe(Z_lm, data, has_left, unit)), torch.inf, f_raw)
-    else:
-        f_safe = _safe_best_first(Zr, data, f_raw, m, unit)
     tiny = active.repeat(m, 1) & (yn <= _tol.DROP_TINY * sc)
-    f_zero = obj.values(Z0.reshape(n_layers, 1, -1), *data).squeeze(1)
-    pool = _Pool(Z0.flatten(-2), f_zero)
-    pool.add(res.x, f_safe, layer, res.iterations, res.converged)
+    scorer.offer_runs(res, m)
     # Seeds of restricted problems: (layer, dropped columns, point, iterations so far).
     seed = tiny.any(dim=-1)
     s_layer, s_drop, s_W, s_it = layer[seed], tiny[seed], Zr[seed], res.iterations[seed]
     steps = torch.tensor(_tol.DROP_STEPS, dtype=X.dtype, device=dev)
-    n_steps = len(_tol.DROP_STEPS)
     if n <= _tol.DROP_SINGLES:
         # Each single column dropped from the best run: scored as is (projected), and the
         # _tol.DROP_SINGLES_SOLVE best of them per layer seed restricted problems.
@@ -470,22 +439,13 @@ def _columns_minimise(
         rows = (best * n_layers + torch.arange(n_layers, device=dev)).repeat(n)
         eye = torch.eye(n, dtype=torch.bool, device=dev)
         single = (eye.unsqueeze(1) & active.unsqueeze(0)).reshape(n * n_layers, n)
-        sub = tuple(t[layer[rows]] for t in data)
-        s_left, s_right = sides(sub)
-        dc = drop_columns(sub[0], sub[1], sub[2], sub[3], s_left, s_right, single)
+        sub = ColumnData(*(t[layer[rows]] for t in data))
+        dc = drop_columns(sub, on_left, single)
         Zc = drop_project(dc, drop_start(dc, Zr[rows]))
         pts = dropped_points(dc, Zc, dc.E, steps)
-        f_pts = obj.values(pts.flatten(-2), *sub)
-        f_pts = torch.where(
-            _unsafe(pts, sub, has_left, unit) | ~single.any(-1, keepdim=True), torch.inf, f_pts
-        )
-        pool.add(
-            pts.flatten(-2).flatten(0, 1),
-            f_pts.flatten(),
-            layer[rows].repeat_interleave(n_steps),
-            res.iterations[rows].repeat_interleave(n_steps),
-            res.converged[rows].repeat_interleave(n_steps),
-        )
+        valid = single.any(-1, keepdim=True)
+        its, cv = res.iterations[rows], res.converged[rows]
+        f_pts = scorer.offer(pts, layer[rows], its, cv, data=sub, valid=valid)
         score = f_pts.amin(dim=-1).reshape(n, n_layers)
         k = min(n, _tol.DROP_SINGLES_SOLVE)
         top = torch.topk(score, k, dim=0, largest=False).indices  # (k, L)
@@ -495,51 +455,34 @@ def _columns_minimise(
         s_drop = torch.cat([s_drop, single[chosen]])
         s_W = torch.cat([s_W, Zr[rows[chosen]]])
         s_it = torch.cat([s_it, res.iterations[rows[chosen]]])
-    obj_d = columns_objective(opts.lam, opts.norm, shape, has_left, has_right, True)
+    obj_d = problem.objective(has_offset=True)
     for _ in range(n):
         if s_layer.numel() == 0:
             break
-        sub = tuple(t[s_layer] for t in data)
-        s_left, s_right = sides(sub)
-        dc = drop_columns(sub[0], sub[1], sub[2], sub[3], s_left, s_right, s_drop)
+        sub = ColumnData(*(t[s_layer] for t in data))
+        dc = drop_columns(sub, on_left, s_drop)
         x0 = drop_start(dc, s_W)
         rd = minimise(
             obj_d, dc.data, x0.reshape(s_W.shape[0], -1), tol=opts.tol, max_iter=opts.max_iter
         )
         it = s_it + rd.iterations
-        E = _drop_direction(dc, sub, s_W - drop_project(dc, s_W), has_left, opts)
+        E = _drop_direction(dc, sub, s_W - drop_project(dc, s_W), opts)
         # The seed itself with its columns J dropped, and the restricted problem's result.
         for W, its in ((x0, s_it), (rd.x, it)):
             Zc = drop_project(dc, W.reshape(s_W.shape))
             pts = dropped_points(dc, Zc, E, steps)  # (rows, S, p, q)
-            f_pts = obj.values(pts.flatten(-2), *sub)
-            yn, sc = _column_scale(Zc, sub[3], *sides(sub))
-            tiny = dc.data[2] & (yn <= _tol.DROP_TINY * sc)
-            unsafe = _unsafe(pts, sub, has_left, unit)
-            pool.add(
-                pts.flatten(-2).flatten(0, 1),
-                torch.where(unsafe, torch.inf, f_pts).flatten(),
-                s_layer.repeat_interleave(n_steps),
-                its.repeat_interleave(n_steps),
-                rd.converged.repeat_interleave(n_steps),
-            )
+            yn, sc = _column_scale(Zc, sub.Z0, sub.mat, on_left)
+            tiny = dc.data.active & (yn <= _tol.DROP_TINY * sc)
+            scorer.offer(pts, s_layer, its, rd.converged, data=sub)
         seed = tiny.any(dim=-1)
         s_layer, s_drop, s_W, s_it = s_layer[seed], (s_drop | tiny)[seed], Zc[seed], it[seed]
-    if has_left:
+    if on_left:
         # Residual on A: column j of the product depends on column j of A' only, so the
         # objective couples the columns only through the regulariser (not at all for
         # "fro_squared"). Mix the best column of every candidate, then polish.
-        sofar = pool.joined()
-        mixed = _mix_columns(sofar.x.reshape(-1, *shape), sofar.f, sofar.layer, data, opts)
-        rp = minimise(obj, data, mixed.flatten(-2), tol=opts.tol, max_iter=opts.max_iter)
-        for W, its in ((mixed.flatten(-2), rp.iterations), (rp.x, rp.iterations)):
-            unsafe = _unsafe(W.reshape(-1, *shape), data, has_left, unit)
-            f_w = obj.values(W.unsqueeze(1), *data).squeeze(1)
-            pool.add(
-                W,
-                torch.where(unsafe, torch.inf, f_w),
-                torch.arange(n_layers, device=dev),
-                its,
-                rp.converged,
-            )
-    return pool
+        sofar = scorer.pool.joined()
+        mixed = _mix_columns(sofar.x.reshape(-1, *shape), sofar.f, sofar.layer, problem)
+        rp = minimise(scorer.obj, data, mixed.flatten(-2), tol=opts.tol, max_iter=opts.max_iter)
+        every = torch.arange(n_layers, device=dev)
+        for W in (mixed.flatten(-2), rp.x):
+            scorer.offer(W.reshape(-1, *shape), every, rp.iterations, rp.converged)

@@ -15,43 +15,44 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from lorafair._fair._column_objective import (
-    columns_objective,
-)
-from lorafair._fair._newton import (
-    minimise,
-)
+from lorafair._fair import _tolerances as _tol
+from lorafair._fair._column_objective import ColumnData, columns_objective
+from lorafair._fair._newton import minimise
 from lorafair._fair._options import _Options
+
+
+class RestrictedData(NamedTuple):
+    """A restricted problem's tensors, :func:`columns_objective`'s data with ``has_offset``:
+    :class:`ColumnData`'s, with ``active`` less the dropped columns ``J``, ``c0`` (L,) the
+    regulariser's offset, and ``mat`` the same ``left`` or the reduced ``right``."""
+
+    X: Tensor
+    xn: Tensor
+    active: Tensor
+    Z0: Tensor
+    c0: Tensor
+    mat: Tensor
 
 
 class DroppedColumns(NamedTuple):
     """The columns problem restricted to the points whose product columns ``J`` vanish.
 
-    ``data``: the restricted problem's data for :func:`columns_objective` with ``has_offset``
-    (``X``, ``xn``, ``active`` without ``J``, ``Z0``, ``c0``, ``left`` or the reduced
-    ``right``); ``drop`` (L, n) the mask of ``J``; ``PL`` (L, p, p) / ``PR`` (L, q, q) the
-    projectors of :func:`drop_columns` (``PR`` None on the left-only form, where it is the
-    column mask ``drop``); ``E`` (L, p, q) the direction along which the dropped columns
-    reappear with their best cosines.
+    ``data``: the restricted problem's data (:class:`RestrictedData`); ``drop`` (L, n) the mask
+    of ``J``; ``PL`` (L, p, p) / ``PR`` (L, q, q) the projectors of :func:`drop_columns` (``PR``
+    None on the left-only form, ``Y = left Z``, where it is the column mask ``drop``); ``E``
+    (L, p, q) the direction along which the dropped columns reappear with their best cosines.
     """
 
-    data: tuple[Tensor, ...]
+    data: RestrictedData
     drop: Tensor
     PL: Tensor | None
     PR: Tensor | None
     E: Tensor
 
 
-def drop_columns(
-    X: Tensor,
-    xn: Tensor,
-    active: Tensor,
-    Z0: Tensor,
-    left: Tensor | None,
-    right: Tensor | None,
-    drop: Tensor,
-) -> DroppedColumns:
-    """Restrict the columns problem (data of :func:`columns_objective`) to ``left Z right_J = 0``.
+def drop_columns(data: ColumnData, on_left: bool, drop: Tensor) -> DroppedColumns:
+    """Restrict the columns problem ``data`` (``Y = left Z`` where ``on_left``, else
+    ``Y = Z right``) to ``left Z right_J = 0``.
 
     ``J`` = the columns where ``drop`` (L, n) is set. The cosine of column ``j`` is
     discontinuous where ``Y_j = left Z right_j`` vanishes: arbitrarily close to such a ``Z``,
@@ -66,21 +67,22 @@ def drop_columns(
     ``Y = left W (I − P_R) right`` and ``‖Π(W) − Z0‖² = ‖Π(W − Z0)‖² + c0``, ``c0 =
     ‖P_L Z0 P_R‖²``; replacing that by ``‖W − Z0‖² + c0`` (equal wherever the part of ``W`` that
     ``Π`` removes equals ``Z0``'s, which minimises it) gives a problem with the same minimum
-    and a non-singular Hessian. Either ``left`` (m, p) or ``right`` (q, n) is given (the
-    shapes of :func:`_solve_columns`); with ``left`` only, ``P_R`` is the
-    diagonal column mask. Cost: one ``pinv`` of ``left`` (m × p) or of ``right_J`` (q × n)
+    and a non-singular Hessian. Either ``left`` (m, p) or ``right`` (q, n) is ``data.mat``
+    (the shapes of :func:`_solve_columns`); with ``left`` only, ``P_R`` is the diagonal column
+    mask. Cost: one ``pinv`` of ``left`` (m × p) or of ``right_J`` (q × n)
     and O(p q (p + q + n)) flops per layer.
     """
+    X, xn, active, Z0, mat = data
     dm = drop.unsqueeze(-2).to(X.dtype)
     keep = active & ~drop
-    if right is None:
-        assert left is not None
+    if on_left:
+        left = mat
         pinv = torch.linalg.pinv(left)
         PL = pinv @ left
         c0 = ((PL @ Z0) * dm).square().sum(dim=(-2, -1))
         E = (pinv @ X) * dm
-        return DroppedColumns((X, xn, keep, Z0, c0, left), drop, PL, None, E)
-    assert left is None
+        return DroppedColumns(RestrictedData(X, xn, keep, Z0, c0, left), drop, PL, None, E)
+    right = mat
     RJ = right * dm
     pinv = torch.linalg.pinv(RJ)  # (n, q), zero rows outside J
     PR = RJ @ pinv
@@ -88,16 +90,16 @@ def drop_columns(
     reduced = reduced * (1.0 - dm)
     # Columns in span(right_J) vanish with J (numerically: a tiny remainder); they count 0.
     rest = torch.linalg.vector_norm(reduced, dim=-2)
-    keep = keep & (rest > 1e-10 * torch.linalg.vector_norm(right, dim=-2))
+    keep = keep & (rest > _tol.DROP_REMAINDER * torch.linalg.vector_norm(right, dim=-2))
     c0 = (Z0 @ PR).square().sum(dim=(-2, -1))
     E = (X * dm) @ pinv
-    return DroppedColumns((X, xn, keep, Z0, c0, reduced), drop, None, PR, E)
+    return DroppedColumns(RestrictedData(X, xn, keep, Z0, c0, reduced), drop, None, PR, E)
 
 
 def drop_start(dc: DroppedColumns, W: Tensor) -> Tensor:
     """``Π(W) + P_L Z0 P_R`` (L, p, q): a start for the restricted problem whose (relaxed)
     objective equals the true one at ``Π(W)``, i.e. ``W`` with the columns ``J`` projected out."""
-    Z0 = dc.data[3]
+    Z0 = dc.data.Z0
     if dc.PR is None:
         assert dc.PL is not None
         dm = dc.drop.unsqueeze(-2).to(W.dtype)
@@ -127,7 +129,7 @@ def dropped_points(dc: DroppedColumns, Zc: Tensor, E: Tensor, steps: Tensor) -> 
     of the vanished part (~1e-16 (‖Zc‖ + ‖Z0‖)) turns those directions by ~1e-16 / steps, which
     costs only second order in a cosine at its best direction.
     """
-    base = torch.linalg.matrix_norm(Zc) + torch.linalg.matrix_norm(dc.data[3])
+    base = torch.linalg.matrix_norm(Zc) + torch.linalg.matrix_norm(dc.data.Z0)
     base = torch.where(base > 0, base, torch.ones_like(base))
     en = torch.linalg.matrix_norm(E)
     scale = torch.where(en > 0, base / torch.where(en > 0, en, torch.ones_like(en)), 0.0)
@@ -136,11 +138,7 @@ def dropped_points(dc: DroppedColumns, Zc: Tensor, E: Tensor, steps: Tensor) -> 
 
 
 def _drop_direction(
-    dc: DroppedColumns,
-    sub: tuple[Tensor, ...],
-    approach: Tensor,
-    has_left: bool,
-    opts: _Options,
+    dc: DroppedColumns, sub: ColumnData, approach: Tensor, opts: _Options
 ) -> Tensor:
     """The direction ``E`` (rows, p, q) along which the dropped columns ``J`` reappear.
 
@@ -152,9 +150,8 @@ def _drop_direction(
     minimised from ``dc.E`` and from ``approach`` (the part of the seed that the projection
     removed: the direction the seed was vanishing along), and the better result is kept.
     """
-    if has_left:
+    if dc.PR is None:  # on the left
         return dc.E
-    assert dc.PR is not None
     X, xn, active, Z0, right = sub
     rank = torch.linalg.matrix_rank(right * dc.drop.unsqueeze(-2).to(right.dtype))
     shared = dc.drop.sum(dim=-1) > rank
@@ -171,8 +168,8 @@ def _drop_direction(
     ratio = torch.where(ok, en / torch.where(ok, an, torch.ones_like(an)), 0.0)
     approach = torch.where(ok[:, None, None], approach * ratio[:, None, None], E_ls)
     obj_e = columns_objective(0.0, "fro_squared", shape, False, True)
-    data_e = (X, xn, active & drop, torch.zeros_like(Z0), right)
-    rep = tuple(torch.cat([t, t]) for t in data_e)
+    data_e = ColumnData(X, xn, active & drop, torch.zeros_like(Z0), right)
+    rep = ColumnData(*(torch.cat([t, t]) for t in data_e))
     x0 = torch.cat([E_ls, approach]).reshape(2 * rows, -1)
     res = minimise(obj_e, rep, x0, tol=opts.tol, max_iter=opts.max_iter)
     f = res.f.reshape(2, rows)

@@ -152,11 +152,25 @@ def _table(orders: int) -> _Table:
     return _Table(torch.tensor(cols[0], dtype=_F64), powers, (j - 1) * 15 + 3 * l + x, sums, is_q)
 
 
-def _polynomials(theta: Tensor, data: tuple[Tensor, ...], orders: int) -> Tensor:
+class FamilyData(NamedTuple):
+    """The family objective's data per layer (float64, on the CPU; see :func:`_solve_host`):
+    ``D`` (L, r, 15) the moments' table ``ĝ^l x`` (``ĝ = g / max g``, ``x`` ∈ {hh, hb, bb});
+    ``gh`` (L, r) ``ĝ``; ``sigma`` (L,) the scale of ``a``; ``kscale`` (L,) that of ``k``;
+    ``gmax`` (L,) ``max g``; ``w`` (L,) ``‖ΔW‖``. Unpacks as :func:`family_objective`'s data."""
+
+    D: Tensor
+    gh: Tensor
+    sigma: Tensor
+    kscale: Tensor
+    gmax: Tensor
+    w: Tensor
+
+
+def _polynomials(theta: Tensor, data: FamilyData, orders: int) -> Tensor:
     """``(s, n², ρ²)`` and, for ``orders = 6``, their θ-derivatives (…, 3·orders) at ``θ``
     (L, S, 2); ``D`` (L, r, 15) holds ``ĝ^l x``. One (S·j × r)(r × 15) product per layer for
     the moments, then every term of :func:`_table` in one product."""
-    D, gh, sigma, kscale, gmax = data[:5]
+    D, gh, sigma, kscale, gmax, _ = data
     a = sigma[:, None] * torch.exp(theta[..., 0])
     k = a * kscale[:, None] * theta[..., 1]
     u = 1.0 / (1.0 + k.unsqueeze(-1) * gh.unsqueeze(1))
@@ -180,12 +194,12 @@ _VALUE_COLUMNS = torch.tensor([0, 1, 0, 3, 4, 5, 8])
 Q₂, Q₁, Q₀, P₀`` (against ``u²``)."""
 
 
-def _base_values(theta: Tensor, data: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _base_values(theta: Tensor, data: FamilyData) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(s, n², ρ²)`` (L, S) at ``θ`` (L, S, 2): :data:`_BASE` written out, from the seven
     moments it reads (one (2S × r)(r × 7) product per layer); what the line search and the grid
     evaluate. ``s = a S₁ + S₀``, ``n² = max g (a² Q₂ + 2a Q₁ + Q₀)``,
     ``ρ² = a² P₂ − 2ak Q₁ + k² P₀``, and whether ``θ`` is in the family (every ``u_i > 0``)."""
-    D, gh, sigma, kscale, gmax = data[:5]
+    D, gh, sigma, kscale, gmax, _ = data
     a = sigma[:, None] * torch.exp(theta[..., 0])
     k = a * kscale[:, None] * theta[..., 1]
     u = 1.0 / (1.0 + k.unsqueeze(-1) * gh.unsqueeze(1))
@@ -209,7 +223,7 @@ def _cos_parts(s: Tensor, q: Tensor, w: Tensor) -> tuple[Tensor, ...]:
 
 def family_objective(lam: float, norm: Norm) -> Batched:
     """``F(θ) = f(c(θ)) = 1 − s/(w n) + λ R(ρ²)`` as a :class:`~lorafair._fair._newton.Batched`
-    over data ``(D, gh, sigma, kscale, gmax, w)`` (see :func:`_solve_host`); ``+inf`` outside
+    over :class:`FamilyData` (see :func:`_solve_host`); ``+inf`` outside
     the family (some ``1 + k ĝ_i ≤ 0``). ``s``, ``n²``, ``ρ²`` and their θ-derivatives come from
     :func:`_polynomials`, then the chain rule through ``φ(s, q) = −s/(w√q)`` and ``R(p)``:
     ``∇F = φ_s ∇s + φ_q ∇q + R' ∇p``, ``∇²F = Σ (φ_s, φ_q, R') ∇²(s, q, p) + Jᵀ W J`` with
@@ -218,14 +232,16 @@ def family_objective(lam: float, norm: Norm) -> Batched:
     term table (:func:`_table`) is a cached CPU tensor.
     """
 
-    def values(x: Tensor, *data: Tensor) -> Tensor:
+    def values(x: Tensor, *tensors: Tensor) -> Tensor:
+        data = FamilyData(*tensors)
         s, q, p, inside = _base_values(x, data)
-        f = 1.0 + _cos_parts(s, q, data[5][:, None])[0] + reg_terms(p, lam, norm)[0]
+        f = 1.0 + _cos_parts(s, q, data.w[:, None])[0] + reg_terms(p, lam, norm)[0]
         return torch.where(inside, f, torch.inf)
 
-    def derivatives(x: Tensor, *data: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def derivatives(x: Tensor, *tensors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        data = FamilyData(*tensors)
         T = _polynomials(x[:, None], data, 6)[:, 0]  # (L, 18)
-        phi, phi_s, phi_q, phi_sq, phi_qq = _cos_parts(T[:, 0], T[:, 1], data[5])
+        phi, phi_s, phi_q, phi_sq, phi_qq = _cos_parts(T[:, 0], T[:, 1], data.w)
         reg, r1, r2 = reg_terms(T[:, 2], lam, norm)
         coef = torch.stack([phi_s, phi_q, r1], dim=-1)  # (L, 3)
         J = T[:, 3:9].reshape(-1, 2, 3).mT  # (L, 3, 2)
@@ -268,11 +284,32 @@ def _objective(
     return 1.0 - cos + reg_terms(rho_sq, lam, norm)[0], cos
 
 
-def _ray(g: Tensor, hh: Tensor) -> tuple[Tensor, Tensor]:
-    """``(g⁺, ‖z‖²)`` of the λ = 0 direction ``z_i = h_i/g_i`` (``g_i > 0``; 0 elsewhere)."""
+class Ray(NamedTuple):
+    """The λ = 0 ray ``P' = P (I − Q Q⁺) + t Z`` (``t > 0``), whose every point reaches the bound
+    ``‖ΔW Q⁺Q‖ / ‖ΔW‖``: ``Z V`` has columns ``z_i = h_i/g_i`` (``g_i > 0``; 0 elsewhere). ``gi``
+    (L, r) ``g⁺``; ``zz`` (L,) ``‖z‖²``; ``zb`` (L,) ``<z, P V> = Σ hb_i/g_i``; ``has`` (L,)
+    ``zz > 0`` (else ``H = 0``: no ``P'`` has a non-zero cosine)."""
+
+    gi: Tensor
+    zz: Tensor
+    zb: Tensor
+    has: Tensor
+
+
+def ray(g: Tensor, hh: Tensor, hb: Tensor) -> Ray:
+    """The λ = 0 :class:`Ray` from the family's data (for :func:`_lam0` and :func:`_end`)."""
     pos = g > 0
     gi = torch.where(pos, 1.0 / torch.where(pos, g, 1.0), 0.0)
-    return gi, (hh * gi * gi).sum(-1)
+    zz = (hh * gi * gi).sum(-1)
+    return Ray(gi, zz, (hb * gi).sum(-1), zz > 0)
+
+
+def closest_scale(zz: Tensor, zb: Tensor) -> Tensor:
+    """``τ = <z, P>/‖z‖²``: the point ``τ z`` of a λ = 0 ray closest to ``P``, where ``τ > 0``;
+    where not (no closest point on the open ray, or ``z = 0``) ``τ = 1``, the least-squares fit.
+    The one rule of both reductions (:func:`_lam0` here, ``flat_lam0`` of the ``r × 3`` one)."""
+    t = torch.where(zz > 0, zb / torch.where(zz > 0, zz, 1.0), 0.0)
+    return torch.where(t > 0, t, 1.0)
 
 
 def turn_cost(n_sq: Tensor, g: Tensor, bb: Tensor, eps: Tensor, noise: Tensor) -> Tensor:
@@ -334,9 +371,7 @@ def _end(
     Closed forms: reported with 0 iterations, converged.
     """
     pos = g > 0
-    gi, zz = _ray(g, hh)
-    zb = (hb * gi).sum(-1)
-    has = zz > 0
+    gi, zz, zb, has = ray(g, hh, hb)
     zz1 = torch.where(has, zz, 1.0)
     toward = has & (zb > 0)
     p_norm = torch.sqrt(bb.sum(-1))
@@ -371,18 +406,15 @@ def _lam0(g: Tensor, hh: Tensor, hb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     ``τ = Σ hb_i/g_i / Σ hh_i/g_i²`` (``τ = 1``, the least-squares fit, where that is ``≤ 0``).
     ``H = 0`` (no ``P'`` has a non-zero cosine): ``ΔP = 0`` and ``τ = 0``. Returns ``(x, y, τ)``.
     """
-    gi, zz = _ray(g, hh)
-    zb = (hb * gi).sum(-1)
-    has = zz > 0
-    tau = torch.where(has, zb / torch.where(has, zz, 1.0), 0.0)
-    tau = torch.where(has, torch.where(tau > 0, tau, 1.0), 0.0)
+    gi, zz, zb, has = ray(g, hh, hb)
+    tau = torch.where(has, closest_scale(zz, zb), 0.0)
     x = tau[:, None] * gi
     y = torch.where(has[:, None] & (g > 0), 1.0, 0.0)
     return x, y, tau
 
 
 # ---------------------------------------------------------------- the solve
-class Solution(NamedTuple):
+class FamilyCandidates(NamedTuple):
     """The family's candidates for the flat pool, per layer, on the layers' device.
 
     ``zero`` (L, 2): objective and cosine of ``ΔP = 0``; ``zero_ok`` (L,): ``ΔP = 0`` shown
@@ -412,7 +444,7 @@ def solve(
     tol: float,
     max_iter: int,
     single: bool,
-) -> Solution:
+) -> FamilyCandidates:
     """The family's candidates for every layer of ``red`` at once (see the module docstring).
 
     The reduced problems hold ``4r + 1`` numbers per layer, so they are solved on the CPU (one
@@ -450,7 +482,7 @@ def solve(
     zero, zero_ok, good, floor = (
         t.to(dev, copy=True) for t in (sol.zero, sol.zero_ok, sol.good, sol.floor)
     )
-    return Solution(zero, zero_ok, found, good, end, floor)
+    return FamilyCandidates(zero, zero_ok, found, good, end, floor)
 
 
 def _solve_host(
@@ -468,7 +500,7 @@ def _solve_host(
     tol: float,
     max_iter: int,
     single: bool,
-) -> Solution:
+) -> FamilyCandidates:
     n_layers = g.shape[0]
     zeros = torch.zeros_like(g)
     f0, cos0 = _objective(*_terms(zeros, zeros, g, hh, hb, bb), w, lam, norm)
@@ -479,7 +511,7 @@ def _solve_host(
         f, cos = _objective(*_terms(x, y, g, hh, hb, bb), w, lam, norm)
         found = _points(x[:, None], y[:, None], f[:, None], f[:, None], cos[:, None], zero_it, yes)
         none = _Candidates(*(t[:0] for t in found))
-        return Solution(torch.stack([f0, cos0], -1), yes, found, yes, none, f)
+        return FamilyCandidates(torch.stack([f0, cos0], -1), yes, found, yes, none, f)
     gmax = g.amax(-1)
     gmax = torch.where(gmax > 0, gmax, 1.0)
     gh = g / gmax[:, None]
@@ -494,7 +526,7 @@ def _solve_host(
     n_ref = torch.where(n_ref > 0, n_ref, 1.0)
     w1 = torch.where(w > 0, w, 1.0)
     kscale = gmax * w1 / n_ref
-    data = (D, gh, sigma, kscale, gmax, w)
+    data = FamilyData(D, gh, sigma, kscale, gmax, w)
     obj = family_objective(lam, norm)
     # θ₂ equals cos(ΔW, P'Q)·n_ref/n at a stationary point. θ₂ = cos₀ (FedIT's cosine) makes the
     # family leave ΔP = 0 along ∇cos; θ₂ = n_ref/(τ w) with a → ∞ is the λ = 0 solution
@@ -519,7 +551,7 @@ def _solve_host(
     m = _tol.FAMILY_STARTS
     top = torch.topk(fg, m, dim=1, largest=False, sorted=True).indices  # (L, m)
     theta0 = grid.gather(1, top[..., None].expand(-1, -1, 2)).reshape(n_layers * m, 2)
-    rep = tuple(t.repeat_interleave(m, dim=0) for t in data)
+    rep = FamilyData(*(t.repeat_interleave(m, dim=0) for t in data))
     inner = min(tol, _tol.FAMILY_INNER_TOL)
     scout = minimise(obj, rep, theta0, tol=inner, max_iter=_tol.SCOUT)
     pick = torch.arange(n_layers) * m + torch.argmin(scout.f.reshape(n_layers, m), dim=1)
@@ -566,4 +598,4 @@ def _solve_host(
     # from P): the family cannot get there, so its points are candidates of their own.
     end = _end(g, hh, hb, bb, w, eps, noise, lam, norm)
     zero = torch.stack([f0, cos0], -1)
-    return Solution(zero, zero_ok, found, good.reshape(-1), end.points, end.floor)
+    return FamilyCandidates(zero, zero_ok, found, good.reshape(-1), end.points, end.floor)

@@ -15,6 +15,7 @@ and layers of every shape that share ``r`` are solved in one batch.
 
 from __future__ import annotations
 
+import dataclasses
 from itertools import accumulate
 from typing import NamedTuple
 
@@ -30,8 +31,8 @@ from lorafair._fair._batch import (
     _Group,
     _layer_grams,
     _orient,
+    _Residuals,
     _rounding,
-    _Solved,
     _update_norm,
 )
 from lorafair._fair._newton import (
@@ -66,6 +67,22 @@ class FlatProblem(NamedTuple):
     w: Tensor
     frame: Tensor
     V: Tensor
+
+    @property
+    def data(self) -> FlatData:
+        """What :func:`flat_objective` and :func:`flat_terms` read of it."""
+        return FlatData(self.eta, self.beta, self.mask, self.g, self.w)
+
+
+class FlatData(NamedTuple):
+    """:func:`flat_objective`'s data: :class:`FlatProblem`'s ``eta``, ``beta``, ``mask``, ``g``,
+    ``w``."""
+
+    eta: Tensor
+    beta: Tensor
+    mask: Tensor
+    g: Tensor
+    w: Tensor
 
 
 def flat_reduce(G: Tensor, H: Tensor, base: Tensor, w: Tensor) -> FlatProblem:
@@ -201,9 +218,11 @@ def flat_lam0(problem: FlatProblem) -> Tensor:
     """The λ = 0 minimiser closest to ``B̄`` in reduced coordinates (L, r, 3).
 
     Every ``x`` with ``x_i = t g_i⁻¹ η_i`` (``g_i > 0``, ``t > 0``) and free ``x_i`` where
-    ``g_i = 0`` maximises the cosine (it reaches ``‖ΔW Ā⁺Ā‖ / ‖ΔW‖``). Closest to ``β``: the null
-    columns keep ``β_i`` and ``t = <z, β>/‖z‖²`` with ``z = g⁺η``; where that ``t ≤ 0`` (no
-    closest point on the open ray) ``t = 1``, i.e. ``B'Ā`` is the least-squares fit of ``ΔW``.
+    ``g_i = 0`` maximises the cosine (it reaches ``‖ΔW Ā⁺Ā‖ / ‖ΔW‖``): the λ = 0 ray of
+    :class:`~lorafair._fair._family.Ray` in these coordinates. Closest to ``β``: the null
+    columns keep ``β_i`` and ``t`` by :func:`~lorafair._fair._family.closest_scale`
+    (``<z, β>/‖z‖²`` with ``z = g⁺η``; where that is ``≤ 0`` ``t = 1``, i.e. ``B'Ā`` is the
+    least-squares fit of ``ΔW``).
     Where ``η = 0`` (``ΔW Āᵀ = 0``: every ``B'`` has cosine 0) ``x = β``.
     """
     g = problem.g.unsqueeze(-1)
@@ -212,8 +231,7 @@ def flat_lam0(problem: FlatProblem) -> Tensor:
     z = z * problem.mask
     zz = (z * z).sum(dim=(-2, -1))
     zb = (z * problem.beta).sum(dim=(-2, -1))
-    t = torch.where(zz > 0, zb / torch.where(zz > 0, zz, torch.ones_like(zz)), 0.0)
-    t = torch.where(t > 0, t, torch.ones_like(t))
+    t = _family.closest_scale(zz, zb)
     x = torch.where(pos, t[:, None, None] * z, problem.beta)
     return torch.where((zz > 0)[:, None, None], x, problem.beta)
 
@@ -266,7 +284,7 @@ def _absolute_error(grp: _Group, opts: _Options, grams: tuple[Tensor, Tensor] | 
 
 def _solve_flat(
     groups: list[_Group], opts: _Options, single: bool, prep: Prepared
-) -> list[_Solved]:
+) -> list[_Residuals]:
     """Solve every group's flat problem, all groups sharing ``r`` in one batch (see :mod:`_flat`).
 
     Layers the two-parameter solve cannot certify are re-solved by the general ``r × 3`` solver.
@@ -284,7 +302,7 @@ def _solve_flat(
         raise_if_nonfinite(prep.layers)
         raise NonFiniteError("NaN or Inf in the clients' factors")  # pragma: no cover
     reduced = [_flat_reduce(grp, opts, gm) for grp, gm in zip(groups, grams, strict=True)]
-    out: dict[int, _Solved] = {}
+    out: dict[int, _Residuals] = {}
     buckets: dict[tuple[int, torch.device], list[int]] = {}
     for i, grp in enumerate(groups):
         buckets.setdefault((grp.r, grp.device), []).append(i)
@@ -300,23 +318,19 @@ def _solve_bucket(
     grams: list[tuple[Tensor, Tensor] | None],
     opts: _Options,
     single: bool,
-) -> list[_Solved]:
-    """Groups sharing ``r`` (and device) in one family solve and one pool (:class:`_Pool`).
+) -> list[_Residuals]:
+    """Groups sharing ``r`` (and device): problem → candidates → one scorer (:class:`_FlatScorer`).
 
-    A candidate is ``ΔP = H V diag(x) Vᵀ − P V diag(y) Vᵀ + e ΔP_general`` (``x``, ``y`` (r,),
-    ``e`` 0 or 1: the general solver's answer for the layer), ``(x, y, e)`` in one row; ``ΔB = 0``
-    is all zeros. The family's point and the λ = 0 end's points go in first (scored by objective
-    plus rounding cost, :func:`~lorafair._fair._family.turn_cost`); a layer whose pick is neither
-    ``ΔB = 0`` shown optimal nor the family's certified point gets the general ``r × 3`` solver's
-    answer as one more candidate, scored the same way, where it gets below the λ = 0 end's floor
-    by more than ``END_MARGIN`` (that floor is the infimum the end's points approach: a general
-    point approaching it can only get below it by rounding, and where it stops depends on where
-    its steps fade, not on what the output can hold; the end's points are placed by the rounding
-    model instead). A first pick says which layers those are; there the family's point leaves
-    the pool (below), and a second pick gives each layer's answer.
+    The problem: the family's data of every layer (``joint``) and the output's rounding
+    (``eps``, ``noise``). The candidates: the family's point and the λ = 0 end's points
+    (:func:`~lorafair._fair._family.solve`), and, for a layer whose first pick is neither
+    ``ΔB = 0`` shown optimal nor the family's certified point, the general ``r × 3`` solver's
+    answer (:func:`_solve_flat_general`; there the family's point leaves the pool). A second
+    pick gives each layer's answer.
     """
-    joint = _family.Reduced(*(torch.cat([red[j] for red, _ in reduced]) for j in range(6)))
-    n_all, r = joint.g.shape
+    reds = [red for red, _ in reduced]
+    joint = _family.Reduced(*(torch.cat(field) for field in zip(*reds, strict=True)))
+    r = joint.g.shape[1]
     wide = torch.cat(
         [
             torch.full((grp.n,), _corrected_dim(grp, opts) >= 3, device=joint.g.device)
@@ -344,21 +358,8 @@ def _solve_bucket(
         single=single,
     )
 
-    def family_pool(found_f: Tensor) -> _Pool:
-        pool = _Pool(joint.g.new_zeros(n_all, 2 * r + 1), sol.zero[:, 0], zero_report=sol.zero)
-        for part in (sol.found._replace(f=found_f), sol.end):
-            pool.add(*part._replace(x=torch.cat([part.x, part.x.new_zeros(len(part.x), 1)], 1)))
-        return pool
-
-    first = family_pool(sol.found.f).pick()
-    n_found = sol.found.f.shape[0]
-    row = torch.clamp(first.row, min=0, max=n_found - 1)
-    certified = torch.where(first.row < 0, sol.zero_ok, (first.row < n_found) & sol.good[row])
-    # A layer sent to the general solver keeps its family point out of the final pick: there it
-    # either lost the first (to ΔB = 0 or the end, still in) or is not certified, i.e. not a
-    # minimiser, and where it creeps towards the end (the product vanishing) its reduced
-    # objective loses digits to cancellation in n².
-    pool = family_pool(torch.where(certified[sol.found.layer], sol.found.f, torch.inf))
+    certified = _FlatScorer.of(joint, sol, eps, noise).certified()
+    scorer = _FlatScorer.of(joint, sol, eps, noise, certified)
     ends = list(accumulate(grp.n for grp in groups))
     slices = [slice(e - grp.n, e) for grp, e in zip(groups, ends, strict=True)]
     general: list[tuple[Tensor, Tensor] | None] = []
@@ -371,18 +372,9 @@ def _solve_bucket(
         fb = _solve_flat_general(grp, opts, single, bad, red.w[bad])
         assert fb.extra is not None
         P = grp.Bbar[bad] if opts.residual_on == "B" else grp.Abar[bad].mT
-        PV = (P + fb.extra) @ red.V[bad]
-        n_sq = ((PV * PV).sum(-2) * red.g[bad]).sum(-1)
-        g, bb = red.g[bad], red.bb[bad]
-        cost = fb.objective + _family.turn_cost(n_sq, g, bb, eps[rows], noise[rows])
-        floor = sol.floor[rows]
-        below = fb.objective < floor - _tol.END_MARGIN * (1.0 + floor.abs())
-        x = fb.objective.new_zeros(rows.shape[0], 2 * r + 1)
-        x[:, -1] = 1.0
-        report = torch.stack([fb.objective, fb.cosine], -1)
-        pool.add(x, torch.where(below, cost, torch.inf), rows, fb.iterations, fb.converged, report)
+        scorer.offer_general(rows, P + fb.extra, fb)
         general.append((bad, fb.extra))
-    final = pool.pick()
+    final = scorer.pool.pick()
     out = []
     for grp, (red, N), gen, sl in zip(groups, reduced, general, slices, strict=True):
         V, xs, rep = red.V, final.x[sl], final.report[sl]
@@ -395,13 +387,86 @@ def _solve_bucket(
             extra[bad] = delta * xs[bad, -1][:, None, None]
             extra = _orient(extra, opts)
         it, cv = final.iterations[sl], final.converged[sl]
-        out.append(_Solved(rep[:, 0], rep[:, 1], it, cv, N @ X - grp.E @ Y, extra))
+        out.append(_Residuals(rep[:, 0], rep[:, 1], it, cv, N @ X - grp.E @ Y, extra))
     return out
+
+
+@dataclasses.dataclass
+class _FlatScorer:
+    """The flat form's one scorer, for one bucket (layers sharing ``r``): the objective, the
+    flat rounding rule and the pool.
+
+    A candidate is ``(x, y, e)`` (one row, ``2r + 1``): ``ΔP = H V diag(x) Vᵀ − P V diag(y) Vᵀ
+    + e ΔP_general``; ``ΔB = 0`` is all zeros, always in the pool at its objective, never
+    charged. A score is the objective plus what rounding the output can cost the point
+    (:func:`~lorafair._fair._family.turn_cost`, of the whole product): the family scores its
+    own candidates so, on the host (:func:`~lorafair._fair._family.solve`); the general
+    solver's answer (:meth:`offer_general`) is scored here, and offered only where it gets
+    below the λ = 0 end's ``floor`` by more than ``END_MARGIN`` (that floor is the infimum the
+    end's points approach: a general point approaching it can only get below it by rounding,
+    and where it stops depends on where its steps fade, not on what the output can hold).
+    """
+
+    red: _family.Reduced
+    fam: _family.FamilyCandidates
+    eps: Tensor
+    noise: Tensor
+    pool: _Pool
+
+    @classmethod
+    def of(
+        cls,
+        red: _family.Reduced,
+        fam: _family.FamilyCandidates,
+        eps: Tensor,
+        noise: Tensor,
+        certified: Tensor | None = None,
+    ) -> _FlatScorer:
+        """A pool of ``ΔB = 0``, the family's point and the λ = 0 end's points; with
+        ``certified`` (L,) the family's point only where certified. (A layer sent to the
+        general solver keeps its family point out of the final pick: there it either lost the
+        first pick (to ``ΔB = 0`` or the end, still in) or is not certified, i.e. not a
+        minimiser, and where it creeps towards the end, the product vanishing, its reduced
+        objective loses digits to cancellation in ``n²``.)"""
+        n_all, r = red.g.shape
+        found = fam.found
+        if certified is not None:
+            found = found._replace(f=torch.where(certified[found.layer], found.f, torch.inf))
+        pool = _Pool(red.g.new_zeros(n_all, 2 * r + 1), fam.zero[:, 0], zero_report=fam.zero)
+        for part in (found, fam.end):
+            pool.add(*part._replace(x=torch.cat([part.x, part.x.new_zeros(len(part.x), 1)], 1)))
+        return cls(red, fam, eps, noise, pool)
+
+    def certified(self) -> Tensor:
+        """Per layer (L,), whether the family's answer stands: this pool's pick is ``ΔB = 0``
+        shown optimal or the family's certified point (else the general solver runs)."""
+        first = self.pool.pick()
+        n_found = self.fam.found.f.shape[0]
+        row = torch.clamp(first.row, min=0, max=n_found - 1)
+        at_found = (first.row < n_found) & self.fam.good[row]
+        certified: Tensor = torch.where(first.row < 0, self.fam.zero_ok, at_found)
+        return certified
+
+    def offer_general(self, rows: Tensor, P_new: Tensor, fb: _Residuals) -> None:
+        """The general solver's answer for the layers ``rows`` (its corrected factor ``P_new``
+        (rows, d, r), its objective and cosine in ``fb``), as the candidate ``e = 1``."""
+        r = self.red.g.shape[1]
+        PV = P_new @ self.red.V[rows]
+        g, bb = self.red.g[rows], self.red.bb[rows]
+        n_sq = ((PV * PV).sum(-2) * g).sum(-1)
+        cost = fb.objective + _family.turn_cost(n_sq, g, bb, self.eps[rows], self.noise[rows])
+        floor = self.fam.floor[rows]
+        below = fb.objective < floor - _tol.END_MARGIN * (1.0 + floor.abs())
+        x = fb.objective.new_zeros(rows.shape[0], 2 * r + 1)
+        x[:, -1] = 1.0
+        report = torch.stack([fb.objective, fb.cosine], -1)
+        f = torch.where(below, cost, torch.inf)
+        self.pool.add(x, f, rows, fb.iterations, fb.converged, report)
 
 
 def _solve_flat_general(
     grp: _Group, opts: _Options, single: bool, rows: Tensor, w: Tensor | None = None
-) -> _Solved:
+) -> _Residuals:
     """The general ``r × 3`` reduction (:func:`flat_reduce`) for the layers ``rows``.
 
     ``w``: their ``‖ΔW‖_F`` where already known (else :func:`_update_norm`). Returns ``ΔP`` in
@@ -419,9 +484,9 @@ def _solve_flat_general(
         base = Abar.mT
     problem = flat_reduce(G, H, base, _update_norm(grp)[rows] if w is None else w)
     x_sol, iters, conv = _flat_minimise(problem, opts, single)
-    cos, dsq = flat_terms(x_sol, *problem[:5])
+    cos, dsq = flat_terms(x_sol, *problem.data)
     obj = 1.0 - cos + regulariser(dsq, opts.lam, opts.norm)
-    return _Solved(obj, cos, iters, conv, extra=flat_delta(problem, x_sol))
+    return _Residuals(obj, cos, iters, conv, extra=flat_delta(problem, x_sol))
 
 
 def _flat_minimise(
@@ -436,14 +501,14 @@ def _flat_minimise(
         return x, zeros_i, torch.ones(n, dtype=torch.bool, device=beta.device)
     starts = [beta, x_ls, 0.5 * (beta + x_ls)]
     m = len(starts)
-    data = tuple(problem[:5])
+    data = problem.data
     obj = flat_objective(opts.lam, opts.norm)
-    rep = tuple(t.repeat(m, *([1] * (t.ndim - 1))) for t in data)
+    rep = FlatData(*(t.repeat(m, *([1] * (t.ndim - 1))) for t in data))
     res = minimise(
         obj, rep, torch.cat(starts).reshape(m * n, -1), tol=opts.tol, max_iter=opts.max_iter
     )
     pool = _Pool(beta.reshape(n, -1), obj.values(beta.reshape(n, 1, -1), *data).squeeze(1))
     layer = torch.arange(n, device=beta.device).repeat(m)
     pool.add(res.x, res.f, layer, res.iterations, res.converged)
-    x, _, it, cv = pool.choice((beta.shape[1], beta.shape[2]))
+    x, _, _, it, cv, _ = pool.pick((beta.shape[1], beta.shape[2]))
     return x, it, cv

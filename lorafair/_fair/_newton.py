@@ -97,10 +97,10 @@ class Batched(NamedTuple):
 
 def modified_newton(hess: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     """``(−|H|⁻¹ g, pd)`` per row: the Newton step with the Hessian's eigenvalues replaced by
-    their absolute values, bounded below by ``1e-12`` of the largest (and ``1e-300``), and
+    their absolute values, bounded below by ``EIG_FLOOR`` of the largest (and ``TINY``), and
     whether every eigenvalue is above that bound."""
     evals, evecs = torch.linalg.eigh(hess)
-    floor = evals.abs().amax(dim=-1, keepdim=True) * 1e-12 + 1e-300
+    floor = evals.abs().amax(dim=-1, keepdim=True) * _tol.EIG_FLOOR + _tol.TINY
     coef = (evecs.mT @ g.unsqueeze(-1)).squeeze(-1) / torch.clamp(evals.abs(), min=floor)
     return -(evecs @ coef.unsqueeze(-1)).squeeze(-1), (evals > floor).all(dim=-1)
 
@@ -139,8 +139,9 @@ def _newton_direction(hess: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     return d, ok
 
 
-class SolveResult(NamedTuple):
-    """Per-layer result of :func:`minimise`: point, objective, iterations, convergence flag."""
+class Runs(NamedTuple):
+    """The runs of :func:`minimise`, one per row: point ``x``, objective ``f``, ``iterations``,
+    ``converged``."""
 
     x: Tensor
     f: Tensor
@@ -157,9 +158,9 @@ def minimise(
     max_iter: int,
     n_steps: int = _tol.STEPS,
     shrink: float = _tol.SHRINK,
-    memory: int = 10,
-    sync_every: int = 5,
-) -> SolveResult:
+    memory: int = _tol.LBFGS_MEMORY,
+    sync_every: int = _tol.SYNC_EVERY,
+) -> Runs:
     """Minimise ``obj`` independently for each of the ``L`` rows of ``x0`` (L, N).
 
     Direction: Newton's with the exact (closed-form) Hessian, its eigenvalues replaced by
@@ -171,8 +172,8 @@ def minimise(
     layer has converged when the Hessian is positive definite and the Newton decrement
     ``gᵀH⁻¹g`` is at most ``tol (1 + |f|)`` (L-BFGS: the step changed the objective by at most
     ``tol (1 + |f|)`` and the quasi-Newton decrement is that small), or when a step lowers the
-    objective by less than ``1e-3 tol (1 + |f|)`` (an infimum that is only approached, e.g. as
-    a product column shrinks to zero), or when no step length lowers the objective along the
+    objective by less than ``NEGLIGIBLE · tol (1 + |f|)`` (an infimum that is only approached,
+    e.g. as a product column shrinks to zero), or when no step length lowers the objective along the
     steepest-descent direction either (no float64 progress).
     Cost per iteration: Newton O(L N³) plus the Hessian; L-BFGS
     O(L N memory) plus ``n_steps + 1`` objective evaluations.
@@ -224,7 +225,7 @@ def minimise(
         gd = (g * d).sum(-1)
         gnorm = torch.linalg.vector_norm(g, dim=-1)
         xnorm = torch.linalg.vector_norm(x, dim=-1)
-        sd_scale = (xnorm + 1.0) / torch.clamp(gnorm, min=1e-300)
+        sd_scale = (xnorm + 1.0) / torch.clamp(gnorm, min=_tol.TINY)
         steepest = use_sd | ~(gd < 0) | ~torch.isfinite(gd)
         d = torch.where(steepest[:, None], -g * sd_scale[:, None], d)
         gd = torch.where(steepest, -gnorm * gnorm * sd_scale, gd)
@@ -259,7 +260,7 @@ def minimise(
             small = (f - f_new <= bound) & (-gd <= bound) & ~steepest
             done = done | (move & small)
         # No minimiser (an infimum approached as the product vanishes) or float64 resolution.
-        negligible = move & (f - f_new <= 1e-3 * bound)
+        negligible = move & (f - f_new <= _tol.NEGLIGIBLE * bound)
         done = done | stalled | negligible
         use_sd = ~improved & ~steepest
         if not newton:
@@ -268,7 +269,7 @@ def minimise(
             sy = (s_vec * y_vec).sum(-1)
             yy = (y_vec * y_vec).sum(-1)
             ss = (s_vec * s_vec).sum(-1)
-            valid = move & (sy > 1e-12 * torch.sqrt(yy * ss))
+            valid = move & (sy > _tol.LBFGS_CURVATURE * torch.sqrt(yy * ss))
             S[:, head] = s_vec
             Yh[:, head] = y_vec
             rho[:, head] = torch.where(
@@ -280,4 +281,4 @@ def minimise(
         x, f, g = x_new, f_new, g_new
         if (it + 1) % every == 0 and bool(done.all()):
             break
-    return SolveResult(x, f, iters, done)
+    return Runs(x, f, iters, done)

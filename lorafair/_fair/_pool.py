@@ -35,22 +35,14 @@ class _Candidates(NamedTuple):
     report: Tensor
 
 
-class _Choice(NamedTuple):
-    """The scorer's pick per layer: point ``Z`` (L, p, q), its objective ``f`` (``report[:, 0]``),
-    and the ``iterations`` / ``converged`` of the run that produced it."""
-
-    Z: Tensor
-    f: Tensor
-    iterations: Tensor
-    converged: Tensor
-
-
-class _Pick(NamedTuple):
-    """:meth:`_Pool.pick` per layer: point ``x`` (L, N), its ``report`` (L, V), the
-    ``iterations`` / ``converged`` of its run, and its ``row`` in :meth:`_Pool.joined` (−1 where
+class Picked(NamedTuple):
+    """:meth:`_Pool.pick` per layer: the chosen point ``x`` (L, N), or (L, p, q) where the pick
+    was given a shape; its objective ``f`` (``report[:, 0]``) and ``report`` (L, V); the
+    ``iterations`` / ``converged`` of its run; its ``row`` in :meth:`_Pool.joined` (−1 where
     ``ΔB = 0`` is kept)."""
 
     x: Tensor
+    f: Tensor
     report: Tensor
     iterations: Tensor
     converged: Tensor
@@ -88,27 +80,26 @@ class _Pool:
     def joined(self) -> _Candidates:
         return _Candidates(*(torch.cat(z) for z in zip(*self.parts, strict=True)))
 
-    def pick(self) -> _Pick:
+    def pick(self, shape: tuple[int, int] | None = None) -> Picked:
         """Per layer the candidate of lowest score (the first of equals: :func:`_best`), unless
         ``ΔB = 0`` is within ``TIE`` of it (then ``ΔB = 0``; so a form is never worse than
         FedIT on its objective). The iterations and convergence are those of the best
-        candidate's run either way (when ``ΔB = 0`` is kept, that run ended no lower)."""
+        candidate's run either way (when ``ΔB = 0`` is kept, that run ended no lower). With a
+        ``shape`` the point comes as (L, p, q)."""
         every = self.joined()
         first, f_best = _best(every, self.zero_f.shape[0])
         zero = self.zero_f <= f_best + _tol.TIE
         zero_report = self.zero_f[:, None] if self.zero_report is None else self.zero_report
-        return _Pick(
-            torch.where(zero[:, None], self.zero_x, every.x[first]),
-            torch.where(zero[:, None], zero_report, every.report[first]),
+        x = torch.where(zero[:, None], self.zero_x, every.x[first])
+        report = torch.where(zero[:, None], zero_report, every.report[first])
+        return Picked(
+            x if shape is None else x.reshape(-1, *shape),
+            report[:, 0],
+            report,
             every.iterations[first],
             every.converged[first],
             torch.where(zero, -1, first),
         )
-
-    def choice(self, shape: tuple[int, int]) -> _Choice:
-        """:meth:`pick` with the point as (L, p, q) and the objective ``report[:, 0]``."""
-        p = self.pick()
-        return _Choice(p.x.reshape(-1, *shape), p.report[:, 0], p.iterations, p.converged)
 
 
 def _best(c: _Candidates, n_layers: int) -> tuple[Tensor, Tensor]:

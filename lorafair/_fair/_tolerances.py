@@ -21,6 +21,20 @@ SCOUT = 2
 """Newton steps every start of the flat family takes before only the best one per layer goes on."""
 ARMIJO = 1e-4
 """Armijo's sufficient-decrease constant of every line search."""
+EIG_FLOOR = 1e-12
+"""Modified Newton: the Hessian's absolute eigenvalues are bounded below by this fraction of the
+largest (plus ``TINY``); the Hessian counts as positive definite only where every eigenvalue is
+above that bound."""
+NEGLIGIBLE = 1e-3
+"""A ``minimise`` step that lowers the objective by at most this fraction of ``tol (1 + |f|)``
+ends that row's run (an infimum only approached, e.g. as a product column shrinks to zero)."""
+LBFGS_MEMORY = 10
+"""Pairs ``(s, y)`` that L-BFGS keeps."""
+LBFGS_CURVATURE = 1e-12
+"""L-BFGS stores a pair only where ``sᵀy > LBFGS_CURVATURE ‖s‖ ‖y‖`` (positive curvature)."""
+SYNC_EVERY = 5
+"""Off the CPU, ``minimise`` reads its ``converged.all()`` every this many iterations (on the
+CPU every iteration: that read costs no device sync). Not a tolerance."""
 LINE_CANCEL = 1e-4
 """The columns objective along a line (:func:`~lorafair._fair._column_objective.columns_objective`'s
 ``line``) sums quadratics in the step length; where one falls below this fraction of its
@@ -73,6 +87,16 @@ DROP_UNSAFE = 2e-10
 """Largest float64 error of the objective (estimated by ``_unsafe``) of a returned point: near a
 vanishing column its cosine is sensitive to rounding; such points are not returned (their
 dropped counterparts stand in for them)."""
+UNSAFE_EPS = 10.0
+"""The unsafe limit is also at least this many machine epsilons of the output dtype:
+``max(DROP_UNSAFE, UNSAFE_EPS · ε)``."""
+DROP_REMAINDER = 1e-10
+"""Residual on B, dropping columns ``J``: a product column whose part outside ``span(right_J)``
+is below this fraction of its norm vanishes with ``J`` (numerically a tiny remainder) and
+counts 0."""
+MIX_FLOOR = 1e-12
+"""Residual on A, ``norm="fro"``: the column mix linearises ``λ‖D‖`` at the layer's best
+candidate, ``λ‖D_j‖² / (2 max(‖D_best‖, MIX_FLOOR))``."""
 DROP_STEPS = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10)
 """Relative distances ``ε`` at which a dropped column reappears (``dropped_points``)."""
 DROP_SINGLES = 64
