@@ -23,9 +23,9 @@ options, checked once), :mod:`._batch` (the same-shape batch: stacks, Grams, ``P
 corrected factor and how the output dtype rounds it, :func:`._batch.turning`), :mod:`._pool` (the
 pool both scorers keep: per layer the lowest score, ``ΔB = 0`` kept unless beaten by ``TIE``),
 :mod:`._scale` (float64 factors near its limits: the same problem on factors scaled by
-powers of two), :mod:`._newton` (the one batched damped Newton / L-BFGS, :func:`._newton.minimise`, with its
-line search, and the regulariser's derivatives) and :mod:`._tolerances` (every tolerance and
-step ladder). ``docs/lora_fair.md`` describes the design.
+powers of two), :mod:`._newton` (the one batched damped Newton / L-BFGS,
+:func:`._newton.minimise`, with its line search, and the regulariser's derivatives) and
+:mod:`._tolerances` (every tolerance and step ladder). ``docs/lora_fair.md`` describes the design.
 """
 
 from lorafair._fair._api import (
