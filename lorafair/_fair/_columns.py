@@ -358,7 +358,7 @@ def _multistart(scorer: ColumnScorer, starts: list[Tensor], f_starts: Tensor | N
     where each evaluation costs ``O((K + 1) r)`` per column and the starts dominate the cost)
     the starts are ranked by their objective and only the best one per layer runs; the others
     stay candidates as they are. (On ViT-B/16 shapes all four starts end at the same minimum to
-    ~1e-9; see ``docs/lora_fair.md``, validation history.)
+    ~1e-9; see ``docs/validation.md``.)
     """
     obj, data, opts = scorer.obj, scorer.problem.data, scorer.problem.opts
     n_layers, m = starts[0].shape[0], len(starts)

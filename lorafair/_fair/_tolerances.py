@@ -1,7 +1,7 @@
 """Every tolerance and step ladder of the LoRA-FAIR solver, in one place.
 
 Grouped by the step that uses it. Values are unchanged from the solver's validation (see
-``docs/lora_fair.md``, validation history); each says what it decides.
+``docs/validation.md``); each says what it decides.
 """
 
 from __future__ import annotations
