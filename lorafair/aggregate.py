@@ -31,7 +31,13 @@ from torch import Tensor
 
 from lorafair import _average, _linalg
 from lorafair._exact import fedex_lora, fedsvd
-from lorafair._fair import FairSolved, ResidualSolution, lora_fair, lora_fair_solved, solve_residual
+from lorafair._fair import (
+    AdaptersAndSolutions,
+    ResidualSolution,
+    lora_fair,
+    lora_fair_solved,
+    solve_residual,
+)
 from lorafair._fit import fits_dtype
 from lorafair._frozen import check_factor, check_tolerances, shared_factor
 from lorafair._hetero import hetlora, hetlora_truncate
@@ -50,8 +56,8 @@ from lorafair.errors import LoRAFairError
 from lorafair.types import FedExResult, FedSAResult, FlexLoRAReport, LoRAFactors, RankChoice
 
 __all__ = [
+    "AdaptersAndSolutions",
     "EnergyThreshold",
-    "FairSolved",
     "FedExResult",
     "FedSAResult",
     "FlexLoRAReport",
