@@ -153,13 +153,19 @@ def _progress(total: int, disable: bool) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``lorafair bench`` with parsed ``args``; 0, 1 if a result failed its check, 2 for bad
-    input (one line on stderr)."""
+    """Run ``lorafair bench`` with parsed ``args``; 0, 1 if a result failed its check or a run
+    failed inside (one line on stderr), 2 for bad input (one line on stderr)."""
     try:
         return _run(args)
     except (BadInput, OSError, ValueError, ImportError) as e:
         print(f"lorafair bench: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a failure inside (a memory child's): its first and last line
+        lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        print(
+            f"lorafair bench: {' ... '.join(dict.fromkeys([lines[0], lines[-1]]))}", file=sys.stderr
+        )
+        return 1
 
 
 def _run(args: argparse.Namespace) -> int:
