@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
@@ -20,7 +19,7 @@ from benchmarks import entries
 from benchmarks.plots import plot
 from benchmarks.tables import report, write
 from benchmarks.timing import time_cell
-from lorafair.bench import DTYPES, PRESETS, QUICK_NOTE, Row, ShapeSet, environment, preset
+from lorafair.bench import DTYPES, PRESETS, QUICK_NOTE, Row, ShapeSet, environment, preset, progress
 from lorafair.bench.cli import GRIDS
 
 __all__ = ["AGGREGATORS", "QUICK_NOTE", "main", "parse_args"]
@@ -123,16 +122,6 @@ def _shapes(name: str, args: argparse.Namespace) -> ShapeSet:
     return s
 
 
-def _progress(total: int, disable: bool) -> Any:
-    if disable:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="cells", file=sys.stderr)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the sweep; print the table and ratios; exit 1 if any result failed its check."""
     args = parse_args(argv)
@@ -146,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for K in args.clients
         for r in args.ranks
     ]
-    bar = _progress(len(cells), args.no_progress)
+    bar = progress(len(cells), desc="cells", disable=args.no_progress)
     rows: list[Row] = []
     for s, d, K, r in cells:
         if bar is not None:

@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from lorafair.bench import progress
 from lorafair.errors import DtypeOverflowError, LoRAFairError
 from lorafair.registry import AggregatorSpec, specs
 from lorafair.types import LoRAFactors
@@ -265,16 +266,6 @@ def run_case(case: Case) -> Outcome:
     return outcome
 
 
-def _progress(total: int, disable: bool) -> Any:
-    if disable:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="fuzz", file=sys.stderr, mininterval=2.0)
-
-
 def _describe(case: Case) -> str:
     shapes = ", ".join(
         f"{n}: A{tuple(A.shape)} B{tuple(B.shape)}" for n, (A, B) in case.clients[0].items()
@@ -316,7 +307,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     kinds: Counter[str] = Counter()
     raised: Counter[str] = Counter()
     defects: list[str] = []
-    bar = _progress(args.calls, args.no_progress or args.calls < 2000)
+    bar = progress(
+        args.calls, desc="fuzz", disable=args.no_progress or args.calls < 2000, mininterval=2.0
+    )
     start = time.perf_counter()
     done = 0
     signal.signal(signal.SIGTERM, _stop)

@@ -26,7 +26,7 @@ from lorafair.bench import entries
 from lorafair.bench.cell import Row, run_cell
 from lorafair.bench.cells import DTYPES, make_inputs
 from lorafair.bench.memory import MemorySpec, measure
-from lorafair.bench.report import environment, header, ratio_lines, ratios, table
+from lorafair.bench.report import environment, header, progress, ratio_lines, ratios, table
 from lorafair.bench.shapes import PRESETS, ShapeSet, factor_bytes, from_adapter, from_config, preset
 
 __all__ = ["GRIDS", "Grid", "add_arguments", "main", "register", "run", "shapes_from_args"]
@@ -142,16 +142,6 @@ def _first_of_each_shape(shapes: ShapeSet) -> list[str]:
     return list(seen.values())
 
 
-def _progress(total: int, disable: bool) -> Any:
-    if disable:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="cells", file=sys.stderr)
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``lorafair bench`` with parsed ``args``; 0, 1 if a result failed its check or a run
     failed inside (one line on stderr), 2 for bad input (one line on stderr)."""
@@ -184,7 +174,7 @@ def _run(args: argparse.Namespace) -> int:
     check_layers = None if args.check_all_layers else _first_of_each_shape(shapes)
     env = environment(args.device)
     cells = [(d, K, r) for d in dtypes for K in clients for r in ranks]
-    bar = _progress(len(cells), args.no_progress)
+    bar = progress(len(cells), desc="cells", disable=args.no_progress)
     rows: list[Row] = []
     for d, K, r in cells:
         if bar is not None:

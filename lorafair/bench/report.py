@@ -6,6 +6,7 @@ import datetime
 import math
 import os
 import platform
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ __all__ = [
     "environment",
     "fmt_time",
     "header",
+    "progress",
     "ratio_lines",
     "ratios",
     "table",
@@ -171,3 +173,15 @@ def header(env: dict[str, Any]) -> str:
         + (f" ({env['gpu']})" if "gpu" in env else "")
         + f"; load average (1/5/15 min) at start {load_start}, at end {load_end}"
     )
+
+
+def progress(total: int, *, desc: str, disable: bool = False, mininterval: float = 0.1) -> Any:
+    """A tqdm bar on stderr for ``total`` steps, or ``None`` when ``disable`` or tqdm is missing
+    (tqdm is in the ``bench`` extra; without it a run prints no bar)."""
+    if disable:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, file=sys.stderr, mininterval=mininterval)
