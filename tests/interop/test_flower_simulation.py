@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from lorafair import registry
+
 # Only look the packages up: importing ray here would change this test process's state (it
 # triggers torch's decomposition imports, whose DeprecationWarning then fails other tests).
 _MISSING = [m for m in ("flwr", "peft", "ray") if importlib.util.find_spec(m) is None]
@@ -54,11 +56,12 @@ def test_simulation_smoke(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["fedex_lora", "fedsa_lora"])
-def test_simulation_of_the_methods_with_extra_records_or_client_state(
-    method: str, tmp_path: Path
-) -> None:
-    """Under ray: FedEx-LoRA's residual record, FedSA-LoRA's B kept in ``context.state``."""
+@pytest.mark.parametrize("method", [n for n in registry.names() if n != "fedit"])
+def test_simulation_of_every_method(method: str, tmp_path: Path) -> None:
+    """Under ray, every registered method through LoRAStrategy and the example ClientApp
+    (fedit is the smoke test above): two rounds, both replies aggregated, none rejected;
+    FedEx-LoRA's residual record makes the global model exact; FedSA-LoRA (personalised) has no
+    global model to evaluate centrally."""
     out = tmp_path / "result.json"
     cmd = [sys.executable, "-m", "examples.flower.run", "--method", method, "--rounds", "2"]
     cmd += ["--clients", "2", "--json", str(out)]
@@ -71,8 +74,11 @@ def test_simulation_of_the_methods_with_extra_records_or_client_state(
     assert all(m["num-replies"] == 2 for m in train.values())
     assert all(m["replies-rejected"] == 0 for m in train.values())
     central = {int(k): v for k, v in result["central"].items()}
-    if method == "fedex_lora":  # exact, with the residual in the frozen weights
+    if registry.get(method).personalised:  # no global model to evaluate centrally
+        assert central == {}
+        return
+    assert sorted(central) == [0, 1, 2]
+    assert all(math.isfinite(m["loss"]) for m in central.values())
+    if registry.get(method).output == "adapters+residual":  # exact: the residual is folded
         assert central[2]["loss"] < central[0]["loss"]
         assert all(m["bias-relative-error-max"] < 1e-4 for m in train.values())
-    else:  # personalised: no global model to evaluate centrally
-        assert central == {}
