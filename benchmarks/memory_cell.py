@@ -16,7 +16,7 @@ import argparse
 
 from lorafair import registry
 from lorafair.bench import DTYPES, PRESETS, preset
-from lorafair.bench.memory import MemorySpec, measure
+from lorafair.bench.memory import measure, spec_for
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,18 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.dtype}: {n * size / 1e9:.2f} GB of input (each layer's r (d_in + d_out) per client)"
     )
     for name in args.methods:
-        spec = MemorySpec(
-            layers=[(s.name, s.d_out, s.d_in) for s in shapes.layers],
-            K=args.clients,
-            r=args.rank,
-            dtype=args.dtype,
-            device="cpu",
-            seed=0,
-            aggregator=name,
-            provider="lorafair.bench.entries",
-            options={},
-            ref_layers=None,
-            threads=None,
+        spec = spec_for(
+            shapes.layers, K=args.clients, r=args.rank, dtype=args.dtype, aggregator=name
         )
         rep = measure(spec)
         grow = rep["peak_extra_bytes"]

@@ -16,7 +16,6 @@ from benchmarks.checks import check
 from lorafair.bench import (
     Entry,
     Inputs,
-    MemorySpec,
     Quality,
     Row,
     ShapeSet,
@@ -28,6 +27,7 @@ from lorafair.bench import (
     run_cell,
     sync,
 )
+from lorafair.bench.memory import record, spec_for
 from lorafair.types import LoRAFactors
 
 __all__ = ["options", "time_cell"]
@@ -162,24 +162,21 @@ def _measure_memory(
     """Peak memory growth of every row's call, each in a fresh process."""
     for row in rows:
         dense = entries.get(row.aggregator).dense
-        spec = MemorySpec(
-            layers=[(s.name, s.d_out, s.d_in) for s in shapes.layers],
+        spec = spec_for(
+            shapes.layers,
             K=cell.K,
             r=cell.r,
             dtype=cell.dtype,
+            aggregator=row.aggregator,
             device=args.device,
             seed=args.seed,
-            aggregator=row.aggregator,
             provider=entries.__name__,
             # the dense SGD's peak is reached in its first step: 20 steps suffice here
             options={**cell.options, "sgd_max_steps": min(20, int(cell.options["sgd_max_steps"]))},
             ref_layers=cell.ref_layers if dense else None,
             threads=args.threads,
         )
-        rep = measure(spec, pythonpath=_ROOT)
-        row.peak_extra_mib = rep["peak_extra_bytes"] / 2**20
-        row.mem_ratio = rep["peak_extra_bytes"] / fb
-        row.mem_note = rep["method"] + ("" if rep["new_peak"] else " (upper bound)")
+        record(row, measure(spec, pythonpath=_ROOT), fb)
         row.detail["factor_bytes"] = fb
 
 

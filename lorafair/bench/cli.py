@@ -25,7 +25,8 @@ from lorafair import registry
 from lorafair.bench import entries
 from lorafair.bench.cell import Row, run_cell
 from lorafair.bench.cells import DTYPES, make_inputs
-from lorafair.bench.memory import MemorySpec, measure
+from lorafair.bench.memory import measure, spec_for
+from lorafair.bench.memory import record as record_memory
 from lorafair.bench.report import environment, header, progress, ratio_lines, ratios, table
 from lorafair.bench.shapes import PRESETS, ShapeSet, factor_bytes, from_adapter, from_config, preset
 
@@ -204,23 +205,18 @@ def _run(args: argparse.Namespace) -> int:
             fb = factor_bytes(inputs.free or inputs.shared)
             del inputs
             for row in cell:
-                spec = MemorySpec(
-                    layers=[(s.name, s.d_out, s.d_in) for s in shapes.layers],
+                spec = spec_for(
+                    shapes.layers,
                     K=K,
                     r=r,
                     dtype=d,
+                    aggregator=row.aggregator,
                     device=args.device,
                     seed=args.seed,
-                    aggregator=row.aggregator,
                     provider=entries.__name__,
-                    options={},
-                    ref_layers=None,
                     threads=args.threads,
                 )
-                rep = measure(spec)
-                row.peak_extra_mib = rep["peak_extra_bytes"] / 2**20
-                row.mem_ratio = rep["peak_extra_bytes"] / fb
-                row.mem_note = rep["method"] + ("" if rep["new_peak"] else " (upper bound)")
+                record_memory(row, measure(spec), fb)
         rows += cell
         if bar is not None:
             bar.update(1)

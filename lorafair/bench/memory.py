@@ -28,9 +28,14 @@ import os
 import resource
 import subprocess
 import sys
-from typing import Any, TypedDict
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypedDict
 
-__all__ = ["MemorySpec", "measure"]
+if TYPE_CHECKING:
+    from lorafair.bench.cell import Row
+    from lorafair.bench.shapes import LayerShape
+
+__all__ = ["MemorySpec", "measure", "record", "spec_for"]
 
 
 class MemorySpec(TypedDict):
@@ -52,6 +57,43 @@ class MemorySpec(TypedDict):
     options: dict[str, Any]
     ref_layers: list[str] | None
     threads: int | None
+
+
+def spec_for(
+    layers: Sequence[LayerShape],
+    *,
+    K: int,
+    r: int,
+    dtype: str,
+    aggregator: str,
+    device: str = "cpu",
+    seed: int = 0,
+    provider: str = "lorafair.bench.entries",
+    options: Mapping[str, Any] | None = None,
+    ref_layers: list[str] | None = None,
+    threads: int | None = None,
+) -> MemorySpec:
+    """The :class:`MemorySpec` of one call of ``aggregator`` on ``layers`` (the cell's shapes)."""
+    return MemorySpec(
+        layers=[(s.name, s.d_out, s.d_in) for s in layers],
+        K=K,
+        r=r,
+        dtype=dtype,
+        device=device,
+        seed=seed,
+        aggregator=aggregator,
+        provider=provider,
+        options=dict(options or {}),
+        ref_layers=ref_layers,
+        threads=threads,
+    )
+
+
+def record(row: Row, report: Mapping[str, Any], input_bytes: int) -> None:
+    """Put a :func:`measure` report into ``row``: peak growth in MiB, over the input bytes."""
+    row.peak_extra_mib = report["peak_extra_bytes"] / 2**20
+    row.mem_ratio = report["peak_extra_bytes"] / input_bytes
+    row.mem_note = report["method"] + ("" if report["new_peak"] else " (upper bound)")
 
 
 def _status_bytes(field: str) -> int:
