@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lorafair._threads import pool_for
+from lorafair._threads import split_map
 
 _EPS64 = torch.finfo(torch.float64).eps
 _U64 = _EPS64 / 2  # float64 unit roundoff
@@ -72,18 +72,19 @@ def _pinv_diag(values: Tensor) -> Tensor:
 def _gram_host(X: Tensor, left: bool) -> Tensor:
     """``X Xᵀ`` (``left``) or ``Xᵀ X`` of a CPU float64 tensor through NumPy, matrix by matrix:
     NumPy's matmul hands a product of a matrix with its own transpose to BLAS ``syrk``, which
-    computes one triangle (half the flops of torch's general product) and mirrors it. Runs on
-    :func:`lorafair._threads.pool_for` one matrix's ``n² m`` flops."""
+    computes one triangle (half the flops of torch's general product) and mirrors it. The
+    matrices run side by side on :func:`lorafair._threads.split_map`'s threads."""
     x = X.detach().numpy()
     n = x.shape[-2] if left else x.shape[-1]
     out = np.empty((*x.shape[:-2], n, n))
-    with pool_for(n * n * (x.shape[-1] if left else x.shape[-2])):  # one matrix's syrk
-        for idx in np.ndindex(*x.shape[:-2]):
-            m = x[idx]
-            if left:
-                np.matmul(m, m.T, out=out[idx])
-            else:
-                np.matmul(m.T, m, out=out[idx])
+
+    def syrk(_: None, idx: tuple[int, ...]) -> None:
+        m = x[idx]
+        np.matmul(m, m.T, out=out[idx]) if left else np.matmul(m.T, m, out=out[idx])
+
+    # the thread policy: matrices side by side, one matrix's syrk (n² m flops) each
+    flops = n * n * (x.shape[-1] if left else x.shape[-2])
+    split_map(syrk, list(np.ndindex(*x.shape[:-2])), scratch=lambda: None, flops=flops)
     return torch.from_numpy(out)
 
 

@@ -43,7 +43,7 @@ from lorafair._frozen import check_factor, check_tolerances, shared_factor
 from lorafair._hetero import hetlora, hetlora_truncate
 from lorafair._personal import fedsa_lora
 from lorafair._rank import EnergyThreshold, check_policy, choose_rank, energy_kept
-from lorafair._threads import single_threaded, torch_single_threaded
+from lorafair._threads import single_threaded, split_map, torch_single_threaded
 from lorafair._validate import (
     Layer,
     chunked,
@@ -188,9 +188,13 @@ def ffa_lora(
     on_cpu = all(la.device.type == "cpu" for la in layers)
     suspects: list[int] = []
     if on_cpu:
-        suspects = [
-            j for j, xs in enumerate(copies) if not all(torch.equal(x, xs[0]) for x in xs[1:])
-        ]
+        differs = split_map(
+            lambda _, xs: not all(torch.equal(x, xs[0]) for x in xs[1:]),
+            copies,
+            scratch=lambda: None,
+            nbytes=_average.mean_bytes(copies),
+        )
+        suspects = [j for j, bad in enumerate(differs) if bad]
     drift = _max_drift(copies) if len(prep.weights) > 1 and not on_cpu else []
     beyond = [~(d <= atol) for d in drift]
     host = _average.check(
@@ -284,9 +288,8 @@ def flora(
         allow_excess_rank=allow_excess_rank,
     )
     p = prep.weights
-    out: dict[str, LoRAFactors] = {}
-    sums: list[Tensor] = []
-    for name, layer in prep.layers.items():
+
+    def stack(_: None, layer: Layer) -> tuple[LoRAFactors, list[Tensor]]:
         A_s = torch.empty(sum(layer.ranks), layer.d_in, dtype=layer.dtype, device=layer.device)
         start = 0
         for A, w in zip(layer.As, p, strict=True):
@@ -294,10 +297,14 @@ def flora(
             start += A.shape[0]
         B_s = torch.cat(layer.Bs, dim=1)
         # the NaN/Inf flag reads each output while it is still in cache, not in a pass after
-        sums += [A_s.sum(), B_s.sum()]
-        out[name] = LoRAFactors(A_s, B_s)
-    _average.check(_average.nonfinite_flag(sums), prep.layers)
-    return out
+        return LoRAFactors(A_s, B_s), [A_s.sum(), B_s.sum()]
+
+    layers = list(prep.layers.values())
+    # the thread policy: layers side by side, each layer's input bytes its work
+    items = [list(la.As) + list(la.Bs) for la in layers]
+    done = split_map(stack, layers, scratch=lambda: None, nbytes=_average.mean_bytes(items))
+    _average.check(_average.nonfinite_flag([s for _, sums in done for s in sums]), prep.layers)
+    return {la.name: f for la, (f, _) in zip(layers, done, strict=True)}
 
 
 Route = Literal["gram", "qr", "dense", "dense_top"]
@@ -415,12 +422,18 @@ def _stack64(
     no scaling pass."""
     first = batch[0]
     A, B = scratch
-    for i, layer in enumerate(batch):
+
+    def cast(_: None, i: int) -> None:
+        layer = batch[i]
         torch.cat(layer.As, dim=0, out=A[i])
         start = 0
         for B_k in layer.Bs:  # column blocks: 1.6× faster than a converting torch.cat(dim=1)
             B[i, :, start : start + B_k.shape[1]].copy_(B_k)
             start += B_k.shape[1]
+
+    # the thread policy: layers side by side, each layer's input bytes its work
+    nbytes = (first.d_in + first.d_out) * sum(first.ranks) * first.As[0].element_size()
+    split_map(cast, range(len(batch)), scratch=lambda: None, nbytes=nbytes)
     d = torch.tensor(
         [w for w, r in zip(p, first.ranks, strict=True) for _ in range(r)],
         dtype=torch.float64,
@@ -580,9 +593,10 @@ def flexlora(
     32 MiB buffer, and on the CPU the Grams go through BLAS ``syrk``), so peak memory does not
     grow with the number of layers; NaN/Inf are read off the Grams' traces (or the stacks) and
     the whole call synchronises with the host once. The call runs on one thread of torch's and
-    NumPy's pools, except the Grams' ``syrk``, which get the threads the thread policy gives
-    them (:mod:`lorafair._threads`: a thread per 2²⁵ flops of one matrix, e.g. at LLM scale;
-    the result is the same to the bit on any number of threads). Cost: O((d_out + d_in) R² + R³)
+    NumPy's pools, except the stacks' cast-copies and the Grams' ``syrk``, which run layers
+    side by side on the threads the thread policy gives them (:mod:`lorafair._threads`: a
+    thread per millisecond of work, e.g. at LLM scale; the result is the same to the bit on
+    any number of threads). Cost: O((d_out + d_in) R² + R³)
     flops and O((d_out + d_in) R) memory per layer on the factored routes,
     O(d_out d_in (R + min(d_out, d_in))) and one d_out × d_in buffer (plus a few n × n on
     dense_top) on the dense ones. :func:`flexlora_report` and ``EnergyThreshold`` ranks need

@@ -4,6 +4,8 @@ Gram route's batching and syrk Grams, FFA-LoRA's copy check, and the benchmark f
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import pytest
 import torch
@@ -98,13 +100,13 @@ def test_thread_rule_gives_a_thread_per_2_25_flops_up_to_the_process_pool(monkey
             assert _threads.threads_for(1e15) == 2  # never above the pool the call began with
             with _threads.pool_for(2**26) as n:
                 assert n == 2
-                assert torch.get_num_threads() == 2
+                assert torch.get_num_threads() == 1  # torch's copies stay on one thread
                 assert set(_blas_threads()) == {2}
                 with _threads.pool_for(10) as m:  # small work inside: stays as it is
                     assert m == 1
-                    assert torch.get_num_threads() == 2
-                assert torch.get_num_threads() == 2
-            assert torch.get_num_threads() == 1  # the pin is back after the kernel
+                    assert set(_blas_threads()) == {2}
+                assert set(_blas_threads()) == {2}
+            assert torch.get_num_threads() == 1
             assert set(_blas_threads()) == {1}
             with pytest.raises(ValueError, match="boom"), _threads.pool_for(2**30):
                 raise ValueError("boom")
@@ -155,11 +157,11 @@ def test_threaded_kernels_give_the_same_bits_as_one_thread(method, dtype, monkey
     g = torch.Generator().manual_seed(3)
     clients = [
         {
-            f"l{i}": LoRAFactors(
+            f"l{i}": LoRAFactors(  # three shapes, three layers each: split over workers
                 torch.randn(4, 300, generator=g).to(dtype),
-                torch.randn(200 + 40 * i, 4, generator=g).to(dtype),
+                torch.randn(200 + 40 * (i % 3), 4, generator=g).to(dtype),
             )
-            for i in range(3)
+            for i in range(9)
         }
         for _ in range(5)
     ]
@@ -175,6 +177,90 @@ def test_threaded_kernels_give_the_same_bits_as_one_thread(method, dtype, monkey
     for name in one:
         assert torch.equal(one[name].A, two[name].A)
         assert torch.equal(one[name].B, two[name].B)
+
+
+def test_thread_rule_counts_a_memory_pass_by_its_bytes(monkeypatch):
+    monkeypatch.setattr(_threads, "_free_cores", lambda: 2.0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with _threads.single_threaded():
+            assert _threads.threads_for(nbytes=2**23 - 1) == 1  # 2 threads need 2 ms: 2 · 2²² B
+            assert _threads.threads_for(nbytes=2**23) == 2
+            assert _threads.threads_for(10, nbytes=10) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def _split_threads(monkeypatch, free: float, items: int, flops: float) -> tuple[list, set]:
+    """Which threads ran ``split_map``'s items (and the results), inside a pinned call."""
+    monkeypatch.setattr(_threads, "_free_cores", lambda: free)
+    seen = set()
+    before = torch.get_num_threads()
+
+    def job(state: list, x: int) -> tuple[int, int]:
+        seen.add(threading.get_ident())
+        state.append(x)  # one scratch per worker: never shared between threads
+        time.sleep(0.002)
+        return x * x, torch.get_num_threads()
+
+    try:
+        torch.set_num_threads(2)
+        with _threads.single_threaded():
+            out = _threads.split_map(job, list(range(items)), scratch=list, flops=flops)
+    finally:
+        torch.set_num_threads(before)
+    return out, seen
+
+
+def test_split_map_runs_large_work_side_by_side_in_order(monkeypatch):
+    out, seen = _split_threads(monkeypatch, free=2.0, items=12, flops=2**25)
+    assert [v for v, _ in out] == [x * x for x in range(12)]
+    assert all(t == 1 for _, t in out)  # each worker on one thread of torch's pool
+    assert len(seen) == 2
+    assert threading.get_ident() not in seen
+
+
+def test_split_map_keeps_small_work_and_busy_machines_in_the_caller(monkeypatch):
+    out, seen = _split_threads(monkeypatch, free=2.0, items=12, flops=10)
+    assert [v for v, _ in out] == [x * x for x in range(12)]
+    assert seen == {threading.get_ident()}
+    _, seen = _split_threads(monkeypatch, free=1.2, items=12, flops=2**30)
+    assert seen == {threading.get_ident()}
+
+
+def test_split_map_gives_a_lone_large_item_the_blas_pool(monkeypatch):
+    monkeypatch.setattr(_threads, "_free_cores", lambda: 2.0)
+    counts = []
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with _threads.single_threaded():
+            _threads.split_map(
+                lambda _, x: counts.append(_blas_threads()), [0], scratch=lambda: None, flops=2**30
+            )
+            assert set(_blas_threads()) == {1}
+    finally:
+        torch.set_num_threads(before)
+    assert counts
+    assert set(counts[0]) == {2}
+
+
+def test_split_map_raises_an_item_s_error(monkeypatch):
+    monkeypatch.setattr(_threads, "_free_cores", lambda: 2.0)
+
+    def job(_: None, x: int) -> int:
+        if x == 5:
+            raise ValueError("item 5")
+        return x
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with _threads.single_threaded(), pytest.raises(ValueError, match="item 5"):
+            _threads.split_map(job, list(range(9)), scratch=lambda: None, flops=2**26)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_free_cores_reads_the_machine():
