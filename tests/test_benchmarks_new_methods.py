@@ -1,6 +1,6 @@
 """The benchmarks' checks of every registered method: right results pass, wrong ones fail.
 
-The checks are chosen by the registry's fields and the references' tables, never by a method's
+The checks are chosen by the registry's fields (its references included), never by a method's
 name in the benchmark code; these tests name methods only to build wrong results."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from benchmarks import entries
 from benchmarks.checks import check
 from lorafair import registry
 from lorafair.aggregate import fedit, flexlora
-from lorafair.bench import Inputs, make_inputs, preset
+from lorafair.bench import Inputs, from_spec, make_inputs, preset
 from lorafair.types import LoRAFactors
 
 _OPTIONS = {"lam": 0.01, "similarity": "flat"}
@@ -72,3 +72,44 @@ def test_energy_rank_that_is_too_small_or_too_large_is_caught() -> None:
     for rank in (1, 9):
         problems = _problems("flexlora_energy", flexlora(inputs.free, rank=rank), inputs)
         assert any("smallest" in p or "under the" in p for p in problems)
+
+
+def _rescaled(result: dict[str, LoRAFactors]) -> dict[str, LoRAFactors]:
+    """``(2A, B/2)``: the same product ``BA``, the same cosine, exactness and optimality."""
+    return {n: LoRAFactors(f.A * 2, f.B / 2) for n, f in result.items()}
+
+
+@pytest.mark.parametrize(
+    "name", [s.name for s in registry.specs() if s.reference is not None or s.form is not None]
+)
+def test_a_product_preserving_break_is_caught_by_the_linked_reference(name: str) -> None:
+    # Every claim on the product still holds for (2A, B/2): only the registry's reference (or
+    # form) can catch it, so this fails if an entry's link is lost on its way to the check.
+    inputs = _inputs()
+    right, _ = entries.get(name).run(inputs, _OPTIONS, None)
+    problems = _problems(name, _rescaled(right), inputs)
+    spec = registry.get(name)
+    wanted = "differs from its definition" if spec.reference is not None else "differs from I"
+    assert any(wanted in p for p in problems), problems
+
+
+def test_the_references_are_linked_as_before() -> None:
+    # The methods the benchmarks compared with an element-wise definition or a stated form
+    # before the link moved into the registry: none may lose it.
+    linked = {s.name for s in registry.specs() if s.reference is not None}
+    assert {"fedit", "ffa_lora", "flora", "lora_fair", "fedsa_lora", "hetlora"} <= linked
+    assert registry.get("fedsvd").form is not None
+    for name in ("lora_fair_sq", "dense_sgd", "dense_sgd_sq"):
+        assert entries.get(name).reference is registry.get("lora_fair").reference
+
+
+def test_a_method_without_a_reference_is_checked_on_its_claims() -> None:
+    # A user's method with no reference: a right result passes, a biased one claimed exact fails.
+    inputs = _inputs()
+    spec = registry.get("flora")._replace(name="mine", reference=None, form=None)
+    entry = from_spec(spec)
+    right, _ = entry.run(inputs, _OPTIONS, None)
+    assert check(entry, right, inputs, _OPTIONS, dense={}).problems == []
+    assert check(entry, _rescaled(right), inputs, _OPTIONS, dense={}).problems == []
+    problems = check(entry, fedit(inputs.free), inputs, _OPTIONS, dense={}).problems
+    assert any("must be exact" in p for p in problems)
