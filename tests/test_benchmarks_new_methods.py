@@ -5,6 +5,9 @@ name in the benchmark code; these tests name methods only to build wrong results
 
 from __future__ import annotations
 
+import ast
+import pathlib
+
 import pytest
 
 from benchmarks import entries
@@ -113,3 +116,61 @@ def test_a_method_without_a_reference_is_checked_on_its_claims() -> None:
     assert check(entry, _rescaled(right), inputs, _OPTIONS, dense={}).problems == []
     problems = check(entry, fedit(inputs.free), inputs, _OPTIONS, dense={}).problems
     assert any("must be exact" in p for p in problems)
+
+
+_SOLVER_GATE = "solver_gate.py"
+"""The LoRA-FAIR solver's bit-for-bit refactoring gate: it runs that one solver's functions
+(``lora_fair``, ``solve_residual``) by design, so it is the one file allowed to name them."""
+
+
+def _code_names(path: pathlib.Path) -> set[str]:
+    """Registered names a module imports from :mod:`lorafair.aggregate` or writes as a string
+    constant outside docstrings."""
+    registered = set(registry.names()) | {s.fn.__name__ for s in registry.specs()}
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "lorafair.aggregate":
+            found |= {a.name for a in node.names} & registered
+        elif (
+            isinstance(node, ast.Constant)
+            and id(node) not in docstrings
+            and isinstance(node.value, str)
+            and node.value in registered
+        ):
+            found.add(node.value)
+    return found
+
+
+def test_no_benchmark_code_names_a_method() -> None:
+    # Adding a method to the benchmarks takes its registry entry alone: no module of
+    # benchmarks/ or lorafair.bench imports a method or special-cases one by its name.
+    root = pathlib.Path(__file__).resolve().parent.parent
+    files = sorted((root / "benchmarks").glob("*.py")) + sorted(
+        (root / "lorafair" / "bench").glob("*.py")
+    )
+    named = {
+        str(f.relative_to(root)): n
+        for f in files
+        if f.name != _SOLVER_GATE and (n := _code_names(f))
+    }
+    assert named == {}
+
+
+def test_the_name_scan_sees_an_import_and_a_table(tmp_path: pathlib.Path) -> None:
+    # The scan above must be able to fail: an import and a name-keyed table are both seen.
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        '"""fedit in a docstring is fine."""\n'
+        "from lorafair.aggregate import lora_fair\n"
+        'TABLE = {"fedsvd": 1}\n'
+    )
+    assert _code_names(probe) == {"lora_fair", "fedsvd"}
