@@ -2,10 +2,9 @@
 
 What is checked follows each entry's registry fields, not its name: the element-wise float64
 definition (``reference``) and the stated form (``form``) where the registry links one,
-exactness, Eckart–Young optimality
-(and, for an energy-threshold rank, that the rank is the smallest keeping that energy), the
-LoRA-FAIR objective (never worse than FedIT where promised) and the agreement with the entry's
-dense reference on the reference layers.
+exactness, Eckart–Young optimality (and, for an energy-threshold rank, that the rank is the
+smallest keeping that energy), the LoRA-FAIR objective (never worse than FedIT where promised)
+and the agreement with the entry's dense reference on the reference layers.
 """
 
 from __future__ import annotations

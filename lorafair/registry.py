@@ -38,14 +38,14 @@ one adapter per client (:class:`~lorafair.types.FedSAResult`, personalised)."""
 
 
 Reference = Callable[
-    [Sequence[Mapping[str, LoRAFactors]], "Sequence[float] | None", str],
-    "tuple[Tensor | None, Tensor | None]",
+    [Sequence[Mapping[str, LoRAFactors]], Sequence[float] | None, str],
+    tuple[Tensor | None, Tensor | None],
 ]
 """``reference(clients, weights, name)``: an independent float64 definition of the factors a
 method reports for layer ``name`` (:attr:`AggregatorSpec.update_factors`'s, or a personalised
 method's client 0's adapter), ``None`` for a factor it does not define element-wise."""
 
-Form = Callable[[Tensor, Tensor, float], "str | None"]
+Form = Callable[[Tensor, Tensor, float], str | None]
 """``form(A, B, tol)``: what is wrong with a result's stated form beyond its product (FedSVD:
 ``A`` with orthonormal rows), or ``None``."""
 
