@@ -174,3 +174,24 @@ def test_the_name_scan_sees_an_import_and_a_table(tmp_path: pathlib.Path) -> Non
         'TABLE = {"fedsvd": 1}\n'
     )
     assert _code_names(probe) == {"lora_fair", "fedsvd"}
+
+
+def test_the_registry_loads_its_references_only_when_one_is_called() -> None:
+    # The registry stays import-light: lorafair.testing (which imports the registry) is loaded
+    # at the first reference call, not when the registry or lorafair.bench is imported.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lorafair.registry as r, lorafair.bench\n"
+        "print('lorafair.testing' in sys.modules)\n"
+        "ref = r.get('fedit').reference\n"
+        "print('lorafair.testing' in sys.modules)\n"
+        "import torch\n"
+        "ref([{'l': (torch.ones(1, 2), torch.ones(3, 1))}], None, 'l')\n"
+        "print('lorafair.testing' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.split() == ["False", "False", "True"]
