@@ -1,11 +1,10 @@
 """Correctness before timing: independent float64 factored checks of every result.
 
-What is checked follows each entry's guarantees (the registry's flags), not its name: the
-element-wise definition of :data:`benchmarks.references.EXPECTED` and the stated form of
-:data:`benchmarks.references.PROPERTIES` where one is written, exactness, Eckart–Young optimality
-(and, for an energy-threshold rank, that the rank is the smallest keeping that energy), the
-LoRA-FAIR objective (never worse than FedIT where promised) and the agreement with the entry's
-dense reference on the reference layers.
+What is checked follows each entry's registry fields, not its name: the element-wise float64
+definition (``reference``) and the stated form (``form``) where the registry links one,
+exactness, Eckart–Young optimality (and, for an energy-threshold rank, that the rank is the
+smallest keeping that energy), the LoRA-FAIR objective (never worse than FedIT where promised)
+and the agreement with the entry's dense reference on the reference layers.
 """
 
 from __future__ import annotations
@@ -54,8 +53,7 @@ def check(
     tol, otol = REL_TOL[inputs.dtype], OBJ_TOL[inputs.dtype]
     lam = float(options.get("lam", 0.01))
     similarity = options.get("similarity", "flat")
-    expected = ref.EXPECTED.get(entry.reproduces or entry.name)
-    form = ref.PROPERTIES.get(entry.reproduces or entry.name)
+    expected, form = entry.reference, entry.form
     energy = entry.defaults.get("rank")
     refs = {
         name: out for name, out in dense.items() if name != entry.name and _reproduces(name, entry)
@@ -72,8 +70,9 @@ def check(
         ideal = ref.fro_norm(B_s, A_s)
         cosines.append(ref.flat_cosine(B_s, A_s, B.double(), A.double()))
         if expected is not None:
-            for label, got, want in zip("AB", (A, B), expected(clients, layer, p), strict=True):
-                if want is not None and (e := _rel(got, want)) > tol:
+            want_AB = expected(clients, None, layer)  # float64 on the CPU; None: equal weights
+            for label, got, want in zip("AB", (A, B), want_AB, strict=True):
+                if want is not None and (e := _rel(got.cpu(), want)) > tol:
                     problems.append(f"{layer}: {label} differs from its definition by {e:.2e}")
         if entry.exact and (e := ref.diff_norm(B, A, B_s, A_s) / ideal) > tol:
             problems.append(f"{layer}: ‖BA − ΔW‖/‖ΔW‖ = {e:.2e} > {tol:g} (must be exact)")

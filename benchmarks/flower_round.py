@@ -6,29 +6,33 @@ all seven linears, rank r, as :mod:`benchmarks.llm_cells` builds them, each in o
 ``--repeats`` rounds):
 
 - ``FedAvg``: Flower's own ``flwr.serverapp.strategy.FedAvg`` (it averages every array);
-- ``LoRAStrategy(fedit)`` and ``LoRAStrategy(lora_fair)`` (``report_bias=False``: the bias
-  metrics are a diagnostic, another pair of Grams per layer; ``--bias`` keeps them);
+- for each of ``--methods`` (registry names, default every registered method; replies whose
+  clients share one ``A`` for a method the registry marks ``shared_A``): ``LoRAStrategy(name)``
+  (``report_bias=False``: the bias metrics are a diagnostic, another pair of Grams per layer;
+  ``--bias`` keeps them) and the method called directly on the decoded factors;
 - ``convert``: the message conversion alone with the public functions (decode the K records
   with :func:`lorafair.flower.from_array_record`, split them into factors, encode one result):
   an upper bound of what the strategy adds around its aggregator (the strategy reads the
   records in place, one copy less);
-- ``lora_fair`` and ``fedit`` called directly on the decoded factors;
 - the compute floor of :mod:`benchmarks.llm_cells` (the two float64 Grams per layer at the
   measured ``syrk`` rate, the faster of all threads and one).
 
-It prints each time, ``LoRAStrategy(fedit) / FedAvg`` (goal ≤ 1) and
-``LoRAStrategy(lora_fair) / (1.5 × compute floor + convert)`` (goal ≤ 1: the compute goal plus
-the message conversion). Flower's ``ArrayRecord`` goes through NumPy, which has no bfloat16, so
+It prints each time and, by the registry's ``floor`` of each method, ``LoRAStrategy(name) /
+FedAvg`` (``"memory"``; goal ≤ 1) or ``LoRAStrategy(name) / (1.5 × compute floor + convert)``
+(``"gram"``; goal ≤ 1: the compute goal plus the message conversion) and ``name / compute
+floor``. Flower's ``ArrayRecord`` goes through NumPy, which has no bfloat16, so
 FedAvg cannot read bfloat16 replies (``tests/interop/test_llm_example.py``): the replies are
 float32 (``--dtype bfloat16`` times the two LoRA strategies alone, on
 :func:`lorafair.flower.to_array_record`'s bit-exact encoding).
 
     python -m benchmarks.flower_round [--blocks 4] [--K 20] [--r 16] [--repeats 5]
+                                      [--methods NAME ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -40,7 +44,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from benchmarks.llm_cells import gram_flops, input_bytes, make_cell, measure_floors
-from lorafair.aggregate import fedit, lora_fair
+from lorafair import registry
 from lorafair.flower import LoRAStrategy, from_array_record, to_array_record
 from lorafair.interop.peft import from_peft_state_dict, to_peft_state_dict
 from lorafair.types import LoRAFactors
@@ -74,6 +78,11 @@ def replies(clients: Clients) -> list[Message]:
     return out
 
 
+def _round(name: str, inbox: list[Message], *, bias: bool) -> object:
+    """One ``aggregate_train`` of a fresh ``LoRAStrategy(name)`` (no state from earlier calls)."""
+    return LoRAStrategy(name, report_bias=bias).aggregate_train(1, inbox)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--blocks", type=int, default=4)
@@ -82,10 +91,21 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--bias", action="store_true", help="keep the strategies' bias metrics")
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(registry.names()),
+        choices=registry.names(),
+        metavar="NAME",
+        help="registered methods (default: all)",
+    )
     a = ap.parse_args()
     dtype = getattr(torch, a.dtype)
+    specs = [registry.get(n) for n in a.methods]
     clients = make_cell(a.blocks, a.K, a.r, dtype)
     msgs = replies(clients)
+    shared = make_cell(a.blocks, a.K, a.r, dtype, shared_A=True, seed=1)
+    shared_msgs = replies(shared) if any(s.shared_A for s in specs) else []
     weights = [64.0 + k for k in range(a.K)]
     n = input_bytes(clients)
     print(
@@ -100,18 +120,15 @@ def main() -> None:
         splits = [from_peft_state_dict(sd) for sd in sds]
         to_array_record(to_peft_state_dict(splits[0].factors, like=splits[0]))
 
-    bias = a.bias
-    runs: dict[str, Callable[[], object]] = {
-        "LoRAStrategy(fedit)": lambda: LoRAStrategy(fedit, report_bias=bias).aggregate_train(
-            1, msgs
-        ),
-        "LoRAStrategy(lora_fair)": lambda: LoRAStrategy(
-            lora_fair, report_bias=bias
-        ).aggregate_train(1, msgs),
-        "convert": convert,
-        "fedit": lambda: fedit(clients, weights),
-        "lora_fair": lambda: lora_fair(clients, weights),
-    }
+    strategies: dict[str, Callable[[], object]] = {}
+    direct: dict[str, Callable[[], object]] = {}
+    for spec in specs:
+        inbox, factors = (shared_msgs, shared) if spec.shared_A else (msgs, clients)
+        strategies[f"LoRAStrategy({spec.name})"] = functools.partial(
+            _round, spec.name, inbox, bias=a.bias
+        )
+        direct[spec.name] = functools.partial(spec.fn, factors, weights, **spec.defaults)
+    runs: dict[str, Callable[[], object]] = {**strategies, "convert": convert, **direct}
     if dtype == torch.float32:
         runs = {"FedAvg": lambda: FedAvg().aggregate_train(1, msgs), **runs}
     probes = measure_floors(n, a.K * a.r)
@@ -130,13 +147,16 @@ def main() -> None:
     for k, t in med.items():
         print(f"{k:24s} {t * 1e3:8.1f} ms")
     print(f"compute floor            {floor * 1e3:8.1f} ms")
-    if "FedAvg" in med:
-        ratio = med["LoRAStrategy(fedit)"] / med["FedAvg"]
-        print(f"LoRAStrategy(fedit) / FedAvg = {ratio:.2f} (goal ≤ 1)")
     goal = 1.5 * floor + med["convert"]
-    ratio = med["LoRAStrategy(lora_fair)"] / goal
-    print(f"LoRAStrategy(lora_fair) / (1.5 × floor + convert) = {ratio:.2f} (goal ≤ 1)")
-    print(f"lora_fair / compute floor = {med['lora_fair'] / floor:.2f}")
+    for spec in specs:
+        strategy_s = med[f"LoRAStrategy({spec.name})"]
+        if spec.floor == "memory" and "FedAvg" in med:
+            ratio = strategy_s / med["FedAvg"]
+            print(f"LoRAStrategy({spec.name}) / FedAvg = {ratio:.2f} (goal ≤ 1)")
+        elif spec.floor == "gram":
+            ratio = strategy_s / goal
+            print(f"LoRAStrategy({spec.name}) / (1.5 × floor + convert) = {ratio:.2f} (goal ≤ 1)")
+            print(f"{spec.name} / compute floor = {med[spec.name] / floor:.2f}")
     print(f"load after {os.getloadavg()[0]:.2f}")
 
 

@@ -12,8 +12,10 @@ probe and every method once; medians over ``--repeats`` rounds, so all see the s
   symmetric products they are, R = K r), at the dgemm rate of one NumPy ``syrk``
   (``A Aᵀ``, A of R × 14336 float64) on all of NumPy's BLAS threads or on one, the faster,
   counted the same way (both printed, and the scaling from one to all);
-- ``fedit``, ``ffa_lora`` (on clients sharing A), ``flora``: ratio to the memory floor;
-  ``lora_fair``, ``flexlora``: ratio to the compute floor.
+- each of ``--methods`` (registry names, default every registered method; ``--only`` is the
+  same option), called with the registry's defaults on clients that share ``A`` where the
+  registry says ``shared_A``: its ratio to the memory floor, or to the compute floor where the
+  registry's ``floor`` is ``"gram"``.
 - ``fp32 acc``: a plain float32 accumulation of the same inputs (``acc.add_(x.float(), alpha=p)``
   per factor, what any averaging costs) and ``convert``: the bf16 → float32 conversion of every
   input alone (``x.float()``), both against the memory floor, to say what conversion costs.
@@ -27,12 +29,14 @@ process with ``--pinned-too`` (each method also run with torch's pool at one thr
 thread policy reads as the process's pool, alternating with the default in the same rounds):
 
     python -m benchmarks.llm_cells [--blocks 4] [--K 20] [--r 16] [--dtype bfloat16]
+                                   [--methods NAME ...]
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 python -m benchmarks.llm_cells
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import statistics
@@ -43,7 +47,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from lorafair.aggregate import fedit, ffa_lora, flexlora, flora, lora_fair
+from lorafair import registry
 from lorafair.types import LoRAFactors
 
 __all__ = ["LLAMA3_8B_BLOCK", "make_cell", "measure_floors"]
@@ -129,13 +133,15 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
-def _methods(free: Clients, shared: Clients) -> dict[str, Callable[[], object]]:
+def _conversions(free: Clients) -> dict[str, Callable[[], object]]:
+    """What any averaging costs, timed against the memory floor: ``fp32 acc`` (a plain float32
+    accumulation of every input) and, for narrower inputs, ``convert`` (``x.float()`` of each)."""
     K = len(free)
 
     def acc() -> None:
         for name in free[0]:
             for i in range(2):
-                a = free[0][name][i].float()
+                a = free[0][name][i].to(torch.float32, copy=True)  # never the input itself
                 for c in free[1:]:
                     a.add_(c[name][i].float(), alpha=1.0)
                 a.mul_(1.0 / K)
@@ -146,16 +152,19 @@ def _methods(free: Clients, shared: Clients) -> dict[str, Callable[[], object]]:
                 f.A.float()
                 f.B.float()
 
-    out: dict[str, Callable[[], object]] = {
-        "fedit": lambda: fedit(free),
-        "ffa_lora": lambda: ffa_lora(shared),
-        "flora": lambda: flora(free),
-        "fp32 acc": acc,
-        "lora_fair": lambda: lora_fair(free),
-        "flexlora": lambda: flexlora(free),
-    }
+    out: dict[str, Callable[[], object]] = {"fp32 acc": acc}
     if free[0][next(iter(free[0]))].A.dtype != torch.float32:
         out["convert"] = convert
+    return out
+
+
+def _methods(free: Clients, shared: Clients, names: list[str]) -> dict[str, Callable[[], object]]:
+    """Each registered method ``names`` names, on its inputs with the registry's defaults."""
+    out: dict[str, Callable[[], object]] = {}
+    for name in names:
+        spec = registry.get(name)
+        clients = shared if spec.shared_A else free
+        out[name] = functools.partial(spec.fn, clients, **spec.defaults)
     return out
 
 
@@ -180,11 +189,9 @@ def _vm(key: str) -> int:
     raise RuntimeError(key)
 
 
-def memory(free: Clients, shared: Clients, only: list[str] | None) -> None:
+def memory(free: Clients, shared: Clients, names: list[str]) -> None:
     n = input_bytes(free)
-    for name, fn in _methods(free, shared).items():
-        if name in ("fp32 acc", "convert") or (only is not None and name not in only):
-            continue
+    for name, fn in _methods(free, shared, names).items():
         fn()  # warm-up: code pages and pools resident
         gc.collect()
         before = _vm("VmRSS")
@@ -203,7 +210,15 @@ def main() -> None:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--only", nargs="*", default=None, help="methods to time (default: all)")
+    ap.add_argument(
+        "--methods",
+        "--only",
+        nargs="+",
+        default=list(registry.names()),
+        choices=registry.names(),
+        metavar="NAME",
+        help="registered methods to time (default: all)",
+    )
     ap.add_argument("--memory", action="store_true", help="peak RSS growth instead of time")
     ap.add_argument(
         "--pinned-too",
@@ -224,14 +239,16 @@ def main() -> None:
         f"load {os.getloadavg()[0]:.2f}"
     )
     if a.memory:
-        memory(free, shared, a.only)
+        memory(free, shared, a.methods)
         return
     probes = measure_floors(n, a.K * a.r)
-    methods = {k: v for k, v in _methods(free, shared).items() if a.only is None or k in a.only}
+    methods = {**_methods(free, shared, a.methods), **_conversions(free)}
+    floor_of = {k: registry.get(k).floor if k in a.methods else "memory" for k in methods}
     if a.pinned_too:  # each method also with the process pinned, alternating in this run
         pool = torch.get_num_threads()
         for k in list(methods):
             methods[f"{k} pinned"] = _pinned(methods[k], pool)
+            floor_of[f"{k} pinned"] = floor_of[k]
     for fn in methods.values():
         fn()  # warm-up
     rates: dict[str, list[float]] = {k: [] for k in probes}
@@ -257,7 +274,7 @@ def main() -> None:
     )
     med = {k: statistics.median(ts) for k, ts in times.items()}
     for k, t in med.items():
-        compute = k.split()[0] in ("lora_fair", "flexlora")
+        compute = floor_of[k] == "gram"
         floor, label = (comp_floor, "compute") if compute else (mem_floor, "memory")
         pinned = f"  default / pinned {t / med[k + ' pinned']:.2f}" if k + " pinned" in med else ""
         print(f"{k:17s} {t * 1e3:8.1f} ms  {t / floor:5.2f}× {label} floor{pinned}")

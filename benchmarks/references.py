@@ -10,13 +10,17 @@ it (dense ``ΔW``), and the checks use their own float64 factored formulas.
   residual ``ΔB`` initialised at zero, SGD (lr 0.01, no momentum) on
   ``1 − cos(ΔW, (B̄ + ΔB)Ā) + λ·reg(ΔB)`` for at most ``max_steps`` steps, stopping early when the
   loss has improved by less than ``min_delta`` over the last ``patience`` steps.
+
+Each method's element-wise definition and stated form are not here but in its registry entry
+(:attr:`lorafair.registry.AggregatorSpec.reference` and ``form``), so that the benchmarks
+name no method.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,8 +31,6 @@ from torch import Tensor
 from lorafair.types import LoRAFactors
 
 __all__ = [
-    "EXPECTED",
-    "PROPERTIES",
     "SGDInfo",
     "dense_sgd_lora_fair",
     "dense_svd_flexlora",
@@ -74,63 +76,6 @@ def weighted_mean64(clients: ClientList, name: str, p: Sequence[float]) -> tuple
     A = _wsum([c[name].A for c in clients], p, torch.float64)
     B = _wsum([c[name].B for c in clients], p, torch.float64)
     return A, B
-
-
-def _fedit(clients: ClientList, name: str, p: Sequence[float]) -> Expected:
-    return weighted_mean64(clients, name, p)
-
-
-def _ffa_lora(clients: ClientList, name: str, p: Sequence[float]) -> Expected:
-    return clients[0][name].A.double(), weighted_mean64(clients, name, p)[1]
-
-
-def _flora(clients: ClientList, name: str, p: Sequence[float]) -> Expected:
-    return stack64(clients, name, p)
-
-
-def _lora_fair(clients: ClientList, name: str, p: Sequence[float]) -> Expected:
-    return weighted_mean64(clients, name, p)[0], None  # keeps Ā; B is checked by its objective
-
-
-def _fedsa_lora(clients: ClientList, name: str, p: Sequence[float]) -> Expected:
-    # no global update: the row is client 0's adapter, the shared Ā with its own B_0
-    return weighted_mean64(clients, name, p)[0], clients[0][name].B.double()
-
-
-def _hetlora(clients: ClientList, name: str, p: Sequence[float]) -> Expected:
-    # equal ranks here (no padding): q_k ∝ p_k ‖B_k A_k‖_F, then Σ q_k A_k and Σ q_k B_k
-    norms = [fro_norm(c[name].B.double(), c[name].A.double()) for c in clients]
-    total = math.fsum(w * n for w, n in zip(p, norms, strict=True))
-    q = [w * n / total for w, n in zip(p, norms, strict=True)]
-    return weighted_mean64(clients, name, q)
-
-
-Expected = tuple["Tensor | None", "Tensor | None"]
-EXPECTED: Mapping[str, Callable[[ClientList, str, Sequence[float]], Expected]] = {
-    "fedit": _fedit,
-    "ffa_lora": _ffa_lora,
-    "flora": _flora,
-    "lora_fair": _lora_fair,
-    "lora_fair_sq": _lora_fair,
-    "fedsa_lora": _fedsa_lora,
-    "hetlora": _hetlora,
-}
-"""Aggregators whose output factors are defined element-wise: their float64 definition (A, B),
-``None`` where a factor is checked otherwise. Keyed by the registry's name (the benchmark entry's
-``reproduces`` for a reference); a method without one is checked by its registry flags alone."""
-
-
-def _orthonormal_rows_of_A(A: Tensor, B: Tensor, tol: float) -> str | None:
-    gram = A.double() @ A.double().T
-    e = float((gram - torch.eye(gram.shape[0], dtype=torch.float64)).norm())
-    return f"A Aᵀ differs from I by {e:.2e}" if e > tol * math.sqrt(gram.shape[0]) else None
-
-
-PROPERTIES: Mapping[str, Callable[[Tensor, Tensor, float], str | None]] = {
-    "fedsvd": _orthonormal_rows_of_A,
-}
-"""Aggregators whose output has a stated form beyond its product (FedSVD: ``A`` with orthonormal
-rows): ``property(A, B, tol)`` returns what is wrong, or ``None``."""
 
 
 def fro_norm(B: Tensor, A: Tensor) -> float:

@@ -2,7 +2,9 @@
 
 The benchmarks, the conformance suite and the example loop all read this table, so a new
 method is added in one place: write the function in :mod:`lorafair.aggregate`, then add one
-:class:`AggregatorSpec` to ``_SPECS`` below.
+:class:`AggregatorSpec` to ``_SPECS`` below. Its optional ``reference`` and ``form`` link the
+method to an independent float64 definition of its result (in :mod:`lorafair.testing`), which
+the benchmarks check every layer against; without them a method is checked on its claims.
 
 >>> from lorafair.registry import get, names
 >>> "lora_fair" in names()
@@ -13,17 +15,18 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Literal, NamedTuple
 
 import torch
+from torch import Tensor
 
 from lorafair import aggregate
 from lorafair.aggregate import EnergyThreshold, rolora_trained
 from lorafair.types import FedExResult, LoRAFactors
 
-__all__ = ["AggregatorSpec", "Floor", "Output", "get", "names", "specs"]
+__all__ = ["AggregatorSpec", "Floor", "Form", "Output", "Reference", "get", "names", "specs"]
 
 Floor = Literal["memory", "gram"]
 """What bounds a method's cost from below: one read of its inputs, or the float64 Grams."""
@@ -32,6 +35,51 @@ Output = Literal["adapters", "adapters+residual", "per_client"]
 """What a method returns: ``dict[str, LoRAFactors]``; FedEx-LoRA's
 :class:`~lorafair.types.FedExResult` (adapters plus a residual for the frozen weights); or
 one adapter per client (:class:`~lorafair.types.FedSAResult`, personalised)."""
+
+
+Reference = Callable[
+    [Sequence[Mapping[str, LoRAFactors]], Sequence[float] | None, str],
+    tuple[Tensor | None, Tensor | None],
+]
+"""``reference(clients, weights, name)``: an independent float64 definition of the factors a
+method reports for layer ``name`` (:attr:`AggregatorSpec.update_factors`'s, or a personalised
+method's client 0's adapter), ``None`` for a factor it does not define element-wise."""
+
+Form = Callable[[Tensor, Tensor, float], str | None]
+"""``form(A, B, tol)``: what is wrong with a result's stated form beyond its product (FedSVD:
+``A`` with orthonormal rows), or ``None``."""
+
+
+def _testing(attr: str) -> Any:
+    """``lorafair.testing._reference.<attr>``, imported at its first use: the testing package
+    imports this registry, and a run that checks nothing never loads it."""
+    from lorafair.testing import _reference
+
+    return getattr(_reference, attr)
+
+
+def _reference(attr: str) -> Reference:
+    """The float64 definition :mod:`lorafair.testing._reference` gives under ``attr``."""
+
+    def reference(
+        clients: Sequence[Mapping[str, LoRAFactors]], weights: Sequence[float] | None, name: str
+    ) -> tuple[Tensor | None, Tensor | None]:
+        fn: Reference = _testing(attr)
+        return fn(clients, weights, name)
+
+    reference.__name__ = reference.__qualname__ = attr
+    return reference
+
+
+def _form(attr: str) -> Form:
+    """The stated-form check :mod:`lorafair.testing._reference` gives under ``attr``."""
+
+    def form(A: Tensor, B: Tensor, tol: float) -> str | None:
+        fn: Form = _testing(attr)
+        return fn(A, B, tol)
+
+    form.__name__ = form.__qualname__ = attr
+    return form
 
 
 def _as_is(out: Any) -> dict[str, LoRAFactors]:
@@ -91,6 +139,12 @@ class AggregatorSpec(NamedTuple):
     ``...ClientSideFixedClipping``) apply: with equal client ranks the result has the clients'
     shapes (the wrapper clips ``reply − global`` array by array) and is the whole download
     (nothing travels outside the noised ``ArrayRecord``)."""
+    reference: Reference | None = None
+    """An independent float64 definition of the reported factors (see :data:`Reference`), which
+    the benchmarks compare every layer with; ``None``: the result is checked on its claims
+    (``exact``, ``optimal``, ``never_worse_than_fedit``) alone."""
+    form: Form | None = None
+    """A stated form of the result beyond its product (see :data:`Form`); ``None``: none."""
 
 
 def _spec(
@@ -108,6 +162,8 @@ def _spec(
     output: Output = "adapters",
     round_options: Callable[[int], Mapping[str, object]] | None = None,
     secure_aggregation: bool = False,
+    reference: Reference | None = None,
+    form: Form | None = None,
     dp_clipping: bool = False,
 ) -> AggregatorSpec:
     return AggregatorSpec(
@@ -130,6 +186,8 @@ def _spec(
         personalised=output == "per_client",
         round_options=round_options,
         secure_aggregation=secure_aggregation,
+        reference=reference,
+        form=form,
         dp_clipping=dp_clipping,
     )
 
@@ -145,6 +203,7 @@ _SPECS: tuple[AggregatorSpec, ...] = (
         "average A and B separately (biased)",
         secure_aggregation=True,
         dp_clipping=True,
+        reference=_reference("fedit_factors"),
     ),
     _spec(
         "ffa_lora",
@@ -154,6 +213,7 @@ _SPECS: tuple[AggregatorSpec, ...] = (
         shared_A=True,
         secure_aggregation=True,
         dp_clipping=True,
+        reference=_reference("ffa_lora_factors"),
     ),
     _spec(
         "flora",
@@ -161,6 +221,7 @@ _SPECS: tuple[AggregatorSpec, ...] = (
         "stack every client's factors along the rank axis (exact, rank Σ r_k)",
         exact=True,
         equal_ranks=False,
+        reference=_reference("flora_factors"),
     ),
     _spec(
         "flexlora",
@@ -180,6 +241,7 @@ _SPECS: tuple[AggregatorSpec, ...] = (
         equal_ranks=False,
         floor="gram",
         dp_clipping=True,
+        reference=_reference("lora_fair_factors"),
     ),
     _spec(
         "fedex_lora",
@@ -194,6 +256,7 @@ _SPECS: tuple[AggregatorSpec, ...] = (
         "average and share A; each client keeps its own B (personalised)",
         output="per_client",
         secure_aggregation=True,
+        reference=_reference("fedsa_lora_factors"),
     ),
     _spec(
         "rolora",
@@ -213,6 +276,7 @@ _SPECS: tuple[AggregatorSpec, ...] = (
         equal_ranks=False,
         secure_aggregation=True,
         dp_clipping=True,
+        reference=_reference("hetlora_factors"),
     ),
     _spec(
         "fedsvd",
@@ -222,6 +286,7 @@ _SPECS: tuple[AggregatorSpec, ...] = (
         shared_A=True,
         secure_aggregation=True,
         dp_clipping=True,
+        form=_form("orthonormal_rows"),
     ),
     _spec(
         "flexlora_energy",

@@ -13,14 +13,17 @@ import torch
 from lorafair import registry
 from lorafair.aggregate import fedit
 from lorafair.bench import (
+    Entry,
     check_update,
     from_adapter,
     from_config,
     library,
     make_clients,
+    make_inputs,
     preset,
 )
 from lorafair.bench.cli import main, register
+from lorafair.types import LoRAFactors
 
 
 def test_llama3_presets_have_the_public_configs_shapes() -> None:
@@ -105,6 +108,23 @@ def test_check_catches_a_biased_result_passed_off_as_an_exact_one() -> None:
     assert q.problems
     assert "must be exact" in q.problems[0]
     assert q.cos_min < 1.0
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [e for e in library() if e.reference is not None or e.form is not None],
+    ids=lambda e: e.name,
+)
+def test_check_compares_with_the_registry_reference(entry: Entry) -> None:
+    # (2A, B/2) keeps the product, hence the cosine and exactness: only the registry's
+    # reference or form can tell it from the right result.
+    inputs = make_inputs(preset("tiny"), 3, 3, "float64", "cpu", seed=0)
+    clients = inputs.shared if entry.shared_A else inputs.free
+    right, _ = entry.run(inputs, {}, None)
+    assert check_update(entry, right, clients, torch.float64).problems == []
+    wrong = {n: LoRAFactors(f.A * 2, f.B / 2) for n, f in right.items()}
+    problems = check_update(entry, wrong, clients, torch.float64).problems
+    assert any("differs from" in p for p in problems), problems
 
 
 def test_command_times_every_method_and_writes_checked_rows(tmp_path: pathlib.Path) -> None:

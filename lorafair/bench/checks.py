@@ -3,7 +3,9 @@
 Every row's result is compared with ``ΔW = Σ p_k B_k A_k`` by
 :func:`lorafair.metrics.aggregation_bias` (factored, float64, never forming ΔW): the cosine is
 reported, and an entry the registry calls ``exact`` must have ``‖BA − ΔW‖ / ‖ΔW‖`` within its
-dtype's rounding. The repository's ``benchmarks/`` adds independent float64 references on top.
+dtype's rounding. Where the registry links a float64 definition of the factors (``reference``)
+or a stated form (``form``), the result must match them to the same tolerance. The
+repository's ``benchmarks/`` adds independent float64 references on top.
 """
 
 from __future__ import annotations
@@ -65,5 +67,38 @@ def check_update(
             for n, b in bias.items()
             if b.relative_error > tol
         ]
+    problems += _linked(entry, result, clients, names, tol)
     cosines = [b.cosine for b in bias.values()]
     return Quality(statistics.fmean(cosines), min(cosines), problems=problems)
+
+
+def _linked(
+    entry: Entry,
+    result: Mapping[str, LoRAFactors],
+    clients: Sequence[Mapping[str, LoRAFactors]],
+    names: Sequence[str],
+    tol: float,
+) -> list[str]:
+    """What differs from the registry's ``reference`` (relative Frobenius error of each factor it
+    defines, float64) and ``form`` on ``names``. Cost per layer: O(K r (d_in + d_out))."""
+    problems: list[str] = []
+    for n in names:
+        A, B = result[n]
+        if entry.reference is not None:
+            for label, got, want in zip(
+                "AB", (A, B), entry.reference(clients, None, n), strict=True
+            ):
+                if want is None:
+                    continue
+                x, y = got.to("cpu", torch.float64), want.to("cpu", torch.float64)
+                if x.shape != y.shape:
+                    problems.append(
+                        f"{n}: {label} has shape {tuple(x.shape)}, its definition {tuple(y.shape)}"
+                    )
+                    continue
+                e = float(torch.linalg.norm(x - y)) / max(float(torch.linalg.norm(y)), 1e-300)
+                if e > tol:
+                    problems.append(f"{n}: {label} differs from its definition by {e:.2e}")
+        if entry.form is not None and (wrong := entry.form(A, B, tol)) is not None:
+            problems.append(f"{n}: {wrong}")
+    return problems

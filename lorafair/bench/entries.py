@@ -16,7 +16,7 @@ from typing import Any, Literal, NamedTuple
 
 from lorafair import registry
 from lorafair.bench.cells import Inputs
-from lorafair.registry import AggregatorSpec, Floor
+from lorafair.registry import AggregatorSpec, Floor, Form, Reference
 from lorafair.types import LoRAFactors
 
 __all__ = ["Entry", "Norm", "Result", "Runner", "from_spec", "get", "library", "update_of"]
@@ -51,6 +51,11 @@ class Entry(NamedTuple):
     """For a reference: the entry whose result it computes another way."""
     defaults: Mapping[str, object] = MappingProxyType({})
     """The registry's default options, overrides included."""
+    reference: Reference | None = None
+    """The registry's float64 definition of the reported factors (a dense reference: that of
+    the entry it reproduces)."""
+    form: Form | None = None
+    """The registry's stated form of the result."""
 
 
 def update_of(spec: AggregatorSpec, out: Any) -> dict[str, LoRAFactors]:
@@ -94,6 +99,8 @@ def from_spec(spec: AggregatorSpec, name: str | None = None, **overrides: Any) -
         personalised=spec.personalised,
         norm=norm,
         defaults=MappingProxyType({**spec.defaults, **overrides}),
+        reference=spec.reference,
+        form=spec.form,
     )
 
 

@@ -1,7 +1,12 @@
-"""Dense float64 references for :func:`lorafair.testing.check_aggregator`, written plainly.
+"""Float64 references for :func:`lorafair.testing.check_aggregator` and the registry, plainly.
 
 Nothing here calls an aggregator or lorafair's numerics: a check must not trust the code it
-checks. Everything forms the dense ``d_out × d_in`` matrices, so it is for test-sized layers.
+checks. The helpers that form the dense ``d_out × d_in`` matrices (:func:`delta_w`,
+:func:`product`, :func:`fair_objective`) are for test-sized layers. The method definitions
+(:class:`Definition`: :func:`fedit_factors`, :func:`hetlora_factors`, ...) and the stated forms
+(:func:`orthonormal_rows`), which :class:`lorafair.registry.AggregatorSpec` links to each method
+as its ``reference`` and ``form``, work on the factors alone (``O(K r (d_in + d_out))`` each), so
+the benchmarks check every layer of a real model with them.
 """
 
 from __future__ import annotations
@@ -130,3 +135,76 @@ def fair_objective(
     dW = delta_w(clients, weights, name)
     reg = _reg(B - B_bar, objective.norm) + _reg(A - A_bar, objective.norm)
     return 1.0 - _similarity(dW, B @ A, objective.similarity) + objective.lam * reg
+
+
+class Definition(NamedTuple):
+    """A method's reported factors of one layer by their definition, float64 on the CPU.
+
+    ``None`` where a factor has no element-wise definition (it is checked by the method's claims
+    instead: exactness, optimality, the LoRA-FAIR objective)."""
+
+    A: Tensor | None
+    B: Tensor | None
+
+
+def fedit_factors(
+    clients: Sequence[_Client], weights: Sequence[float] | None, name: str
+) -> Definition:
+    """FedIT: ``(Ā, B̄) = (Σ p_k A_k, Σ p_k B_k)`` (zero-padded to the largest rank)."""
+    return Definition(*fedit(clients, weights, name))
+
+
+def ffa_lora_factors(
+    clients: Sequence[_Client], weights: Sequence[float] | None, name: str
+) -> Definition:
+    """FFA-LoRA: the shared frozen ``A`` (client 0's) and ``B̄ = Σ p_k B_k``."""
+    return Definition(pairs(clients, name)[0][0], fedit(clients, weights, name)[1])
+
+
+def flora_factors(
+    clients: Sequence[_Client], weights: Sequence[float] | None, name: str
+) -> Definition:
+    """FLoRA: the clients stacked along the rank axis, the weights on ``A``:
+    ``A = [p_1 A_1; …; p_K A_K]``, ``B = [B_1, …, B_K]`` (so ``B A = ΔW``)."""
+    p = normalised(weights, len(clients))
+    ps = pairs(clients, name)
+    A = torch.cat([w * A_k for w, (A_k, _) in zip(p, ps, strict=True)], dim=0)
+    return Definition(A, torch.cat([B_k for _, B_k in ps], dim=1))
+
+
+def lora_fair_factors(
+    clients: Sequence[_Client], weights: Sequence[float] | None, name: str
+) -> Definition:
+    """LoRA-FAIR keeps FedIT's ``Ā``; its ``B`` is checked on the objective (``B = None``)."""
+    return Definition(fedit(clients, weights, name)[0], None)
+
+
+def fedsa_lora_factors(
+    clients: Sequence[_Client], weights: Sequence[float] | None, name: str
+) -> Definition:
+    """FedSA-LoRA has no global update: client 0's adapter, the shared ``Ā`` with its own
+    ``B_0`` (what a benchmark row reports for a personalised method)."""
+    return Definition(fedit(clients, weights, name)[0], pairs(clients, name)[0][1])
+
+
+def hetlora_factors(
+    clients: Sequence[_Client], weights: Sequence[float] | None, name: str
+) -> Definition:
+    """HetLoRA: FedIT's zero-padded average with weights ``q_k ∝ p_k ‖B_k A_k‖_F`` (``p_k``
+    where every norm is zero). ``‖B_k A_k‖_F² = Σ (B_kᵀB_k) ∘ (A_k A_kᵀ)``, float64, so that
+    no ``d_out × d_in`` matrix is formed."""
+    p = normalised(weights, len(clients))
+    norms = [
+        float(((B.mT @ B) * (A @ A.mT)).sum().clamp_min(0).sqrt()) for A, B in pairs(clients, name)
+    ]
+    raw = [w * n for w, n in zip(p, norms, strict=True)]
+    return Definition(*fedit(clients, p if sum(raw) == 0 else raw, name))
+
+
+def orthonormal_rows(A: Tensor, B: Tensor, tol: float) -> str | None:
+    """FedSVD's stated form: ``A`` has orthonormal rows, ``‖A Aᵀ − I‖_F ≤ tol·√r``; what is
+    wrong, or ``None``."""
+    A64 = A.to("cpu", _F64)
+    gram = A64 @ A64.mT
+    e = float((gram - torch.eye(gram.shape[0], dtype=_F64)).norm())
+    return f"A Aᵀ differs from I by {e:.2e}" if e > tol * gram.shape[0] ** 0.5 else None
