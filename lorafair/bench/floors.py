@@ -12,13 +12,18 @@
   its accumulation dtype. For the averaging methods (``floor == "memory"``) that is
   ``2·n_in`` flops (one multiply-add per input element) at the rate of a 512³ GEMM in float32
   (float64 for float64 inputs); it is far below the memory floor. For the Gram methods
-  (``floor == "gram"``) it is, per shape, the cheaper of two routes, each *timed* on
-  float64 stacks of the cell's own shapes (torch's product: the GEMM rate on exactly these
-  shapes): the two R × R Grams per layer, ``A_s A_sᵀ`` and ``B_sᵀ B_s`` with R = K·r,
-  ``2 (d_in + d_out) R²`` flops (batched per shape, at most 256 MiB of stacks at a time, scaled
-  by the number of layers of that shape), and forming ``ΔW = B_s A_s`` densely,
-  ``2 d_in d_out R`` flops (one layer per shape, scaled likewise; probed only where its flops
-  are within 4× of the Grams', i.e. large K).
+  (``floor == "gram"``) it is, per shape, the cheaper of two routes on float64 stacks of the
+  cell's own shapes, at the dgemm rate measured on exactly those shapes (torch's general
+  product, on all of torch's threads):
+
+  - the two R × R Grams per layer, ``A_s A_sᵀ`` and ``B_sᵀ B_s`` with R = K·r. Their essential
+    work is ``(d_in + d_out) R²`` flops, the symmetric products they are (one triangle each,
+    a multiply-add counted as 2 flops); the probe times the general products,
+    ``2 (d_in + d_out) R²`` flops, which gives the dgemm rate, and the floor is the essential
+    flops at that rate, half the probe's time (batched per shape, at most 256 MiB of stacks at
+    a time, scaled by the number of layers of that shape);
+  - forming ``ΔW = B_s A_s`` densely, ``2 d_in d_out R`` flops, timed (one layer per shape,
+    scaled likewise; probed only where its flops are within 4× of the Grams', i.e. large K).
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from lorafair.registry import Floor
 __all__ = ["Floors", "Probes", "make_probes"]
 
 _BUDGET = 1 << 28
+_SYMMETRIC = 0.5
+"""A Gram's essential flops over the general product's the probe runs (one triangle)."""
 _PROBE_BYTES = 1 << 30
 """The read and write probes use a buffer of at most this many bytes; their times are scaled
 linearly to the input's bytes (bandwidth is flat far beyond the caches)."""
@@ -58,8 +65,10 @@ class Floors:
     """Median probe times of one cell and the floors they give.
 
     ``times`` gets the derived entries ``read`` (the faster read probe), ``gram`` (every layer's
-    Grams), ``dense`` (every layer's dense product, where probed) and ``route`` (per shape the
-    cheaper of the two: the Gram methods' compute floor)."""
+    Grams as general products, the probe), ``gram_floor`` (their essential symmetric flops at
+    the probe's rate: half of ``gram``), ``dense`` (every layer's dense product, where probed)
+    and ``route`` (per shape the cheaper of ``gram_floor`` and ``dense``: the Gram methods'
+    compute floor)."""
 
     probes: Probes
     times: dict[str, float]
@@ -71,10 +80,13 @@ class Floors:
         if shapes:
             gram = {s: t["gram:" + s] * sc["gram:" + s] for s in shapes}
             dense = {s: t["dense:" + s] * sc["dense:" + s] for s in shapes if "dense:" + s in t}
+            # the probe runs 2 (d_in + d_out) R² flops; the essential symmetric work is half
+            essential = {s: g * _SYMMETRIC for s, g in gram.items()}
             t["gram"] = sum(gram.values())
+            t["gram_floor"] = sum(essential.values())
             if dense:
                 t["dense"] = sum(dense.values())
-            t["route"] = sum(min(g, dense.get(s, g)) for s, g in gram.items())
+            t["route"] = sum(min(g, dense.get(s, g)) for s, g in essential.items())
 
     def memory(self, in_bytes: int, out_bytes: int) -> float:
         t = self.times

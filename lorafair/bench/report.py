@@ -110,7 +110,12 @@ def _floor_line(v: dict[str, Any]) -> str:
         f"floors ({v.get('threads', '?')} threads): read {v['read_gb_s']:.3g} GB/s, "
         f"write {v['write_gb_s']:.3g} GB/s (one sum per input tensor "
         f"{fmt_time(t['read_per_tensor'])}), GEMM {v['gemm_gflops']:.3g} GFLOP/s"
-        + (f", Grams {fmt_time(t['gram'])} ({v['gram_gflops']:.3g} GFLOP/s)" if "gram" in t else "")
+        + (
+            f", dgemm {v['gram_gflops']:.3g} GFLOP/s on the Grams' shapes, Grams' essential"
+            f" flops at it {fmt_time(t['gram_floor'])}"
+            if "gram" in t
+            else ""
+        )
         + (f", dense ΔW {fmt_time(t['dense'])}" if "dense" in t else "")
         + (f", cheaper route {fmt_time(t['route'])}" if "route" in t else "")
     )
