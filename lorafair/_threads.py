@@ -3,43 +3,56 @@
 Aggregators run two kinds of work in two pools (torch's OpenMP/MKL pool and NumPy's OpenBLAS
 pool, the Grams' ``syrk``):
 
-- **small work**: r × r algebra, a few small products, host solves, and the averaging methods'
-  memory-bound passes. None gains from a second thread, and at the pools' default size each
-  kernel waits for a worker to be scheduled; on a busy machine that wait dominates: on a loaded
-  2-core machine one ViT-B ``attn.qkv`` layer took 350 to 880 ms by default against 35 to 47 ms
-  with every pool pinned to one thread (``docs/validation.md``), and ``fedit``
-  on ViT-B/16 2.06 s against 32 ms.
+- **small work**: r × r algebra, a few small products, host solves, and at ViT scale the
+  averaging methods' memory-bound passes. None gains from a second thread inside one kernel,
+  and at the pools' default size each kernel waits for a worker to be scheduled; on a busy
+  machine that wait dominates: on a loaded 2-core machine one ViT-B ``attn.qkv`` layer took
+  350 to 880 ms by default against 35 to 47 ms with every pool pinned to one thread
+  (``docs/validation.md``), and ``fedit`` on ViT-B/16 2.06 s against 32 ms.
 - **compute-bound kernels**: the float64 R × R Grams of large layers (``(d_in + d_out) R²``
   flops) and the products with the stacked factors. At LLM scale (a Llama-3-8B MLP layer at
   R = K r = 320: 1.9 GFLOP) one such kernel runs for tens of milliseconds and the pool's start-up
   is noise; a single ``A_s A_sᵀ`` of (320 × 14336) ran 1.66× faster on 2 BLAS threads than on 1.
 
 So every aggregator call pins both pools to one thread (:func:`single_threaded`,
-:func:`torch_single_threaded`), and the few compute-bound kernels lift the pin for themselves
-through :func:`pool_for`. Only kernels whose result does not depend on the thread count do so:
-NumPy's OpenBLAS ``syrk`` and ``gemm`` (the Grams, LoRA-FAIR's ``P_u coef``) split their output
-into blocks and sum each entry in the same order on any number of threads, so every result is
-the same to the bit whatever the pool or the load; torch's R × R algebra, QRs and SVDs (MKL and
-LAPACK) are not (FlexLoRA's float32 result changed in its last bits on two threads), and stay on
-one. :func:`pool_for` asks the one rule, :func:`threads_for`:
+:func:`torch_single_threaded`), and the large work lifts the pin for itself, by one rule,
+:func:`threads_for`:
 
-    threads = min(pool, round(free), max(1, ⌊flops / 2²⁵⌋))
+    threads = min(pool, round(free), max(1, ⌊ms⌋)),   ms = max(flops / 2²⁵, bytes / 2²²)
 
 where ``pool`` is the process's pool as it was when the call began (torch's thread count: by
 default the number of cores, or what ``OMP_NUM_THREADS`` / ``torch.set_num_threads`` set),
 ``free`` the cores free for this process (the machine's idle cores plus those this process
 kept busy itself, from ``/proc/stat`` over the time since the last estimate; once per call,
-and only when some kernel is large enough to ask) and ``flops`` the kernel's own work.
-2²⁵ flops is about a millisecond on one core (30 GFLOP/s), so a thread is added only for a
-millisecond or more of work: two threads need 67 Mflop, which no ViT-B/16 kernel at K·r ≤ 96
-reaches (its largest ``syrk``, ``mlp.fc1``'s 3072 × 96, is 28 Mflop), and every Llama-3-8B
-linear's Grams at R = 320 exceed (the smallest, ``k_proj``'s 1024 × 320, is 105 Mflop). A
-process pinned by the environment (``OMP_NUM_THREADS=1``) gets one thread everywhere, as
-before. ``free`` is there because a
-thread that waits for a core costs far more than it gives: on the 2-core machine of
-``benchmarks/README.md`` at a load average of 14, the Llama-3-8B cell's ``lora_fair`` took 7.7×
-as long on two threads as pinned (``python -m benchmarks.llm_cells --blocks 1 --pinned-too``
-without this term), and a lone (320 × 14336) ``syrk`` 9× as long at a load of 4.6.
+and only when some work is large enough to ask) and ``ms`` the work in milliseconds of one
+core: 2²⁵ flops of a compute-bound kernel (about 30 GFLOP/s), or 2²² bytes read by a
+memory-bound pass (a weighted sum, a cast-copy). Two threads need 2 ms of work: no single
+ViT-B/16 kernel at K·r ≤ 96 reaches that (its largest ``syrk``, ``mlp.fc1``'s 3072 × 96, is
+28 Mflop), every Llama-3-8B linear's Grams at R = 320 exceed it (the smallest, ``k_proj``'s
+1024 × 320, is 105 Mflop).
+
+The threads are spent in one of two ways, and only on work whose result does not depend on
+how it is split, so every result is the same to the bit whatever the pool or the load:
+
+- :func:`split_map`: independent items (the layers of a batch: their cast-copies and Grams,
+  their ``P_u coef``, their weighted sums) on that many worker threads, each on one thread of
+  every pool; the threads are counted on all the items' work. Kernels side by side use the
+  cores better than one kernel split across them: six Llama-3-8B MLP layers' cast-copies and
+  Grams ran 1.5× as fast as one layer at a time on 2 BLAS threads (2 cores, quiet), and a
+  torch copy on 2 threads between 2-thread OpenBLAS calls ran 1.7–2× as long as on one
+  (OpenBLAS's workers spin for a while after each call).
+- :func:`pool_for`: one large kernel alone (a batch of one layer) on NumPy's BLAS pool.
+  Only NumPy's OpenBLAS ``syrk`` and ``gemm`` run there: they split their output into blocks
+  and sum each entry in the same order on any number of threads; torch's R × R algebra, QRs
+  and SVDs (MKL and LAPACK) are not (FlexLoRA's float32 result changed in its last bits on
+  two threads), and stay on one.
+
+A process pinned by the environment (``OMP_NUM_THREADS=1``) gets one thread everywhere.
+``free`` is there because a thread that waits for a core costs far more than it gives: on the
+2-core machine of ``benchmarks/README.md`` at a load average of 14, the Llama-3-8B cell's
+``lora_fair`` took 7.7× as long on two threads as pinned (``python -m benchmarks.llm_cells
+--blocks 1 --pinned-too --methods lora_fair`` without this term), and a lone (320 × 14336)
+``syrk`` 9× as long at a load of 4.6.
 
 The limits are process-wide while the call runs (torch and OpenBLAS have no per-thread
 setting): a concurrent torch computation in another Python thread runs on the same pool size

@@ -191,11 +191,12 @@ def _stacked_layer_host(
 def _layer_grams(grp: _Group) -> tuple[Tensor, Tensor]:
     """``M_A = A_u A_uᵀ`` and ``M_B = B_sᵀ B_s`` (L, R, R), float64, one layer at a time.
 
-    Each layer's factors are converted into two reused float64 buffers (a few MB, cache-sized)
-    instead of one float64 copy of the whole group: same flops, no large fresh allocation. On
-    CPU the buffers are NumPy arrays and ``X Xᵀ`` goes through NumPy's matmul, which hands a
-    product of a matrix with its own transpose to BLAS ``syrk`` (half the flops of the general
-    product torch runs).
+    Each layer's factors are converted into a reused float64 buffer (``R × max(d_in, d_out)``,
+    one per worker thread) instead of one float64 copy of the whole group: same flops, no large
+    fresh allocation. On CPU the buffers are NumPy arrays and ``X Xᵀ`` goes through NumPy's
+    matmul, which hands a product of a matrix with its own transpose to BLAS ``syrk`` (half the
+    flops of the general product torch runs); the layers run side by side on the threads of
+    :func:`lorafair._threads.split_map`.
     """
     first = grp.layers[0]
     R = sum(first.ranks)
