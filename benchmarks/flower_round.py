@@ -15,7 +15,7 @@ all seven linears, rank r, as :mod:`benchmarks.llm_cells` builds them, each in o
   an upper bound of what the strategy adds around its aggregator (the strategy reads the
   records in place, one copy less);
 - the compute floor of :mod:`benchmarks.llm_cells` (the two float64 Grams per layer at the
-  measured ``syrk`` rate, the faster of all threads and one).
+  measured dgemm rate, the faster of all threads and one).
 
 It prints each time and, by the registry's ``floor`` of each method, ``LoRAStrategy(name) /
 FedAvg`` (``"memory"``; goal ≤ 1) or ``LoRAStrategy(name) / (1.5 × compute floor + convert)``
