@@ -1,4 +1,4 @@
-"""The Llama-3-8B cell (issue 26): each aggregator's time against its floors, measured in one run.
+"""The Llama-3-8B cell: each aggregator's time against its floors, measured in one run.
 
 Builds the first ``--blocks`` blocks of Llama-3-8B with LoRA on all seven linears (q 4096²,
 k/v 1024×4096, o 4096², gate/up 14336×4096, down 4096×14336), K clients of rank r,
