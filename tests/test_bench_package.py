@@ -166,3 +166,28 @@ def test_register_adds_the_bench_subcommand() -> None:
     assert args.command == "bench"
     assert callable(args.run)
     assert args.clients == [2]
+
+
+def test_command_passes_an_option_to_the_methods_that_take_it(tmp_path: pathlib.Path) -> None:
+    argv = ["--preset", "tiny", "-K", "3", "-r", "2", "--dtype", "float64", "--repeats", "1"]
+    cos = {}
+    for lam in ("0", "1000"):
+        out = tmp_path / lam
+        methods = ["--methods", "fedit", "lora_fair", "--no-progress", "--out", str(out)]
+        assert main([*argv, *methods, "--option", f"lam={lam}"]) == 0
+        rows = json.loads((out / "results.json").read_text())["rows"]
+        cos[lam] = {w["aggregator"]: w["cos_mean"] for w in rows}
+    # λ = 1000 keeps ΔB = 0 (FedIT's cosine), λ = 0 turns B̄Ā towards ΔW
+    assert cos["1000"]["lora_fair"] == pytest.approx(cos["1000"]["fedit"], abs=1e-12)
+    assert cos["0"]["lora_fair"] > cos["0"]["fedit"] + 1e-3
+
+
+def test_command_refuses_an_option_no_method_takes(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--preset", "tiny", "--methods", "fedit", "--no-progress"]
+    assert main([*argv, "--option", "lam=0.1"]) == 2
+    assert main(["--preset", "tiny", "--methods", "lora_fair", "--option", "lam=x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2
+    assert "fedit" in err
+    assert "lam" in err
+    assert "Traceback" not in err

@@ -29,6 +29,7 @@ from lorafair.bench.memory import measure, spec_for
 from lorafair.bench.memory import record as record_memory
 from lorafair.bench.report import environment, header, progress, ratio_lines, ratios, table
 from lorafair.bench.shapes import PRESETS, ShapeSet, factor_bytes, from_adapter, from_config, preset
+from lorafair.errors import LoRAFairError
 
 __all__ = ["GRIDS", "Grid", "add_arguments", "main", "register", "run", "shapes_from_args"]
 
@@ -81,6 +82,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=registry.names(),
         metavar="NAME",
         help="registered aggregators (default: all): " + ", ".join(registry.names()),
+    )
+    g.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a keyword option for every chosen method that takes it (repeatable), e.g. "
+        "lam=0.001; typed as `lorafair aggregate --option` types it",
     )
     g.add_argument("--ranks", "-r", nargs="+", type=int, default=None)
     g.add_argument("--clients", "-K", nargs="+", type=int, default=None)
@@ -159,6 +168,25 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+def _options(items: Sequence[str], methods: Sequence[str]) -> dict[str, object]:
+    """``--option KEY=VALUE`` items, each typed by the first chosen method that takes ``KEY``
+    (the cell passes it to every method that takes it); :class:`BadInput` when none does."""
+    from lorafair.interop.peft_aggregate import method_options, parse_option
+
+    out: dict[str, object] = {}
+    for item in items:
+        key = item.partition("=")[0].strip()
+        takers = [m for m in methods if key in method_options(m)]
+        if not takers:
+            raise BadInput(f"option {item!r}: none of {', '.join(methods)} takes {key!r}")
+        try:
+            name, value = parse_option(takers[0], item)
+        except LoRAFairError as e:
+            raise BadInput(str(e)) from None
+        out[name] = value
+    return out
+
+
 def _run(args: argparse.Namespace) -> int:
     shapes, saved_rank, saved_dtype = shapes_from_args(args)
     grid = GRIDS[args.grid] if args.grid else None
@@ -172,6 +200,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     chosen = [entries.get(n) for n in (args.methods or registry.names())]
+    options = _options(args.option, [e.name for e in chosen])
     check_layers = None if args.check_all_layers else _first_of_each_shape(shapes)
     env = environment(args.device)
     cells = [(d, K, r) for d in dtypes for K in clients for r in ranks]
@@ -196,7 +225,7 @@ def _run(args: argparse.Namespace) -> int:
             dtype=d,
             K=K,
             r=r,
-            options={},
+            options=options,
             warmup=args.warmup,
             repeats=args.repeats,
             check_layers=check_layers,
