@@ -45,6 +45,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from benchmarks.llm_cells import gram_flops, input_bytes, make_cell, measure_floors
 from lorafair import registry
+from lorafair.bench.cli import add_methods_argument
 from lorafair.flower import LoRAStrategy, from_array_record, to_array_record
 from lorafair.interop.peft import from_peft_state_dict, to_peft_state_dict
 from lorafair.types import LoRAFactors
@@ -91,14 +92,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--bias", action="store_true", help="keep the strategies' bias metrics")
-    ap.add_argument(
-        "--methods",
-        nargs="+",
-        default=list(registry.names()),
-        choices=registry.names(),
-        metavar="NAME",
-        help="registered methods (default: all)",
-    )
+    add_methods_argument(ap, default=registry.names(), what="registered methods")
     a = ap.parse_args()
     dtype = getattr(torch, a.dtype)
     specs = [registry.get(n) for n in a.methods]

@@ -48,6 +48,7 @@ import torch
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from lorafair import registry
+from lorafair.bench.cli import add_methods_argument
 from lorafair.types import LoRAFactors
 
 __all__ = ["LLAMA3_8B_BLOCK", "make_cell", "measure_floors"]
@@ -214,14 +215,8 @@ def main() -> None:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument(
-        "--methods",
-        "--only",
-        nargs="+",
-        default=list(registry.names()),
-        choices=registry.names(),
-        metavar="NAME",
-        help="registered methods to time (default: all)",
+    add_methods_argument(
+        ap, default=registry.names(), what="registered methods to time", aliases=["--only"]
     )
     ap.add_argument("--memory", action="store_true", help="peak RSS growth instead of time")
     ap.add_argument(

@@ -38,6 +38,7 @@ import torch
 from benchmarks.columns import random_clients, takes, vit_clients
 from benchmarks.references import Similarity
 from lorafair import registry
+from lorafair.bench.cli import add_methods_argument
 from lorafair.registry import AggregatorSpec
 from lorafair.types import LoRAFactors
 
@@ -158,16 +159,7 @@ def _compare(
 def main(argv: list[str] | None = None) -> int:
     studied = [s.name for s in registry.specs() if takes(s, "similarity")]
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument(
-        "--methods",
-        nargs="+",
-        default=studied,
-        choices=registry.names(),
-        metavar="NAME",
-        help="registered methods (default: those that take --similarity: "
-        + ", ".join(studied)
-        + ")",
-    )
+    add_methods_argument(ap, default=studied, what="registered methods that take --similarity")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--similarity", choices=["flat", "columns"], default="flat")

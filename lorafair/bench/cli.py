@@ -31,7 +31,16 @@ from lorafair.bench.report import environment, header, progress, ratio_lines, ra
 from lorafair.bench.shapes import PRESETS, ShapeSet, factor_bytes, from_adapter, from_config, preset
 from lorafair.errors import LoRAFairError
 
-__all__ = ["GRIDS", "Grid", "add_arguments", "main", "register", "run", "shapes_from_args"]
+__all__ = [
+    "GRIDS",
+    "Grid",
+    "add_arguments",
+    "add_methods_argument",
+    "main",
+    "register",
+    "run",
+    "shapes_from_args",
+]
 
 
 class Grid(NamedTuple):
@@ -52,6 +61,27 @@ GRIDS: dict[str, Grid] = {
 
 class BadInput(Exception):
     """A problem with what the user passed: one line, exit code 2."""
+
+
+def add_methods_argument(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    *,
+    default: Sequence[str] | None,
+    what: str,
+    aliases: Sequence[str] = (),
+) -> None:
+    """``--methods NAME ...``: registry names, ``default`` when absent (``None``: all of them,
+    resolved by the caller); ``what`` opens the help line, which lists the default."""
+    shown = ", ".join(default if default is not None else registry.names())
+    parser.add_argument(
+        "--methods",
+        *aliases,
+        nargs="+",
+        default=None if default is None else list(default),
+        choices=registry.names(),
+        metavar="NAME",
+        help=f"{what} (default: {shown})",
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,14 +105,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "whole model by layer count (said in the table)",
     )
     g = p.add_argument_group("sweep")
-    g.add_argument(
-        "--methods",
-        nargs="+",
-        default=None,
-        choices=registry.names(),
-        metavar="NAME",
-        help="registered aggregators (default: all): " + ", ".join(registry.names()),
-    )
+    add_methods_argument(g, default=None, what="registered aggregators")
     g.add_argument(
         "--option",
         action="append",
