@@ -345,13 +345,31 @@ def _describe_mismatch(got: _Signature, want: _Signature) -> str:
 
 
 def _check_finite(split: PeftSplit) -> None:
-    for name, (A, B) in split.factors.items():
-        for which, t in (("A", A), ("B", B)):
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise NonFiniteError(f"layer {name!r}: lora_{which} holds NaN or Inf")
-    for key, t in split.others.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise NonFiniteError(f"tensor {key!r} holds NaN or Inf")
+    """:class:`NonFiniteError` naming the first tensor of a reply with NaN or Inf.
+
+    One float32 (float64 for float64) sum per tensor, no temporary: a sum is finite whenever
+    every entry is, unless it overflows, so only a non-finite sum costs the exact
+    ``isfinite`` test of its tensor (one Llama-3-8B block at K = 20: ``isfinite(t).all()`` on
+    every tensor took 52 ms of ``LoRAStrategy(fedit)``'s 170 ms)."""
+    tensors = [
+        (f"layer {name!r}: lora_{which}", t)
+        for name, (A, B) in split.factors.items()
+        for which, t in (("A", A), ("B", B))
+    ] + [(f"tensor {key!r}", t) for key, t in split.others.items()]
+    tensors = [(what, t) for what, t in tensors if t.is_floating_point() and t.numel()]
+    if not tensors:
+        return
+    sums = torch.stack(
+        [
+            t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+            for _, t in tensors
+        ]
+    )
+    if bool(torch.isfinite(sums).all()):
+        return
+    for what, t in tensors:
+        if not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"{what} holds NaN or Inf")
 
 
 class Checkpoint(NamedTuple):
@@ -432,7 +450,8 @@ class LoRAStrategy(FedAvg):
     single solve that gives the adapter (:func:`lorafair.aggregate.lora_fair_solved`).
 
     ``reply_order="content"`` (the default) aggregates the replies sorted by the SHA-256 of
-    their contents, so that a round's result depends only on the set of replies, not on their
+    their contents (of a sample of each array's bytes; of all of them where two samples
+    agree), so that a round's result depends only on the set of replies, not on their
     arrival order or the nodes' ids (floating-point sums depend on the order); ``"arrival"``
     keeps Flower's order.
 
@@ -693,7 +712,7 @@ class LoRAStrategy(FedAvg):
         # replies alone, whatever the arrival order or the nodes' ids (a resumed run on a new
         # federation reproduces the uninterrupted one bit for bit).
         if self.reply_order == "content":
-            valid.sort(key=_content_order)
+            valid = _content_sorted(valid)
         kept, rejected = self._read_all(valid)
         unchanged = MetricRecord({"replies-rejected": rejected})
         if self.on_invalid_reply == "reject" and len(kept) < max(self.min_train_nodes, 1):
@@ -904,20 +923,48 @@ class LoRAStrategy(FedAvg):
         return result
 
 
-def _content_order(msg: Message) -> bytes:
-    """SHA-256 of a reply's array keys and bytes: a sort key independent of who sent it.
+_SAMPLES = 64
+"""Slices of each array a reply's sample key reads (``_SAMPLE_BYTES`` each, evenly spaced)."""
+_SAMPLE_BYTES = 64
 
-    Cost: one pass over the reply's bytes (hashing runs at about 1 GB/s).
-    """
+
+def _content_key(msg: Message, *, whole: bool) -> bytes:
+    """SHA-256 of a reply's array keys, dtypes, shapes, metrics and bytes: all of them
+    (``whole``), or ``_SAMPLES`` evenly spaced slices of ``_SAMPLE_BYTES`` of each array."""
     digest = hashlib.sha256()
     for name, record in msg.content.array_records.items():
         digest.update(name.encode())
         for key, array in record.items():
-            digest.update(f"{key}|{array.dtype}|{tuple(array.shape)}|".encode())
-            digest.update(array.data)
+            digest.update(f"{key}|{array.dtype}|{tuple(array.shape)}|{len(array.data)}|".encode())
+            data = memoryview(array.data)
+            step = len(data) // _SAMPLES
+            if whole or step <= _SAMPLE_BYTES:
+                digest.update(data)
+            else:
+                for i in range(_SAMPLES):
+                    digest.update(data[i * step : i * step + _SAMPLE_BYTES])
     for metrics in msg.content.metric_records.values():
         digest.update(repr(sorted(metrics.items())).encode())
     return digest.digest()
+
+
+def _content_sorted(messages: list[Message]) -> list[Message]:
+    """The replies in an order that depends on their contents alone (not on who sent them or
+    when): by the SHA-256 of a sample of each array's bytes, replies whose samples agree by the
+    SHA-256 of all their bytes (then equal keys mean equal contents, in any order).
+
+    Cost: 4 KiB hashed per array; all of a reply's bytes (about 1 GB/s) only where two
+    samples agree, e.g. identical replies. Hashing every reply whole cost 92 ms of
+    ``LoRAStrategy(fedit)``'s 170 ms on one Llama-3-8B block at K = 20 (105 MB of replies).
+    """
+    sampled = [_content_key(m, whole=False) for m in messages]
+    shared = {k for k, n in Counter(sampled).items() if n > 1}
+    keys = [
+        (k, _content_key(m, whole=True) if k in shared else b"")
+        for k, m in zip(sampled, messages, strict=True)
+    ]
+    order = sorted(range(len(messages)), key=keys.__getitem__)
+    return [messages[i] for i in order]
 
 
 def _add_bias_metrics(metrics: MetricRecord, reports: Mapping[str, Any]) -> None:

@@ -175,3 +175,46 @@ def test_result_depends_on_the_set_of_replies_not_their_order_or_nodes(method: s
     assert b is not None
     x, y = from_array_record(a), from_array_record(b)
     assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.parametrize("method", ["fedit", "lora_fair"])
+def test_order_is_by_content_where_replies_agree_in_the_sampled_bytes(method: str) -> None:
+    # d_in = 400: each lora_A is 4.8 KB, so its sort key hashes 64 slices of 64 bytes only. The
+    # replies share client 0's factors and differ in one entry between two slices; the sampled
+    # keys tie, and the whole bytes must order them, whatever the arrival order.
+    base = client_sd(0, d_in=400)
+    key = f"{P}enc.q.lora_A.weight"
+    n = base[key].numel()
+    data = ArrayRecord(base)[key].data  # the array's bytes as sent: a .npy header, then values
+    header = len(data) - 4 * n
+    step = len(data) // 64  # the slices' spacing; each slice reads 64 bytes
+    sampled = torch.zeros(len(data), dtype=torch.bool)
+    for i in range(64):
+        sampled[i * step : i * step + 64] = True
+    free = sampled[header:].view(n, 4).any(dim=1).logical_not()  # entries no slice touches
+    assert int(free.sum()) > 100
+    g = torch.Generator().manual_seed(5)
+    sds = []
+    for _ in range(4):
+        sd = {k: t.clone() for k, t in base.items()}
+        sd[key].view(-1)[free] = torch.randn(int(free.sum()), generator=g)
+        sds.append(sd)
+    # equal weights: the metrics, which every key hashes, agree too
+    first = [reply(100 + k, ArrayRecord(sd), 10.0) for k, sd in enumerate(sds)]
+    shuffled = [reply(900 - k, ArrayRecord(sds[k]), 10.0) for k in (2, 0, 3, 1)]
+    a, _ = LoRAStrategy(method).aggregate_train(1, first)
+    b, _ = LoRAStrategy(method).aggregate_train(1, shuffled)
+    assert a is not None
+    assert b is not None
+    x, y = from_array_record(a), from_array_record(b)
+    assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_a_reply_whose_sum_overflows_is_finite_and_kept() -> None:
+    sd = client_sd(9)
+    sd[f"{P}enc.q.lora_A.weight"][0, :2] = 3e38  # finite entries; their float32 sum is Inf
+    replies = [*good(), reply(7, ArrayRecord(sd))]
+    arrays, metrics = LoRAStrategy("fedit").aggregate_train(1, replies)
+    assert arrays is not None
+    assert metrics is not None
+    assert metrics["replies-rejected"] == 0
