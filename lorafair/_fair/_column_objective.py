@@ -23,12 +23,12 @@ from torch import Tensor
 
 from lorafair._fair import _tolerances as _tol
 from lorafair._fair._batch import _Rounding, turning
+from lorafair._fair._cosine import cosine
 from lorafair._fair._newton import (
     Batched,
     Runs,
     _reg_grad_coef,
     _reg_hessian,
-    _safe_sqrt,
     regulariser,
 )
 from lorafair._fair._options import Norm, _Options
@@ -176,9 +176,7 @@ def columns_terms(
     whose cosine can be non-zero (the others count as 0). Cost: O(m p q + m q n) per point.
     """
     inner, nsq = _column_sums(Z, X, left, right)
-    xs = torch.where(active, xn, 1.0)
-    cos = torch.where(active, inner / (xs * _safe_sqrt(nsq)), 0.0)
-    return cos.mean(dim=-1)
+    return cosine(inner, xn, nsq, defined=active, small="floor").cos.mean(dim=-1)
 
 
 def columns_objective(
@@ -237,16 +235,14 @@ def columns_objective(
         inner: Tensor, nsq: Tensor, xn: Tensor, active: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``cos`` (mean) and per column ``k1 = 1/(xn ν)``, ``k3 = 1/ν³``, ``s = <a, y>``,
-        ``xs`` from the columns' inner products with ΔW and squared norms."""
-        nu = _safe_sqrt(nsq)
-        xs = torch.where(active, xn, torch.ones_like(xn))
+        ``xs`` from the columns' inner products with ΔW and squared norms (the cosine by
+        :func:`~lorafair._fair._cosine.cosine`, split as ``s · (1/ν)``)."""
+        c = cosine(inner, xn, nsq, defined=active, small="floor", form="split")
+        nu = c.norm
         big = active & (nsq > _tol.TINY)
-        zero = torch.zeros_like(nu)
-        k1 = torch.where(active, 1.0 / (xs * nu), zero)  # 1/(xn ν)
-        k3 = torch.where(big, 1.0 / (nu * nu * nu), zero)  # 1/ν³
-        s = torch.where(active, inner / xs, zero)  # <a, y>
-        cos = (s * torch.where(active, 1.0 / nu, zero)).mean(dim=-1)
-        return cos, k1, k3, s, xs
+        k1 = c.inverse()  # 1/(xn ν)
+        k3 = torch.where(big, 1.0 / (nu * nu * nu), torch.zeros_like(nu))  # 1/ν³
+        return c.cos.mean(dim=-1), k1, k3, c.unit(inner), c.ref
 
     def value_and_grad(
         x: Tensor,
@@ -341,8 +337,7 @@ def columns_objective(
         ends = yy.unsqueeze(1) + t * t * vv.unsqueeze(1)
         nsq = ends + 2.0 * t * yv.unsqueeze(1)  # (L, S, n)
         act = active.unsqueeze(1)
-        xs = torch.where(active, xn, 1.0).unsqueeze(1)
-        cos = torch.where(act, inner / (xs * _safe_sqrt(nsq)), 0.0)
+        cos = cosine(inner, xn.unsqueeze(1), nsq, defined=act, small="floor").cos
         diff = Z - Z0
         t2 = ts[None, :]
         e0 = (diff * diff).sum(dim=(-2, -1))[:, None] + t2 * t2 * (D * D).sum(dim=(-2, -1))[:, None]
@@ -482,11 +477,12 @@ def _unsafe_rows(Z: Tensor, data: ColumnData, on_left: bool, unit: _Rounding) ->
     Y = linear_map(Z, left, right)
     yn = _column_norms(Y)
     n = Y.shape[-1]
-    ok = active & (yn > 0)
-    one = torch.ones_like(yn)
-    k1 = torch.where(ok, 1.0 / torch.where(ok, xn * yn, one), 0.0)  # 1/(‖X_j‖ ν)
-    k3 = torch.where(ok, 1.0 / torch.where(ok, yn, one) ** 3, 0.0)  # 1/ν³
-    s = torch.where(ok, (Y * X).sum(dim=-2) / torch.where(ok, xn, one), 0.0)
+    inner = (Y * X).sum(dim=-2)
+    c = cosine(inner, xn, norm=yn, defined=active, small="zero")
+    ok = c.ok
+    k1 = c.inverse()  # 1/(‖X_j‖ ν)
+    k3 = torch.where(ok, 1.0 / torch.where(ok, yn, torch.ones_like(yn)) ** 3, 0.0)  # 1/ν³
+    s = c.unit(inner)
     GY = (k1.unsqueeze(-2) * X - (s * k3).unsqueeze(-2) * Y) / n
     GZ = adjoint_map(GY, left, right)
     size = torch.linalg.matrix_norm(Z) + torch.linalg.matrix_norm(Z0) + unit.floor

@@ -25,6 +25,7 @@ from lorafair._fair._column_objective import (
     _column_scale,
     linear_map,
 )
+from lorafair._fair._cosine import cosine
 from lorafair._fair._dropped import (
     _drop_direction,
     drop_columns,
@@ -311,9 +312,7 @@ def _mix_columns(Z: Tensor, f: Tensor, layer: Tensor, problem: ColumnProblem) ->
     Y = left[layer] @ Z
     inner = (Y * X[layer]).sum(dim=-2)
     ynorm = torch.linalg.vector_norm(Y, dim=-2)
-    act = active[layer] & (ynorm > 0)
-    den = torch.where(act, xn[layer] * ynorm, torch.ones_like(ynorm))
-    cos = torch.where(act, inner / den, torch.zeros_like(inner))
+    cos = cosine(inner, xn[layer], norm=ynorm, defined=active[layer], small="zero").cos
     dsq = (Z - sub_Z0).square().sum(dim=-2)  # (rows, n)
     lam = torch.full_like(f, opts.lam)
     if opts.norm == "fro":

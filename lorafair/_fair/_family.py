@@ -45,6 +45,7 @@ from torch import Tensor
 
 from lorafair._fair import _tolerances as _tol
 from lorafair._fair._batch import turning
+from lorafair._fair._cosine import cosine
 from lorafair._fair._newton import Batched, minimise, reg_terms
 from lorafair._fair._options import Norm
 from lorafair._fair._pool import _Candidates
@@ -213,12 +214,14 @@ def _base_values(theta: Tensor, data: FamilyData) -> tuple[Tensor, Tensor, Tenso
 
 
 def _cos_parts(s: Tensor, q: Tensor, w: Tensor) -> tuple[Tensor, ...]:
-    """``φ = −s/(w√q)`` and its partials ``φ_s, φ_q, φ_sq, φ_qq`` (all 0 where ``w q = 0``)."""
-    ok = (w > 0) & (q > _tol.TINY)
-    qs = torch.where(ok, q, 1.0)
-    inv = torch.where(ok, 1.0 / (w * torch.sqrt(qs)), 0.0)  # 1/(w√q)
+    """``φ = −s/(w√q)`` (the cosine, :func:`~lorafair._fair._cosine.cosine` by the reciprocal
+    ``1/(w√q)`` it shares with the partials) and its partials ``φ_s, φ_q, φ_sq, φ_qq`` (all 0
+    where ``w = 0`` or ``q ≤ TINY``)."""
+    c = cosine(s, w, q, defined=w > 0, small="zero_tiny", form="inverse")
+    qs = torch.where(c.ok, q, 1.0)
+    inv = c.inverse()  # 1/(w√q)
     phi_sq = 0.5 * inv / qs
-    return -s * inv, -inv, s * phi_sq, phi_sq, -0.75 * s * inv / (qs * qs)
+    return -c.cos, -inv, s * phi_sq, phi_sq, -0.75 * s * inv / (qs * qs)
 
 
 def family_objective(lam: float, norm: Norm) -> Batched:
@@ -279,8 +282,7 @@ def _objective(
     s: Tensor, n_sq: Tensor, rho_sq: Tensor, w: Tensor, lam: float, norm: Norm
 ) -> tuple[Tensor, Tensor]:
     """``(f, cos)`` with ``cos = s/(w n)`` (0 where a side is 0), ``f = 1 − cos + λ R(ρ²)``."""
-    ok = (w > 0) & (n_sq > 0)
-    cos = torch.where(ok, s / torch.where(ok, w * torch.sqrt(torch.where(ok, n_sq, 1.0)), 1.0), 0.0)
+    cos = cosine(s, w, n_sq, defined=w > 0, small="zero").cos
     return 1.0 - cos + reg_terms(rho_sq, lam, norm)[0], cos
 
 

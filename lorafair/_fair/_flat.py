@@ -35,11 +35,11 @@ from lorafair._fair._batch import (
     _rounding,
     _update_norm,
 )
+from lorafair._fair._cosine import cosine
 from lorafair._fair._newton import (
     Batched,
     _reg_coefs,
     _reg_grad_coef,
-    _safe_sqrt,
     minimise,
     regulariser,
 )
@@ -124,15 +124,14 @@ def flat_terms(
 ) -> tuple[Tensor, Tensor]:
     """``(cos, ‖Δ‖²)`` at reduced points ``x`` (…, r, 3); data with the same leading dims.
 
-    ``cos = <x, η> / (w sqrt(Σ_i g_i ‖x_i‖²))``; defined as 0 where ``w = 0`` or the product
+    ``cos = <x, η> / (w sqrt(Σ_i g_i ‖x_i‖²))`` (:func:`~lorafair._fair._cosine.cosine`,
+    ``small="clamp"``); defined as 0 where ``w = 0`` or the product
     ``B'Ā`` is zero. Plain batched tensor ops (any number of leading dimensions).
     """
     xm = x * mask
     s = (xm * eta).sum(dim=(-2, -1))
     n_sq = ((xm * xm).sum(dim=-1) * g).sum(dim=-1)
-    ok = (w > 0) & (n_sq > 0)
-    denom = torch.where(ok, w * _safe_sqrt(n_sq), torch.ones_like(s))
-    cos = torch.where(ok, s / denom, torch.zeros_like(s))
+    cos = cosine(s, w, n_sq, defined=w > 0, small="clamp").cos
     diff = (x - beta) * mask
     return cos, (diff * diff).sum(dim=(-2, -1))
 
@@ -170,12 +169,10 @@ def flat_objective(lam: float, norm: Norm) -> Batched:
         s = (xm * eta).sum(dim=(-2, -1))
         v = g.unsqueeze(-1) * xm
         q = (v * xm).sum(dim=(-2, -1))
-        ok = (w > 0) & (q > 0)
-        n = _safe_sqrt(q)
-        wn = torch.where(ok, w * n, torch.ones_like(n))
-        cos = torch.where(ok, s / wn, torch.zeros_like(s))
+        c = cosine(s, w, q, defined=w > 0, small="clamp")
+        cos, ok = c.cos, c.ok
         big = ok & (q > _tol.TINY)
-        c1 = torch.where(ok, 1.0 / wn, torch.zeros_like(wn))  # 1/(w n)
+        c1 = c.inverse()  # 1/(w n)
         c3 = torch.where(big, c1 / torch.where(big, q, torch.ones_like(q)), torch.zeros_like(q))
         d = (x3 - beta) * mask
         dsq = (d * d).sum(dim=(-2, -1))
