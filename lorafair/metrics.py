@@ -139,21 +139,17 @@ def aggregation_bias(
         ideal = float(_linalg.fro_norm(B_s, A_s))
         agg = float(_linalg.fro_norm(B, A))
         err = float(_linalg.fro_norm(torch.cat([B, -B_s], dim=1), torch.cat([A, A_s], dim=0)))
-        if ideal == 0.0 and agg == 0.0:
-            cosine, rel = 1.0, 0.0
-        elif ideal == 0.0:
-            cosine, rel = 0.0, math.inf
-        elif agg == 0.0:
-            cosine, rel = 0.0, err / ideal
-        else:
-            inner = float(_linalg.fro_inner(B, A, B_s, A_s))
-            cosine = max(-1.0, min(1.0, inner / (agg * ideal)))
-            rel = err / ideal
-        out[name] = BiasReport(cosine, rel, err, ideal, agg)
+        # the inner product only where both norms are non-zero (else _cos does not read it)
+        inner = float(_linalg.fro_inner(B, A, B_s, A_s)) if agg and ideal else 0.0
+        rel = (0.0 if agg == 0.0 else math.inf) if ideal == 0.0 else err / ideal
+        out[name] = BiasReport(_cos(inner, agg, ideal), rel, err, ideal, agg)
     return out
 
 
 def _cos(inner: float, na: float, nb: float) -> float:
+    """The diagnostics' one cosine ``inner / (na nb)``, clipped to [−1, 1]: 1.0 where both norms
+    are zero (the same nothing), 0.0 where exactly one is. (The solver's own cosine, 0 where
+    either side is zero, is ``lorafair._fair._cosine.cosine``.)"""
     if na == 0.0 and nb == 0.0:
         return 1.0
     if na == 0.0 or nb == 0.0:

@@ -643,9 +643,10 @@ def test_columns_closed_form_derivatives_match_autograd(norm, side, offset) -> N
     n_layers, lam = 2, 0.2
     shape, X, xn, active, Z0, mat = _columns_problem(gen, side, n_layers)
     x = torch.randn(n_layers, shape[0] * shape[1], generator=gen, dtype=F64)
-    obj = _solve.columns_objective(lam, norm, shape, side == "left", side != "left", offset)  # type: ignore[arg-type]
+    obj = _solve.columns_objective(lam, norm, shape, side == "left")  # type: ignore[arg-type]
     c0 = torch.rand(n_layers, generator=gen, dtype=F64) + 0.5  # the restricted problems' offset
-    data = (X, xn, active, Z0, c0, mat) if offset else (X, xn, active, Z0, mat)
+    c0 = c0 if offset else torch.zeros_like(c0)
+    data = _solve.ColumnData(X, xn, active, Z0, mat, c0)
     f, grad = obj.value_and_grad(x, *data)
     hess = obj.hessian(x, *data)
     vals = obj.values(x.unsqueeze(1), *data).squeeze(1)
@@ -680,9 +681,10 @@ def test_columns_line_values_match_the_reference(norm, side, offset, through) ->
         d = -x / (ts[3] * (1.0 + 1e-9))  # at ts[3]: 1e-9 x, columns of norm ~1e-9
     elif through == "fedit":
         d = (Z0.flatten(-2) - x) / ts[3]
-    obj = _solve.columns_objective(lam, norm, shape, side == "left", side != "left", offset)  # type: ignore[arg-type]
+    obj = _solve.columns_objective(lam, norm, shape, side == "left")  # type: ignore[arg-type]
     c0 = torch.rand(n_layers, generator=gen, dtype=F64) + 0.5
-    data = (X, xn, active, Z0, c0, mat) if offset else (X, xn, active, Z0, mat)
+    c0 = c0 if offset else torch.zeros_like(c0)
+    data = _solve.ColumnData(X, xn, active, Z0, mat, c0)
     assert obj.line is not None
     got = obj.line(x, d, ts, *data)
     for i in range(n_layers):
@@ -716,8 +718,9 @@ def test_columns_carried_features_match_fresh_products(norm, offset) -> None:  #
     Z0 = torch.randn(n_layers, p, q, generator=gen, dtype=F64)
     right = torch.randn(n_layers, q, n, generator=gen, dtype=F64)
     c0 = torch.rand(n_layers, generator=gen, dtype=F64) + 0.5
-    data = (X, xn, active, Z0, c0, right) if offset else (X, xn, active, Z0, right)
-    obj = _solve.columns_objective(lam, norm, (p, q), False, True, offset)
+    c0 = c0 if offset else torch.zeros_like(c0)
+    data = _solve.ColumnData(X, xn, active, Z0, right, c0)
+    obj = _solve.columns_objective(lam, norm, (p, q), on_left=False)
     assert obj.features is not None
     assert obj.line is not None
     x = torch.randn(n_layers, p * q, generator=gen, dtype=F64)

@@ -23,12 +23,12 @@ from torch import Tensor
 
 from lorafair._fair import _tolerances as _tol
 from lorafair._fair._batch import _Rounding, turning
+from lorafair._fair._cosine import cosine
 from lorafair._fair._newton import (
     Batched,
     Runs,
     _reg_grad_coef,
     _reg_hessian,
-    _safe_sqrt,
     regulariser,
 )
 from lorafair._fair._options import Norm, _Options
@@ -40,13 +40,17 @@ class ColumnData(NamedTuple):
     ``Y``, ``xn`` (L, n) ΔW's full column norms, ``active`` (L, n) the columns whose cosine can
     be non-zero, ``Z0`` (L, p, q) FedIT's point (``ΔB = 0``), ``mat`` the fixed factor of
     ``Y``: ``left`` (L, m, p) in ``Y = left Z`` (residual on A) or ``right`` (L, q, n) in
-    ``Y = Z right`` (residual on B). Unpacks as :func:`columns_objective`'s data."""
+    ``Y = Z right`` (residual on B), ``c0`` (L,) ≥ 0 the regulariser's offset, ``λ R(‖Z − Z0‖² +
+    c0)``: 0 for the problem itself, ``‖P_L Z0 P_R‖²`` for a restricted one
+    (:func:`~lorafair._fair._dropped.drop_columns`). Unpacks as :func:`columns_objective`'s
+    data."""
 
     X: Tensor
     xn: Tensor
     active: Tensor
     Z0: Tensor
     mat: Tensor
+    c0: Tensor
 
     def take(self, rows: Tensor) -> ColumnData:
         """Rows ``rows`` (sorted and unique, as ``nonzero`` gives them): the tensors themselves
@@ -76,12 +80,10 @@ class ColumnProblem(NamedTuple):
         """``(p, q)``, the shape of ``Z``."""
         return int(self.data.Z0.shape[-2]), int(self.data.Z0.shape[-1])
 
-    def objective(self, has_offset: bool = False) -> Batched:
-        """:func:`columns_objective` of this problem (``has_offset``: its restricted problems)."""
-        o = self.opts
-        return columns_objective(
-            o.lam, o.norm, self.shape, self.on_left, not self.on_left, has_offset
-        )
+    def objective(self) -> Batched:
+        """:func:`columns_objective` of this problem (and of its restricted problems, whose
+        data differ)."""
+        return columns_objective(self.opts.lam, self.opts.norm, self.shape, self.on_left)
 
     def at_lam0(self) -> ColumnProblem:
         """The same problem with ``λ = 0`` (the λ = 0 end)."""
@@ -176,24 +178,16 @@ def columns_terms(
     whose cosine can be non-zero (the others count as 0). Cost: O(m p q + m q n) per point.
     """
     inner, nsq = _column_sums(Z, X, left, right)
-    xs = torch.where(active, xn, 1.0)
-    cos = torch.where(active, inner / (xs * _safe_sqrt(nsq)), 0.0)
-    return cos.mean(dim=-1)
+    return cosine(inner, xn, nsq, defined=active, small="floor").cos.mean(dim=-1)
 
 
-def columns_objective(
-    lam: float,
-    norm: Norm,
-    shape: tuple[int, int],
-    has_left: bool,
-    has_right: bool,
-    has_offset: bool = False,
-) -> Batched:
-    """``f(Z) = 1 − mean_j cos(X_j, Y_j) + λ R(Z − Z0)``, ``Y = left Z right``, closed forms.
+def columns_objective(lam: float, norm: Norm, shape: tuple[int, int], on_left: bool) -> Batched:
+    """``f(Z) = 1 − mean_j cos(X_j, Y_j) + λ R(‖Z − Z0‖² + c0)``, ``Y = left Z right``, closed
+    forms.
 
-    Data ``(X, xn, active, Z0, c0?, left?, right?)`` (see :func:`columns_terms`), ``Z`` of
-    ``shape`` flattened row-major. With ``has_offset`` the regulariser is ``λ R`` of
-    ``‖Z − Z0‖² + c0`` (``c0`` (L,) ≥ 0; used by :func:`drop_columns`). Per column, with
+    Data: a :class:`ColumnData`, unpacked (see :func:`columns_terms`); its ``mat`` is ``left``
+    where ``on_left`` (``Y = left Z``), else ``right`` (``Y = Z right``); ``Z`` of ``shape``
+    flattened row-major. Per column, with
     ``a = X_j/xn_j``, ``y = Y_j``, ``ν = ‖y‖``, ``s = <a, y>``: ``∇_y cos_j = a/ν − s y/ν³`` and
     ``∇²_y cos_j = −(a yᵀ + y aᵀ)/ν³ − s I/ν³ + 3 s y yᵀ/ν⁵``; the chain rule through the linear
     map gives ``∇_Z = leftᵀ (∇_Y) rightᵀ`` and
@@ -203,22 +197,11 @@ def columns_objective(
     """
     p, q = shape
 
-    def split(lr: tuple[Tensor, ...]) -> tuple[Tensor | None, Tensor | None]:
-        return (lr[0] if has_left else None), (lr[-1] if has_right else None)
-
-    def offset(rest: tuple[Tensor, ...]) -> tuple[Tensor | None, tuple[Tensor, ...]]:
-        return (rest[0], rest[1:]) if has_offset else (None, rest)
-
-    def with_offset(dsq: Tensor, c0: Tensor | None) -> Tensor:
-        return dsq if c0 is None else dsq + c0
-
-    def values(
-        x: Tensor, X: Tensor, xn: Tensor, active: Tensor, Z0: Tensor, *rest: Tensor
-    ) -> Tensor:
+    def values(x: Tensor, *tensors: Tensor) -> Tensor:
+        X, xn, active, Z0, _, c0 = data = ColumnData(*tensors)
+        left, right = data.sides(on_left)
         n_layers, n_cand, _ = x.shape
         Z = x.reshape(n_layers, n_cand, p, q)
-        c0, lr = offset(rest)
-        left, right = split(lr)
         cos = columns_terms(
             Z,
             None if left is None else left.unsqueeze(1),
@@ -228,52 +211,41 @@ def columns_objective(
             active.unsqueeze(1),
         )
         diff = Z - Z0.unsqueeze(1)
-        dsq = (diff * diff).sum(dim=(-2, -1))
-        if c0 is not None:
-            dsq = dsq + c0[:, None]
+        dsq = (diff * diff).sum(dim=(-2, -1)) + c0[:, None]
         return 1.0 - cos + regulariser(dsq, lam, norm)
 
     def _cosine_terms(
         inner: Tensor, nsq: Tensor, xn: Tensor, active: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``cos`` (mean) and per column ``k1 = 1/(xn ν)``, ``k3 = 1/ν³``, ``s = <a, y>``,
-        ``xs`` from the columns' inner products with ΔW and squared norms."""
-        nu = _safe_sqrt(nsq)
-        xs = torch.where(active, xn, torch.ones_like(xn))
+        ``xs`` from the columns' inner products with ΔW and squared norms (the cosine by
+        :func:`~lorafair._fair._cosine.cosine`, split as ``s · (1/ν)``)."""
+        c = cosine(inner, xn, nsq, defined=active, small="floor", form="split")
+        nu = c.norm
         big = active & (nsq > _tol.TINY)
-        zero = torch.zeros_like(nu)
-        k1 = torch.where(active, 1.0 / (xs * nu), zero)  # 1/(xn ν)
-        k3 = torch.where(big, 1.0 / (nu * nu * nu), zero)  # 1/ν³
-        s = torch.where(active, inner / xs, zero)  # <a, y>
-        cos = (s * torch.where(active, 1.0 / nu, zero)).mean(dim=-1)
-        return cos, k1, k3, s, xs
+        k1 = c.inverse()  # 1/(xn ν)
+        k3 = torch.where(big, 1.0 / (nu * nu * nu), torch.zeros_like(nu))  # 1/ν³
+        return c.cos.mean(dim=-1), k1, k3, c.unit(inner), c.ref
 
     def value_and_grad(
-        x: Tensor,
-        X: Tensor,
-        xn: Tensor,
-        active: Tensor,
-        Z0: Tensor,
-        *rest: Tensor,
-        fx: Tensor | None = None,
+        x: Tensor, *tensors: Tensor, fx: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        c0, lr = offset(rest)
-        left, right = split(lr)
+        X, xn, active, Z0, _, c0 = data = ColumnData(*tensors)
+        left, right = data.sides(on_left)
         Z = x.reshape(x.shape[0], p, q)
         cos, k1, k3, s, _ = _cosine_terms(*_column_sums(Z, X, left, right, fx), xn, active)
         GZ = _pullback(Z, X, k1, s * k3, left, right) / X.shape[-1]
         diff = Z - Z0
-        dsq = with_offset((diff * diff).sum(dim=(-2, -1)), c0)
+        dsq = (diff * diff).sum(dim=(-2, -1)) + c0
         f = 1.0 - cos + regulariser(dsq, lam, norm)
         grad = _reg_grad_coef(dsq, lam, norm)[:, None, None] * diff - GZ
         return f, grad.flatten(-2)
 
-    def hessian(
-        x: Tensor, X: Tensor, xn: Tensor, active: Tensor, Z0: Tensor, *rest: Tensor
-    ) -> Tensor:
-        c0, lr = offset(rest)
+    def hessian(x: Tensor, *tensors: Tensor) -> Tensor:
+        X, xn, active, Z0, _, c0 = data = ColumnData(*tensors)
+        left, right = data.sides(on_left)
         Z = x.reshape(x.shape[0], p, q)
-        Y = linear_map(Z, *split(lr))
+        Y = linear_map(Z, left, right)
         nsq = (Y * Y).sum(dim=-2)
         _, _, k3, s, xs = _cosine_terms((Y * X).sum(dim=-2), nsq, xn, active)
         n_layers, m, n_cols = Y.shape
@@ -289,33 +261,28 @@ def columns_objective(
             - (s * k3)[..., None, None] * eye_m
             + k5[..., None, None] * (y.unsqueeze(-1) * y.unsqueeze(-2))
         ) / n_cols  # (L, n, m, m): Hessian of cos_j / n in Y_j
-        left, right = split(lr)
         if left is not None:
             Hj = left.mT.unsqueeze(1) @ Hj @ left.unsqueeze(1)  # (L, n, p, p)
         if right is None:
             right = torch.eye(n_cols, dtype=Y.dtype, device=Y.device).expand(n_layers, -1, -1)
         hz = torch.einsum("lkj,lqj,ljab->lakbq", right, right, Hj).reshape(n_layers, p * q, p * q)
         diff = (Z - Z0).flatten(-2)
-        dsq = with_offset((diff * diff).sum(dim=-1), c0)
+        dsq = (diff * diff).sum(dim=-1) + c0
         return _reg_hessian(diff, dsq, torch.ones_like(diff), lam, norm) - hz
 
     def line(
         x: Tensor,
         d: Tensor,
         ts: Tensor,
-        X: Tensor,
-        xn: Tensor,
-        active: Tensor,
-        Z0: Tensor,
-        *rest: Tensor,
+        *tensors: Tensor,
         fx: Tensor | None = None,
         fd: Tensor | None = None,
     ) -> Tensor:
         # Along Z + t D every column's <X_j, Y_j>, ‖Y_j‖² and ‖Z − Z0‖² are polynomials in t of
         # degree ≤ 2: two products (Y, V = left D right) serve every step length. Where a
         # quadratic cancels (the point nears a zero column or Z0), the layer is evaluated exactly.
-        c0, lr = offset(rest)
-        left, right = split(lr)
+        X, xn, active, Z0, _, c0 = data = ColumnData(*tensors)
+        left, right = data.sides(on_left)
         n_layers = x.shape[0]
         Z = x.reshape(n_layers, p, q)
         D = d.reshape(n_layers, p, q)
@@ -341,22 +308,19 @@ def columns_objective(
         ends = yy.unsqueeze(1) + t * t * vv.unsqueeze(1)
         nsq = ends + 2.0 * t * yv.unsqueeze(1)  # (L, S, n)
         act = active.unsqueeze(1)
-        xs = torch.where(active, xn, 1.0).unsqueeze(1)
-        cos = torch.where(act, inner / (xs * _safe_sqrt(nsq)), 0.0)
+        cos = cosine(inner, xn.unsqueeze(1), nsq, defined=act, small="floor").cos
         diff = Z - Z0
         t2 = ts[None, :]
         e0 = (diff * diff).sum(dim=(-2, -1))[:, None] + t2 * t2 * (D * D).sum(dim=(-2, -1))[:, None]
         dsq = e0 + 2.0 * t2 * (diff * D).sum(dim=(-2, -1))[:, None]
         lost = (act & (nsq <= _tol.LINE_CANCEL * ends) & (ends > 0)).any(dim=-1)
         lost |= (dsq <= _tol.LINE_CANCEL * e0) & (e0 > 0)
-        if c0 is not None:
-            dsq = dsq + c0[:, None]
+        dsq = dsq + c0[:, None]
         f = 1.0 - cos.mean(dim=-1) + regulariser(torch.clamp(dsq, min=0.0), lam, norm)
         redo = lost.any(dim=-1)
         if bool(redo.any()):
-            sub = (X, xn, active, Z0, *rest)
             pts = x[redo].unsqueeze(1) + t2.unsqueeze(-1) * d[redo].unsqueeze(1)
-            f[redo] = values(pts, *(a[redo] for a in sub))
+            f[redo] = values(pts, *(a[redo] for a in data))
         return f
 
     def features(x: Tensor, X: Tensor, *_: Tensor) -> Tensor:
@@ -364,7 +328,7 @@ def columns_objective(
         # in each gradient and in each line search).
         return x.reshape(x.shape[0], p, q).mT @ X
 
-    factored = has_right and not has_left and p >= _tol.FACTORED_ROWS * q
+    factored = not on_left and p >= _tol.FACTORED_ROWS * q
     return Batched(
         _by_rows(values, candidates=True),
         _by_rows(value_and_grad),
@@ -471,10 +435,10 @@ def _unsafe(Z: Tensor, data: ColumnData, on_left: bool, unit: _Rounding) -> Tens
 
 def _unsafe_rows(Z: Tensor, data: ColumnData, on_left: bool, unit: _Rounding) -> Tensor:
     """:func:`_unsafe` on one chunk of rows."""
-    X, xn, active, Z0, mat = data
-    if Z.ndim == Z0.ndim + 1:
-        X, xn, active, Z0, mat = (t.unsqueeze(1) for t in (X, xn, active, Z0, mat))
-    left, right = (mat, None) if on_left else (None, mat)
+    if Z.ndim == data.Z0.ndim + 1:
+        data = ColumnData(*(t.unsqueeze(1) for t in data))
+    X, xn, active, Z0 = data.X, data.xn, data.active, data.Z0
+    left, right = data.sides(on_left)
     sc = _rounding_scale(Z, Z0, left, right, unit.floor)
     limit = max(_tol.DROP_UNSAFE, _tol.UNSAFE_EPS * unit.eps)
     # Explicit Y here, whatever the shape: near a vanishing column the factored pullback's
@@ -482,11 +446,12 @@ def _unsafe_rows(Z: Tensor, data: ColumnData, on_left: bool, unit: _Rounding) ->
     Y = linear_map(Z, left, right)
     yn = _column_norms(Y)
     n = Y.shape[-1]
-    ok = active & (yn > 0)
-    one = torch.ones_like(yn)
-    k1 = torch.where(ok, 1.0 / torch.where(ok, xn * yn, one), 0.0)  # 1/(‖X_j‖ ν)
-    k3 = torch.where(ok, 1.0 / torch.where(ok, yn, one) ** 3, 0.0)  # 1/ν³
-    s = torch.where(ok, (Y * X).sum(dim=-2) / torch.where(ok, xn, one), 0.0)
+    inner = (Y * X).sum(dim=-2)
+    c = cosine(inner, xn, norm=yn, defined=active, small="zero")
+    ok = c.ok
+    k1 = c.inverse()  # 1/(‖X_j‖ ν)
+    k3 = torch.where(ok, 1.0 / torch.where(ok, yn, torch.ones_like(yn)) ** 3, 0.0)  # 1/ν³
+    s = c.unit(inner)
     GY = (k1.unsqueeze(-2) * X - (s * k3).unsqueeze(-2) * Y) / n
     GZ = adjoint_map(GY, left, right)
     size = torch.linalg.matrix_norm(Z) + torch.linalg.matrix_norm(Z0) + unit.floor

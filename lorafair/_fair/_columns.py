@@ -25,6 +25,7 @@ from lorafair._fair._column_objective import (
     _column_scale,
     linear_map,
 )
+from lorafair._fair._cosine import cosine
 from lorafair._fair._dropped import (
     _drop_direction,
     drop_columns,
@@ -148,7 +149,7 @@ def _setup(grp: _Group, opts: _Options) -> _Setup:
         R_pinv = torch.linalg.pinv(R_B)
         Z_ls = R_pinv @ X
         Z_unit = R_pinv @ _unit_columns(X, xn)
-    data = ColumnData(X, xn, active, Z0, mat)
+    data = ColumnData(X, xn, active, Z0, mat, xn.new_zeros(grp.n))
     problem = ColumnProblem(data, opts.residual_on == "A", opts, _rounding(grp, opts))
     return _Setup(problem, Z_ls, Z_unit, basis)
 
@@ -304,16 +305,15 @@ def _mix_columns(Z: Tensor, f: Tensor, layer: Tensor, problem: ColumnProblem) ->
     for ``"fro_squared"``; for ``"fro"``, ``λ ‖D‖`` linearised in ``‖D‖²`` at the layer's best
     candidate, ``λ ‖D_j‖² / (2 ‖D_best‖)``).
     """
-    X, xn, active, Z0, left = problem.data
+    d = problem.data
+    X, xn, active, Z0, left = d.X, d.xn, d.active, d.Z0, d.mat
     opts = problem.opts
     n_layers, n = xn.shape
     sub_Z0 = Z0[layer]
     Y = left[layer] @ Z
     inner = (Y * X[layer]).sum(dim=-2)
     ynorm = torch.linalg.vector_norm(Y, dim=-2)
-    act = active[layer] & (ynorm > 0)
-    den = torch.where(act, xn[layer] * ynorm, torch.ones_like(ynorm))
-    cos = torch.where(act, inner / den, torch.zeros_like(inner))
+    cos = cosine(inner, xn[layer], norm=ynorm, defined=active[layer], small="zero").cos
     dsq = (Z - sub_Z0).square().sum(dim=-2)  # (rows, n)
     lam = torch.full_like(f, opts.lam)
     if opts.norm == "fro":
@@ -455,7 +455,6 @@ def _columns_minimise(
         s_drop = torch.cat([s_drop, single[chosen]])
         s_W = torch.cat([s_W, Zr[rows[chosen]]])
         s_it = torch.cat([s_it, res.iterations[rows[chosen]]])
-    obj_d = problem.objective(has_offset=True)
     for _ in range(n):
         if s_layer.numel() == 0:
             break
@@ -463,7 +462,7 @@ def _columns_minimise(
         dc = drop_columns(sub, on_left, s_drop)
         x0 = drop_start(dc, s_W)
         rd = minimise(
-            obj_d, dc.data, x0.reshape(s_W.shape[0], -1), tol=opts.tol, max_iter=opts.max_iter
+            scorer.obj, dc.data, x0.reshape(s_W.shape[0], -1), tol=opts.tol, max_iter=opts.max_iter
         )
         it = s_it + rd.iterations
         E = _drop_direction(dc, sub, s_W - drop_project(dc, s_W), opts)

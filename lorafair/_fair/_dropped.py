@@ -21,29 +21,18 @@ from lorafair._fair._newton import minimise
 from lorafair._fair._options import _Options
 
 
-class RestrictedData(NamedTuple):
-    """A restricted problem's tensors, :func:`columns_objective`'s data with ``has_offset``:
-    :class:`ColumnData`'s, with ``active`` less the dropped columns ``J``, ``c0`` (L,) the
-    regulariser's offset, and ``mat`` the same ``left`` or the reduced ``right``."""
-
-    X: Tensor
-    xn: Tensor
-    active: Tensor
-    Z0: Tensor
-    c0: Tensor
-    mat: Tensor
-
-
 class DroppedColumns(NamedTuple):
     """The columns problem restricted to the points whose product columns ``J`` vanish.
 
-    ``data``: the restricted problem's data (:class:`RestrictedData`); ``drop`` (L, n) the mask
+    ``data``: the restricted problem's data, a :class:`ColumnData` (``active`` less the dropped
+    columns ``J``, ``mat`` the same ``left`` or the reduced ``right``, ``c0`` the regulariser's
+    offset: the same objective, :func:`columns_objective`, serves both); ``drop`` (L, n) the mask
     of ``J``; ``PL`` (L, p, p) / ``PR`` (L, q, q) the projectors of :func:`drop_columns` (``PR``
     None on the left-only form, ``Y = left Z``, where it is the column mask ``drop``); ``E``
     (L, p, q) the direction along which the dropped columns reappear with their best cosines.
     """
 
-    data: RestrictedData
+    data: ColumnData
     drop: Tensor
     PL: Tensor | None
     PR: Tensor | None
@@ -72,7 +61,7 @@ def drop_columns(data: ColumnData, on_left: bool, drop: Tensor) -> DroppedColumn
     mask. Cost: one ``pinv`` of ``left`` (m × p) or of ``right_J`` (q × n)
     and O(p q (p + q + n)) flops per layer.
     """
-    X, xn, active, Z0, mat = data
+    X, xn, active, Z0, mat = data.X, data.xn, data.active, data.Z0, data.mat
     dm = drop.unsqueeze(-2).to(X.dtype)
     keep = active & ~drop
     if on_left:
@@ -81,7 +70,7 @@ def drop_columns(data: ColumnData, on_left: bool, drop: Tensor) -> DroppedColumn
         PL = pinv @ left
         c0 = ((PL @ Z0) * dm).square().sum(dim=(-2, -1))
         E = (pinv @ X) * dm
-        return DroppedColumns(RestrictedData(X, xn, keep, Z0, c0, left), drop, PL, None, E)
+        return DroppedColumns(ColumnData(X, xn, keep, Z0, left, c0), drop, PL, None, E)
     right = mat
     RJ = right * dm
     pinv = torch.linalg.pinv(RJ)  # (n, q), zero rows outside J
@@ -93,7 +82,7 @@ def drop_columns(data: ColumnData, on_left: bool, drop: Tensor) -> DroppedColumn
     keep = keep & (rest > _tol.DROP_REMAINDER * torch.linalg.vector_norm(right, dim=-2))
     c0 = (Z0 @ PR).square().sum(dim=(-2, -1))
     E = (X * dm) @ pinv
-    return DroppedColumns(RestrictedData(X, xn, keep, Z0, c0, reduced), drop, None, PR, E)
+    return DroppedColumns(ColumnData(X, xn, keep, Z0, reduced, c0), drop, None, PR, E)
 
 
 def drop_start(dc: DroppedColumns, W: Tensor) -> Tensor:
@@ -152,7 +141,7 @@ def _drop_direction(
     """
     if dc.PR is None:  # on the left
         return dc.E
-    X, xn, active, Z0, right = sub
+    X, xn, active, Z0, right = sub.X, sub.xn, sub.active, sub.Z0, sub.mat
     rank = torch.linalg.matrix_rank(right * dc.drop.unsqueeze(-2).to(right.dtype))
     shared = dc.drop.sum(dim=-1) > rank
     if not bool(shared.any()):
@@ -167,8 +156,8 @@ def _drop_direction(
     ok = (an > 0) & (en > 0)
     ratio = torch.where(ok, en / torch.where(ok, an, torch.ones_like(an)), 0.0)
     approach = torch.where(ok[:, None, None], approach * ratio[:, None, None], E_ls)
-    obj_e = columns_objective(0.0, "fro_squared", shape, False, True)
-    data_e = ColumnData(X, xn, active & drop, torch.zeros_like(Z0), right)
+    obj_e = columns_objective(0.0, "fro_squared", shape, on_left=False)
+    data_e = ColumnData(X, xn, active & drop, torch.zeros_like(Z0), right, Z0.new_zeros(rows))
     rep = ColumnData(*(torch.cat([t, t]) for t in data_e))
     x0 = torch.cat([E_ls, approach]).reshape(2 * rows, -1)
     res = minimise(obj_e, rep, x0, tol=opts.tol, max_iter=opts.max_iter)

@@ -26,11 +26,13 @@ with closed-form gradient and Hessian in θ. These tiny problems are solved on t
 float64 (one transfer each way) by :func:`~lorafair._fair._newton.minimise`. The answer is
 certified afterwards from the full problem's
 gradient ``∇_{c_i} f = (μ + κ g_i) c_i − α h_i − μ b_i``, which vanishes on the family exactly
-when ``a μ = α`` and ``k μ = κ``. :func:`solve` returns candidates for the flat form's pool
-(:mod:`lorafair._fair._pool`): the family's point and the λ = 0 end's points, each scored by
-its objective plus what rounding the output can cost it (:func:`turn_cost`); a layer where
-neither ``ΔP = 0`` nor a certified family point wins is handed to the general ``r × 3`` solver
-in :mod:`lorafair._fair._flat`. A candidate is ``(x, y)`` (rows, 2, r), the residual
+when ``a μ = α`` and ``k μ = κ``. :func:`solve` is a candidate generator: it returns the
+family's point and the λ = 0 end's points (:class:`Points`, unscored, with what the
+scorer needs: the data, the certificate, the end's infimum) for the flat form's one scorer,
+:class:`~lorafair._fair._flat._FlatScorer`, which scores them (objective plus what rounding the
+output can cost them, :func:`turn_cost`); a layer where neither ``ΔP = 0`` nor a certified
+family point wins is handed to the general ``r × 3`` solver in :mod:`lorafair._fair._flat`.
+A candidate is ``(x, y)`` (per layer ``2 r`` numbers), the residual
 ``ΔP = H V diag(x) Vᵀ − P V diag(y) Vᵀ`` (on the family ``x_i = a/(1 + k g_i)``,
 ``y_i = k g_i/(1 + k g_i)``).
 """
@@ -45,9 +47,9 @@ from torch import Tensor
 
 from lorafair._fair import _tolerances as _tol
 from lorafair._fair._batch import turning
+from lorafair._fair._cosine import cosine
 from lorafair._fair._newton import Batched, minimise, reg_terms
 from lorafair._fair._options import Norm
-from lorafair._fair._pool import _Candidates
 
 
 class Reduced(NamedTuple):
@@ -213,12 +215,14 @@ def _base_values(theta: Tensor, data: FamilyData) -> tuple[Tensor, Tensor, Tenso
 
 
 def _cos_parts(s: Tensor, q: Tensor, w: Tensor) -> tuple[Tensor, ...]:
-    """``φ = −s/(w√q)`` and its partials ``φ_s, φ_q, φ_sq, φ_qq`` (all 0 where ``w q = 0``)."""
-    ok = (w > 0) & (q > _tol.TINY)
-    qs = torch.where(ok, q, 1.0)
-    inv = torch.where(ok, 1.0 / (w * torch.sqrt(qs)), 0.0)  # 1/(w√q)
+    """``φ = −s/(w√q)`` (the cosine, :func:`~lorafair._fair._cosine.cosine` by the reciprocal
+    ``1/(w√q)`` it shares with the partials) and its partials ``φ_s, φ_q, φ_sq, φ_qq`` (all 0
+    where ``w = 0`` or ``q ≤ TINY``)."""
+    c = cosine(s, w, q, defined=w > 0, small="zero_tiny", form="inverse")
+    qs = torch.where(c.ok, q, 1.0)
+    inv = c.inverse()  # 1/(w√q)
     phi_sq = 0.5 * inv / qs
-    return -s * inv, -inv, s * phi_sq, phi_sq, -0.75 * s * inv / (qs * qs)
+    return -c.cos, -inv, s * phi_sq, phi_sq, -0.75 * s * inv / (qs * qs)
 
 
 def family_objective(lam: float, norm: Norm) -> Batched:
@@ -262,7 +266,7 @@ def family_objective(lam: float, norm: Norm) -> Batched:
 
 
 # ---------------------------------------------------------------- closed forms and the end
-def _terms(
+def point_terms(
     x: Tensor, y: Tensor, g: Tensor, hh: Tensor, hb: Tensor, bb: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(s, n², ρ²)`` of ``ΔP = H V diag(x) Vᵀ − P V diag(y) Vᵀ``: with ``c_i = x_i h_i +
@@ -275,12 +279,11 @@ def _terms(
     return s, n_sq, rho_sq
 
 
-def _objective(
+def point_objective(
     s: Tensor, n_sq: Tensor, rho_sq: Tensor, w: Tensor, lam: float, norm: Norm
 ) -> tuple[Tensor, Tensor]:
     """``(f, cos)`` with ``cos = s/(w n)`` (0 where a side is 0), ``f = 1 − cos + λ R(ρ²)``."""
-    ok = (w > 0) & (n_sq > 0)
-    cos = torch.where(ok, s / torch.where(ok, w * torch.sqrt(torch.where(ok, n_sq, 1.0)), 1.0), 0.0)
+    cos = cosine(s, w, n_sq, defined=w > 0, small="zero").cos
     return 1.0 - cos + reg_terms(rho_sq, lam, norm)[0], cos
 
 
@@ -316,59 +319,65 @@ def turn_cost(n_sq: Tensor, g: Tensor, bb: Tensor, eps: Tensor, noise: Tensor) -
     """``½ u²``, ``u = (ε ‖P‖ + noise) √max g / n``: the angle by which rounding ``P'`` (or
     ``ΔP``) as computed and returned can turn a product of norm ``n``, squared: what that costs
     its cosine (the rounding model :func:`~lorafair._fair._batch.turning`, for the whole
-    product). ``g``, ``bb`` (L, r); ``eps``, ``noise`` (L,) (see :func:`_end`); ``n_sq`` (L,) or
+    product). ``g``, ``bb`` (L, r); ``eps``, ``noise`` (L,) (see :class:`Host`); ``n_sq`` (L,) or
     (L, S)."""
     u_sq = (eps * torch.sqrt(bb.sum(-1)) + noise) ** 2 * g.amax(-1)
     return 0.5 * turning(u_sq if n_sq.ndim == 1 else u_sq[:, None], n_sq)
 
 
-def _points(
-    x: Tensor, y: Tensor, cost: Tensor, f: Tensor, cos: Tensor, it: Tensor, cv: Tensor
-) -> _Candidates:
-    """Candidates ``(x, y)`` (L, S, r) for the flat pool, layer-major: their ``cost`` (score),
-    objective ``f`` and cosine ``cos`` (L, S); their runs' ``it``, ``cv`` (L, S) or (L,)."""
-    n_layers, per = x.shape[0], x.shape[1]
-    return _Candidates(
-        torch.cat([x, y], dim=-1).reshape(n_layers * per, 2 * x.shape[-1]),
-        cost.reshape(-1),
-        torch.arange(n_layers).repeat_interleave(per),
-        (it if it.ndim == 2 else it[:, None]).expand(n_layers, per).reshape(-1),
-        (cv if cv.ndim == 2 else cv[:, None]).expand(n_layers, per).reshape(-1),
-        torch.stack([f, cos], dim=-1).reshape(-1, 2),
-    )
+class Host(NamedTuple):
+    """The family's problem on the host (CPU, float64), per layer: ``g``, ``hh``, ``hb``, ``bb``
+    (L, r) and ``w`` (L,) of :class:`Reduced`, and the output's rounding ``eps``, ``noise`` (L,)
+    (see :func:`turn_cost`)."""
+
+    g: Tensor
+    hh: Tensor
+    hb: Tensor
+    bb: Tensor
+    w: Tensor
+    eps: Tensor
+    noise: Tensor
 
 
-class _End(NamedTuple):
-    """The λ = 0 end: its points (candidates) and the infimum ``floor`` they approach."""
+class Points(NamedTuple):
+    """Candidate points for the flat form's scorer, on the host: ``ΔP = H V diag(x) Vᵀ −
+    P V diag(y) Vᵀ`` with ``x`` (L, S, r) and ``y`` (L, S, r), or (L, 1, r) for one ``y`` per
+    layer; ``iterations``, ``converged`` (L,) of the run that made them; ``valid`` (L, S) where a
+    point stands (None: every point); ``charged``: whether the scorer adds what rounding the
+    output can cost them (:func:`turn_cost`; the closed forms are exact and are not charged)."""
 
-    points: _Candidates
-    floor: Tensor
+    x: Tensor
+    y: Tensor
+    iterations: Tensor
+    converged: Tensor
+    valid: Tensor | None
+    charged: bool
 
 
-def _end(
-    g: Tensor,
-    hh: Tensor,
-    hb: Tensor,
-    bb: Tensor,
-    w: Tensor,
-    eps: Tensor,
-    noise: Tensor,
-    lam: float,
-    norm: Norm,
-) -> _End:
+class End(NamedTuple):
+    """The λ = 0 end (:func:`_end`): its ``points`` and the infimum ``floor`` they approach, which
+    is the objective of its first point (``t = τ``) where the ray points towards ``P``
+    (``toward`` (L,)); ``limit`` (L,), approached as ``t → 0⁺``, where the ray exists (``has``
+    (L,)) but points away; that of ``ΔP = 0`` where it does not."""
+
+    points: Points
+    toward: Tensor
+    has: Tensor
+    limit: Tensor
+
+
+def _end(g: Tensor, hh: Tensor, hb: Tensor, bb: Tensor, w: Tensor, lam: float, norm: Norm) -> End:
     """The λ = 0 end of the trade-off: points ``c_i = t h_i/g_i`` (``g_i > 0``), ``c_i = b_i``
     elsewhere, i.e. ``P' = P (I − Q Q⁺) + t Z`` with ``Z`` the λ = 0 direction (``‖Z‖ = ‖z‖``),
     for ``t = τ`` (where the ray points towards ``P``, ``Σ hb_i/g_i > 0``: its best point) and
     for ``‖t z‖ = s ‖P‖`` (``s ‖z‖`` if ``P = 0``), ``s`` of ``_tol.FAMILY_END_STEPS``.
 
-    Where the ray points towards ``P``, ``floor = f(τ)``. Otherwise the infimum
-    ``floor = 1 − cos_max + λ R(‖P Q⁺Q‖²)`` is only approached as ``t → 0⁺`` (the product
-    vanishes), where no stationary point lies; each point's score adds :func:`turn_cost`, how
-    much rounding ``P'`` or ``ΔP`` (unit roundoff ``eps`` of the output dtype, relative to
-    ``‖P‖``; ``noise``: an absolute error floor, from float64 cancellation and the output's
-    subnormals; both per layer) turns the vanishing product and so lowers its cosine, so the
-    pool takes the point the output can hold. ``H = 0``: no points, ``floor = f(ΔP = 0)``.
-    Closed forms: reported with 0 iterations, converged.
+    Where the ray points towards ``P``, the floor is ``f(τ)``. Otherwise the infimum
+    ``limit = 1 − cos_max + λ R(‖P Q⁺Q‖²)`` is only approached as ``t → 0⁺`` (the product
+    vanishes), where no stationary point lies; the scorer charges each point what rounding
+    ``P'`` or ``ΔP`` can cost it (:func:`turn_cost`: it turns the vanishing product and so
+    lowers its cosine), so the pool takes the point the output can hold. ``H = 0``: no valid
+    points, the floor is ``f(ΔP = 0)``. Closed forms: reported with 0 iterations, converged.
     """
     pos = g > 0
     gi, zz, zb, has = ray(g, hh, hb)
@@ -380,23 +389,15 @@ def _end(
     t = torch.cat([torch.where(toward, zb / zz1, 1.0)[:, None], ref[:, None] * steps], dim=1)
     x = t[..., None] * gi[:, None, :]
     y = torch.where(pos & has[:, None], 1.0, 0.0)[:, None, :]
-    terms = _terms(x, y, *(a[:, None, :] for a in (g, hh, hb, bb)))
-    f, cos = _objective(*terms, w[:, None], lam, norm)
-    cost = f + turn_cost(terms[1], g, bb, eps, noise)
     valid = has[:, None] & torch.cat(
         [toward[:, None], torch.ones_like(t[:, 1:], dtype=torch.bool)], 1
     )
-    cost = torch.where(valid, cost, torch.inf)
     cos_max = torch.where(
         has & (w > 0), torch.sqrt((hh * gi).sum(-1)) / torch.where(w > 0, w, 1.0), 0.0
     )
     limit = 1.0 - cos_max + reg_terms(torch.where(pos, bb, 0.0).sum(-1), lam, norm)[0]
-    f_zero = _objective(
-        *_terms(torch.zeros_like(g), torch.zeros_like(g), g, hh, hb, bb), w, lam, norm
-    )[0]
-    floor = torch.where(toward, f[:, 0], torch.where(has, limit, f_zero))
     it = torch.zeros(g.shape[0], dtype=torch.int64)
-    return _End(_points(x, y.expand_as(x), cost, f, cos, it, it == 0), floor)
+    return End(Points(x, y, it, it == 0, valid, charged=True), toward, has, limit)
 
 
 def _lam0(g: Tensor, hh: Tensor, hb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -415,22 +416,20 @@ def _lam0(g: Tensor, hh: Tensor, hb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 # ---------------------------------------------------------------- the solve
 class FamilyCandidates(NamedTuple):
-    """The family's candidates for the flat pool, per layer, on the layers' device.
+    """The family's candidates for the flat form's scorer, per layer, on the host, unscored.
 
-    ``zero`` (L, 2): objective and cosine of ``ΔP = 0``; ``zero_ok`` (L,): ``ΔP = 0`` shown
-    optimal; ``found``: the family's Newton result (one row per layer, in order; closed form
-    for λ = 0 and one client), its score adding :func:`turn_cost` (the closed forms: their
-    objective alone); ``good`` (L,): that point
-    certified stationary for the full problem (``d ≥ 3`` only); ``end``: the λ = 0 end's points
-    and ``floor`` (L,), the infimum they approach (:func:`_end`).
+    ``problem``: the data they are scored on; ``found``: the family's Newton result (one point
+    per layer, in order; closed form for λ = 0 and one client, then not charged); ``good`` (L,):
+    that point certified stationary for the full problem (``d ≥ 3`` only); ``zero_ok`` (L,):
+    ``ΔP = 0`` shown optimal; ``end``: the λ = 0 end (:func:`_end`; None for the closed forms,
+    which are exact: the floor is their objective).
     """
 
-    zero: Tensor
-    zero_ok: Tensor
-    found: _Candidates
+    problem: Host
+    found: Points
     good: Tensor
-    end: _Candidates
-    floor: Tensor
+    zero_ok: Tensor
+    end: End | None
 
 
 def solve(
@@ -456,43 +455,20 @@ def solve(
     ``FAMILY_STARTS`` best grid points and goes on to convergence from the best of them.
     ``wide`` (L,) bool: ``d ≥ 3``, where the family provably holds every local minimum; other
     layers are never certified. ``eps``, ``noise`` (L,): each layer's output rounding (for
-    :func:`turn_cost`). Cost O(L r) per point.
+    :func:`turn_cost`). The candidates stay on the host, unscored: the flat form's scorer
+    scores them there. Cost O(L r) per point.
     """
-    dev = red.g.device
-    g, hh, hb, bb, w, e, z = (
-        t.detach().to("cpu", _F64) for t in (red.g, red.hh, red.hb, red.bb, red.w, eps, noise)
+    host = Host(
+        *(t.detach().to("cpu", _F64) for t in (red.g, red.hh, red.hb, red.bb, red.w, eps, noise))
     )
     with torch.inference_mode():  # ~0.1 of the solve: tiny tensors, per-op overhead dominates
-        sol = _solve_host(
-            g,
-            hh,
-            hb,
-            bb,
-            w,
-            e,
-            z,
-            wide.cpu(),
-            lam=lam,
-            norm=norm,
-            tol=tol,
-            max_iter=max_iter,
-            single=single,
+        return _solve_host(
+            host, wide.cpu(), lam=lam, norm=norm, tol=tol, max_iter=max_iter, single=single
         )
-    found, end = (_Candidates(*(t.to(dev, copy=True) for t in c)) for c in (sol.found, sol.end))
-    zero, zero_ok, good, floor = (
-        t.to(dev, copy=True) for t in (sol.zero, sol.zero_ok, sol.good, sol.floor)
-    )
-    return FamilyCandidates(zero, zero_ok, found, good, end, floor)
 
 
 def _solve_host(
-    g: Tensor,
-    hh: Tensor,
-    hb: Tensor,
-    bb: Tensor,
-    w: Tensor,
-    eps: Tensor,
-    noise: Tensor,
+    host: Host,
     wide: Tensor,
     *,
     lam: float,
@@ -501,17 +477,16 @@ def _solve_host(
     max_iter: int,
     single: bool,
 ) -> FamilyCandidates:
+    g, hh, hb, bb, w, _, _ = host
     n_layers = g.shape[0]
     zeros = torch.zeros_like(g)
-    f0, cos0 = _objective(*_terms(zeros, zeros, g, hh, hb, bb), w, lam, norm)
-    zero_it = torch.zeros(n_layers, dtype=torch.int64)
     yes = torch.ones(n_layers, dtype=torch.bool)
     if single or lam == 0.0:
         x, y, _ = (zeros, zeros, None) if single else _lam0(g, hh, hb)
-        f, cos = _objective(*_terms(x, y, g, hh, hb, bb), w, lam, norm)
-        found = _points(x[:, None], y[:, None], f[:, None], f[:, None], cos[:, None], zero_it, yes)
-        none = _Candidates(*(t[:0] for t in found))
-        return FamilyCandidates(torch.stack([f0, cos0], -1), yes, found, yes, none, f)
+        zero_it = torch.zeros(n_layers, dtype=torch.int64)
+        found = Points(x[:, None], y[:, None], zero_it, yes, None, charged=False)
+        return FamilyCandidates(host, found, yes, yes, None)
+    cos0 = point_objective(*point_terms(zeros, zeros, g, hh, hb, bb), w, lam, norm)[1]
     gmax = g.amax(-1)
     gmax = torch.where(gmax > 0, gmax, 1.0)
     gh = g / gmax[:, None]
@@ -563,11 +538,11 @@ def _solve_host(
     u = 1.0 / (1.0 + t)
     x = torch.where(g[:, None] > 0, a[..., None] * u, 0.0)  # null columns: h_i = 0, c_i = b_i
     y = t * u
+    found = Points(x, y, *per_start, None, charged=True)
+    # the certificate reads the objective's pieces at the found point (the scorer scores it)
     g_, hh_, hb_, bb_ = (v[:, None] for v in (g, hh, hb, bb))
-    s, n_sq, rho_sq = _terms(x, y, g_, hh_, hb_, bb_)
-    f, cos = _objective(s, n_sq, rho_sq, w[:, None], lam, norm)
-    cost = f + turn_cost(n_sq, g, bb, eps, noise)
-    found = _points(x, y, cost, f, cos, *per_start)
+    s, n_sq, rho_sq = point_terms(x, y, g_, hh_, hb_, bb_)
+    f = point_objective(s, n_sq, rho_sq, w[:, None], lam, norm)[0]
     # Certificate: the full problem's gradient per column is ∇_i = (μ + κ g_i) c_i − α h_i − μ b_i
     # (α = 1/(w n), κ = s/(w n³), μ = λ/ρ or 2λ; zero exactly on the family's stationary points).
     # Accept when the curvature μ + κ g_i off the family is positive and the Newton gain
@@ -596,6 +571,5 @@ def _solve_host(
     zero_ok = (hh.sum(-1) == 0) | (w == 0) | ((q0 > 0) & near)
     # The λ = 0 end sits at θ₂ → ∞ when its best t is at (or near) 0⁺ (the ray points away
     # from P): the family cannot get there, so its points are candidates of their own.
-    end = _end(g, hh, hb, bb, w, eps, noise, lam, norm)
-    zero = torch.stack([f0, cos0], -1)
-    return FamilyCandidates(zero, zero_ok, found, good.reshape(-1), end.points, end.floor)
+    end = _end(g, hh, hb, bb, w, lam, norm)
+    return FamilyCandidates(host, found, good.reshape(-1), zero_ok, end)

@@ -35,16 +35,16 @@ from lorafair._fair._batch import (
     _rounding,
     _update_norm,
 )
+from lorafair._fair._cosine import cosine
 from lorafair._fair._newton import (
     Batched,
     _reg_coefs,
     _reg_grad_coef,
-    _safe_sqrt,
     minimise,
     regulariser,
 )
 from lorafair._fair._options import Norm, _Options
-from lorafair._fair._pool import _Pool
+from lorafair._fair._pool import Picked, _Candidates, _Pool
 from lorafair._validate import Prepared, raise_if_nonfinite
 from lorafair.errors import NonFiniteError
 
@@ -124,15 +124,14 @@ def flat_terms(
 ) -> tuple[Tensor, Tensor]:
     """``(cos, ‖Δ‖²)`` at reduced points ``x`` (…, r, 3); data with the same leading dims.
 
-    ``cos = <x, η> / (w sqrt(Σ_i g_i ‖x_i‖²))``; defined as 0 where ``w = 0`` or the product
+    ``cos = <x, η> / (w sqrt(Σ_i g_i ‖x_i‖²))`` (:func:`~lorafair._fair._cosine.cosine`,
+    ``small="clamp"``); defined as 0 where ``w = 0`` or the product
     ``B'Ā`` is zero. Plain batched tensor ops (any number of leading dimensions).
     """
     xm = x * mask
     s = (xm * eta).sum(dim=(-2, -1))
     n_sq = ((xm * xm).sum(dim=-1) * g).sum(dim=-1)
-    ok = (w > 0) & (n_sq > 0)
-    denom = torch.where(ok, w * _safe_sqrt(n_sq), torch.ones_like(s))
-    cos = torch.where(ok, s / denom, torch.zeros_like(s))
+    cos = cosine(s, w, n_sq, defined=w > 0, small="clamp").cos
     diff = (x - beta) * mask
     return cos, (diff * diff).sum(dim=(-2, -1))
 
@@ -170,12 +169,10 @@ def flat_objective(lam: float, norm: Norm) -> Batched:
         s = (xm * eta).sum(dim=(-2, -1))
         v = g.unsqueeze(-1) * xm
         q = (v * xm).sum(dim=(-2, -1))
-        ok = (w > 0) & (q > 0)
-        n = _safe_sqrt(q)
-        wn = torch.where(ok, w * n, torch.ones_like(n))
-        cos = torch.where(ok, s / wn, torch.zeros_like(s))
+        c = cosine(s, w, q, defined=w > 0, small="clamp")
+        cos, ok = c.cos, c.ok
         big = ok & (q > _tol.TINY)
-        c1 = torch.where(ok, 1.0 / wn, torch.zeros_like(wn))  # 1/(w n)
+        c1 = c.inverse()  # 1/(w n)
         c3 = torch.where(big, c1 / torch.where(big, q, torch.ones_like(q)), torch.zeros_like(q))
         d = (x3 - beta) * mask
         dsq = (d * d).sum(dim=(-2, -1))
@@ -358,8 +355,9 @@ def _solve_bucket(
         single=single,
     )
 
-    certified = _FlatScorer.of(joint, sol, eps, noise).certified()
-    scorer = _FlatScorer.of(joint, sol, eps, noise, certified)
+    first = _FlatScorer.of(joint, sol, eps, noise, opts)
+    certified = first.certified()
+    scorer = first.keeping(certified)
     ends = list(accumulate(grp.n for grp in groups))
     slices = [slice(e - grp.n, e) for grp, e in zip(groups, ends, strict=True)]
     general: list[tuple[Tensor, Tensor] | None] = []
@@ -374,7 +372,7 @@ def _solve_bucket(
         P = grp.Bbar[bad] if opts.residual_on == "B" else grp.Abar[bad].mT
         scorer.offer_general(rows, P + fb.extra, fb)
         general.append((bad, fb.extra))
-    final = scorer.pool.pick()
+    final = scorer.pick()
     out = []
     for grp, (red, N), gen, sl in zip(groups, reduced, general, slices, strict=True):
         V, xs, rep = red.V, final.x[sl], final.report[sl]
@@ -391,6 +389,73 @@ def _solve_bucket(
     return out
 
 
+class _Scored(NamedTuple):
+    """The family's candidates (:class:`~lorafair._fair._family.FamilyCandidates`) as the flat
+    scorer scored them, on the layers' device: ``zero`` (L, 2) the objective and cosine of
+    ``ΔB = 0``; ``found`` and ``end`` the pool's rows of the family's point and of the λ = 0
+    end's points; ``good``, ``zero_ok`` (L,) the family's certificates; ``floor`` (L,) the
+    infimum the end's points approach."""
+
+    zero: Tensor
+    found: _Candidates
+    end: _Candidates
+    good: Tensor
+    zero_ok: Tensor
+    floor: Tensor
+
+
+def _score(points: _family.Points, host: _family.Host, lam: float, norm: Norm) -> _Candidates:
+    """The family's ``points`` as pool rows (layer-major), on the host: ``report`` their
+    objective ``f`` and cosine; score ``f``, plus :func:`~lorafair._fair._family.turn_cost`
+    where ``points.charged``, ``inf`` where not ``points.valid``."""
+    g, hh, hb, bb, w, eps, noise = host
+    x, y = points.x, points.y
+    terms = _family.point_terms(x, y, *(a[:, None, :] for a in (g, hh, hb, bb)))
+    f, cos = _family.point_objective(*terms, w[:, None], lam, norm)
+    cost = f + _family.turn_cost(terms[1], g, bb, eps, noise) if points.charged else f
+    if points.valid is not None:
+        cost = torch.where(points.valid, cost, torch.inf)
+    n_layers, per = x.shape[0], x.shape[1]
+    return _Candidates(
+        torch.cat([x, y.expand_as(x)], dim=-1).reshape(n_layers * per, 2 * x.shape[-1]),
+        cost.reshape(-1),
+        torch.arange(n_layers).repeat_interleave(per),
+        points.iterations[:, None].expand(n_layers, per).reshape(-1),
+        points.converged[:, None].expand(n_layers, per).reshape(-1),
+        torch.stack([f, cos], dim=-1).reshape(-1, 2),
+    )
+
+
+def _score_family(
+    fam: _family.FamilyCandidates, lam: float, norm: Norm, device: torch.device
+) -> _Scored:
+    """Every candidate of ``fam`` scored on the host (:func:`_score`), then moved to
+    ``device``; ``ΔB = 0`` at its objective, never charged; the end's floor (see
+    :class:`~lorafair._fair._family.End`; the closed forms' own objective where there is no
+    end)."""
+    host = fam.problem
+    g, hh, hb, bb, w = host.g, host.hh, host.hb, host.bb, host.w
+    with torch.inference_mode():
+        zeros = torch.zeros_like(g)
+        f0, cos0 = _family.point_objective(
+            *_family.point_terms(zeros, zeros, g, hh, hb, bb), w, lam, norm
+        )
+        found = _score(fam.found, host, lam, norm)
+        if fam.end is None:
+            end = _Candidates(*(t[:0] for t in found))
+            floor = found.report[:, 0]
+        else:
+            end = _score(fam.end.points, host, lam, norm)
+            f_end = end.report[:, 0].reshape(g.shape[0], -1)
+            inf = torch.where(fam.end.has, fam.end.limit, f0)
+            floor = torch.where(fam.end.toward, f_end[:, 0], inf)
+    found, end = (_Candidates(*(t.to(device, copy=True) for t in c)) for c in (found, end))
+    zero, good, zero_ok, floor = (
+        t.to(device, copy=True) for t in (torch.stack([f0, cos0], -1), fam.good, fam.zero_ok, floor)
+    )
+    return _Scored(zero, found, end, good, zero_ok, floor)
+
+
 @dataclasses.dataclass
 class _FlatScorer:
     """The flat form's one scorer, for one bucket (layers sharing ``r``): the objective, the
@@ -399,16 +464,17 @@ class _FlatScorer:
     A candidate is ``(x, y, e)`` (one row, ``2r + 1``): ``ΔP = H V diag(x) Vᵀ − P V diag(y) Vᵀ
     + e ΔP_general``; ``ΔB = 0`` is all zeros, always in the pool at its objective, never
     charged. A score is the objective plus what rounding the output can cost the point
-    (:func:`~lorafair._fair._family.turn_cost`, of the whole product): the family scores its
-    own candidates so, on the host (:func:`~lorafair._fair._family.solve`); the general
-    solver's answer (:meth:`offer_general`) is scored here, and offered only where it gets
-    below the λ = 0 end's ``floor`` by more than ``END_MARGIN`` (that floor is the infimum the
-    end's points approach: a general point approaching it can only get below it by rounding,
-    and where it stops depends on where its steps fade, not on what the output can hold).
+    (:func:`~lorafair._fair._family.turn_cost`, of the whole product). The family's candidates
+    (:func:`~lorafair._fair._family.solve`) are scored on the host, where the family's data
+    are (:func:`_score_family`); the general solver's answer (:meth:`offer_general`) is scored
+    here, and offered only where it gets below the λ = 0 end's ``floor`` by more than
+    ``END_MARGIN`` (that floor is the infimum the end's points approach: a general point
+    approaching it can only get below it by rounding, and where it stops depends on where its
+    steps fade, not on what the output can hold).
     """
 
     red: _family.Reduced
-    fam: _family.FamilyCandidates
+    fam: _Scored
     eps: Tensor
     noise: Tensor
     pool: _Pool
@@ -420,27 +486,24 @@ class _FlatScorer:
         fam: _family.FamilyCandidates,
         eps: Tensor,
         noise: Tensor,
-        certified: Tensor | None = None,
+        opts: _Options,
     ) -> _FlatScorer:
-        """A pool of ``ΔB = 0``, the family's point and the λ = 0 end's points; with
-        ``certified`` (L,) the family's point only where certified. (A layer sent to the
-        general solver keeps its family point out of the final pick: there it either lost the
-        first pick (to ``ΔB = 0`` or the end, still in) or is not certified, i.e. not a
-        minimiser, and where it creeps towards the end, the product vanishing, its reduced
-        objective loses digits to cancellation in ``n²``.)"""
-        n_all, r = red.g.shape
-        found = fam.found
-        if certified is not None:
-            found = found._replace(f=torch.where(certified[found.layer], found.f, torch.inf))
-        pool = _Pool(red.g.new_zeros(n_all, 2 * r + 1), fam.zero[:, 0], zero_report=fam.zero)
-        for part in (found, fam.end):
-            pool.add(*part._replace(x=torch.cat([part.x, part.x.new_zeros(len(part.x), 1)], 1)))
-        return cls(red, fam, eps, noise, pool)
+        """A pool of ``ΔB = 0``, the family's point and the λ = 0 end's points, scored."""
+        scored = _score_family(fam, opts.lam, opts.norm, red.g.device)
+        return cls(red, scored, eps, noise, _family_pool(red, scored, None))
+
+    def keeping(self, certified: Tensor) -> _FlatScorer:
+        """The same scorer, its pool anew with the family's point only where ``certified``
+        (L,). (A layer sent to the general solver keeps its family point out of the final
+        pick: there it either lost the first pick (to ``ΔB = 0`` or the end, still in) or is
+        not certified, i.e. not a minimiser, and where it creeps towards the end, the product
+        vanishing, its reduced objective loses digits to cancellation in ``n²``.)"""
+        return dataclasses.replace(self, pool=_family_pool(self.red, self.fam, certified))
 
     def certified(self) -> Tensor:
         """Per layer (L,), whether the family's answer stands: this pool's pick is ``ΔB = 0``
         shown optimal or the family's certified point (else the general solver runs)."""
-        first = self.pool.pick()
+        first = self.pick()
         n_found = self.fam.found.f.shape[0]
         row = torch.clamp(first.row, min=0, max=n_found - 1)
         at_found = (first.row < n_found) & self.fam.good[row]
@@ -462,6 +525,24 @@ class _FlatScorer:
         report = torch.stack([fb.objective, fb.cosine], -1)
         f = torch.where(below, cost, torch.inf)
         self.pool.add(x, f, rows, fb.iterations, fb.converged, report)
+
+    def pick(self) -> Picked:
+        """Per layer the pool's choice (:meth:`_Pool.pick`): ``x`` (L, 2r + 1), its objective
+        and cosine (``report``) and its run's counts."""
+        return self.pool.pick()
+
+
+def _family_pool(red: _family.Reduced, fam: _Scored, certified: Tensor | None) -> _Pool:
+    """A pool of ``ΔB = 0``, the family's point (only where ``certified`` (L,), if given) and
+    the λ = 0 end's points."""
+    n_all, r = red.g.shape
+    found = fam.found
+    if certified is not None:
+        found = found._replace(f=torch.where(certified[found.layer], found.f, torch.inf))
+    pool = _Pool(red.g.new_zeros(n_all, 2 * r + 1), fam.zero[:, 0], zero_report=fam.zero)
+    for part in (found, fam.end):
+        pool.add(*part._replace(x=torch.cat([part.x, part.x.new_zeros(len(part.x), 1)], 1)))
+    return pool
 
 
 def _solve_flat_general(
