@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lorafair._threads import split_map
+from lorafair._threads import torch_pool_for
 from lorafair._validate import Layer, accumulation_dtype, raise_if_nonfinite
 
 
@@ -34,25 +34,23 @@ def weighted_sums(items: Sequence[Sequence[Tensor]], p: Sequence[float]) -> list
     sum, ``γ_K = K u / (1 − K u)`` with u = 2⁻²⁴ (3.6·10⁻⁷ relative at K = 6, 6·10⁻⁶ at K = 100;
     typically ``√K u``); the inputs' own rounding is already ``u_in Σ_k p_k |T_k|``. float64
     inputs accumulate in float64. Measured on the ViT-B/16 cell: one kernel per input tensor is
-    all this costs beyond the reads (``benchmarks/README.md``, "Floors"). Items run side by
-    side on :func:`lorafair._threads.split_map`'s threads (the same bits: each item is summed
-    by one thread in the same order).
+    all this costs beyond the reads (``benchmarks/README.md``, "Floors"). Each item runs on
+    the threads :func:`lorafair._threads.torch_pool_for` gives its bytes (the same bits: every
+    element is summed in the same order on any number of threads).
     """
+    out = []
+    for ts in items:
+        with torch_pool_for(item_bytes(ts)):  # the thread policy: the item's bytes its work
+            acc = torch.mul(ts[0].to(accumulation_dtype(ts[0].dtype)), p[0])
+            for t, w in zip(ts[1:], p[1:], strict=True):
+                acc.add_(t, alpha=w)
+            out.append(acc if acc.dtype == ts[0].dtype else acc.to(ts[0].dtype))
+    return out
 
-    def one(_: None, ts: Sequence[Tensor]) -> Tensor:
-        acc = torch.mul(ts[0].to(accumulation_dtype(ts[0].dtype)), p[0])
-        for t, w in zip(ts[1:], p[1:], strict=True):
-            acc.add_(t, alpha=w)
-        return acc if acc.dtype == ts[0].dtype else acc.to(ts[0].dtype)
 
-    # the thread policy: items side by side, each item's input bytes its work
-    return split_map(one, items, scratch=lambda: None, nbytes=mean_bytes(items))
-
-
-def mean_bytes(items: Sequence[Sequence[Tensor]]) -> float:
-    """An item's input bytes on average (from each item's first tensor: its K are alike)."""
-    total = sum(ts[0].numel() * ts[0].element_size() * len(ts) for ts in items if ts)
-    return total / max(1, len(items))
+def item_bytes(ts: Sequence[Tensor]) -> int:
+    """The input bytes of one item's K tensors (from the first: the K are alike)."""
+    return ts[0].numel() * ts[0].element_size() * len(ts) if ts else 0
 
 
 def nonfinite_flag(tensors: Sequence[Tensor]) -> list[Tensor]:

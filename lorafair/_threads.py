@@ -18,15 +18,18 @@ So every aggregator call pins both pools to one thread (:func:`single_threaded`,
 :func:`torch_single_threaded`), and the large work lifts the pin for itself, by one rule,
 :func:`threads_for`:
 
-    threads = min(pool, round(free), max(1, ⌊ms⌋)),   ms = max(flops / 2²⁵, bytes / 2²²)
+    threads = min(pool, round(free), max(1, ⌊w⌋)),   w = max(flops / 2²⁵, bytes / 2²⁰)
 
 where ``pool`` is the process's pool as it was when the call began (torch's thread count: by
 default the number of cores, or what ``OMP_NUM_THREADS`` / ``torch.set_num_threads`` set),
 ``free`` the cores free for this process (the machine's idle cores plus those this process
 kept busy itself, from ``/proc/stat`` over the time since the last estimate; once per call,
-and only when some work is large enough to ask) and ``ms`` the work in milliseconds of one
-core: 2²⁵ flops of a compute-bound kernel (about 30 GFLOP/s), or 2²² bytes read by a
-memory-bound pass (a weighted sum, a cast-copy). Two threads need 2 ms of work: no single
+and only when some work is large enough to ask) and ``w`` the work in units worth a thread:
+2²⁵ flops of a compute-bound kernel (about a millisecond of one core, 30 GFLOP/s), or 2²⁰
+bytes read by a memory-bound pass (a weighted sum, a cast-copy: about 0.3 ms of one core,
+which an OpenMP fork of torch's pool, microseconds, is worth; with 2²² bytes a Llama-3-8B
+block's ``fedit`` took 12–15 ms, with 2²⁰ 10.5 ms, and ViT-B/16's stayed within 1.12× of
+pinned). Two threads need two units: no single
 ViT-B/16 kernel at K·r ≤ 96 reaches that (its largest ``syrk``, ``mlp.fc1``'s 3072 × 96, is
 28 Mflop), every Llama-3-8B linear's Grams at R = 320 exceed it (the smallest, ``k_proj``'s
 1024 × 320, is 105 Mflop).
@@ -34,13 +37,15 @@ ViT-B/16 kernel at K·r ≤ 96 reaches that (its largest ``syrk``, ``mlp.fc1``'s
 The threads are spent in one of two ways, and only on work whose result does not depend on
 how it is split, so every result is the same to the bit whatever the pool or the load:
 
-- :func:`split_map`: independent items (the layers of a batch: their cast-copies and Grams,
-  their ``P_u coef``, their weighted sums) on that many worker threads, each on one thread of
+- :func:`split_map`: independent compute-bound items (the layers of a batch: their
+  cast-copies and Grams, their ``P_u coef``) on that many worker threads, each on one thread of
   every pool; the threads are counted on all the items' work. Kernels side by side use the
   cores better than one kernel split across them: six Llama-3-8B MLP layers' cast-copies and
   Grams ran 1.5× as fast as one layer at a time on 2 BLAS threads (2 cores, quiet), and a
   torch copy on 2 threads between 2-thread OpenBLAS calls ran 1.7–2× as long as on one
   (OpenBLAS's workers spin for a while after each call).
+- :func:`torch_pool_for`: one memory-bound elementwise pass (a weighted sum of K tensors, a
+  stacking copy) on torch's pool, each output element computed as on one thread.
 - :func:`pool_for`: one large kernel alone (a batch of one layer) on NumPy's BLAS pool.
   Only NumPy's OpenBLAS ``syrk`` and ``gemm`` run there: they split their output into blocks
   and sum each entry in the same order on any number of threads; torch's R × R algebra, QRs
@@ -75,7 +80,14 @@ from typing import Any, NamedTuple, ParamSpec, TypeVar
 import torch
 from threadpoolctl import ThreadpoolController
 
-__all__ = ["pool_for", "single_threaded", "split_map", "threads_for", "torch_single_threaded"]
+__all__ = [
+    "pool_for",
+    "single_threaded",
+    "split_map",
+    "threads_for",
+    "torch_pool_for",
+    "torch_single_threaded",
+]
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -85,8 +97,8 @@ _S = TypeVar("_S")
 _FLOPS_PER_THREAD = float(1 << 25)
 """Work per thread below which a thread is not worth waking (about 1 ms on one core)."""
 
-_BYTES_PER_THREAD = float(1 << 22)
-"""The same millisecond for a memory-bound pass: bytes one core streams (and converts) in it."""
+_BYTES_PER_THREAD = float(1 << 20)
+"""Bytes of a memory-bound pass worth a thread of torch's pool (about 0.3 ms of one core)."""
 
 _pool = [0]
 """The process's pool size at the start of the outermost pinned call (0: no call running)."""
@@ -153,14 +165,14 @@ def _free_cores() -> float:
 
 
 def threads_for(flops: float = 0.0, *, nbytes: float = 0.0) -> int:
-    """The thread policy: ``min(pool, free, max(1, ⌊ms⌋))`` threads for ``ms`` milliseconds of
-    one core's work, ``ms = max(flops / 2²⁵, nbytes / 2²²)``.
+    """The thread policy: ``min(pool, free, max(1, ⌊w⌋))`` threads for
+    ``w = max(flops / 2²⁵, nbytes / 2²⁰)``.
 
-    One thread per millisecond of work: 2²⁵ flops of a compute-bound kernel, or 2²² bytes read
-    by a memory-bound pass (a weighted sum, a cast-copy); at most the process's pool and at
-    most the cores free for it (:func:`_free_cores`, rounded; estimated once per aggregator
-    call, and only for work large enough to want a second thread). See the module's docstring
-    for the measurements behind the rule.
+    One thread per 2²⁵ flops of a compute-bound kernel (about a millisecond of one core), or
+    per 2²⁰ bytes read by a memory-bound pass (a weighted sum, a cast-copy); at most the
+    process's pool and at most the cores free for it (:func:`_free_cores`, rounded; estimated
+    once per aggregator call, and only for work large enough to want a second thread). See
+    the module's docstring for the measurements behind the rule.
     """
     work = max(flops / _FLOPS_PER_THREAD, nbytes / _BYTES_PER_THREAD)
     n = max(1, min(_process_pool(), int(work)))
@@ -209,6 +221,34 @@ def pool_for(flops: float) -> Iterator[int]:
         yield n
     finally:
         _set_blas(blas)
+
+
+@contextmanager
+def torch_pool_for(nbytes: float) -> Iterator[int]:
+    """Run the body's torch kernels on :func:`threads_for` ``(nbytes=nbytes)`` threads of
+    torch's pool: for one memory-bound elementwise pass (a weighted sum, a cast-copy), whose
+    every output element is computed the same way however the pass is split.
+
+    Inside a pinned call: sets torch's pool and restores it after; outside, leaves the pool as
+    the process set it. One Llama-3-8B block's 14 weighted sums at K = 20 took 8.1 ms on 2
+    threads this way against 14.5 ms on one and 12.8 ms on two :func:`split_map` workers
+    (bf16; fp32 8.6, 15.9 and 9.3 ms; quiet machine): an elementwise pass gains from splitting
+    its memory stream, the workers lose to the interpreter's lock between small kernels. Used
+    only where no threaded OpenBLAS call ran just before (its workers spin for a while).
+    """
+    if _pool[0] == 0:
+        yield torch.get_num_threads()
+        return
+    n = threads_for(nbytes=nbytes)
+    if n == 1:
+        yield n
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
 
 
 @cache

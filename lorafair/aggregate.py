@@ -43,7 +43,12 @@ from lorafair._frozen import check_factor, check_tolerances, shared_factor
 from lorafair._hetero import hetlora, hetlora_truncate
 from lorafair._personal import fedsa_lora
 from lorafair._rank import EnergyThreshold, check_policy, choose_rank, energy_kept
-from lorafair._threads import single_threaded, split_map, torch_single_threaded
+from lorafair._threads import (
+    single_threaded,
+    split_map,
+    torch_pool_for,
+    torch_single_threaded,
+)
 from lorafair._validate import (
     Layer,
     chunked,
@@ -188,13 +193,12 @@ def ffa_lora(
     on_cpu = all(la.device.type == "cpu" for la in layers)
     suspects: list[int] = []
     if on_cpu:
-        differs = split_map(
-            lambda _, xs: not all(torch.equal(x, xs[0]) for x in xs[1:]),
-            copies,
-            scratch=lambda: None,
-            nbytes=_average.mean_bytes(copies),
-        )
-        suspects = [j for j, bad in enumerate(differs) if bad]
+
+        def differs(xs: Sequence[Tensor]) -> bool:
+            with torch_pool_for(_average.item_bytes(xs)):  # the thread policy: its bytes
+                return not all(torch.equal(x, xs[0]) for x in xs[1:])
+
+        suspects = [j for j, xs in enumerate(copies) if differs(xs)]
     drift = _max_drift(copies) if len(prep.weights) > 1 and not on_cpu else []
     beyond = [~(d <= atol) for d in drift]
     host = _average.check(
@@ -289,22 +293,22 @@ def flora(
     )
     p = prep.weights
 
-    def stack(_: None, layer: Layer) -> tuple[LoRAFactors, list[Tensor]]:
-        A_s = torch.empty(sum(layer.ranks), layer.d_in, dtype=layer.dtype, device=layer.device)
-        start = 0
-        for A, w in zip(layer.As, p, strict=True):
-            torch.mul(A, w, out=A_s[start : start + A.shape[0]])
-            start += A.shape[0]
-        B_s = torch.cat(layer.Bs, dim=1)
-        # the NaN/Inf flag reads each output while it is still in cache, not in a pass after
-        return LoRAFactors(A_s, B_s), [A_s.sum(), B_s.sum()]
-
-    layers = list(prep.layers.values())
-    # the thread policy: layers side by side, each layer's input bytes its work
-    items = [list(la.As) + list(la.Bs) for la in layers]
-    done = split_map(stack, layers, scratch=lambda: None, nbytes=_average.mean_bytes(items))
-    _average.check(_average.nonfinite_flag([s for _, sums in done for s in sums]), prep.layers)
-    return {la.name: f for la, (f, _) in zip(layers, done, strict=True)}
+    out: dict[str, LoRAFactors] = {}
+    sums: list[Tensor] = []
+    for name, layer in prep.layers.items():
+        nbytes = _average.item_bytes(layer.As) + _average.item_bytes(layer.Bs)
+        with torch_pool_for(nbytes):  # the thread policy: the layer's bytes its work
+            A_s = torch.empty(sum(layer.ranks), layer.d_in, dtype=layer.dtype, device=layer.device)
+            start = 0
+            for A, w in zip(layer.As, p, strict=True):
+                torch.mul(A, w, out=A_s[start : start + A.shape[0]])
+                start += A.shape[0]
+            B_s = torch.cat(layer.Bs, dim=1)
+            # the NaN/Inf flag reads each output while it is still in cache, not in a pass after
+            sums += [A_s.sum(), B_s.sum()]
+        out[name] = LoRAFactors(A_s, B_s)
+    _average.check(_average.nonfinite_flag(sums), prep.layers)
+    return out
 
 
 Route = Literal["gram", "qr", "dense", "dense_top"]

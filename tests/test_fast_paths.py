@@ -185,8 +185,8 @@ def test_thread_rule_counts_a_memory_pass_by_its_bytes(monkeypatch):
     try:
         torch.set_num_threads(2)
         with _threads.single_threaded():
-            assert _threads.threads_for(nbytes=2**23 - 1) == 1  # 2 threads need 2 ms: 2 · 2²² B
-            assert _threads.threads_for(nbytes=2**23) == 2
+            assert _threads.threads_for(nbytes=2**21 - 1) == 1  # 2 threads need 2 · 2²⁰ bytes
+            assert _threads.threads_for(nbytes=2**21) == 2
             assert _threads.threads_for(10, nbytes=10) == 1
     finally:
         torch.set_num_threads(before)
@@ -378,3 +378,67 @@ def test_ffa_lora_cpu_copy_check_matches_the_tolerances():
     clients[1] = {"fc": LoRAFactors(nan, clients[1]["fc"].B)}
     with pytest.raises(NonFiniteError, match=r"client 1 has NaN or Inf in A"):
         agg.ffa_lora(clients)
+
+
+def test_torch_pool_for_lifts_and_restores_torch_s_pool(monkeypatch):
+    monkeypatch.setattr(_threads, "_free_cores", lambda: 2.0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with _threads.single_threaded():
+            with _threads.torch_pool_for(2**23) as n:
+                assert n == 2
+                assert torch.get_num_threads() == 2
+            assert torch.get_num_threads() == 1
+            with _threads.torch_pool_for(2**10) as m:
+                assert m == 1
+                assert torch.get_num_threads() == 1
+            with pytest.raises(ValueError, match="boom"), _threads.torch_pool_for(2**30):
+                raise ValueError("boom")
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["fedit", "ffa_lora", "flora"])
+def test_threaded_memory_passes_give_the_same_bits_as_one_thread(method, dtype, monkeypatch):
+    """Every pass large enough for two threads (1 byte each): the averages equal the one-thread
+    averages to the bit, and the pool really was lifted."""
+    monkeypatch.setattr(_threads, "_free_cores", lambda: 2.0)
+    monkeypatch.setattr(_threads, "_BYTES_PER_THREAD", 1.0)
+    lifted = []
+    real = _threads.threads_for
+
+    def spy(flops: float = 0.0, *, nbytes: float = 0.0) -> int:
+        n = real(flops, nbytes=nbytes)
+        lifted.append(n)
+        return n
+
+    monkeypatch.setattr(_threads, "threads_for", spy)
+    g = torch.Generator().manual_seed(4)
+    A0 = torch.randn(4, 3000, generator=g)
+    clients = [
+        {
+            f"l{i}": LoRAFactors(
+                (A0 if method == "ffa_lora" else torch.randn(4, 3000, generator=g)).to(dtype),
+                torch.randn(2000, 4, generator=g).to(dtype),
+            )
+            for i in range(3)
+        }
+        for _ in range(7)
+    ]
+    fn = getattr(agg, method)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fn(clients)
+        torch.set_num_threads(2)
+        lifted.clear()
+        two = fn(clients)
+    finally:
+        torch.set_num_threads(before)
+    assert 2 in lifted
+    for name in one:
+        assert torch.equal(one[name].A, two[name].A)
+        assert torch.equal(one[name].B, two[name].B)

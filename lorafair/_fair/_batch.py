@@ -22,7 +22,7 @@ from torch import Tensor
 from lorafair import _linalg
 from lorafair._fair import _tolerances as _tol
 from lorafair._fair._options import _Options
-from lorafair._threads import split_map
+from lorafair._threads import split_map, torch_pool_for
 from lorafair._validate import Layer, accumulation_dtype, weighted_sum
 
 _F64 = torch.float64
@@ -115,17 +115,16 @@ class _Group:
 def _layer_sums(
     grp: _Group, factors: Callable[[Layer], list[Tensor]], acc: torch.dtype, side: Literal["A", "B"]
 ) -> list[Tensor]:
-    """Each layer's ``weighted_sum`` of ``factors(layer)``, layers side by side (the thread
-    policy, each layer's input bytes its work; the same bits as one at a time)."""
+    """Each layer's ``weighted_sum`` of ``factors(layer)``, on the threads the thread policy
+    gives its input bytes (:func:`lorafair._threads.torch_pool_for`; the same bits)."""
     first = grp.layers[0]
     d = first.d_in if side == "A" else first.d_out
     nbytes = sum(first.ranks) * d * first.As[0].element_size()
-    return split_map(
-        lambda _, ly: weighted_sum(factors(ly), grp.p, acc),
-        grp.layers,
-        scratch=lambda: None,
-        nbytes=nbytes,
-    )
+    out = []
+    for ly in grp.layers:
+        with torch_pool_for(nbytes):
+            out.append(weighted_sum(factors(ly), grp.p, acc))
+    return out
 
 
 def _pad_rows(t: Tensor, r: int) -> Tensor:
