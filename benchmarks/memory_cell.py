@@ -16,6 +16,7 @@ import argparse
 
 from lorafair import registry
 from lorafair.bench import DTYPES, PRESETS, preset
+from lorafair.bench.cli import add_methods_argument
 from lorafair.bench.memory import measure, spec_for
 
 
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-K", "--clients", type=int, default=20)
     ap.add_argument("-r", "--rank", type=int, default=16)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    ap.add_argument("--methods", nargs="+", default=list(registry.names()))
+    add_methods_argument(ap, default=registry.names(), what="registered methods")
     args = ap.parse_args(argv)
     shapes = preset(args.preset)
     n = sum(s.d_in + s.d_out for s in shapes.layers) * args.rank * args.clients
