@@ -319,6 +319,8 @@ Route = Literal["gram", "qr", "dense", "dense_top"]
 # and taking its full SVD wins only from about twice the flop crossover d_in d_out / (d_in + d_out).
 _GRAM_MAX_R = 512
 _DENSE_OVER_CROSSOVER = 2.0
+_LARGE_CORE = 18.0
+"""Beyond R = 512, the Gram route's R³ term's weight in the cost model (see :func:`_route`)."""
 
 
 def _unit_roundoff(dtype: torch.dtype) -> float:
@@ -360,20 +362,28 @@ def _route(d_out: int, d_in: int, R: int, dtype: torch.dtype, rank: int | None) 
     :func:`_dense_top_flops` (form ΔW, its n × n Gram, a few (n × n)(n × p) products, one n × n
     Cholesky; n = min(d_in, d_out), p = 2·rank + 8). Rule:
 
-    - dense_top for a fixed rank, narrow dtypes (float32/float16/bfloat16: its certificate
-      cannot hold for float64) and ``p ≤ n/2``, when ``R > 512`` or its flops are below the
-      Gram route's ``(d_in + d_out)R² + 13R³/3`` (the core ``PᵀG_bP``, two R³ products, and the
-      Cholesky of G_a; consistent with the measured times at R = 288 and 480 on ViT-B/16
-      shapes, where the Gram route is 2–4× faster);
+    - for a fixed rank, narrow dtypes (float32/float16/bfloat16: dense_top's certificate
+      cannot hold for float64) and ``p ≤ n/2``: dense_top when its flops are below the Gram
+      route's ``(d_in + d_out)R² + c R³``, else Gram when ``R > 512``. Up to R = 512,
+      ``c = 13/3`` (the core ``PᵀG_bP``, two R³ products, and the Cholesky of G_a; consistent
+      with the measured times at R = 288 and 480 on ViT-B/16 shapes, where the Gram route is
+      2–4× faster); beyond, ``c = 18``, the weight that puts the crossover at the R ≈ 512
+      measured on a 2304 × 768 layer (the large core's eigensolves run far below the GEMM
+      rate). Before, every R > 512 took dense_top: on Llama-3-8B's 14336 × 4096 layers at
+      R = 800 that formed ΔW and its 4096² Gram, 24× the Gram route's flops (22 s against the
+      Gram route's seconds for one block at K = 50, r = 16);
     - otherwise dense once ``R ≥ 2 · d_in d_out / (d_in + d_out)`` (1152 for a 2304 × 768 layer,
       768 for 768 × 768); Gram for narrow dtypes while ``R ≤ 512``; otherwise QR (always for
       float64, whose Gram route would not be as accurate as the input).
     """
     narrow = dtype != torch.float64
     if narrow and rank is not None and 2 * _linalg.top_block(rank) <= min(d_out, d_in):
-        gram = (d_in + d_out) * R * R + 13 * float(R) ** 3 / 3
-        if R > _GRAM_MAX_R or _dense_top_flops(d_out, d_in, R, rank) < gram:
+        core = 13 / 3 if R <= _GRAM_MAX_R else _LARGE_CORE
+        gram = (d_in + d_out) * R * R + core * float(R) ** 3
+        if _dense_top_flops(d_out, d_in, R, rank) < gram:
             return "dense_top"
+        if R > _GRAM_MAX_R:
+            return "gram"  # long layers: the Grams beat forming d_out × d_in
     crossover = d_in * d_out / (d_in + d_out)
     if R / crossover >= _DENSE_OVER_CROSSOVER:
         return "dense"

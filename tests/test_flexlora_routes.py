@@ -106,6 +106,23 @@ def test_cost_model_follows_its_stated_rule():
     assert agg._route(2304, 768, 960, f32, 189) == "qr"
     assert agg._route(40, 30, 600, f32, 3) == "dense_top"
     assert agg._route(40, 30, 600, f32, 4) == "dense"
+    # long layers beyond R = 512: forming d_out × d_in costs more than the Grams (Llama-3-8B's
+    # MLP at K = 50 and 100, r = 16), until R is large enough for its flops to win again
+    for R in (800, 1600):
+        assert agg._route(14336, 4096, R, torch.bfloat16, 16) == "gram"
+        assert agg._route(4096, 4096, R, torch.bfloat16, 16) == "gram"
+    assert agg._route(14336, 4096, 6400, torch.bfloat16, 16) == "dense_top"
+
+
+def test_long_layers_beyond_r_512_take_the_gram_route_and_stay_optimal():
+    # R = 20 · 26 = 520 > 512 on a 1500 × 1500 layer: dense_top would form ΔW and its 1500²
+    # Gram (5.7 Gflop), the Grams and the R × R core cost 3.3 (with the core weighted)
+    assert agg._route(1500, 1500, 520, torch.float32, 26) == "gram"
+    clients = _clients(5, k=20, d_out=1500, d_in=1500, r=26)
+    out = flexlora(clients, rank=26)
+    assert out["fc"].A.shape == (26, 1500)
+    assert out["fc"].B.shape == (1500, 26)
+    assert _rel_error(out, clients, 26) < 1e-5
 
 
 @pytest.mark.parametrize("route", ["gram", "qr", "dense"])
