@@ -136,8 +136,8 @@ def _sum(t: Tensor) -> Tensor:
 def _sums(tensors: list[Tensor]) -> list[Tensor]:
     """:func:`_sum` of each, on one thread of torch's pool: the check runs after the
     aggregator's pinned call, where a 2-thread torch kernel right after OpenBLAS's threaded
-    ``syrk`` waits for its spinning workers (one Llama-3-8B block's 14 output sums: 127 ms
-    on the default pool, under load, for 1.3 M entries)."""
+    ``syrk`` waits for its spinning workers (in a profile of ``flexlora`` on one Llama-3-8B
+    block under load, a quarter of the call)."""
     return [_sum(t) for t in tensors]
 
 

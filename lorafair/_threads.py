@@ -27,9 +27,8 @@ kept busy itself, from ``/proc/stat`` over the time since the last estimate; onc
 and only when some work is large enough to ask) and ``w`` the work in units worth a thread:
 2²⁵ flops of a compute-bound kernel (about a millisecond of one core, 30 GFLOP/s), or 2²⁰
 bytes read by a memory-bound pass (a weighted sum, a cast-copy: about 0.3 ms of one core,
-which an OpenMP fork of torch's pool, microseconds, is worth; with 2²² bytes a Llama-3-8B
-block's ``fedit`` took 12–15 ms, with 2²⁰ 10.5 ms, and ViT-B/16's stayed within 1.12× of
-pinned). Two threads need two units: no single
+which an OpenMP fork of torch's pool, microseconds, is worth). Two threads need two units:
+no single
 ViT-B/16 kernel at K·r ≤ 96 reaches that (its largest ``syrk``, ``mlp.fc1``'s 3072 × 96, is
 28 Mflop), every Llama-3-8B linear's Grams at R = 320 exceed it (the smallest, ``k_proj``'s
 1024 × 320, is 105 Mflop).
@@ -40,10 +39,11 @@ how it is split, so every result is the same to the bit whatever the pool or the
 - :func:`split_map`: independent compute-bound items (the layers of a batch: their
   cast-copies and Grams, their ``P_u coef``) on that many worker threads, each on one thread of
   every pool; the threads are counted on all the items' work. Kernels side by side use the
-  cores better than one kernel split across them: six Llama-3-8B MLP layers' cast-copies and
-  Grams ran 1.5× as fast as one layer at a time on 2 BLAS threads (2 cores, quiet), and a
-  torch copy on 2 threads between 2-thread OpenBLAS calls ran 1.7–2× as long as on one
-  (OpenBLAS's workers spin for a while after each call).
+  cores better than one kernel split across them, and a torch copy on 2 threads between
+  2-thread OpenBLAS calls competes with OpenBLAS's workers, which spin for a while after each
+  call (``lora_fair`` on one Llama-3-8B block ran 2.2× as fast as the code before, which ran
+  each layer's Grams on 2 BLAS threads and its copies on 2 torch threads: ``python -m
+  benchmarks.against --commit 2c6f175 --methods lora_fair``).
 - :func:`torch_pool_for`: one memory-bound elementwise pass (a weighted sum of K tensors, a
   stacking copy) on torch's pool, each output element computed as on one thread.
 - :func:`pool_for`: one large kernel alone (a batch of one layer) on NumPy's BLAS pool.
@@ -203,8 +203,7 @@ def pool_for(flops: float) -> Iterator[int]:
     Inside a pinned call: sets NumPy's BLAS pool to that many threads and restores it after
     (nested uses restore the outer one's); torch's pool stays pinned, so torch's cast-copies
     between the BLAS calls do not compete with OpenBLAS's workers, which spin for a while after
-    each call (on 2 cores a 2-thread torch copy between 2-thread ``syrk`` calls ran 1.7–2× as
-    long as a 1-thread one). A kernel the rule gives one thread costs a division and a
+    each call. A kernel the rule gives one thread costs a division and a
     comparison. ``flops``: one kernel's work. Yields the count. Prefer :func:`split_map` where
     the work is many independent kernels (layers).
     """
@@ -230,10 +229,10 @@ def torch_pool_for(nbytes: float) -> Iterator[int]:
     every output element is computed the same way however the pass is split.
 
     Inside a pinned call: sets torch's pool and restores it after; outside, leaves the pool as
-    the process set it. One Llama-3-8B block's 14 weighted sums at K = 20 took 8.1 ms on 2
-    threads this way against 14.5 ms on one and 12.8 ms on two :func:`split_map` workers
-    (bf16; fp32 8.6, 15.9 and 9.3 ms; quiet machine): an elementwise pass gains from splitting
-    its memory stream, the workers lose to the interpreter's lock between small kernels. Used
+    the process set it. An elementwise pass gains from splitting its memory stream, while
+    :func:`split_map`'s workers lose to the interpreter's lock between its small kernels
+    (``fedit`` on one Llama-3-8B block, bf16: ``python -m benchmarks.against --commit 2c6f175
+    --methods fedit``, against the one-thread code). Used
     only where no threaded OpenBLAS call ran just before (its workers spin for a while).
     """
     if _pool[0] == 0:
@@ -270,8 +269,7 @@ def split_map(
     ``flops`` / ``nbytes``: one item's work. With ``n = threads_for(total work)`` threads and at
     least ``n`` items, ``n`` worker threads take the items in turn, each on one thread of every
     pool (a one-thread BLAS call and torch op in each): independent kernels side by side use
-    the cores better than one kernel split across them (six Llama-3-8B MLP layers' cast-copies
-    and Grams ran 1.5× as fast as one layer at a time on 2 BLAS threads, on 2 cores). Fewer
+    the cores better than one kernel split across them (see the module's docstring). Fewer
     items than threads: one at a time, each BLAS call on the threads :func:`pool_for` gives it.
     ``scratch()`` makes one worker's reusable state (buffers), once per worker per call.
 

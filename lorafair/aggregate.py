@@ -370,8 +370,9 @@ def _route(d_out: int, d_in: int, R: int, dtype: torch.dtype, rank: int | None) 
       2–4× faster); beyond, ``c = 18``, the weight that puts the crossover at the R ≈ 512
       measured on a 2304 × 768 layer (the large core's eigensolves run far below the GEMM
       rate). Before, every R > 512 took dense_top: on Llama-3-8B's 14336 × 4096 layers at
-      R = 800 that formed ΔW and its 4096² Gram, 24× the Gram route's flops (22 s against the
-      Gram route's seconds for one block at K = 50, r = 16);
+      R = 800 that formed ΔW and its 4096² Gram, 24× the Gram route's flops (one block at
+      K = 50, r = 16, bfloat16: ``python -m lorafair.bench --preset llama3_8b --blocks 1
+      -K 50 -r 16 --dtype bfloat16 --methods flexlora``, 14× faster than before);
     - otherwise dense once ``R ≥ 2 · d_in d_out / (d_in + d_out)`` (1152 for a 2304 × 768 layer,
       768 for 768 × 768); Gram for narrow dtypes while ``R ≤ 512``; otherwise QR (always for
       float64, whose Gram route would not be as accurate as the input).

@@ -349,8 +349,9 @@ def _check_finite(split: PeftSplit) -> None:
 
     One float32 (float64 for float64) sum per tensor, no temporary: a sum is finite whenever
     every entry is, unless it overflows, so only a non-finite sum costs the exact
-    ``isfinite`` test of its tensor (one Llama-3-8B block at K = 20: ``isfinite(t).all()`` on
-    every tensor took 52 ms of ``LoRAStrategy(fedit)``'s 170 ms)."""
+    ``isfinite`` test of its tensor (``isfinite(t).all()`` on every tensor took about a third
+    of ``LoRAStrategy(fedit)``'s server time in a profile of ``python -m
+    benchmarks.flower_round``)."""
     tensors = [
         (f"layer {name!r}: lora_{which}", t)
         for name, (A, B) in split.factors.items()
@@ -954,8 +955,9 @@ def _content_sorted(messages: list[Message]) -> list[Message]:
     SHA-256 of all their bytes (then equal keys mean equal contents, in any order).
 
     Cost: 4 KiB hashed per array; all of a reply's bytes (about 1 GB/s) only where two
-    samples agree, e.g. identical replies. Hashing every reply whole cost 92 ms of
-    ``LoRAStrategy(fedit)``'s 170 ms on one Llama-3-8B block at K = 20 (105 MB of replies).
+    samples agree, e.g. identical replies. Hashing every reply whole took over half of
+    ``LoRAStrategy(fedit)``'s server time in a profile of ``python -m benchmarks.flower_round``
+    (one Llama-3-8B block, K = 20), which now gives it below Flower's ``FedAvg``.
     """
     sampled = [_content_key(m, whole=False) for m in messages]
     shared = {k for k, n in Counter(sampled).items() if n > 1}
