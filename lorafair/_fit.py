@@ -41,7 +41,7 @@ from torch import Tensor
 from lorafair._threads import torch_single_threaded
 from lorafair.errors import DtypeOverflowError, LoRAFairError
 
-__all__ = ["fits_dtype"]
+__all__ = ["fits_dtype", "flag_sum"]
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -126,7 +126,7 @@ def _overflow(
     )
 
 
-def _sum(t: Tensor) -> Tensor:
+def flag_sum(t: Tensor) -> Tensor:
     """``Σ t``, finite whenever every entry is (unless the sum itself overflows): float32
     accumulation for half types, native (and cheaper than a float64 sum) for the others."""
     return t.sum(dtype=torch.float32) if t.element_size() < 4 else t.sum()
@@ -134,11 +134,11 @@ def _sum(t: Tensor) -> Tensor:
 
 @torch_single_threaded
 def _sums(tensors: list[Tensor]) -> list[Tensor]:
-    """:func:`_sum` of each, on one thread of torch's pool: the check runs after the
+    """:func:`flag_sum` of each, on one thread of torch's pool: the check runs after the
     aggregator's pinned call, where a 2-thread torch kernel right after OpenBLAS's threaded
     ``syrk`` waits for its spinning workers (in a profile of ``flexlora`` on one Llama-3-8B
     block under load, a quarter of the call)."""
-    return [_sum(t) for t in tensors]
+    return [flag_sum(t) for t in tensors]
 
 
 def fits_dtype(

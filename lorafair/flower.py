@@ -67,6 +67,7 @@ from flwr.supercore import log
 from torch import Tensor
 
 from lorafair import registry
+from lorafair._fit import flag_sum
 from lorafair.aggregate import FedExResult, FedSAResult, lora_fair, lora_fair_solved
 from lorafair.errors import LoRAFairError, NonFiniteError
 from lorafair.interop.peft import (
@@ -347,7 +348,7 @@ def _describe_mismatch(got: _Signature, want: _Signature) -> str:
 def _check_finite(split: PeftSplit) -> None:
     """:class:`NonFiniteError` naming the first tensor of a reply with NaN or Inf.
 
-    One float32 (float64 for float64) sum per tensor, no temporary: a sum is finite whenever
+    One sum per tensor (:func:`lorafair._fit.flag_sum`), no temporary: a sum is finite whenever
     every entry is, unless it overflows, so only a non-finite sum costs the exact
     ``isfinite`` test of its tensor (``isfinite(t).all()`` on every tensor took about a third
     of ``LoRAStrategy(fedit)``'s server time in a profile of ``python -m
@@ -360,12 +361,7 @@ def _check_finite(split: PeftSplit) -> None:
     tensors = [(what, t) for what, t in tensors if t.is_floating_point() and t.numel()]
     if not tensors:
         return
-    sums = torch.stack(
-        [
-            t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
-            for _, t in tensors
-        ]
-    )
+    sums = torch.stack([flag_sum(t) for _, t in tensors])
     if bool(torch.isfinite(sums).all()):
         return
     for what, t in tensors:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from lorafair import _linalg
+from lorafair._average import item_bytes
 from lorafair._fair import _tolerances as _tol
 from lorafair._fair._options import _Options
 from lorafair._threads import split_map, torch_pool_for
@@ -99,31 +100,27 @@ class _Group:
     def A_acc(self) -> Tensor:
         """(L, r, d_in) FedIT's ``Ā`` in the accumulation dtype, exactly as :func:`fedit` sums."""
         acc = accumulation_dtype(self.dtype)
-        return torch.stack(
-            _layer_sums(self, lambda ly: [_pad_rows(a, self.r) for a in ly.As], acc, "A")
-        )
+        return torch.stack(_layer_sums(self, lambda ly: [_pad_rows(a, self.r) for a in ly.As], acc))
 
     @cached_property
     def B_acc(self) -> Tensor:
         """(L, d_out, r) FedIT's ``B̄`` in the accumulation dtype, exactly as :func:`fedit` sums."""
         acc = accumulation_dtype(self.dtype)
         return torch.stack(
-            _layer_sums(self, lambda ly: [_pad_rows(b.mT, self.r).mT for b in ly.Bs], acc, "B")
+            _layer_sums(self, lambda ly: [_pad_rows(b.mT, self.r).mT for b in ly.Bs], acc)
         )
 
 
 def _layer_sums(
-    grp: _Group, factors: Callable[[Layer], list[Tensor]], acc: torch.dtype, side: Literal["A", "B"]
+    grp: _Group, factors: Callable[[Layer], list[Tensor]], acc: torch.dtype
 ) -> list[Tensor]:
     """Each layer's ``weighted_sum`` of ``factors(layer)``, on the threads the thread policy
     gives its input bytes (:func:`lorafair._threads.torch_pool_for`; the same bits)."""
-    first = grp.layers[0]
-    d = first.d_in if side == "A" else first.d_out
-    nbytes = sum(first.ranks) * d * first.As[0].element_size()
     out = []
     for ly in grp.layers:
-        with torch_pool_for(nbytes):
-            out.append(weighted_sum(factors(ly), grp.p, acc))
+        ts = factors(ly)
+        with torch_pool_for(item_bytes(ts)):
+            out.append(weighted_sum(ts, grp.p, acc))
     return out
 
 
