@@ -165,15 +165,25 @@ def test_threaded_kernels_give_the_same_bits_as_one_thread(method, dtype, monkey
         }
         for _ in range(5)
     ]
-    fn = getattr(agg, method)
+    one, two = _on_one_then_two_threads(getattr(agg, method), clients)
+    _assert_same_bits(one, two)
+
+
+def _on_one_then_two_threads(fn, clients, between=lambda: None):
+    """``fn(clients)`` with torch's pool at one thread, then (after ``between()``) at two."""
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = fn(clients)
         torch.set_num_threads(2)
+        between()
         two = fn(clients)
     finally:
         torch.set_num_threads(before)
+    return one, two
+
+
+def _assert_same_bits(one, two):
     for name in one:
         assert torch.equal(one[name].A, two[name].A)
         assert torch.equal(one[name].B, two[name].B)
@@ -428,17 +438,6 @@ def test_threaded_memory_passes_give_the_same_bits_as_one_thread(method, dtype, 
         }
         for _ in range(7)
     ]
-    fn = getattr(agg, method)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = fn(clients)
-        torch.set_num_threads(2)
-        lifted.clear()
-        two = fn(clients)
-    finally:
-        torch.set_num_threads(before)
+    one, two = _on_one_then_two_threads(getattr(agg, method), clients, between=lifted.clear)
     assert 2 in lifted
-    for name in one:
-        assert torch.equal(one[name].A, two[name].A)
-        assert torch.equal(one[name].B, two[name].B)
+    _assert_same_bits(one, two)

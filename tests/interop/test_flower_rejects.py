@@ -167,14 +167,21 @@ def test_on_invalid_reply_raise(bad: str, error: type[Exception]) -> None:
 @pytest.mark.parametrize("method", ["fedit", "lora_fair", "flexlora"])
 def test_result_depends_on_the_set_of_replies_not_their_order_or_nodes(method: str) -> None:
     sds = [client_sd(k) for k in range(4)]
-    first = [reply(100 + k, ArrayRecord(sd), 10.0 + k) for k, sd in enumerate(sds)]
-    shuffled = [reply(900 - k, ArrayRecord(sds[k]), 10.0 + k) for k in (2, 0, 3, 1)]
+    x, y = _in_two_orders(method, sds, [10.0 + k for k in range(4)])
+    assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def _in_two_orders(
+    method: str, sds: list[dict[str, Tensor]], weights: list[float]
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """One round's result on the replies in order from nodes 100.., and shuffled from 900.."""
+    first = [reply(100 + k, ArrayRecord(sd), weights[k]) for k, sd in enumerate(sds)]
+    shuffled = [reply(900 - k, ArrayRecord(sds[k]), weights[k]) for k in (2, 0, 3, 1)]
     a, _ = LoRAStrategy(method).aggregate_train(1, first)
     b, _ = LoRAStrategy(method).aggregate_train(1, shuffled)
     assert a is not None
     assert b is not None
-    x, y = from_array_record(a), from_array_record(b)
-    assert all(torch.equal(x[k], y[k]) for k in x)
+    return from_array_record(a), from_array_record(b)
 
 
 @pytest.mark.parametrize("method", ["fedit", "lora_fair"])
@@ -200,13 +207,7 @@ def test_order_is_by_content_where_replies_agree_in_the_sampled_bytes(method: st
         sd[key].view(-1)[free] = torch.randn(int(free.sum()), generator=g)
         sds.append(sd)
     # equal weights: the metrics, which every key hashes, agree too
-    first = [reply(100 + k, ArrayRecord(sd), 10.0) for k, sd in enumerate(sds)]
-    shuffled = [reply(900 - k, ArrayRecord(sds[k]), 10.0) for k in (2, 0, 3, 1)]
-    a, _ = LoRAStrategy(method).aggregate_train(1, first)
-    b, _ = LoRAStrategy(method).aggregate_train(1, shuffled)
-    assert a is not None
-    assert b is not None
-    x, y = from_array_record(a), from_array_record(b)
+    x, y = _in_two_orders(method, sds, [10.0] * 4)
     assert all(torch.equal(x[k], y[k]) for k in x)
 
 
