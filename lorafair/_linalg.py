@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
@@ -69,33 +70,60 @@ def _pinv_diag(values: Tensor) -> Tensor:
     return torch.where(values > 0, 1.0 / values.clamp_min(torch.finfo(values.dtype).tiny), 0.0)
 
 
-def _gram_host(X: Tensor, left: bool) -> Tensor:
-    """``X Xᵀ`` (``left``) or ``Xᵀ X`` of a CPU float64 tensor through NumPy, matrix by matrix:
-    NumPy's matmul hands a product of a matrix with its own transpose to BLAS ``syrk``, which
-    computes one triangle (half the flops of torch's general product) and mirrors it. The
-    matrices run side by side on :func:`lorafair._threads.split_map`'s threads."""
-    x = X.detach().numpy()
-    n = x.shape[-2] if left else x.shape[-1]
-    out = np.empty((*x.shape[:-2], n, n))
+class _Syrk(NamedTuple):
+    """One matrix's Gram for :func:`_syrks`: ``m mᵀ`` (``left``) or ``mᵀ m`` into ``out``."""
 
-    def syrk(_: None, idx: tuple[int, ...]) -> None:
-        m = x[idx]
-        np.matmul(m, m.T, out=out[idx]) if left else np.matmul(m.T, m, out=out[idx])
+    m: npt.NDArray[np.float64]
+    out: npt.NDArray[np.float64]
+    left: bool
 
+
+def _syrk_items(x: npt.NDArray[np.float64], left: bool) -> tuple[list[_Syrk], Tensor]:
+    """One :class:`_Syrk` per matrix of ``x`` (…, m, n), and the (…, k, k) result they fill."""
+    k = x.shape[-2] if left else x.shape[-1]
+    out = np.empty((*x.shape[:-2], k, k))
+    return [_Syrk(x[i], out[i], left) for i in np.ndindex(*x.shape[:-2])], torch.from_numpy(out)
+
+
+def _syrks(items: list[_Syrk]) -> None:
+    """Every item's Gram through NumPy: its matmul hands a product of a matrix with its own
+    transpose to BLAS ``syrk``, which computes one triangle (half the flops of torch's general
+    product) and mirrors it. The items run side by side on :func:`lorafair._threads.split_map`'s
+    threads, largest first, each on one thread: even a batch of one layer runs its two sides
+    side by side instead of one threaded BLAS call, whose workers spin after it and slow the
+    next torch cast-copy."""
+
+    def flops(it: _Syrk) -> int:
+        return int(it.m.size * it.out.shape[0])  # n² m
+
+    def syrk(_: None, it: _Syrk) -> None:
+        np.matmul(it.m, it.m.T, out=it.out) if it.left else np.matmul(it.m.T, it.m, out=it.out)
+
+    items = sorted(items, key=lambda it: -flops(it))
     # the thread policy: matrices side by side, one matrix's syrk (n² m flops) each
-    flops = n * n * (x.shape[-1] if left else x.shape[-2])
-    split_map(syrk, list(np.ndindex(*x.shape[:-2])), scratch=lambda: None, flops=flops)
-    return torch.from_numpy(out)
+    per = sum(map(flops, items)) / max(1, len(items))
+    split_map(syrk, items, scratch=lambda: None, flops=per)
+
+
+def _gram_host(X: Tensor, left: bool) -> Tensor:
+    """``X Xᵀ`` (``left``) or ``Xᵀ X`` of a CPU float64 tensor, matrix by matrix
+    (:func:`_syrks`)."""
+    items, out = _syrk_items(X.detach().numpy(), left)
+    _syrks(items)
+    return out
 
 
 def grams(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
     """The two R × R Grams ``G_a = A Aᵀ`` and ``G_b = Bᵀ B``: O((d_in + d_out) R²).
 
-    CPU float64 Grams go through BLAS ``syrk`` (:func:`_gram_host`, on the threads
-    :func:`lorafair._threads.threads_for` gives one matrix's syrk); elsewhere torch's product.
+    CPU float64 Grams go through BLAS ``syrk``, both sides' matrices side by side
+    (:func:`_syrks`); elsewhere torch's product.
     """
     if A.device.type == "cpu" and A.dtype == B.dtype == torch.float64:
-        return _gram_host(A, left=True), _gram_host(B, left=False)
+        items_a, g_a = _syrk_items(A.detach().numpy(), left=True)
+        items_b, g_b = _syrk_items(B.detach().numpy(), left=False)
+        _syrks(items_a + items_b)
+        return g_a, g_b
     return A @ A.mT, B.mT @ B
 
 

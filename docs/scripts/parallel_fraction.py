@@ -24,7 +24,7 @@ import lorafair
 from lorafair.bench.cells import make_inputs
 from lorafair.bench.shapes import preset
 
-SPLIT = ("_layer_grams", "_p_times", "_gram_host", "_stack64")
+SPLIT = ("_grams", "_products", "_syrks", "_stack64")
 """The functions whose per-layer work split_map runs side by side."""
 
 

@@ -221,8 +221,8 @@ def _factors(
     out: dict[str, LoRAFactors] = {}
     fixed: dict[int, Tensor] = {}
     moved: dict[int, Tensor] = {}
-    for grp, sol in zip(groups, solved, strict=True):
-        moved[id(sol)] = _corrected(grp, sol, opts)
+    for grp, sol, factor in zip(groups, solved, _corrected(groups, solved, opts), strict=True):
+        moved[id(sol)] = factor
         fixed[id(sol)] = (grp.A_acc if opts.residual_on == "B" else grp.B_acc).to(grp.dtype)
     for name, (_, sol, i) in _unbatch(clients, groups, solved).items():
         if opts.residual_on == "B":

@@ -35,7 +35,7 @@ class _Group:
 
     The float64 stacks ``A_u`` (L, R, d_in) and ``B_s`` (L, d_out, R) are built on first use;
     the narrow-dtype flat path never builds them (it converts one layer at a time into a reused
-    buffer, see :func:`_layer_grams`).
+    buffer, see :func:`_grams`).
     """
 
     layers: list[Layer]
@@ -153,67 +153,123 @@ def _stacked_layer(layer: Layer, side: Literal["A", "B"], buf: Tensor) -> Tensor
     return torch.cat(layer.Bs, dim=1, out=buf)
 
 
+_COLUMNS = 4096
+"""Columns of a layer's stacked factor cast into a worker's float64 buffer at a time: the
+buffer is ``R × 4096`` (10.5 MB at R = 320) whatever the layer's width, so a call's fixed
+memory stays small beside its input. A longer side is done in column blocks: its Gram as a
+sum of the blocks' ``syrk`` in float64, its product block by block. No ViT-B/16 layer
+(d ≤ 3072) is split."""
+
+
 class _HostBuffer:
-    """One worker's reusable float64 buffer for a layer's stacked factor (``R × d`` at most)."""
+    """One worker's reusable float64 buffers: a layer's stacked factor, ``_COLUMNS`` columns at
+    a time (``rows × min(cols, _COLUMNS)``), and an ``rows × rows`` Gram of one block."""
 
     def __init__(self, rows: int, cols: int) -> None:
-        self.rows = rows
-        self.flat = np.empty(rows * cols)
+        self.flat = np.empty(rows * min(cols, _COLUMNS))
+        self.block = np.empty((rows, rows)) if cols > _COLUMNS else self.flat[:0]
 
-    def view(self, cols: int) -> npt.NDArray[np.float64]:
-        """The buffer as a contiguous ``rows × cols`` array (``cols`` at most its own)."""
-        return self.flat[: self.rows * cols].reshape(self.rows, cols)
+    def view(self, rows: int, cols: int) -> npt.NDArray[np.float64]:
+        """The buffer as a contiguous ``rows × cols`` array (at most its own size)."""
+        return self.flat[: rows * cols].reshape(rows, cols)
+
+    def gram(self, rows: int) -> npt.NDArray[np.float64]:
+        """The block Gram buffer, ``rows × rows``."""
+        return self.block.reshape(-1)[: rows * rows].reshape(rows, rows)
 
 
 def _stacked_layer_host(
-    layer: Layer, side: Literal["A", "B"], host: _HostBuffer
+    layer: Layer, side: Literal["A", "B"], host: _HostBuffer, start: int = 0, stop: int = 0
 ) -> npt.NDArray[np.float64]:
-    """:func:`_stacked_layer` for CPU tensors into a NumPy buffer (``B_s`` as ``B_sᵀ``, R × d).
+    """:func:`_stacked_layer` for CPU tensors into a NumPy buffer (``B_s`` as ``B_sᵀ``): columns
+    ``start:stop`` (all when ``stop`` is 0) of the ``R × d`` stack.
 
     One exact cast-copy per client by torch into the buffer (a view, no float32 step for
     bfloat16): 2.3× faster than NumPy's cast for A, 1.2× for the transposed B (one
-    Llama-3-8B MLP layer, K = 20, one thread). Returns the filled ``R × d`` view.
+    Llama-3-8B MLP layer, K = 20, one thread). Returns the filled ``R × (stop − start)`` view.
     """
-    buf = host.view(layer.d_in if side == "A" else layer.d_out)
+    stop = stop or (layer.d_in if side == "A" else layer.d_out)
+    buf = host.view(sum(layer.ranks), stop - start)
     out = torch.from_numpy(buf)
-    start = 0
+    row = 0
     for A, B in zip(layer.As, layer.Bs, strict=True):
         rk = A.shape[0]
-        out[start : start + rk].copy_((A if side == "A" else B.mT).detach())
-        start += rk
+        out[row : row + rk].copy_((A[:, start:stop] if side == "A" else B[start:stop].mT).detach())
+        row += rk
     return buf
 
 
-def _layer_grams(grp: _Group) -> tuple[Tensor, Tensor]:
-    """``M_A = A_u A_uᵀ`` and ``M_B = B_sᵀ B_s`` (L, R, R), float64, one layer at a time.
+def _blocks(d: int) -> list[tuple[int, int]]:
+    """``[(start, stop), …]``: ``0:d`` in blocks of at most ``_COLUMNS`` columns."""
+    return [(c, min(d, c + _COLUMNS)) for c in range(0, d, _COLUMNS)]
 
-    Each layer's factors are converted into a reused float64 buffer (``R × max(d_in, d_out)``,
-    one per worker thread) instead of one float64 copy of the whole group: same flops, no large
-    fresh allocation. On CPU the buffers are NumPy arrays and ``X Xᵀ`` goes through NumPy's
-    matmul, which hands a product of a matrix with its own transpose to BLAS ``syrk`` (half the
-    flops of the general product torch runs); the layers run side by side on the threads of
-    :func:`lorafair._threads.split_map`.
+
+class _GramItem(NamedTuple):
+    """One ``syrk`` of :func:`_grams`: a layer's side, and the ``R × R`` array it fills."""
+
+    layer: Layer
+    side: Literal["A", "B"]
+    out: npt.NDArray[np.float64]
+    flops: int  # R² d, its essential (symmetric) flops
+
+
+def _grams(groups: Sequence[_Group]) -> list[tuple[Tensor, Tensor]]:
+    """Every group's ``M_A = A_u A_uᵀ`` and ``M_B = B_sᵀ B_s`` (L, R, R), float64.
+
+    Each layer's factor is converted into a reused float64 buffer (``R × d``, in blocks of
+    ``_COLUMNS`` columns; one per worker thread) instead of one float64 copy of the whole
+    group: same flops, no large fresh allocation. On CPU the buffers are NumPy arrays and
+    ``X Xᵀ`` goes through NumPy's matmul, which hands a product of a matrix with its own transpose to BLAS ``syrk`` (half the flops
+    of the general product torch runs). The CPU ``syrk`` of all the groups, one per layer and
+    side, are one list for :func:`lorafair._threads.split_map`, largest first: the workers
+    run one-thread kernels side by side and finish together, and no layer alone needs a
+    threaded BLAS call (whose workers spin after it and slow torch's next pass: on one
+    Llama-3-8B block, bf16, FedIT's sums inside ``lora_fair`` took 50 ms after such a call
+    against 22 ms on one thread). Cost: ``(d_in + d_out) R²`` flops per layer.
     """
+    out: list[tuple[Tensor, Tensor]] = []
+    items: list[_GramItem] = []
+    for grp in groups:
+        first = grp.layers[0]
+        R = sum(first.ranks)
+        if grp.device.type != "cpu":
+            out.append(_device_grams(grp))
+            continue
+        MA, MB = np.empty((grp.n, R, R)), np.empty((grp.n, R, R))
+        for i, layer in enumerate(grp.layers):
+            items.append(_GramItem(layer, "A", MA[i], R * R * layer.d_in))
+            items.append(_GramItem(layer, "B", MB[i], R * R * layer.d_out))
+        out.append((torch.from_numpy(MA), torch.from_numpy(MB)))
+    if items:
+        items.sort(key=lambda it: -it.flops)  # largest first: the workers end together
+
+        def gram(host: _HostBuffer, it: _GramItem) -> None:
+            d = it.layer.d_in if it.side == "A" else it.layer.d_out
+            for start, stop in _blocks(d):  # one block unless d > _COLUMNS
+                x = _stacked_layer_host(it.layer, it.side, host, start, stop)
+                if start == 0:
+                    np.matmul(x, x.T, out=it.out)
+                else:
+                    block = host.gram(x.shape[0])
+                    np.matmul(x, x.T, out=block)
+                    np.add(it.out, block, out=it.out)
+
+        rows = max(it.out.shape[0] for it in items)
+        cols = max(it.layer.d_in if it.side == "A" else it.layer.d_out for it in items)
+        # the thread policy: the syrks side by side, each on one thread
+        split_map(
+            gram,
+            items,
+            scratch=lambda: _HostBuffer(rows, cols),
+            flops=sum(it.flops for it in items) / len(items),
+        )
+    return out
+
+
+def _device_grams(grp: _Group) -> tuple[Tensor, Tensor]:
+    """:func:`_grams` for one group off the CPU: torch products, one layer at a time."""
     first = grp.layers[0]
     R = sum(first.ranks)
-    if grp.device.type == "cpu":
-        MA = np.empty((grp.n, R, R))
-        MB = np.empty((grp.n, R, R))
-
-        def grams(host: _HostBuffer, i: int) -> None:
-            a = _stacked_layer_host(grp.layers[i], "A", host)
-            np.matmul(a, a.T, out=MA[i])
-            b = _stacked_layer_host(grp.layers[i], "B", host)
-            np.matmul(b, b.T, out=MB[i])
-
-        # the thread policy: layers side by side, each layer's two syrks its work
-        split_map(
-            grams,
-            range(grp.n),
-            scratch=lambda: _HostBuffer(R, max(first.d_in, first.d_out)),
-            flops=(first.d_in + first.d_out) * R * R,
-        )
-        return torch.from_numpy(MA), torch.from_numpy(MB)
     buf_a = torch.empty(R, first.d_in, dtype=_F64, device=grp.device)
     buf_b = torch.empty(first.d_out, R, dtype=_F64, device=grp.device)
     M_A = torch.empty(grp.n, R, R, dtype=_F64, device=grp.device)
@@ -226,39 +282,93 @@ def _layer_grams(grp: _Group) -> tuple[Tensor, Tensor]:
     return M_A, M_B
 
 
+class _Times(NamedTuple):
+    """One group's share of :func:`_products`: ``P_u @ coef`` for the layers ``rows``."""
+
+    grp: _Group
+    coef: Tensor  # (L, R, r) float64, one per layer of the group
+    rows: list[int]  # the layers to compute, in order
+
+
 def _p_times(grp: _Group, opts: _Options, coef: Tensor) -> Tensor:
-    """``P_u @ coef`` (L, d, r) float64 for the corrected side ``P_u`` (see :func:`_flat_sides`).
+    """``P_u @ coef`` (L, d, r) float64 for every layer of one group (see :func:`_products`)."""
+    return _products([_Times(grp, coef, list(range(grp.n)))], opts)[0]
+
+
+def _products(jobs: Sequence[_Times], opts: _Options) -> list[Tensor]:
+    """``P_u @ coef`` (len(rows), d, r) float64 for the corrected side ``P_u`` (see
+    :func:`_flat_sides`), per job.
 
     From the float64 stacks when they exist (float64 inputs), else one layer at a time through
-    a reused buffer (NumPy on CPU, as in :func:`_layer_grams`). Computed as ``(coefᵀ P_uᵀ)ᵀ``:
-    BLAS runs the tall-skinny product about twice as fast with the long dimension last.
+    a reused buffer (NumPy on CPU, as in :func:`_grams`: the layers of all the CPU jobs are one
+    list for :func:`lorafair._threads.split_map`, largest first). Computed as
+    ``(coefᵀ P_uᵀ)ᵀ``: BLAS runs the tall-skinny product about twice as fast with the long
+    dimension last. Cost: ``2 d R r`` flops and one float64 cast-copy of ``P_u`` per layer.
     """
-    if grp.dtype == _F64:
-        P_u = _flat_sides(grp, opts)[0]
-        return (coef.mT @ P_u.mT).mT
+    side: Literal["A", "B"] = "B" if opts.residual_on == "B" else "A"
+    out: list[Tensor] = []
+    items: list[_Product] = []
+    for job in jobs:
+        grp, coef, rows = job
+        if grp.dtype == _F64:
+            P_u = _flat_sides(grp, opts)[0][rows]
+            out.append((coef[rows].mT @ P_u.mT).mT)
+            continue
+        if grp.device.type != "cpu":
+            out.append(_device_products(job, side))
+            continue
+        first = grp.layers[0]
+        coef_t = coef.mT.numpy()
+        out_np = np.empty((len(rows), grp.r, first.d_out if side == "B" else first.d_in))
+        items += [_Product(grp.layers[i], coef_t[i], out_np[j]) for j, i in enumerate(rows)]
+        out.append(torch.from_numpy(out_np).mT)
+    if items:
+        items.sort(key=lambda it: -it.flops)  # largest first: the workers end together
+
+        def times(host: _HostBuffer, it: _Product) -> None:
+            for start, stop in _blocks(it.out.shape[1]):  # columns of the product, by block
+                x = _stacked_layer_host(it.layer, side, host, start, stop)
+                np.matmul(it.coef_t, x, out=it.out[:, start:stop])
+
+        rows_max = max(it.coef_t.shape[1] for it in items)
+        cols_max = max(it.out.shape[1] for it in items)
+        # the thread policy: the layers' products side by side, each on one thread
+        split_map(
+            times,
+            items,
+            scratch=lambda: _HostBuffer(rows_max, cols_max),
+            flops=sum(it.flops for it in items) / len(items),
+        )
+    return out
+
+
+class _Product(NamedTuple):
+    """One layer's product in :func:`_products`: ``coefᵀ P_uᵀ`` (r × d) into ``out``."""
+
+    layer: Layer
+    coef_t: npt.NDArray[np.float64]  # (r, R)
+    out: npt.NDArray[np.float64]  # (r, d)
+
+    @property
+    def flops(self) -> int:
+        return 2 * int(self.coef_t.size) * int(self.out.shape[1])  # 2 r R d
+
+
+def _device_products(job: _Times, side: Literal["A", "B"]) -> Tensor:
+    """:func:`_products` for one group off the CPU: torch products, one layer at a time."""
+    grp, coef, rows = job
     first = grp.layers[0]
     R = sum(first.ranks)
-    side: Literal["A", "B"] = "B" if opts.residual_on == "B" else "A"
     d = first.d_out if side == "B" else first.d_in
-    if grp.device.type == "cpu":
-        coef_t = coef.mT.numpy()
-        out_np = np.empty((grp.n, grp.r, d))
-
-        def times(host: _HostBuffer, i: int) -> None:
-            np.matmul(coef_t[i], _stacked_layer_host(grp.layers[i], side, host), out=out_np[i])
-
-        # the thread policy: layers side by side, each layer's product its work
-        split_map(times, range(grp.n), scratch=lambda: _HostBuffer(R, d), flops=2 * grp.r * R * d)
-        return torch.from_numpy(out_np).mT
-    out = torch.empty(grp.n, grp.r, d, dtype=_F64, device=grp.device)
+    out = torch.empty(len(rows), grp.r, d, dtype=_F64, device=grp.device)
     if side == "B":
         buf = torch.empty(first.d_out, R, dtype=_F64, device=grp.device)
-        for i, layer in enumerate(grp.layers):
-            torch.matmul(coef[i].mT, _stacked_layer(layer, "B", buf).mT, out=out[i])
+        for j, i in enumerate(rows):
+            torch.matmul(coef[i].mT, _stacked_layer(grp.layers[i], "B", buf).mT, out=out[j])
     else:
         buf = torch.empty(R, first.d_in, dtype=_F64, device=grp.device)
-        for i, layer in enumerate(grp.layers):
-            torch.matmul(coef[i].mT, _stacked_layer(layer, "A", buf), out=out[i])
+        for j, i in enumerate(rows):
+            torch.matmul(coef[i].mT, _stacked_layer(grp.layers[i], "A", buf), out=out[j])
     return out.mT
 
 
@@ -289,29 +399,47 @@ def _delta(grp: _Group, sol: _Residuals, opts: _Options) -> Tensor:
     return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
 
-def _corrected(grp: _Group, sol: _Residuals, opts: _Options) -> Tensor:
-    """The corrected factor (``B̄ + ΔB`` or ``Ā + ΔA``, L layers) in the inputs' dtype.
+def _corrected(
+    groups: Sequence[_Group], solved: Sequence[_Residuals], opts: _Options
+) -> list[Tensor]:
+    """Each group's corrected factor (``B̄ + ΔB`` or ``Ā + ΔA``, L layers) in the inputs' dtype.
 
-    Flat: one float64 GEMM ``P_u (E + coef)`` per layer, rounded once. Layers whose residual is
-    exactly zero return FedIT's factor bit for bit.
+    Flat: one float64 GEMM ``P_u (E + coef)`` per layer, rounded once (all the groups' layers
+    in one :func:`_products`). Layers whose residual is exactly zero return FedIT's factor bit
+    for bit, without the GEMM.
     """
+    plan: list[_Times | None] = []
+    for grp, sol in zip(groups, solved, strict=True):
+        if sol.coef is None:
+            plan.append(None)
+            continue
+        still = (sol.coef == 0).all(dim=(-2, -1))
+        if sol.extra is not None:
+            still &= (sol.extra == 0).all(dim=(-2, -1))
+        rows = [i for i, s in enumerate(still.tolist()) if not s]
+        plan.append(_Times(grp, grp.E + sol.coef, rows))
+    products = iter(_products([job for job in plan if job is not None], opts))
+    out: list[Tensor] = []
+    for grp, sol, job in zip(groups, solved, plan, strict=True):
 
-    def fedit_side() -> Tensor:  # FedIT's corrected factor, as fedit computes it
-        return grp.B_acc if opts.residual_on == "B" else grp.A_acc
+        def fedit_side(grp: _Group = grp) -> Tensor:  # FedIT's own, as fedit sums it
+            return grp.B_acc if opts.residual_on == "B" else grp.A_acc
 
-    if sol.coef is None:
-        assert sol.extra is not None
-        acc = fedit_side()
-        return (acc + sol.extra.to(acc.dtype)).to(grp.dtype)
-    full = _orient(_p_times(grp, opts, grp.E + sol.coef), opts)
-    if sol.extra is not None:
-        full = full + sol.extra
-    out = full.to(grp.dtype, memory_format=torch.contiguous_format)
-    still = (sol.coef == 0).all(dim=(-2, -1))
-    if sol.extra is not None:
-        still &= (sol.extra == 0).all(dim=(-2, -1))
-    if bool(still.any()):
-        out[still] = fedit_side()[still].to(grp.dtype)
+        if job is None:
+            assert sol.extra is not None
+            acc = fedit_side()
+            out.append((acc + sol.extra.to(acc.dtype)).to(grp.dtype))
+            continue
+        full = _orient(next(products), opts)
+        if sol.extra is not None:
+            full = full + sol.extra[job.rows]
+        moved = full.to(grp.dtype, memory_format=torch.contiguous_format)
+        if len(job.rows) == grp.n:
+            out.append(moved)
+            continue
+        factor = fedit_side().to(grp.dtype, memory_format=torch.contiguous_format)
+        factor[job.rows] = moved
+        out.append(factor)
     return out
 
 
@@ -326,7 +454,7 @@ def _update_norm(grp: _Group) -> Tensor:
     exactly. Cost: O((d_out + d_in) R²) either way (R = Σ r_k).
     """
     if grp.dtype != _F64:
-        M_A, M_B = _layer_grams(grp)
+        M_A, M_B = _grams([grp])[0]
         return _gram_norm(M_B, M_A, grp.pw)
     if grp.A_s.shape[-1] < grp.B_s.shape[-2]:
         return _linalg.fro_norm(grp.A_s.mT, grp.B_s.mT)

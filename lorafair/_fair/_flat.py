@@ -28,8 +28,8 @@ from lorafair._fair._batch import (
     _corrected_dim,
     _flat_sides,
     _gram_norm,
+    _grams,
     _Group,
-    _layer_grams,
     _orient,
     _Residuals,
     _rounding,
@@ -243,7 +243,7 @@ def _flat_reduce(
     ``M_Q = Q_u Q_uᵀ`` (``G = Eᵀ M_Q E``, ``N = diag(pw) M_Q E``, ``HᵀH = Nᵀ M_P N``,
     ``HᵀP = Nᵀ M_P E``, ``PᵀP = Eᵀ M_P E``, ``‖ΔW‖² = <M_P, pw pwᵀ ⊙ M_Q>``), whose error
     ``ε₆₄ κ²`` stays below the inputs' own rounding (see :func:`_update_norm`); ``grams`` is
-    ``(M_A, M_B)`` from :func:`_layer_grams` when already computed. Cost O((d + e) R²) flops
+    ``(M_A, M_B)`` from :func:`_grams` when already computed. Cost O((d + e) R²) flops
     (the Grams) or O((d + e) R r) plus a QR (float64).
     """
     E, pw = grp.E, grp.pw
@@ -253,7 +253,7 @@ def _flat_reduce(
         N = pw[:, None] * (Q_u @ Q.mT)
         red = _family.reduced_from_columns(Q @ Q.mT, P_u @ N, P_u @ E, _update_norm(grp))
         return red, N
-    M_A, M_B = grams if grams is not None else _layer_grams(grp)
+    M_A, M_B = grams if grams is not None else _grams([grp])[0]
     M_P, M_Q = (M_B, M_A) if opts.residual_on == "B" else (M_A, M_B)
     N = pw[:, None] * (M_Q @ E)
     MN = M_P @ N
@@ -291,7 +291,9 @@ def _solve_flat(
     """
     if any(grp.dtype == _F64 for grp in groups):
         raise_if_nonfinite(prep.layers)
-    grams = [None if grp.dtype == _F64 else _layer_grams(grp) for grp in groups]
+    narrow = [grp for grp in groups if grp.dtype != _F64]
+    by_id = dict(zip(map(id, narrow), _grams(narrow), strict=True))
+    grams = [by_id.get(id(grp)) for grp in groups]
     # diag(M) holds float64 sums of squares of narrow floats: finite exactly when every input is
     # (|x| ≤ 6.6e4 or 3.4e38, squared and summed over < 2³¹ terms, cannot overflow float64).
     diag_sums = [M.diagonal(dim1=-2, dim2=-1).sum() for pair in grams if pair for M in pair]
