@@ -170,6 +170,24 @@ def gram_svd(
     CPU a batch with an uncertified core takes the full ``eigh`` of the same C at once. Returns
     the certificate (…,) as well, or ``None`` for the full decomposition.
     """
+    core = gram_core(G_a, G_b, rank, unit_roundoff)
+    return FactoredSVD(core.S, B, core.U_core, core.Vh_core, A), core.certified
+
+
+class GramCore(NamedTuple):
+    """:func:`gram_core`'s result: ``ΔW = left · U_core diag(S) Vh_core · right`` for the
+    stacks ``left = B``, ``right = A`` of :func:`gram_svd`, and the top triplets' certificate
+    (``None`` for the full decomposition)."""
+
+    S: Tensor
+    U_core: Tensor
+    Vh_core: Tensor
+    certified: Tensor | None
+
+
+def gram_core(G_a: Tensor, G_b: Tensor, rank: int = 0, unit_roundoff: float = 0.0) -> GramCore:
+    """:func:`gram_svd` from the Grams alone (the stacks enter only through later products,
+    e.g. :func:`lorafair._stacks.products`). Cost O(R³), R × R throughout."""
     R = G_a.shape[-1]
     rel = R * _EPS64
     P = _gram_root(G_a, rel)
@@ -194,7 +212,7 @@ def gram_svd(
     inv = _pinv_diag(S)
     U_core = (P @ W) * inv.unsqueeze(-2)
     Vh_core = (inv * inv).unsqueeze(-1) * (W.mT @ PtGb)
-    return FactoredSVD(S, B, U_core, Vh_core, A), certified
+    return GramCore(S, U_core, Vh_core, certified)
 
 
 def qr_svd(B: Tensor, A: Tensor) -> FactoredSVD:
@@ -395,7 +413,8 @@ def dense_top_svd(B: Tensor, A: Tensor, rank: int, unit_roundoff: float) -> TopS
     return TopSVD(FactoredSVD(S, U, eye, eye, Vh), certified, finite)
 
 
-def _pad(x: Tensor, dim: int, size: int) -> Tensor:
+def pad(x: Tensor, dim: int, size: int) -> Tensor:
+    """``x`` with zeros appended along ``dim`` up to ``size`` (as is when already that long)."""
     missing = size - x.shape[dim]
     if missing <= 0:
         return x
@@ -404,19 +423,39 @@ def _pad(x: Tensor, dim: int, size: int) -> Tensor:
     return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
 
+class SplitCores(NamedTuple):
+    """The small factors of :func:`split`: ``B = left @ b_core`` (b_core R × k) and
+    ``A = a_core @ right`` (a_core k × R), k = min(rank, number of triplets)."""
+
+    b_core: Tensor
+    a_core: Tensor
+
+
+def split_cores(
+    S: Tensor, U_core: Tensor, Vh_core: Tensor, rank: int, left_power: float
+) -> SplitCores:
+    """``(U_core S^p, S^{1−p} Vh_core)`` for the top ``k = min(rank, m)`` triplets (see
+    :func:`split`)."""
+    k = min(rank, S.shape[-1])
+    Sk = S[..., :k]
+    return SplitCores(
+        U_core[..., :k] * Sk.pow(left_power).unsqueeze(-2),
+        Sk.pow(1.0 - left_power).unsqueeze(-1) * Vh_core[..., :k, :],
+    )
+
+
 def split(svd: FactoredSVD, rank: int, left_power: float) -> tuple[Tensor, Tensor]:
     """``(B, A) = (U_k S_k^p, S_k^{1−p} Vh_k)`` for the top ``k = min(rank, m)`` triplets.
 
     Zero-padded to ``rank`` columns / rows; ``B @ A`` is the best rank-``rank`` approximation.
     Only the kept columns are formed: one (d × R)(R × k) product per factor.
     """
-    k = min(rank, svd.S.shape[-1])
-    S = svd.S[..., :k]
+    cores = split_cores(svd.S, svd.U_core, svd.Vh_core, rank, left_power)
     # B as (Mᵀ leftᵀ)ᵀ: BLAS runs the tall-skinny product faster with the long dimension last
     # (the result is a transposed view; callers make their output contiguous)
-    B = ((svd.U_core[..., :k] * S.pow(left_power).unsqueeze(-2)).mT @ svd.left.mT).mT
-    A = (S.pow(1.0 - left_power).unsqueeze(-1) * svd.Vh_core[..., :k, :]) @ svd.right
-    return _pad(B, -1, rank), _pad(A, -2, rank)
+    B = (cores.b_core.mT @ svd.left.mT).mT
+    A = cores.a_core @ svd.right
+    return pad(B, -1, rank), pad(A, -2, rank)
 
 
 def top(svd: FactoredSVD, rank: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -424,7 +463,7 @@ def top(svd: FactoredSVD, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     k = min(rank, svd.S.shape[-1])
     U = svd.left @ svd.U_core[..., :k]
     Vh = svd.Vh_core[..., :k, :] @ svd.right
-    return _pad(U, -1, rank), _pad(svd.S[..., :k], -1, rank), _pad(Vh, -2, rank)
+    return pad(U, -1, rank), pad(svd.S[..., :k], -1, rank), pad(Vh, -2, rank)
 
 
 def truncated_svd(B: Tensor, A: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:

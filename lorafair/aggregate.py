@@ -26,10 +26,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Literal, NamedTuple
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
-from lorafair import _average, _linalg
+from lorafair import _average, _linalg, _stacks
 from lorafair._exact import fedex_lora, fedsvd
 from lorafair._fair import (
     AdaptersAndSolutions,
@@ -401,6 +403,7 @@ class _Pending(NamedTuple):
     B: Tensor
     route: Route
     ok: Tensor | None  # per layer: the route's own check passed (None: a route without one)
+    bad: Tensor  # per layer: a non-finite input
 
 
 # The Gram route's float64 stacks: one buffer of at most this size (or one layer, if larger) per
@@ -429,12 +432,10 @@ def _scratch(buffer: Tensor, first: Layer, n: int) -> _Scratch:
     return _Scratch(buffer[:a].view(n, R, first.d_in), buffer[a : a + b].view(n, first.d_out, R))
 
 
-def _stack64(
-    batch: list[Layer], p: Sequence[float], scratch: _Scratch
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Float64 ``Â = cat_k A_k`` (L, R, d_in), ``B_s = cat_k B_k`` (L, d_out, R), and the row
-    weights ``d`` (R,) with ``A_s = diag(d) Â``: one cast-copy of each input into ``scratch``,
-    no scaling pass."""
+def _stack64(batch: list[Layer], scratch: _Scratch) -> tuple[Tensor, Tensor]:
+    """Float64 ``Â = cat_k A_k`` (L, R, d_in) and ``B_s = cat_k B_k`` (L, d_out, R): one
+    cast-copy of each input into ``scratch``, no scaling pass (``A_s = diag(d) Â``, with ``d``
+    from :func:`_row_weights`)."""
     first = batch[0]
     A, B = scratch
 
@@ -449,12 +450,99 @@ def _stack64(
     # the thread policy: layers side by side, each layer's input bytes its work
     nbytes = (first.d_in + first.d_out) * sum(first.ranks) * first.As[0].element_size()
     split_map(cast, range(len(batch)), scratch=lambda: None, nbytes=nbytes)
-    d = torch.tensor(
-        [w for w, r in zip(p, first.ranks, strict=True) for _ in range(r)],
+    return A, B
+
+
+def _row_weights(p: Sequence[float], layer: Layer) -> Tensor:
+    """``d`` (R,) float64: ``p_k`` repeated ``r_k`` times, so ``A_s = diag(d) Â``."""
+    return torch.tensor(
+        [w for w, r in zip(p, layer.ranks, strict=True) for _ in range(r)],
         dtype=torch.float64,
-        device=first.device,
+        device=layer.device,
     )
-    return A, B, d
+
+
+class _GramSolved(NamedTuple):
+    """The Gram route's result for one batch: the core (``Vh_core`` already times ``D``, so
+    ``Vh = Vh_core Â``), per-layer non-finite flags, and the route's own check per layer."""
+
+    core: _linalg.GramCore
+    bad: Tensor
+    ok: Tensor
+
+
+def _gram_route(
+    batch: list[Layer], p: Sequence[float], M_a: Tensor, G_b: Tensor, rank: int
+) -> _GramSolved:
+    """The Gram route from the unweighted ``M_a = Â Âᵀ`` and ``G_b = B_sᵀ B_s``: the weights
+    ``p_k`` enter through the R × R Gram, ``A_s = D Â`` with ``D = diag(d)``:
+    ``G_a = D M_a D``. NaN/Inf are read off the traces; the check is κ within the route's limit
+    (and the top triplets' certificate where only ``rank`` > 0 are computed). No host sync."""
+    first = batch[0]
+    d = _row_weights(p, first)
+    G_a = M_a * d.unsqueeze(-1) * d.unsqueeze(-2)
+    tr_a = G_a.diagonal(dim1=-2, dim2=-1).sum(-1)
+    tr_b = G_b.diagonal(dim1=-2, dim2=-1).sum(-1)
+    # ‖A_s‖²·‖B_s‖² is non-finite iff some input is (no overflow: inputs ≤ 3.4e38 here)
+    bad = ~torch.isfinite(tr_a * tr_b)
+    keep = (~bad).to(G_a.dtype).reshape(-1, 1, 1)
+    G_a, G_b = torch.nan_to_num(G_a) * keep, torch.nan_to_num(G_b) * keep
+    dw2 = (G_a * G_b).sum(dim=(-2, -1))  # ‖ΔW‖_F² = tr(G_a G_b)
+    limit = _gram_kappa_limit(first.dtype, first.d_out, first.d_in, sum(first.ranks))
+    gram_ok = tr_a * tr_b <= limit * limit * dw2
+    core = _linalg.gram_core(G_a, G_b, rank, _unit_roundoff(first.dtype))
+    if core.certified is not None:
+        gram_ok = gram_ok & core.certified
+    return _GramSolved(core._replace(Vh_core=core.Vh_core * d), bad, gram_ok)
+
+
+class _HostGram(NamedTuple):
+    """One group on :func:`_gram_route_host`: its core, and its factors (``Bᵀ`` and ``A``,
+    float64, filled by the products)."""
+
+    batch: list[Layer]
+    rank: int
+    sol: _GramSolved
+    B_t: npt.NDArray[np.float64]  # (L, k, d_out)
+    A: npt.NDArray[np.float64]  # (L, k, d_in)
+
+
+def _gram_route_host(
+    groups: list[list[Layer]], ranks: list[int], p: Sequence[float], left_power: float
+) -> list[_Pending]:
+    """The Gram route for CPU groups at a fixed rank each (``ranks``), never stacking a layer
+    whole: the Grams from :func:`lorafair._stacks.grams` (every layer of every group side by
+    side, in column blocks), the R × R core as :func:`_gram_route`, then ``B = B_s b_core`` and
+    ``A = a_core Â`` from :func:`lorafair._stacks.products` (again all layers side by side).
+    Casts each input twice (Grams, products) into small per-worker buffers instead of once
+    into a shared float64 stack of at most ``_GRAM_SCRATCH_BYTES``, whose one-layer batches
+    (a Llama-3-8B MLP layer is 47 MB at R = 320) ran one layer at a time."""
+    solved: list[_HostGram] = []
+    items: list[_stacks.Product] = []
+    grams = _stacks.grams(groups)
+    for batch, rank, (M_a, G_b) in zip(groups, ranks, grams, strict=True):
+        sol = _gram_route(batch, p, M_a, G_b, rank)
+        cores = _linalg.split_cores(sol.core.S, sol.core.U_core, sol.core.Vh_core, rank, left_power)
+        first, k = batch[0], cores.a_core.shape[-2]
+        B_t = np.empty((len(batch), k, first.d_out))  # Bᵀ: the long dimension last
+        A = np.empty((len(batch), k, first.d_in))
+        b_t, a = cores.b_core.mT.numpy(), cores.a_core.numpy()
+        for i, layer in enumerate(batch):
+            items.append(_stacks.Product(layer, "B", b_t[i], B_t[i]))
+            items.append(_stacks.Product(layer, "A", a[i], A[i]))
+        solved.append(_HostGram(batch, rank, sol, B_t, A))
+    _stacks.products(items)
+    return [
+        _Pending(
+            h.batch,
+            _linalg.pad(torch.from_numpy(h.A), -2, h.rank),
+            _linalg.pad(torch.from_numpy(h.B_t).mT, -1, h.rank),
+            "gram",
+            h.sol.ok,
+            h.sol.bad,
+        )
+        for h in solved
+    ]
 
 
 def _flexlora_svd(
@@ -479,24 +567,10 @@ def _flexlora_svd(
             n = 8 * len(batch) * (first.d_in + first.d_out) * sum(first.ranks)
             buffer = torch.empty(n // 8, dtype=torch.float64, device=first.device)
             scratch = _scratch(buffer, first, len(batch))
-        A_s, B_s, d = _stack64(batch, p, scratch)
-        G_a, G_b = _linalg.grams(B_s, A_s)
-        G_a = G_a * d.unsqueeze(-1) * d.unsqueeze(-2)
-        tr_a = G_a.diagonal(dim1=-2, dim2=-1).sum(-1)
-        tr_b = G_b.diagonal(dim1=-2, dim2=-1).sum(-1)
-        # ‖A_s‖²·‖B_s‖² is non-finite iff some input is (no overflow: inputs ≤ 3.4e38 here)
-        bad = ~torch.isfinite(tr_a * tr_b)
-        keep = (~bad).to(G_a.dtype).reshape(-1, 1, 1)
-        G_a, G_b = torch.nan_to_num(G_a) * keep, torch.nan_to_num(G_b) * keep
-        dw2 = (G_a * G_b).sum(dim=(-2, -1))  # ‖ΔW‖_F² = tr(G_a G_b)
-        first = batch[0]
-        limit = _gram_kappa_limit(first.dtype, first.d_out, first.d_in, sum(first.ranks))
-        gram_ok = tr_a * tr_b <= limit * limit * dw2
-        u_in = _unit_roundoff(first.dtype)
-        svd, certified = _linalg.gram_svd(B_s, A_s, G_a, G_b, rank, u_in)
-        if certified is not None:
-            gram_ok = gram_ok & certified
-        svd = svd._replace(Vh_core=svd.Vh_core * d)  # Vh = Vh_core D Â
+        A_s, B_s = _stack64(batch, scratch)
+        sol = _gram_route(batch, p, *_linalg.grams(B_s, A_s), rank)
+        svd = _linalg.FactoredSVD(sol.core.S, B_s, sol.core.U_core, sol.core.Vh_core, A_s)
+        bad, gram_ok = sol.bad, sol.ok
     elif route == "dense_top":  # non-finite inputs read off tr G (see dense_top_svd)
         A_s, B_s = stacked_batch(batch, p, torch.float64)
         top = _linalg.dense_top_svd(B_s, A_s, rank, _unit_roundoff(batch[0].dtype))
@@ -672,7 +746,6 @@ def _flexlora(
     out: dict[str, LoRAFactors] = {}
     chosen: dict[str, RankChoice] = {}
     pending: list[_Pending] = []
-    flags: list[Tensor] = []
 
     def finish(layer: Layer, svd: _linalg.FactoredSVD) -> None:
         fixed = rank if isinstance(rank, int) else max(layer.ranks)
@@ -708,13 +781,23 @@ def _flexlora(
     routes = [
         _route(g[0].d_out, g[0].d_in, sum(g[0].ranks), g[0].dtype, kept(g[0])) for g in groups
     ]
+    # the fixed-rank Gram route on the CPU: every group at once, no float64 stacks
+    host = [
+        i
+        for i, (g, route) in enumerate(zip(groups, routes, strict=True))
+        if route == "gram" and g[0].device.type == "cpu" and kept(g[0]) is not None
+    ]
+    targets = [kept(groups[i][0]) or 0 for i in host]
+    pending += _gram_route_host([groups[i] for i in host], targets, p, left_power)
+    groups = [g for i, g in enumerate(groups) if i not in host]
+    routes = [r for i, r in enumerate(routes) if i not in host]
     sizes = [
         _gram_batch(g[0], len(g)) * (g[0].d_in + g[0].d_out) * sum(g[0].ranks)
         for g, route in zip(groups, routes, strict=True)
         if route == "gram"
     ]
-    first = groups[0][0]
-    buffer = torch.empty(max(sizes, default=0), dtype=torch.float64, device=first.device)
+    device = next(iter(prep.layers.values())).device
+    buffer = torch.empty(max(sizes, default=0), dtype=torch.float64, device=device)
     for group, route in zip(groups, routes, strict=True):
         first = group[0]
         R = sum(first.ranks)
@@ -739,11 +822,11 @@ def _flexlora(
                     finish(layer, redo(layer, route, False) if ok and not ok[j] else _layer(svd, j))
                 continue
             B, A = _linalg.split(svd, target, left_power)
-            pending.append(_Pending(batch, A, B, route, route_ok))
-            flags.append(bad)
+            pending.append(_Pending(batch, A, B, route, route_ok, bad))
     if pending:  # the fixed-rank call's one host round trip: non-finite input, checks per layer
         oks = [d.ok for d in pending if d.ok is not None]
-        ok = _average.check([torch.cat(flags).any()], prep.layers, torch.cat(oks) if oks else None)
+        bad_any = torch.cat([d.bad for d in pending]).any()
+        ok = _average.check([bad_any], prep.layers, torch.cat(oks) if oks else None)
         i = 0
         for done in pending:
             for j, layer in enumerate(done.layers):

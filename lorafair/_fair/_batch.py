@@ -2,8 +2,9 @@
 
 Same-shaped layers travel together as one :class:`_Group` (a leading dimension ``L``). Every
 product with the clients' stacked factors (the two ``R × R`` Grams, ``P_u @ coef``, the
-corrected factor returned in the inputs' dtype, and how that dtype rounds it) is computed here,
-one layer at a time through reused float64 buffers for narrow dtypes.
+corrected factor returned in the inputs' dtype, and how that dtype rounds it) is computed here.
+On CPU the Grams and ``P_u @ coef`` go through :mod:`lorafair._stacks` (float64 column blocks,
+one single-thread kernel per worker); elsewhere one layer at a time through torch.
 """
 
 from __future__ import annotations
@@ -15,15 +16,14 @@ from functools import cached_property
 from typing import Literal, NamedTuple
 
 import numpy as np
-import numpy.typing as npt
 import torch
 from torch import Tensor
 
-from lorafair import _linalg
+from lorafair import _linalg, _stacks
 from lorafair._average import item_bytes
 from lorafair._fair import _tolerances as _tol
 from lorafair._fair._options import _Options
-from lorafair._threads import split_map, torch_pool_for
+from lorafair._threads import torch_pool_for
 from lorafair._validate import Layer, accumulation_dtype, weighted_sum
 
 _F64 = torch.float64
@@ -34,8 +34,8 @@ class _Group:
     """Same-shaped layers batched along a leading dimension ``L`` (R = Σ r_k).
 
     The float64 stacks ``A_u`` (L, R, d_in) and ``B_s`` (L, d_out, R) are built on first use;
-    the narrow-dtype flat path never builds them (it converts one layer at a time into a reused
-    buffer, see :func:`_grams`).
+    the Gram and product paths never build them (they convert column blocks into reused
+    buffers, see :func:`_grams`).
     """
 
     layers: list[Layer]
@@ -153,117 +153,16 @@ def _stacked_layer(layer: Layer, side: Literal["A", "B"], buf: Tensor) -> Tensor
     return torch.cat(layer.Bs, dim=1, out=buf)
 
 
-_COLUMNS = 4096
-"""Columns of a layer's stacked factor cast into a worker's float64 buffer at a time: the
-buffer is ``R × 4096`` (10.5 MB at R = 320) whatever the layer's width, so a call's fixed
-memory stays small beside its input. A longer side is done in column blocks: its Gram as a
-sum of the blocks' ``syrk`` in float64, its product block by block. No ViT-B/16 layer
-(d ≤ 3072) is split."""
-
-
-class _HostBuffer:
-    """One worker's reusable float64 buffers: a layer's stacked factor, ``_COLUMNS`` columns at
-    a time (``rows × min(cols, _COLUMNS)``), and an ``rows × rows`` Gram of one block."""
-
-    def __init__(self, rows: int, cols: int) -> None:
-        self.flat = np.empty(rows * min(cols, _COLUMNS))
-        self.block = np.empty((rows, rows)) if cols > _COLUMNS else self.flat[:0]
-
-    def view(self, rows: int, cols: int) -> npt.NDArray[np.float64]:
-        """The buffer as a contiguous ``rows × cols`` array (at most its own size)."""
-        return self.flat[: rows * cols].reshape(rows, cols)
-
-    def gram(self, rows: int) -> npt.NDArray[np.float64]:
-        """The block Gram buffer, ``rows × rows``."""
-        return self.block.reshape(-1)[: rows * rows].reshape(rows, rows)
-
-
-def _stacked_layer_host(
-    layer: Layer, side: Literal["A", "B"], host: _HostBuffer, start: int = 0, stop: int = 0
-) -> npt.NDArray[np.float64]:
-    """:func:`_stacked_layer` for CPU tensors into a NumPy buffer (``B_s`` as ``B_sᵀ``): columns
-    ``start:stop`` (all when ``stop`` is 0) of the ``R × d`` stack.
-
-    One exact cast-copy per client by torch into the buffer (a view, no float32 step for
-    bfloat16): 2.3× faster than NumPy's cast for A, 1.2× for the transposed B (one
-    Llama-3-8B MLP layer, K = 20, one thread). Returns the filled ``R × (stop − start)`` view.
-    """
-    stop = stop or (layer.d_in if side == "A" else layer.d_out)
-    buf = host.view(sum(layer.ranks), stop - start)
-    out = torch.from_numpy(buf)
-    row = 0
-    for A, B in zip(layer.As, layer.Bs, strict=True):
-        rk = A.shape[0]
-        out[row : row + rk].copy_((A[:, start:stop] if side == "A" else B[start:stop].mT).detach())
-        row += rk
-    return buf
-
-
-def _blocks(d: int) -> list[tuple[int, int]]:
-    """``[(start, stop), …]``: ``0:d`` in blocks of at most ``_COLUMNS`` columns."""
-    return [(c, min(d, c + _COLUMNS)) for c in range(0, d, _COLUMNS)]
-
-
-class _GramItem(NamedTuple):
-    """One ``syrk`` of :func:`_grams`: a layer's side, and the ``R × R`` array it fills."""
-
-    layer: Layer
-    side: Literal["A", "B"]
-    out: npt.NDArray[np.float64]
-    flops: int  # R² d, its essential (symmetric) flops
-
-
 def _grams(groups: Sequence[_Group]) -> list[tuple[Tensor, Tensor]]:
     """Every group's ``M_A = A_u A_uᵀ`` and ``M_B = B_sᵀ B_s`` (L, R, R), float64.
 
-    Each layer's factor is converted into a reused float64 buffer (``R × d``, in blocks of
-    ``_COLUMNS`` columns; one per worker thread) instead of one float64 copy of the whole
-    group: same flops, no large fresh allocation. On CPU the buffers are NumPy arrays and
-    ``X Xᵀ`` goes through NumPy's matmul, which hands a product of a matrix with its own transpose to BLAS ``syrk`` (half the flops
-    of the general product torch runs). The CPU ``syrk`` of all the groups, one per layer and
-    side, are one list for :func:`lorafair._threads.split_map`, largest first: the workers
-    run one-thread kernels side by side and finish together, and no layer alone needs a
-    threaded BLAS call (whose workers spin after it and slow torch's next pass: on one
-    Llama-3-8B block, bf16, FedIT's sums inside ``lora_fair`` took 50 ms after such a call
-    against 22 ms on one thread). Cost: ``(d_in + d_out) R²`` flops per layer.
+    On the CPU from :func:`lorafair._stacks.grams`: every group's layers in one list of
+    one-thread ``syrk`` side by side, each layer's stacks cast into a worker's small float64
+    buffer in column blocks, never a float64 copy of a whole stack. Elsewhere torch's products,
+    one layer at a time through a reused buffer. Cost: ``(d_in + d_out) R²`` flops per layer.
     """
-    out: list[tuple[Tensor, Tensor]] = []
-    items: list[_GramItem] = []
-    for grp in groups:
-        first = grp.layers[0]
-        R = sum(first.ranks)
-        if grp.device.type != "cpu":
-            out.append(_device_grams(grp))
-            continue
-        MA, MB = np.empty((grp.n, R, R)), np.empty((grp.n, R, R))
-        for i, layer in enumerate(grp.layers):
-            items.append(_GramItem(layer, "A", MA[i], R * R * layer.d_in))
-            items.append(_GramItem(layer, "B", MB[i], R * R * layer.d_out))
-        out.append((torch.from_numpy(MA), torch.from_numpy(MB)))
-    if items:
-        items.sort(key=lambda it: -it.flops)  # largest first: the workers end together
-
-        def gram(host: _HostBuffer, it: _GramItem) -> None:
-            d = it.layer.d_in if it.side == "A" else it.layer.d_out
-            for start, stop in _blocks(d):  # one block unless d > _COLUMNS
-                x = _stacked_layer_host(it.layer, it.side, host, start, stop)
-                if start == 0:
-                    np.matmul(x, x.T, out=it.out)
-                else:
-                    block = host.gram(x.shape[0])
-                    np.matmul(x, x.T, out=block)
-                    np.add(it.out, block, out=it.out)
-
-        rows = max(it.out.shape[0] for it in items)
-        cols = max(it.layer.d_in if it.side == "A" else it.layer.d_out for it in items)
-        # the thread policy: the syrks side by side, each on one thread
-        split_map(
-            gram,
-            items,
-            scratch=lambda: _HostBuffer(rows, cols),
-            flops=sum(it.flops for it in items) / len(items),
-        )
-    return out
+    host = iter(_stacks.grams([grp.layers for grp in groups if grp.device.type == "cpu"]))
+    return [next(host) if grp.device.type == "cpu" else _device_grams(grp) for grp in groups]
 
 
 def _device_grams(grp: _Group) -> tuple[Tensor, Tensor]:
@@ -299,15 +198,15 @@ def _products(jobs: Sequence[_Times], opts: _Options) -> list[Tensor]:
     """``P_u @ coef`` (len(rows), d, r) float64 for the corrected side ``P_u`` (see
     :func:`_flat_sides`), per job.
 
-    From the float64 stacks when they exist (float64 inputs), else one layer at a time through
-    a reused buffer (NumPy on CPU, as in :func:`_grams`: the layers of all the CPU jobs are one
-    list for :func:`lorafair._threads.split_map`, largest first). Computed as
-    ``(coefᵀ P_uᵀ)ᵀ``: BLAS runs the tall-skinny product about twice as fast with the long
-    dimension last. Cost: ``2 d R r`` flops and one float64 cast-copy of ``P_u`` per layer.
+    From the float64 stacks when they exist (float64 inputs); on the CPU from
+    :func:`lorafair._stacks.products` (all the jobs' layers side by side, as in :func:`_grams`);
+    elsewhere one layer at a time through a reused buffer. Computed as ``(coefᵀ P_uᵀ)ᵀ``: BLAS
+    runs the tall-skinny product about twice as fast with the long dimension last. Cost:
+    ``2 d R r`` flops and one float64 cast-copy of ``P_u`` per layer.
     """
     side: Literal["A", "B"] = "B" if opts.residual_on == "B" else "A"
     out: list[Tensor] = []
-    items: list[_Product] = []
+    items: list[_stacks.Product] = []
     for job in jobs:
         grp, coef, rows = job
         if grp.dtype == _F64:
@@ -317,41 +216,14 @@ def _products(jobs: Sequence[_Times], opts: _Options) -> list[Tensor]:
         if grp.device.type != "cpu":
             out.append(_device_products(job, side))
             continue
-        first = grp.layers[0]
         coef_t = coef.mT.numpy()
-        out_np = np.empty((len(rows), grp.r, first.d_out if side == "B" else first.d_in))
-        items += [_Product(grp.layers[i], coef_t[i], out_np[j]) for j, i in enumerate(rows)]
+        out_np = np.empty((len(rows), grp.r, _stacks.width(grp.layers[0], side)))
+        items += [
+            _stacks.Product(grp.layers[i], side, coef_t[i], out_np[j]) for j, i in enumerate(rows)
+        ]
         out.append(torch.from_numpy(out_np).mT)
-    if items:
-        items.sort(key=lambda it: -it.flops)  # largest first: the workers end together
-
-        def times(host: _HostBuffer, it: _Product) -> None:
-            for start, stop in _blocks(it.out.shape[1]):  # columns of the product, by block
-                x = _stacked_layer_host(it.layer, side, host, start, stop)
-                np.matmul(it.coef_t, x, out=it.out[:, start:stop])
-
-        rows_max = max(it.coef_t.shape[1] for it in items)
-        cols_max = max(it.out.shape[1] for it in items)
-        # the thread policy: the layers' products side by side, each on one thread
-        split_map(
-            times,
-            items,
-            scratch=lambda: _HostBuffer(rows_max, cols_max),
-            flops=sum(it.flops for it in items) / len(items),
-        )
+    _stacks.products(items)
     return out
-
-
-class _Product(NamedTuple):
-    """One layer's product in :func:`_products`: ``coefᵀ P_uᵀ`` (r × d) into ``out``."""
-
-    layer: Layer
-    coef_t: npt.NDArray[np.float64]  # (r, R)
-    out: npt.NDArray[np.float64]  # (r, d)
-
-    @property
-    def flops(self) -> int:
-        return 2 * int(self.coef_t.size) * int(self.out.shape[1])  # 2 r R d
 
 
 def _device_products(job: _Times, side: Literal["A", "B"]) -> Tensor:
