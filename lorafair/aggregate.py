@@ -496,6 +496,21 @@ def _gram_route(
     return _GramSolved(core._replace(Vh_core=core.Vh_core * d), bad, gram_ok)
 
 
+class _CoreJob(NamedTuple):
+    """One group's R × R core on :func:`_gram_route_host`: its layers, rank and Grams."""
+
+    batch: list[Layer]
+    rank: int
+    M_a: Tensor
+    G_b: Tensor
+
+    @property
+    def flops(self) -> float:
+        """Its O(R³) work: about 30 R³ per layer (the Gram root, the top eigenpairs' subspace
+        iteration and certificate, the cores' products), an estimate for the thread policy."""
+        return 30.0 * len(self.batch) * float(self.M_a.shape[-1]) ** 3
+
+
 class _HostGram(NamedTuple):
     """One group on :func:`_gram_route_host`: its core, and its factors (``Bᵀ`` and ``A``,
     float64, filled by the products)."""
@@ -519,10 +534,23 @@ def _gram_route_host(
     (a Llama-3-8B MLP layer is 47 MB at R = 320) ran one layer at a time."""
     solved: list[_HostGram] = []
     items: list[_stacks.Product] = []
-    grams = _stacks.grams(groups)
-    for batch, rank, (M_a, G_b) in zip(groups, ranks, grams, strict=True):
-        sol = _gram_route(batch, p, M_a, G_b, rank)
-        cores = _linalg.split_cores(sol.core.S, sol.core.U_core, sol.core.Vh_core, rank, left_power)
+    jobs = [
+        _CoreJob(batch, rank, M_a, G_b)
+        for batch, rank, (M_a, G_b) in zip(groups, ranks, _stacks.grams(groups), strict=True)
+    ]
+
+    def core(_: None, job: _CoreJob) -> tuple[_GramSolved, _linalg.SplitCores]:
+        sol = _gram_route(job.batch, p, job.M_a, job.G_b, job.rank)
+        core = sol.core
+        return sol, _linalg.split_cores(core.S, core.U_core, core.Vh_core, job.rank, left_power)
+
+    # the thread policy: the groups' R × R cores side by side (one Llama-3-8B block, bf16,
+    # K = 20, r = 16: four groups; flexlora 166-169 → 149-152 ms, `python -m
+    # benchmarks.against --commit 904877c --methods flexlora`)
+    work = sum(job.flops for job in jobs) / max(1, len(jobs))
+    results = split_map(core, jobs, scratch=lambda: None, flops=work)
+    for job, (sol, cores) in zip(jobs, results, strict=True):
+        batch, rank = job.batch, job.rank
         first, k = batch[0], cores.a_core.shape[-2]
         B_t = np.empty((len(batch), k, first.d_out))  # Bᵀ: the long dimension last
         A = np.empty((len(batch), k, first.d_in))
