@@ -127,9 +127,20 @@ def _overflow(
 
 
 def flag_sum(t: Tensor) -> Tensor:
-    """``Σ t``, finite whenever every entry is (unless the sum itself overflows): float32
-    accumulation for half types, native (and cheaper than a float64 sum) for the others."""
-    return t.sum(dtype=torch.float32) if t.element_size() < 4 else t.sum()
+    """A 0-d tensor that is finite whenever every entry of ``t`` is (and, but for an overflow
+    of the sum, only then): one read of ``t``, no temporary.
+
+    The native ``Σ t`` for every dtype but float16 (torch accumulates bfloat16 in float32 and
+    rounds once, and bfloat16 has float32's range); for float16, whose sums overflow at 65504,
+    ``max t − min t`` in float32 (one ``aminmax``: NaN propagates, ±Inf stays infinite, and
+    finite halves never overflow it). Not ``t.sum(dtype=torch.float32)``: torch converts the
+    whole tensor first, a float32 temporary twice the size of a bfloat16 factor (35 MiB for a
+    Llama-3-70B MLP factor at R = 320) and 19 ms against 0.7 ms for the native sum, measured
+    on one thread with ``python docs/scripts/flag_sums.py``."""
+    if t.dtype == torch.float16:
+        low, high = torch.aminmax(t)
+        return high.float() - low.float()
+    return t.sum()
 
 
 @torch_single_threaded

@@ -212,3 +212,25 @@ def test_averages_at_the_dtype_limit_stay_finite(
     for A, B in (*result.adapters.values(), *result.residual.values()):
         assert bool(torch.isfinite(A).all())
         assert bool(torch.isfinite(B).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_the_result_checks_flag_reads_every_nan_and_inf(dtype: torch.dtype, bad: float) -> None:
+    """The flag the result check reads (one per output tensor) is not finite when one entry
+    is NaN or ±Inf, wherever it sits, and finite for finite entries at the dtype's largest
+    value, whose float16 sum would overflow (no false alarm, so no scan)."""
+    from lorafair._fit import flag_sum
+
+    top = torch.finfo(dtype).max
+    full = torch.full((37, 29), top, dtype=dtype)
+    full[::2] = -top
+    if dtype == torch.float16:
+        assert bool(torch.isfinite(flag_sum(full)))
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(37, 29, generator=g).to(dtype)
+    assert bool(torch.isfinite(flag_sum(t)))
+    for i, j in ((0, 0), (36, 28), (17, 3)):
+        u = t.clone()
+        u[i, j] = bad
+        assert not bool(torch.isfinite(flag_sum(u)))

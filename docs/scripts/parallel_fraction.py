@@ -3,10 +3,10 @@
 Profiles one call of each ``--methods`` on one thread of every pool (``torch.set_num_threads(1)``,
 so the thread policy runs everything in the caller) on a ``lorafair.bench`` cell, and prints the
 time inside the functions whose per-layer work ``split_map`` splits (by name, from the profile:
-the Grams with their cast-copies, the products with the stacked factors, FlexLoRA's stacks)
-against the whole call. By Amdahl's law a fraction ``p`` of the time split over ``n`` threads
-gives at most ``1 / (1 − p + p / n)``: printed for 2 and 32 threads (a model has 32 layers of
-each shape in Llama-3-8B, 80 in -70B, so 32 workers have work).
+the Grams with their cast-copies, the products with the stacked factors, FlexLoRA's stacks and
+its per-group R × R cores) against the whole call. By Amdahl's law a fraction ``p`` of the time
+split over ``n`` threads gives at most ``1 / (1 − p + p / n)``: printed for 2 and 32 threads (a
+model has 32 layers of each shape in Llama-3-8B, 80 in -70B, so 32 workers have work).
 
     python docs/scripts/parallel_fraction.py --preset llama3_8b --blocks 1 -K 20 -r 16 \\
         --dtype bfloat16 --methods lora_fair flexlora
@@ -24,8 +24,15 @@ import lorafair
 from lorafair.bench.cells import make_inputs
 from lorafair.bench.shapes import preset
 
-SPLIT = ("_grams", "_products", "_syrks", "_stack64")
-"""The functions whose per-layer work split_map runs side by side."""
+SPLIT = {
+    ("_stacks.py", "grams"),
+    ("_stacks.py", "products"),
+    ("_linalg.py", "_syrks"),
+    ("aggregate.py", "_stack64"),
+    ("aggregate.py", "core"),
+}
+"""The functions (file, name) whose per-layer or per-group work split_map runs side by side;
+none calls another."""
 
 
 def main() -> None:
@@ -48,7 +55,9 @@ def main() -> None:
         prof.disable()
         stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
         total = max(v[3] for v in stats.values())
-        split = sum(v[3] for (_, _, func), v in stats.items() if func in SPLIT)
+        split = sum(
+            v[3] for (path, _, func), v in stats.items() if (path.rsplit("/", 1)[-1], func) in SPLIT
+        )
         p = split / total
         print(
             f"{name}: {total * 1e3:.0f} ms on one thread, {split * 1e3:.0f} ms of it split by "
