@@ -193,7 +193,7 @@ def gram_core(G_a: Tensor, G_b: Tensor, rank: int = 0, unit_roundoff: float = 0.
     P = _gram_root(G_a, rel)
     PtGb = P.mT @ G_b
     C = PtGb @ P
-    C = (C + C.mT) * 0.5
+    C = (C + C.mT).mul_(0.5)
     certified: Tensor | None = None
     if rank > 0 and _TOP_GRAM_MIN * top_block(rank) <= R:
         trace = C.diagonal(dim1=-2, dim2=-1).sum(-1)
@@ -309,7 +309,7 @@ def top_eigh(G: Tensor, k: int, delta: Tensor, tol: Tensor, *, oblique: bool) ->
         excess = excess + torch.where(last > 0, e / last.clamp_min(tiny).sqrt(), torch.inf)
     within = (t > 0) & (excess <= tol)
     # μI − (I − WWᵀ) G (I − WWᵀ) = μI − (G − W (GW)ᵀ − E Wᵀ)
-    Hc = -(G - W @ GW.mT - E @ W.mT)
+    Hc = (G - W @ GW.mT).sub_(E @ W.mT).neg_()  # in place: two R × R temporaries, not four
     Hc.diagonal(dim1=-2, dim2=-1).add_(mu.unsqueeze(-1))
     shift = 2 * (n + 1) * _U64 * Hc.diagonal(dim1=-2, dim2=-1).sum(-1) + 2 * k * delta
     Hc.diagonal(dim1=-2, dim2=-1).sub_(shift.unsqueeze(-1))

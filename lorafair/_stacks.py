@@ -8,15 +8,15 @@ and FlexLoRA's Gram route need, for narrow input dtypes on the CPU, float64 prod
 - thin products ``C A_u`` and ``C B_sᵀ`` with a small ``C`` (k × R, :func:`products`).
 
 Each worker thread of :func:`lorafair._threads.split_map` casts a layer's stack into its own
-float64 buffer ``_COLUMNS`` columns at a time (one exact torch cast-copy per client) and runs
+float64 buffer :func:`columns` columns at a time (one exact torch cast-copy per client) and runs
 the block's BLAS call on one thread: a ``syrk`` for a Gram (NumPy's matmul hands ``X Xᵀ`` to
 it: half the flops of the general product) or a ``gemm`` for a product. All the layers of a
 call are one list, largest first, so the workers run kernels side by side and finish together,
 and no threaded BLAS call runs (its workers spin after it and slow torch's next pass: on one
 Llama-3-8B block, bf16, FedIT's sums inside ``lora_fair`` took 50 ms after such a call against
-22 ms on one thread). Memory: per worker ``R × min(d, _COLUMNS)`` float64 plus one R × R block,
-whatever the model's size. Every result is what one thread computes: the split never changes a
-bit.
+22 ms on one thread). Memory: per worker ``R × min(d, columns(R))`` float64 (at most 10.5 MB
+up to R = 2560) plus one R × R block, whatever the model's size. Every result is what one
+thread computes: the split never changes a bit.
 """
 
 from __future__ import annotations
@@ -32,17 +32,30 @@ from torch import Tensor
 from lorafair._threads import split_map
 from lorafair._validate import Layer
 
-__all__ = ["Product", "grams", "products"]
+__all__ = ["GRAM_BYTES", "Product", "Slice", "chunks", "grams", "products"]
 
 Side = Literal["A", "B"]
 
 _COLUMNS = 4096
-"""Columns of a layer's stack cast into a worker's float64 buffer at a time: the buffer is
-``R × 4096`` (10.5 MB at R = 320) whatever the layer's width, so a call's fixed memory stays
-small beside its input. A longer side is done in column blocks: its Gram as a sum of the
-blocks' ``syrk`` in float64, its product block by block. No ViT-B/16 layer (d ≤ 3072) is split.
-On one Llama-3-8B block (bf16, K = 20, r = 16) ``lora_fair`` ran as fast as with whole-width
-buffers or faster (131–146 ms against 146–159 ms); 1024 columns were slower (170–190 ms)."""
+"""Columns of a layer's stack cast into a worker's float64 buffer at a time, at R ≤ 320: the
+buffer is ``R × 4096`` (10.5 MB at R = 320) whatever the layer's width, so a call's fixed
+memory stays small beside its input. A longer side is done in column blocks: its Gram as a sum
+of the blocks' ``syrk`` in float64, its product block by block. No ViT-B/16 layer (d ≤ 3072)
+is split. On one Llama-3-8B block (bf16, K = 20, r = 16) ``lora_fair`` ran as fast as with
+whole-width buffers or faster (131–146 ms against 146–159 ms); 1024 columns were slower
+(170–190 ms). Beyond R = 320 the block narrows (:func:`columns`) to keep the buffer's size."""
+
+_BUFFER = 320 * _COLUMNS
+"""Float64 elements of a worker's stack buffer (10.5 MB), whatever R."""
+
+_MIN_COLUMNS = 512
+
+
+def columns(rows: int) -> int:
+    """Columns per block for a stack of ``rows`` = R rows: ``_COLUMNS`` up to R = 320, then
+    ``_BUFFER / R`` (at least ``_MIN_COLUMNS``): 1024 at R = 1280 (K = 20, r = 64), where
+    whole 4096-column blocks cost 42 MB per worker on top of the R × R work."""
+    return max(_MIN_COLUMNS, min(_COLUMNS, _BUFFER // max(1, rows)))
 
 
 def width(layer: Layer, side: Side) -> int:
@@ -51,12 +64,13 @@ def width(layer: Layer, side: Side) -> int:
 
 
 class _HostBuffer:
-    """One worker's reusable float64 buffers: a layer's stack, ``_COLUMNS`` columns at a time
-    (``rows × min(cols, _COLUMNS)``), and a ``rows × rows`` Gram of one block."""
+    """One worker's reusable float64 buffers: a layer's stack, :func:`columns` columns at a
+    time (``flat`` elements, the largest ``R × min(d, columns(R))`` of the call), and an R × R
+    Gram of one block (``block`` rows, 0 when no side is split)."""
 
-    def __init__(self, rows: int, cols: int) -> None:
-        self.flat = np.empty(rows * min(cols, _COLUMNS))
-        self.block = np.empty(rows * rows if cols > _COLUMNS else 0)
+    def __init__(self, flat: int, block: int) -> None:
+        self.flat = np.empty(flat)
+        self.block = np.empty(block * block)
 
     def view(self, rows: int, cols: int) -> npt.NDArray[np.float64]:
         """The stack buffer as a contiguous ``rows × cols`` array (at most its own size)."""
@@ -84,9 +98,10 @@ def _stacked_columns(
     return buf
 
 
-def _blocks(d: int) -> list[tuple[int, int]]:
-    """``[(start, stop), …]``: ``0:d`` in blocks of at most ``_COLUMNS`` columns."""
-    return [(c, min(d, c + _COLUMNS)) for c in range(0, d, _COLUMNS)]
+def _blocks(d: int, rows: int) -> list[tuple[int, int]]:
+    """``[(start, stop), …]``: ``0:d`` in blocks of at most :func:`columns` ``(rows)``."""
+    step = columns(rows)
+    return [(c, min(d, c + step)) for c in range(0, d, step)]
 
 
 class _Gram(NamedTuple):
@@ -115,10 +130,48 @@ class Product(NamedTuple):
         return 2 * int(self.coef_t.size) * int(self.out.shape[1])  # 2 k R d
 
 
+GRAM_BYTES = 1 << 25
+"""The float64 R × R Grams a Gram method holds at a time (32 MiB; the R × R work on them holds
+a few times as much while it runs): its layers go through in :func:`chunks` within this, at
+least one layer each. One Llama-3-8B block at R = 320 (11 MiB of Grams) is one chunk, the whole
+8B adapter set eleven; at K = 20, r = 64 (R = 1280, 25 MiB of Grams a layer) a chunk is one
+layer. Without it every layer's Grams and R × R work were alive at once: ``flexlora`` grew by
+3.4× its input on one 8B block at K = 100, r = 16 and 3.9× at K = 20, r = 64."""
+
+
+class Slice(NamedTuple):
+    """Some consecutive layers of one same-shaped group: ``groups[group][start:stop]``."""
+
+    group: int
+    layers: list[Layer]
+
+
+def chunks(groups: Sequence[Sequence[Layer]]) -> list[list[Slice]]:
+    """``groups`` (each same-shaped) cut into chunks of at most ``GRAM_BYTES`` of Grams
+    (``2 · 8 R²`` bytes a layer), in order, at least one layer each."""
+    out: list[list[Slice]] = []
+    now: list[Slice] = []
+    used = 0
+    for index, group in enumerate(groups):
+        per = 16 * sum(group[0].ranks) ** 2  # the two float64 R × R Grams
+        start = 0
+        while start < len(group):
+            if used and used + per > GRAM_BYTES:
+                out.append(now)
+                now, used = [], 0
+            part = list(group[start : start + max(1, (GRAM_BYTES - used) // per)])
+            now.append(Slice(index, part))
+            used += per * len(part)
+            start += len(part)
+    if now:
+        out.append(now)
+    return out
+
+
 def grams(groups: Sequence[Sequence[Layer]]) -> list[tuple[Tensor, Tensor]]:
     """Per group of same-shaped CPU layers, ``M_A = A_u A_uᵀ`` and ``M_B = B_sᵀ B_s`` (L, R, R),
     float64, every group's layers in one :func:`~lorafair._threads.split_map` list. A side
-    wider than ``_COLUMNS`` is summed over its column blocks' Grams. Cost: ``(d_in + d_out) R²``
+    wider than :func:`columns` is summed over its column blocks' Grams. Cost: ``(d_in + d_out) R²``
     flops per layer (the symmetric products) and one cast-copy of each input."""
     out: list[tuple[Tensor, Tensor]] = []
     items: list[_Gram] = []
@@ -130,7 +183,7 @@ def grams(groups: Sequence[Sequence[Layer]]) -> list[tuple[Tensor, Tensor]]:
         out.append((torch.from_numpy(MA), torch.from_numpy(MB)))
 
     def gram(host: _HostBuffer, it: _Gram) -> None:
-        for start, stop in _blocks(width(it.layer, it.side)):  # one block unless d > _COLUMNS
+        for start, stop in _blocks(width(it.layer, it.side), it.out.shape[0]):  # mostly one
             x = _stacked_columns(it.layer, it.side, host, start, stop)
             if start == 0:
                 np.matmul(x, x.T, out=it.out)
@@ -150,7 +203,7 @@ def products(items: list[Product]) -> None:
     flops and one cast-copy of the stack per item."""
 
     def times(host: _HostBuffer, it: Product) -> None:
-        for start, stop in _blocks(it.out.shape[1]):
+        for start, stop in _blocks(it.out.shape[1], it.coef_t.shape[1]):
             x = _stacked_columns(it.layer, it.side, host, start, stop)
             np.matmul(it.coef_t, x, out=it.out[:, start:stop])
 
@@ -166,12 +219,13 @@ def _run(fn: Callable[[_HostBuffer, _Item], None], items: Sequence[_Item]) -> No
     if not items:
         return
     order = sorted(items, key=lambda it: -it.flops)  # largest first: the workers end together
-    rows = max(sum(it.layer.ranks) for it in order)
-    cols = max(width(it.layer, it.side) for it in order)
+    shapes = [(sum(it.layer.ranks), width(it.layer, it.side)) for it in order]
+    flat = max(R * min(d, columns(R)) for R, d in shapes)
+    block = max((R for R, d in shapes if d > columns(R)), default=0)
     # the thread policy: the items' kernels side by side, each on one thread
     split_map(
         fn,
         order,
-        scratch=lambda: _HostBuffer(rows, cols),
+        scratch=lambda: _HostBuffer(flat, block),
         flops=sum(it.flops for it in order) / len(order),
     )

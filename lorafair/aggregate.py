@@ -477,16 +477,18 @@ def _gram_route(
     """The Gram route from the unweighted ``M_a = Â Âᵀ`` and ``G_b = B_sᵀ B_s``: the weights
     ``p_k`` enter through the R × R Gram, ``A_s = D Â`` with ``D = diag(d)``:
     ``G_a = D M_a D``. NaN/Inf are read off the traces; the check is κ within the route's limit
-    (and the top triplets' certificate where only ``rank`` > 0 are computed). No host sync."""
+    (and the top triplets' certificate where only ``rank`` > 0 are computed). No host sync.
+    Overwrites ``M_a`` (with ``G_a``) and ``G_b``: the caller's fresh Grams, so that a layer's
+    R × R work holds two fewer R × R matrices (at K = 20, r = 64, 13 MB each)."""
     first = batch[0]
     d = _row_weights(p, first)
-    G_a = M_a * d.unsqueeze(-1) * d.unsqueeze(-2)
+    G_a = M_a.mul_(d.unsqueeze(-1)).mul_(d.unsqueeze(-2))
     tr_a = G_a.diagonal(dim1=-2, dim2=-1).sum(-1)
     tr_b = G_b.diagonal(dim1=-2, dim2=-1).sum(-1)
     # ‖A_s‖²·‖B_s‖² is non-finite iff some input is (no overflow: inputs ≤ 3.4e38 here)
     bad = ~torch.isfinite(tr_a * tr_b)
     keep = (~bad).to(G_a.dtype).reshape(-1, 1, 1)
-    G_a, G_b = torch.nan_to_num(G_a) * keep, torch.nan_to_num(G_b) * keep
+    G_a, G_b = G_a.nan_to_num_().mul_(keep), G_b.nan_to_num_().mul_(keep)
     dw2 = (G_a * G_b).sum(dim=(-2, -1))  # ‖ΔW‖_F² = tr(G_a G_b)
     limit = _gram_kappa_limit(first.dtype, first.d_out, first.d_in, sum(first.ranks))
     gram_ok = tr_a * tr_b <= limit * limit * dw2
@@ -512,12 +514,13 @@ class _CoreJob(NamedTuple):
 
 
 class _HostGram(NamedTuple):
-    """One group on :func:`_gram_route_host`: its core, and its factors (``Bᵀ`` and ``A``,
-    float64, filled by the products)."""
+    """One group on :func:`_gram_route_host`: its checks (see :class:`_GramSolved`), and its
+    factors (``Bᵀ`` and ``A``, float64, filled by the products)."""
 
     batch: list[Layer]
     rank: int
-    sol: _GramSolved
+    ok: Tensor
+    bad: Tensor
     B_t: npt.NDArray[np.float64]  # (L, k, d_out)
     A: npt.NDArray[np.float64]  # (L, k, d_in)
 
@@ -539,17 +542,17 @@ def _gram_route_host(
         for batch, rank, (M_a, G_b) in zip(groups, ranks, _stacks.grams(groups), strict=True)
     ]
 
-    def core(_: None, job: _CoreJob) -> tuple[_GramSolved, _linalg.SplitCores]:
-        sol = _gram_route(job.batch, p, job.M_a, job.G_b, job.rank)
-        core = sol.core
-        return sol, _linalg.split_cores(core.S, core.U_core, core.Vh_core, job.rank, left_power)
+    def core(_: None, job: _CoreJob) -> tuple[Tensor, Tensor, _linalg.SplitCores]:
+        sol = _gram_route(job.batch, p, job.M_a, job.G_b, job.rank)  # overwrites the Grams
+        c = sol.core
+        return sol.ok, sol.bad, _linalg.split_cores(c.S, c.U_core, c.Vh_core, job.rank, left_power)
 
     # the thread policy: the groups' R × R cores side by side (one Llama-3-8B block, bf16,
     # K = 20, r = 16: four groups; flexlora 166-169 → 149-152 ms, `python -m
     # benchmarks.against --commit 904877c --methods flexlora`)
     work = sum(job.flops for job in jobs) / max(1, len(jobs))
     results = split_map(core, jobs, scratch=lambda: None, flops=work)
-    for job, (sol, cores) in zip(jobs, results, strict=True):
+    for job, (ok, bad, cores) in zip(jobs, results, strict=True):
         batch, rank = job.batch, job.rank
         first, k = batch[0], cores.a_core.shape[-2]
         B_t = np.empty((len(batch), k, first.d_out))  # Bᵀ: the long dimension last
@@ -558,7 +561,7 @@ def _gram_route_host(
         for i, layer in enumerate(batch):
             items.append(_stacks.Product(layer, "B", b_t[i], B_t[i]))
             items.append(_stacks.Product(layer, "A", a[i], A[i]))
-        solved.append(_HostGram(batch, rank, sol, B_t, A))
+        solved.append(_HostGram(batch, rank, ok, bad, B_t, A))
     _stacks.products(items)
     return [
         _Pending(
@@ -566,8 +569,8 @@ def _gram_route_host(
             _linalg.pad(torch.from_numpy(h.A), -2, h.rank),
             _linalg.pad(torch.from_numpy(h.B_t).mT, -1, h.rank),
             "gram",
-            h.sol.ok,
-            h.sol.bad,
+            h.ok,
+            h.bad,
         )
         for h in solved
     ]
@@ -816,7 +819,10 @@ def _flexlora(
         if route == "gram" and g[0].device.type == "cpu" and kept(g[0]) is not None
     ]
     targets = [kept(groups[i][0]) or 0 for i in host]
-    pending += _gram_route_host([groups[i] for i in host], targets, p, left_power)
+    for chunk in _stacks.chunks([groups[i] for i in host]):  # bounded memory
+        pending += _gram_route_host(
+            [part.layers for part in chunk], [targets[part.group] for part in chunk], p, left_power
+        )
     groups = [g for i, g in enumerate(groups) if i not in host]
     routes = [r for i, r in enumerate(routes) if i not in host]
     sizes = [

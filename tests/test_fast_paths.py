@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lorafair import LoRAFactors, _linalg, _threads, _validate, registry
+from lorafair import LoRAFactors, _linalg, _stacks, _threads, _validate, registry
 from lorafair import aggregate as agg
 from lorafair.errors import FrozenAMismatchError, LoRAFairError, NonFiniteError
 from tests import reference as ref
@@ -441,3 +441,50 @@ def test_threaded_memory_passes_give_the_same_bits_as_one_thread(method, dtype, 
     one, two = _on_one_then_two_threads(getattr(agg, method), clients, between=lifted.clear)
     assert 2 in lifted
     _assert_same_bits(one, two)
+
+
+def _narrow_clients(n_layers, dtype=torch.bfloat16, k=5, r=4):
+    g = torch.Generator().manual_seed(4)
+    return [
+        {
+            f"l{i}": LoRAFactors(  # two shapes, alternating: chunks cut across groups
+                torch.randn(r, 300, generator=g).to(dtype),
+                torch.randn(200 + 40 * (i % 2), r, generator=g).to(dtype),
+            )
+            for i in range(n_layers)
+        }
+        for _ in range(k)
+    ]
+
+
+@pytest.mark.parametrize("budget", [1, 3 * 16 * 20**2, 1 << 25])
+def test_gram_chunks_cover_every_layer_once_in_order_within_the_budget(budget, monkeypatch):
+    """Every layer in exactly one chunk, in group order; a chunk of more than one layer holds
+    at most the budget's bytes of Grams (2 · 8 R² a layer)."""
+    monkeypatch.setattr(_stacks, "GRAM_BYTES", budget)
+    prep = _validate.prepare(
+        _narrow_clients(7), None, equal_ranks=False, check_finite=False, allow_excess_rank=False
+    )
+    groups = _validate.group_by_shape(list(prep.layers.values()))
+    chunks = _stacks.chunks(groups)
+    flat = [(part.group, layer) for chunk in chunks for part in chunk for layer in part.layers]
+    assert flat == [(i, layer) for i, group in enumerate(groups) for layer in group]
+    for chunk in chunks:
+        used = sum(16 * sum(part.layers[0].ranks) ** 2 * len(part.layers) for part in chunk)
+        assert used <= budget or sum(len(part.layers) for part in chunk) == 1
+    if budget == 1:
+        assert len(chunks) == 7
+
+
+@pytest.mark.parametrize("method", ["lora_fair", "flexlora"])
+def test_gram_methods_in_chunks_of_one_layer_give_the_one_chunk_result(method, monkeypatch):
+    """Bounded memory does not change the answer: one layer per chunk gives the factors of
+    one chunk for the whole call (each layer's problem is its own)."""
+    clients = _narrow_clients(6)
+    fn = getattr(agg, method)
+    whole = fn(clients)
+    monkeypatch.setattr(_stacks, "GRAM_BYTES", 1)
+    chunked = fn(clients)
+    for name in whole:
+        torch.testing.assert_close(chunked[name].A, whole[name].A, rtol=0, atol=0)
+        torch.testing.assert_close(chunked[name].B, whole[name].B, rtol=0, atol=0)

@@ -13,6 +13,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from lorafair import _stacks
 from lorafair._fair._batch import _build_group, _corrected, _delta, _Group, _Residuals
 from lorafair._fair._columns import solve_columns
 from lorafair._fair._flat import _solve_flat
@@ -69,8 +70,15 @@ def _run(
         clients, weights, equal_ranks=False, check_finite=False, allow_excess_rank=allow_excess_rank
     )
     single = prep.n_clients == 1
-    groups = [_build_group(g, prep.weights) for g in group_by_shape(list(prep.layers.values()))]
-    return groups, _FORMS[opts.similarity](groups, opts, single, prep)
+    groups: list[_Group] = []
+    solved: list[_Residuals] = []
+    # bounded memory: the layers in chunks of at most _stacks.GRAM_BYTES of Grams, each solved
+    # and left with its small results (ViT-B/16 at K = 6 or one Llama-3-8B block: one chunk)
+    for chunk in _stacks.chunks(group_by_shape(list(prep.layers.values()))):
+        part = [_build_group(s.layers, prep.weights) for s in chunk]
+        groups += part
+        solved += _FORMS[opts.similarity](part, opts, single, prep)
+    return groups, solved
 
 
 def _unbatch(
