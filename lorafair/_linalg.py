@@ -78,11 +78,20 @@ class _Syrk(NamedTuple):
     left: bool
 
 
-def _syrk_items(x: npt.NDArray[np.float64], left: bool) -> tuple[list[_Syrk], Tensor]:
-    """One :class:`_Syrk` per matrix of ``x`` (…, m, n), and the (…, k, k) result they fill."""
+class _SyrkBatch(NamedTuple):
+    """The Grams of every matrix of one batch: the items to run, and the (…, k, k) result
+    they fill."""
+
+    items: list[_Syrk]
+    out: Tensor
+
+
+def _syrk_items(x: npt.NDArray[np.float64], left: bool) -> _SyrkBatch:
+    """One :class:`_Syrk` per matrix of ``x`` (…, m, n), and the result they fill."""
     k = x.shape[-2] if left else x.shape[-1]
     out = np.empty((*x.shape[:-2], k, k))
-    return [_Syrk(x[i], out[i], left) for i in np.ndindex(*x.shape[:-2])], torch.from_numpy(out)
+    items = [_Syrk(x[i], out[i], left) for i in np.ndindex(*x.shape[:-2])]
+    return _SyrkBatch(items, torch.from_numpy(out))
 
 
 def _syrks(items: list[_Syrk]) -> None:
@@ -108,9 +117,9 @@ def _syrks(items: list[_Syrk]) -> None:
 def _gram_host(X: Tensor, left: bool) -> Tensor:
     """``X Xᵀ`` (``left``) or ``Xᵀ X`` of a CPU float64 tensor, matrix by matrix
     (:func:`_syrks`)."""
-    items, out = _syrk_items(X.detach().numpy(), left)
-    _syrks(items)
-    return out
+    batch = _syrk_items(X.detach().numpy(), left)
+    _syrks(batch.items)
+    return batch.out
 
 
 def grams(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
@@ -120,10 +129,10 @@ def grams(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
     (:func:`_syrks`); elsewhere torch's product.
     """
     if A.device.type == "cpu" and A.dtype == B.dtype == torch.float64:
-        items_a, g_a = _syrk_items(A.detach().numpy(), left=True)
-        items_b, g_b = _syrk_items(B.detach().numpy(), left=False)
-        _syrks(items_a + items_b)
-        return g_a, g_b
+        a = _syrk_items(A.detach().numpy(), left=True)
+        b = _syrk_items(B.detach().numpy(), left=False)
+        _syrks(a.items + b.items)
+        return a.out, b.out
     return A @ A.mT, B.mT @ B
 
 

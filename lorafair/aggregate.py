@@ -513,6 +513,15 @@ class _CoreJob(NamedTuple):
         return 30.0 * len(self.batch) * float(self.M_a.shape[-1]) ** 3
 
 
+class _CoreDone(NamedTuple):
+    """One group's R × R core on :func:`_gram_route_host`, as the products need it: the checks
+    of :class:`_GramSolved` and the split cores."""
+
+    ok: Tensor
+    bad: Tensor
+    cores: _linalg.SplitCores
+
+
 class _HostGram(NamedTuple):
     """One group on :func:`_gram_route_host`: its checks (see :class:`_GramSolved`), and its
     factors (``Bᵀ`` and ``A``, float64, filled by the products)."""
@@ -542,18 +551,19 @@ def _gram_route_host(
         for batch, rank, (M_a, G_b) in zip(groups, ranks, _stacks.grams(groups), strict=True)
     ]
 
-    def core(_: None, job: _CoreJob) -> tuple[Tensor, Tensor, _linalg.SplitCores]:
+    def core(_: None, job: _CoreJob) -> _CoreDone:
         sol = _gram_route(job.batch, p, job.M_a, job.G_b, job.rank)  # overwrites the Grams
         c = sol.core
-        return sol.ok, sol.bad, _linalg.split_cores(c.S, c.U_core, c.Vh_core, job.rank, left_power)
+        cores = _linalg.split_cores(c.S, c.U_core, c.Vh_core, job.rank, left_power)
+        return _CoreDone(sol.ok, sol.bad, cores)  # not the core: its R × R factors go now
 
     # the thread policy: the groups' R × R cores side by side (one Llama-3-8B block, bf16,
     # K = 20, r = 16: four groups; flexlora 166-169 → 149-152 ms, `python -m
     # benchmarks.against --commit 904877c --methods flexlora`)
     work = sum(job.flops for job in jobs) / max(1, len(jobs))
     results = split_map(core, jobs, scratch=lambda: None, flops=work)
-    for job, (ok, bad, cores) in zip(jobs, results, strict=True):
-        batch, rank = job.batch, job.rank
+    for job, done in zip(jobs, results, strict=True):
+        batch, rank, cores = job.batch, job.rank, done.cores
         first, k = batch[0], cores.a_core.shape[-2]
         B_t = np.empty((len(batch), k, first.d_out))  # Bᵀ: the long dimension last
         A = np.empty((len(batch), k, first.d_in))
@@ -561,7 +571,7 @@ def _gram_route_host(
         for i, layer in enumerate(batch):
             items.append(_stacks.Product(layer, "B", b_t[i], B_t[i]))
             items.append(_stacks.Product(layer, "A", a[i], A[i]))
-        solved.append(_HostGram(batch, rank, ok, bad, B_t, A))
+        solved.append(_HostGram(batch, rank, done.ok, done.bad, B_t, A))
     _stacks.products(items)
     return [
         _Pending(

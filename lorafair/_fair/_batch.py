@@ -208,7 +208,7 @@ def _products(jobs: Sequence[_Times], opts: _Options) -> list[Tensor]:
     out: list[Tensor] = []
     items: list[_stacks.Product] = []
     for job in jobs:
-        grp, coef, rows = job
+        grp, coef, rows = job.grp, job.coef, job.rows
         if grp.dtype == _F64:
             P_u = _flat_sides(grp, opts)[0][rows]
             out.append((coef[rows].mT @ P_u.mT).mT)
@@ -228,7 +228,7 @@ def _products(jobs: Sequence[_Times], opts: _Options) -> list[Tensor]:
 
 def _device_products(job: _Times, side: Literal["A", "B"]) -> Tensor:
     """:func:`_products` for one group off the CPU: torch products, one layer at a time."""
-    grp, coef, rows = job
+    grp, coef, rows = job.grp, job.coef, job.rows
     first = grp.layers[0]
     R = sum(first.ranks)
     d = first.d_out if side == "B" else first.d_in
