@@ -148,7 +148,10 @@ class Slice(NamedTuple):
 
 def chunks(groups: Sequence[Sequence[Layer]]) -> list[list[Slice]]:
     """``groups`` (each same-shaped) cut into chunks of at most ``GRAM_BYTES`` of Grams
-    (``2 · 8 R²`` bytes a layer), in order, at least one layer each."""
+    (``2 · 8 R²`` bytes a layer), in order, at least one layer each. Unlike
+    :func:`lorafair._validate.chunked`, which batches one group, a chunk packs several groups
+    up to the budget, so the workers of :func:`grams` get layers of every shape side by side
+    (one Llama-3-8B block: its four groups in one chunk)."""
     out: list[list[Slice]] = []
     now: list[Slice] = []
     used = 0

@@ -822,7 +822,8 @@ def _flexlora(
     routes = [
         _route(g[0].d_out, g[0].d_in, sum(g[0].ranks), g[0].dtype, kept(g[0])) for g in groups
     ]
-    # the fixed-rank Gram route on the CPU: every group at once, no float64 stacks
+    # the fixed-rank Gram route on the CPU: all its groups side by side, chunk by chunk (at most
+    # _stacks.GRAM_BYTES of Grams at a time), no float64 stacks
     host = [
         i
         for i, (g, route) in enumerate(zip(groups, routes, strict=True))
