@@ -25,7 +25,6 @@ from lorafair.bench.cli import add_methods_argument
 
 _CHILD = """
 import statistics, sys, time
-import lorafair
 from lorafair import registry
 from lorafair.bench.cells import make_inputs
 from lorafair.bench.shapes import preset
@@ -35,7 +34,8 @@ shared = bool(getattr(spec, "shared_A", False))
 inp = make_inputs(preset(shapes, blocks=int(blocks)), int(K), int(r), dtype, "cpu",
                   need_shared=shared, need_free=not shared)
 clients = inp.shared if shared else inp.free
-fn = getattr(lorafair, name)
+def fn(c):
+    return spec.fn(c, **spec.defaults)  # a registry variant (flexlora_energy) has its options
 fn(clients)
 times = []
 for _ in range(int(repeats)):
