@@ -375,10 +375,13 @@ def stacked(layer: Layer, p: Sequence[float], dtype: torch.dtype) -> LoRAFactors
     return LoRAFactors(A_s, B_s)
 
 
-def stacked_batch(layers: Sequence[Layer], p: Sequence[float], dtype: torch.dtype) -> LoRAFactors:
+def stacked_batch(
+    layers: Sequence[Layer], p: Sequence[float] | None, dtype: torch.dtype
+) -> LoRAFactors:
     """:func:`stacked` for same-shaped layers at once: ``A_s`` (L, R, d_in), ``B_s`` (L, d_out, R).
 
-    Filled in place, so the only allocation is the batch itself (no per-layer temporaries).
+    ``p=None`` gives the unweighted ``Â = cat_k A_k`` (no scaling pass). Filled in place, so the
+    only allocation is the batch itself (no per-layer temporaries).
     """
     first = layers[0]
     total = sum(first.ranks)
@@ -386,9 +389,11 @@ def stacked_batch(layers: Sequence[Layer], p: Sequence[float], dtype: torch.dtyp
     B_s = torch.empty(len(layers), first.d_out, total, dtype=dtype, device=first.device)
     for i, layer in enumerate(layers):
         start = 0
-        for A, B, w in zip(layer.As, layer.Bs, p, strict=True):
+        for k, (A, B) in enumerate(zip(layer.As, layer.Bs, strict=True)):
             stop = start + A.shape[0]
-            A_s[i, start:stop].copy_(A).mul_(w)
+            A_s[i, start:stop].copy_(A)
+            if p is not None:
+                A_s[i, start:stop].mul_(p[k])
             B_s[i, :, start:stop].copy_(B)
             start = stop
     return LoRAFactors(A_s, B_s)

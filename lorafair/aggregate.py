@@ -23,7 +23,7 @@ The ideal global update of a layer is ``ΔW = Σ_k p_k B_k A_k``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -396,61 +396,17 @@ def _route(d_out: int, d_in: int, R: int, dtype: torch.dtype, rank: int | None) 
 
 
 class _Pending(NamedTuple):
-    """One batch whose result waits for the call's single host check."""
+    """One batch whose result waits for the call's single host check: per layer ``A[j]`` and
+    ``B[j]`` (one batched tensor, or a list where ranks differ between layers) and, where every
+    σ was computed, its singular values ``S[j]`` (for :func:`flexlora_report`)."""
 
     layers: list[Layer]
-    A: Tensor
-    B: Tensor
+    A: Tensor | list[Tensor]
+    B: Tensor | list[Tensor]
     route: Route
     ok: Tensor | None  # per layer: the route's own check passed (None: a route without one)
     bad: Tensor  # per layer: a non-finite input
-
-
-# The Gram route's float64 stacks: one buffer of at most this size (or one layer, if larger) per
-# call, reused by every batch of every shape group. Fresh stacks per batch (tens of MB each) would
-# cost page faults as large as the stacks on every call; this one is cache-sized.
-_GRAM_SCRATCH_BYTES = 1 << 25
-
-
-class _Scratch(NamedTuple):
-    """Float64 stacks of one batch, views of the call's reused buffer: ``A`` (L, R, d_in) and
-    ``B`` (L, d_out, R)."""
-
-    A: Tensor
-    B: Tensor
-
-
-def _gram_batch(first: Layer, n_layers: int) -> int:
-    """Layers per Gram-route batch: as many as fit in ``_GRAM_SCRATCH_BYTES`` (at least one)."""
-    per = 8 * (first.d_in + first.d_out) * sum(first.ranks)
-    return max(1, min(n_layers, _GRAM_SCRATCH_BYTES // per))
-
-
-def _scratch(buffer: Tensor, first: Layer, n: int) -> _Scratch:
-    R = sum(first.ranks)
-    a, b = n * R * first.d_in, n * first.d_out * R
-    return _Scratch(buffer[:a].view(n, R, first.d_in), buffer[a : a + b].view(n, first.d_out, R))
-
-
-def _stack64(batch: list[Layer], scratch: _Scratch) -> tuple[Tensor, Tensor]:
-    """Float64 ``Â = cat_k A_k`` (L, R, d_in) and ``B_s = cat_k B_k`` (L, d_out, R): one
-    cast-copy of each input into ``scratch``, no scaling pass (``A_s = diag(d) Â``, with ``d``
-    from :func:`_row_weights`)."""
-    first = batch[0]
-    A, B = scratch
-
-    def cast(_: None, i: int) -> None:
-        layer = batch[i]
-        torch.cat(layer.As, dim=0, out=A[i])
-        start = 0
-        for B_k in layer.Bs:  # column blocks: 1.6× faster than a converting torch.cat(dim=1)
-            B[i, :, start : start + B_k.shape[1]].copy_(B_k)
-            start += B_k.shape[1]
-
-    # the thread policy: layers side by side, each layer's input bytes its work
-    nbytes = (first.d_in + first.d_out) * sum(first.ranks) * first.As[0].element_size()
-    split_map(cast, range(len(batch)), scratch=lambda: None, nbytes=nbytes)
-    return A, B
+    S: Tensor | None = None
 
 
 def _row_weights(p: Sequence[float], layer: Layer) -> Tensor:
@@ -499,7 +455,8 @@ def _gram_route(
 
 
 class _CoreJob(NamedTuple):
-    """One group's R × R core on :func:`_gram_route_host`: its layers, rank and Grams."""
+    """One group's R × R core on :func:`_gram_route_host`: its layers, the top triplets it
+    computes (0: every one) and its Grams."""
 
     batch: list[Layer]
     rank: int
@@ -515,37 +472,43 @@ class _CoreJob(NamedTuple):
 
 class _CoreDone(NamedTuple):
     """One group's R × R core on :func:`_gram_route_host`, as the products need it: the checks
-    of :class:`_GramSolved` and the split cores."""
+    of :class:`_GramSolved`, the singular values, and per layer the rank kept and its split
+    cores (``b_core`` R × k, ``a_core`` k × R, k at most that rank)."""
 
     ok: Tensor
     bad: Tensor
-    cores: _linalg.SplitCores
+    S: Tensor
+    ranks: list[int]  # per layer: the rank kept (its result is zero-padded to it)
+    cores: list[_linalg.SplitCores]
 
 
-class _HostGram(NamedTuple):
-    """One group on :func:`_gram_route_host`: its checks (see :class:`_GramSolved`), and its
-    factors (``Bᵀ`` and ``A``, float64, filled by the products)."""
+class _Factors64(NamedTuple):
+    """One group's float64 results on :func:`_gram_route_host`, filled by the products: per
+    layer ``A`` (k × d_in) and ``Bᵀ`` (k × d_out, the long dimension last)."""
 
-    batch: list[Layer]
-    rank: int
-    ok: Tensor
-    bad: Tensor
-    B_t: npt.NDArray[np.float64]  # (L, k, d_out)
-    A: npt.NDArray[np.float64]  # (L, k, d_in)
+    A: list[npt.NDArray[np.float64]]
+    B_t: list[npt.NDArray[np.float64]]
+
+
+_KeptRank = Callable[[Layer, Tensor], int]
+"""The rank kept for a layer, given its descending singular values."""
 
 
 def _gram_route_host(
-    groups: list[list[Layer]], ranks: list[int], p: Sequence[float], left_power: float
+    groups: list[list[Layer]],
+    ranks: list[int],
+    p: Sequence[float],
+    left_power: float,
+    kept_rank: _KeptRank,
 ) -> list[_Pending]:
-    """The Gram route for CPU groups at a fixed rank each (``ranks``), never stacking a layer
-    whole: the Grams from :func:`lorafair._stacks.grams` (every layer of every group side by
-    side, in column blocks), the R × R core as :func:`_gram_route`, then ``B = B_s b_core`` and
+    """The Gram route for groups of CPU layers, never stacking a layer whole: the Grams from
+    :func:`lorafair._stacks.grams` (every layer of every group side by side, in column blocks),
+    the R × R core as :func:`_gram_route` (the top ``ranks[g]`` triplets of group g, or every
+    one for 0), then per layer the rank ``kept_rank`` keeps, ``B = B_s b_core`` and
     ``A = a_core Â`` from :func:`lorafair._stacks.products` (again all layers side by side).
-    Casts each input twice (Grams, products) into small per-worker buffers instead of once
-    into a shared float64 stack of at most ``_GRAM_SCRATCH_BYTES``, whose one-layer batches
-    (a Llama-3-8B MLP layer is 47 MB at R = 320) ran one layer at a time."""
-    solved: list[_HostGram] = []
-    items: list[_stacks.Product] = []
+    Casts each input twice (Grams, products) into small per-worker buffers, so the call holds
+    no d × R float64 stack. A layer's rank may come from its σ (:class:`EnergyThreshold`):
+    they are on the host already, so it costs no round trip."""
     jobs = [
         _CoreJob(batch, rank, M_a, G_b)
         for batch, rank, (M_a, G_b) in zip(groups, ranks, _stacks.grams(groups), strict=True)
@@ -554,35 +517,51 @@ def _gram_route_host(
     def core(_: None, job: _CoreJob) -> _CoreDone:
         sol = _gram_route(job.batch, p, job.M_a, job.G_b, job.rank)  # overwrites the Grams
         c = sol.core
-        cores = _linalg.split_cores(c.S, c.U_core, c.Vh_core, job.rank, left_power)
-        return _CoreDone(sol.ok, sol.bad, cores)  # not the core: its R × R factors go now
+        ks = [kept_rank(layer, S) for layer, S in zip(job.batch, c.S, strict=True)]
+        if min(ks) == max(ks):  # one rank for the group: its cores in one batched step
+            both = _linalg.split_cores(c.S, c.U_core, c.Vh_core, ks[0], left_power)
+            cores = [_linalg.SplitCores(*pair) for pair in zip(*both, strict=True)]
+        else:
+            cores = [
+                _linalg.split_cores(c.S[i], c.U_core[i], c.Vh_core[i], k, left_power)
+                for i, k in enumerate(ks)
+            ]
+        return _CoreDone(sol.ok, sol.bad, c.S, ks, cores)  # not the core: its R × R factors go now
 
     # the thread policy: the groups' R × R cores side by side (one Llama-3-8B block, bf16,
     # K = 20, r = 16: four groups; flexlora 166-169 → 149-152 ms, `python -m
     # benchmarks.against --commit 904877c --methods flexlora`)
     work = sum(job.flops for job in jobs) / max(1, len(jobs))
     results = split_map(core, jobs, scratch=lambda: None, flops=work)
+    items: list[_stacks.Product] = []
+    outs: list[_Factors64] = []
     for job, done in zip(jobs, results, strict=True):
-        batch, rank, cores = job.batch, job.rank, done.cores
-        first, k = batch[0], cores.a_core.shape[-2]
-        B_t = np.empty((len(batch), k, first.d_out))  # Bᵀ: the long dimension last
-        A = np.empty((len(batch), k, first.d_in))
-        b_t, a = cores.b_core.mT.numpy(), cores.a_core.numpy()
-        for i, layer in enumerate(batch):
-            items.append(_stacks.Product(layer, "B", b_t[i], B_t[i]))
-            items.append(_stacks.Product(layer, "A", a[i], A[i]))
-        solved.append(_HostGram(batch, rank, done.ok, done.bad, B_t, A))
+        res = _Factors64([], [])
+        for layer, cores in zip(job.batch, done.cores, strict=True):
+            k = cores.a_core.shape[-2]
+            res.A.append(np.empty((k, layer.d_in)))
+            res.B_t.append(np.empty((k, layer.d_out)))
+            items.append(_stacks.Product(layer, "B", cores.b_core.mT.numpy(), res.B_t[-1]))
+            items.append(_stacks.Product(layer, "A", cores.a_core.numpy(), res.A[-1]))
+        outs.append(res)
     _stacks.products(items)
     return [
         _Pending(
-            h.batch,
-            _linalg.pad(torch.from_numpy(h.A), -2, h.rank),
-            _linalg.pad(torch.from_numpy(h.B_t).mT, -1, h.rank),
+            job.batch,
+            [
+                _linalg.pad(torch.from_numpy(A), -2, k)
+                for A, k in zip(res.A, done.ranks, strict=True)
+            ],
+            [
+                _linalg.pad(torch.from_numpy(B_t).mT, -1, k)
+                for B_t, k in zip(res.B_t, done.ranks, strict=True)
+            ],
             "gram",
-            h.ok,
-            h.bad,
+            done.ok,
+            done.bad,
+            done.S,
         )
-        for h in solved
+        for job, done, res in zip(jobs, results, outs, strict=True)
     ]
 
 
@@ -590,7 +569,6 @@ def _flexlora_svd(
     batch: list[Layer],
     p: Sequence[float],
     route: Route,
-    scratch: _Scratch | None = None,
     rank: int = 0,
     left_power: float = 0.5,
 ) -> tuple[_linalg.FactoredSVD, Tensor, Tensor | None]:
@@ -598,19 +576,15 @@ def _flexlora_svd(
     ``rank`` > 0 on the Gram route, and always on dense_top); with per-layer non-finite flags and
     the route's own check per layer (Gram: κ within the route's limit, and the top triplets'
     certificate; dense_top: the certificate; ``None`` for the others). No host sync. The Gram
-    route's factors live in ``scratch`` (overwritten by the next batch)."""
+    route here is the one for accelerators and for a CPU layer redone alone; a call's CPU
+    layers take :func:`_gram_route_host`, which never stacks them."""
     gram_ok = None
     if route == "gram":
         # unweighted float64 stacks (one cast-copy per factor); the weights p_k enter through the
         # R × R Gram, A_s = D Â with D = diag(p_k repeated r_k times): G_a = D (Â Âᵀ) D
-        if scratch is None:
-            first = batch[0]
-            n = 8 * len(batch) * (first.d_in + first.d_out) * sum(first.ranks)
-            buffer = torch.empty(n // 8, dtype=torch.float64, device=first.device)
-            scratch = _scratch(buffer, first, len(batch))
-        A_s, B_s = _stack64(batch, scratch)
-        sol = _gram_route(batch, p, *_linalg.grams(B_s, A_s), rank)
-        svd = _linalg.FactoredSVD(sol.core.S, B_s, sol.core.U_core, sol.core.Vh_core, A_s)
+        A_u, B_s = stacked_batch(batch, None, torch.float64)
+        sol = _gram_route(batch, p, *_linalg.grams(B_s, A_u), rank)
+        svd = _linalg.FactoredSVD(sol.core.S, B_s, sol.core.U_core, sol.core.Vh_core, A_u)
         bad, gram_ok = sol.bad, sol.ok
     elif route == "dense_top":  # non-finite inputs read off tr G (see dense_top_svd)
         A_s, B_s = stacked_batch(batch, p, torch.float64)
@@ -719,18 +693,21 @@ def flexlora(
       taken (the Gram route's R × R eigensolves cost more there).
 
     Layers are processed in float64 batches whose working set is capped at 256 MiB (one layer
-    per batch on the dense route; on the Gram route the stacks of every batch share one reused
-    32 MiB buffer, and on the CPU the Grams go through BLAS ``syrk``), so peak memory does not
-    grow with the number of layers; NaN/Inf are read off the Grams' traces (or the stacks) and
-    the whole call synchronises with the host once. The call runs on one thread of torch's and
-    NumPy's pools, except the stacks' cast-copies and the Grams' ``syrk``, which run layers
-    side by side on the threads the thread policy gives them (:mod:`lorafair._threads`: a
-    thread per millisecond of work, e.g. at LLM scale; the result is the same to the bit on
-    any number of threads). Cost: O((d_out + d_in) R² + R³)
-    flops and O((d_out + d_in) R) memory per layer on the factored routes,
-    O(d_out d_in (R + min(d_out, d_in))) and one d_out × d_in buffer (plus a few n × n on
-    dense_top) on the dense ones. :func:`flexlora_report` and ``EnergyThreshold`` ranks need
-    every σ and never take dense_top.
+    per batch on the dense route). On the CPU the Gram route never stacks a layer: each worker
+    casts a layer's factors into its own float64 buffer a column block at a time for the
+    Grams (BLAS ``syrk``) and the output products (:mod:`lorafair._stacks`), and the layers go
+    through in chunks of at most 32 MiB of Grams. So peak memory does not grow with the number
+    of layers; NaN/Inf are read off the Grams' traces (or the stacks) and a fixed-rank call
+    synchronises with the host once. The call runs on one thread of torch's and NumPy's pools,
+    except the Gram route's cast-copies, Grams, R × R cores and products on the CPU, which run
+    layers side by side on the threads the thread policy gives them (:mod:`lorafair._threads`:
+    a thread per millisecond of work, e.g. at LLM scale; the result is the same to the bit on
+    any number of threads). Cost: O((d_out + d_in) R² + R³) flops per layer on the factored
+    routes, with O(R²) memory per layer on the CPU's Gram route (plus a worker's buffer) and
+    O((d_out + d_in) R) on the others; O(d_out d_in (R + min(d_out, d_in))) flops and one
+    d_out × d_in buffer (plus a few n × n on dense_top) on the dense ones.
+    :func:`flexlora_report` and ``EnergyThreshold`` ranks need every σ and never take
+    dense_top.
     Download: rank·(d_in + d_out) per layer.
     """
     return _flexlora(
@@ -788,9 +765,14 @@ def _flexlora(
     chosen: dict[str, RankChoice] = {}
     pending: list[_Pending] = []
 
+    def kept_rank(layer: Layer, S: Tensor) -> int:
+        """The rank kept for ``layer``, given its descending singular values ``S``."""
+        if isinstance(rank, EnergyThreshold):
+            return choose_rank(rank, S)
+        return rank if isinstance(rank, int) else max(layer.ranks)
+
     def finish(layer: Layer, svd: _linalg.FactoredSVD) -> None:
-        fixed = rank if isinstance(rank, int) else max(layer.ranks)
-        k = choose_rank(rank, svd.S) if isinstance(rank, EnergyThreshold) else fixed
+        k = kept_rank(layer, svd.S)
         B, A = _linalg.split(svd, k, left_power)
         if report:
             chosen[layer.name] = RankChoice(k, energy_kept(svd.S, k))
@@ -822,45 +804,34 @@ def _flexlora(
     routes = [
         _route(g[0].d_out, g[0].d_in, sum(g[0].ranks), g[0].dtype, kept(g[0])) for g in groups
     ]
-    # the fixed-rank Gram route on the CPU: all its groups side by side, chunk by chunk (at most
-    # _stacks.GRAM_BYTES of Grams at a time), no float64 stacks
+    # the Gram route on the CPU: all its groups side by side, chunk by chunk (at most
+    # _stacks.GRAM_BYTES of Grams at a time), no float64 stacks; its checks wait for the call's
+    # one host round trip below, as the fixed-rank routes' do
     host = [
         i
         for i, (g, route) in enumerate(zip(groups, routes, strict=True))
-        if route == "gram" and g[0].device.type == "cpu" and kept(g[0]) is not None
+        if route == "gram" and g[0].device.type == "cpu"
     ]
     targets = [kept(groups[i][0]) or 0 for i in host]
     for chunk in _stacks.chunks([groups[i] for i in host]):  # bounded memory
         pending += _gram_route_host(
-            [part.layers for part in chunk], [targets[part.group] for part in chunk], p, left_power
+            [part.layers for part in chunk],
+            [targets[part.group] for part in chunk],
+            p,
+            left_power,
+            kept_rank,
         )
     groups = [g for i, g in enumerate(groups) if i not in host]
     routes = [r for i, r in enumerate(routes) if i not in host]
-    sizes = [
-        _gram_batch(g[0], len(g)) * (g[0].d_in + g[0].d_out) * sum(g[0].ranks)
-        for g, route in zip(groups, routes, strict=True)
-        if route == "gram"
-    ]
-    device = next(iter(prep.layers.values())).device
-    buffer = torch.empty(max(sizes, default=0), dtype=torch.float64, device=device)
     for group, route in zip(groups, routes, strict=True):
         first = group[0]
         R = sum(first.ranks)
         # float64 stacks plus two d × R companions (QR bases, or the output products)
         dense = route in ("dense", "dense_top")
         size = _BATCH_BYTES if dense else 3 * 8 * (first.d_out + first.d_in) * R
-        batches = chunked(group, size, _BATCH_BYTES)  # dense: one layer at a time
-        scratch = None
-        if route == "gram":  # batches that fit the call's reused buffer (see _GRAM_SCRATCH_BYTES)
-            n = _gram_batch(first, len(group))
-            batches = [group[i : i + n] for i in range(0, len(group), n)]
-            scratch = _scratch(buffer.to(first.device), first, n)
-        for batch in batches:
-            part = None
-            if scratch is not None:
-                part = _Scratch(scratch.A[: len(batch)], scratch.B[: len(batch)])
+        for batch in chunked(group, size, _BATCH_BYTES):  # dense: one layer at a time
             target = kept(first)
-            svd, bad, route_ok = _flexlora_svd(batch, p, route, part, target or 0, left_power)
+            svd, bad, route_ok = _flexlora_svd(batch, p, route, target or 0, left_power)
             if target is None:
                 ok = _average.check([bad.any()], prep.layers, route_ok)
                 for j, layer in enumerate(batch):
@@ -868,7 +839,7 @@ def _flexlora(
                 continue
             B, A = _linalg.split(svd, target, left_power)
             pending.append(_Pending(batch, A, B, route, route_ok, bad))
-    if pending:  # the fixed-rank call's one host round trip: non-finite input, checks per layer
+    if pending:  # the call's one host round trip: non-finite input, checks per layer
         oks = [d.ok for d in pending if d.ok is not None]
         bad_any = torch.cat([d.bad for d in pending]).any()
         ok = _average.check([bad_any], prep.layers, torch.cat(oks) if oks else None)
@@ -876,11 +847,14 @@ def _flexlora(
         for done in pending:
             for j, layer in enumerate(done.layers):
                 if done.ok is not None and not ok[(i := i + 1) - 1]:
-                    finish(layer, redo(layer, done.route, True))
-                else:
-                    out[layer.name] = LoRAFactors(
-                        _output(done.A[j], layer.dtype), _output(done.B[j], layer.dtype)
-                    )
+                    # top triplets only (a fixed rank): the full Gram route may still hold
+                    finish(layer, redo(layer, done.route, kept(layer) is not None))
+                    continue
+                A, B = done.A[j], done.B[j]
+                out[layer.name] = LoRAFactors(_output(A, layer.dtype), _output(B, layer.dtype))
+                if report and done.S is not None:
+                    k = A.shape[-2]
+                    chosen[layer.name] = RankChoice(k, energy_kept(done.S[j], k))
     adapters = {name: out[name] for name in prep.layers}
     ranks = {name: chosen[name] for name in prep.layers} if report else {}
     return FlexLoRAReport(adapters, ranks)

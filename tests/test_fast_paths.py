@@ -349,11 +349,12 @@ def _flex_clients(n_layers, k=4, r=3, d_out=20, d_in=12):
     ]
 
 
-@pytest.mark.parametrize("budget", [1, 8 * 32 * 12 * 2, 1 << 25])
-def test_gram_route_batches_give_the_optimum_whatever_the_scratch_size(budget, monkeypatch):
-    """One layer per batch, a few, or all: the same optimal factors, contiguous."""
+@pytest.mark.parametrize("budget", [1, 16 * 12 * 12 * 2, 1 << 25])
+def test_gram_route_chunks_give_the_optimum_whatever_the_chunk_size(budget, monkeypatch):
+    """One layer per chunk of Grams, a few, or all: the same optimal factors, contiguous, for a
+    fixed rank and for a rank chosen per layer from its σ."""
     clients = _flex_clients(5)
-    monkeypatch.setattr(agg, "_GRAM_SCRATCH_BYTES", budget)
+    monkeypatch.setattr(_stacks, "GRAM_BYTES", budget)
     out = agg.flexlora(clients, rank=3)
     for name, (A, B) in out.items():
         assert A.is_contiguous()
@@ -367,6 +368,48 @@ def test_gram_route_batches_give_the_optimum_whatever_the_scratch_size(budget, m
         k = report.ranks[name].rank
         best = ref.best_rank_approx(ref.delta_w(clients, name), k)
         assert float((B.double() @ A.double() - best).norm() / best.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flexlora_cpu_gram_route_never_stacks_a_layer(dtype, monkeypatch):
+    """On the CPU the Gram route, for a fixed rank and for ranks chosen per layer from σ
+    (EnergyThreshold, flexlora_report), builds no float64 d × R stack: its Grams and products
+    run in the per-worker column buffers of _stacks. The result is still the optimum."""
+
+    def no_stack(*args, **kwargs):
+        raise AssertionError("a float64 stack was built")
+
+    clients = [
+        {name: LoRAFactors(f.A.to(dtype), f.B.to(dtype)) for name, f in c.items()}
+        for c in _flex_clients(3)
+    ]
+    exact = [
+        {name: LoRAFactors(f.A.double(), f.B.double()) for name, f in c.items()} for c in clients
+    ]
+    assert agg._route(20, 12, 12, dtype, None) == "gram"
+    monkeypatch.setattr(agg, "stacked_batch", no_stack)
+    monkeypatch.setattr(_linalg, "grams", no_stack)  # the Grams of stacks
+    fixed = agg.flexlora(clients, rank=3)
+    energy = agg.flexlora_report(clients, rank=agg.EnergyThreshold(0.9))
+    report = agg.flexlora_report(clients, rank=3)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for name in fixed:
+        dw = ref.delta_w(exact, name)
+        S = torch.linalg.svdvals(dw)
+        for k, (A, B) in [(3, fixed[name]), (3, report.adapters[name])]:
+            best = ref.best_rank_approx(dw, k)
+            assert float((B.double() @ A.double() - best).norm() / best.norm()) < tol
+        assert report.ranks[name].rank == 3
+        want = float((S[:3] ** 2).sum() / (S**2).sum())
+        assert abs(report.ranks[name].energy - want) < tol
+        k = energy.ranks[name].rank
+        A, B = energy.adapters[name]
+        assert A.shape == (k, 12)
+        assert B.shape == (20, k)
+        assert float((S[: k - 1] ** 2).sum() / (S**2).sum()) < 0.9 * (1 + 1e-6)
+        assert float((S[:k] ** 2).sum() / (S**2).sum()) >= 0.9 * (1 - 1e-6) - tol
+        best = ref.best_rank_approx(dw, k)
+        assert float((B.double() @ A.double() - best).norm() / best.norm()) < tol
 
 
 def test_ffa_lora_cpu_copy_check_matches_the_tolerances():

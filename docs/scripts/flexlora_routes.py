@@ -11,9 +11,10 @@ Run from the repository root, one thread (as the documented runs)::
 once per route with the cost model (``lorafair.aggregate._route``) forced to it; ms per call,
 "–" where the route refuses the layer. ``certified``: ``flexlora`` (fixed rank 16) on the first
 12 ViT-B/16 layers at each K; counts the layers whose route's own check failed (they are redone
-by the next route: "fell back"), by wrapping ``lorafair.aggregate._flexlora_svd``. Both patch
-private functions of the public module ``lorafair.aggregate`` for the duration of the script;
-they measure the library, not an API.
+by the next route: "fell back"), by wrapping ``lorafair._average.check``, the one host read of
+every route's checks (a redone layer's own check is counted as one more). Both patch
+private functions of lorafair for the duration of the script; they measure the library, not an
+API.
 """
 
 from __future__ import annotations
@@ -71,19 +72,17 @@ def routes(rank: int) -> None:
 
 
 def certified(rank: int, Ks: list[int]) -> None:
-    real = aggregate._flexlora_svd
+    real = aggregate._average.check
     failed: list[int] = []
     checked: list[int] = []
 
-    def wrapped(batch: Any, *args: Any, **kwargs: Any) -> Any:
-        out = real(batch, *args, **kwargs)
-        ok = out[2]
-        if ok is not None:
-            checked.append(int(ok.numel()))
-            failed.append(int((~ok.bool()).sum()))
+    def wrapped(flags: Any, layers: Any, extra: Any = None) -> list[bool]:
+        out = real(flags, layers, extra)
+        checked.append(len(out))
+        failed.append(out.count(False))
         return out
 
-    aggregate._flexlora_svd = wrapped
+    aggregate._average.check = wrapped  # type: ignore[assignment]
     try:
         for K in Ks:
             failed.clear()
@@ -95,7 +94,7 @@ def certified(rank: int, Ks: list[int]) -> None:
                 f"{sum(failed)} failed (fell back)"
             )
     finally:
-        aggregate._flexlora_svd = real
+        aggregate._average.check = real  # type: ignore[assignment]
 
 
 def main() -> None:

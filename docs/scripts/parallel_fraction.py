@@ -28,7 +28,6 @@ SPLIT = {
     ("_stacks.py", "grams"),
     ("_stacks.py", "products"),
     ("_linalg.py", "_syrks"),
-    ("aggregate.py", "_stack64"),
     ("aggregate.py", "core"),
 }
 """The functions (file, name) whose per-layer or per-group work split_map runs side by side;
