@@ -11,12 +11,13 @@ Each worker thread of :func:`lorafair._threads.split_map` casts a layer's stack 
 float64 buffer :func:`columns` columns at a time (one exact torch cast-copy per client) and runs
 the block's BLAS call on one thread: a ``syrk`` for a Gram (NumPy's matmul hands ``X Xᵀ`` to
 it: half the flops of the general product) or a ``gemm`` for a product. All the layers of a
-call are one list, largest first, so the workers run kernels side by side and finish together,
-and no threaded BLAS call runs (its workers spin after it and slow torch's next pass: on one
-Llama-3-8B block, bf16, FedIT's sums inside ``lora_fair`` took 50 ms after such a call against
-22 ms on one thread). Memory: per worker ``R × min(d, columns(R))`` float64 (at most 10.5 MB
-up to R = 2560) plus one R × R block, whatever the model's size. Every result is what one
-thread computes: the split never changes a bit.
+call are one list (a side of two column blocks or more as two items, its halves), largest
+first, so the workers run kernels side by side and finish together, and no threaded BLAS call
+runs (its workers spin after it and slow torch's next pass: on one Llama-3-8B block, bf16,
+FedIT's sums inside ``lora_fair`` took 50 ms after such a call against 22 ms on one thread).
+Memory: per worker ``R × min(d, columns(R))`` float64 (at most 10.5 MB up to R = 2560) plus
+one R × R block, and one R × R per split side, whatever the model's size. Every result is
+what one thread computes: the split never changes a bit.
 """
 
 from __future__ import annotations
@@ -104,16 +105,40 @@ def _blocks(d: int, rows: int) -> list[tuple[int, int]]:
     return [(c, min(d, c + step)) for c in range(0, d, step)]
 
 
+def _halves(layer: Layer, side: Side) -> list[tuple[int, int]]:
+    """The column ranges of one side's Gram items: the whole side, or, from two column blocks
+    on, two halves split at a block boundary (the first holds the extra block), whose Grams
+    are summed after the run. Fixed by the shape alone, so the sums, and every bit of the
+    result, are the same on any number of threads. A lone wide layer (one layer a chunk, at
+    K = 100 or r = 64) then gives the workers four items instead of two unequal ones (a
+    Llama-3-8B MLP layer: 14336 against 4096 columns)."""
+    d = width(layer, side)
+    blocks = _blocks(d, sum(layer.ranks))
+    if len(blocks) < 2:
+        return [(0, d)]
+    mid = blocks[(len(blocks) + 1) // 2][0]
+    return [(0, mid), (mid, d)]
+
+
+def _split_sides(layer: Layer) -> int:
+    """How many of the layer's two sides :func:`_halves` splits (each holds one more R × R)."""
+    return sum(len(_halves(layer, side)) - 1 for side in ("A", "B"))
+
+
 class _Gram(NamedTuple):
-    """One layer's Gram of one side, into ``out`` (R × R)."""
+    """The Gram of columns ``start:stop`` of one layer's side, into ``out`` (R × R); for a
+    second half (:func:`_halves`), then added to ``into``, the first half's."""
 
     layer: Layer
     side: Side
+    start: int
+    stop: int
     out: npt.NDArray[np.float64]
+    into: npt.NDArray[np.float64] | None = None
 
     @property
     def flops(self) -> int:
-        return int(self.out.size) * width(self.layer, self.side)  # R² d, the symmetric product
+        return int(self.out.size) * (self.stop - self.start)  # R² d, the symmetric product
 
 
 class Product(NamedTuple):
@@ -133,10 +158,11 @@ class Product(NamedTuple):
 GRAM_BYTES = 1 << 25
 """The float64 R × R Grams a Gram method holds at a time (32 MiB; the R × R work on them holds
 a few times as much while it runs): its layers go through in :func:`chunks` within this, at
-least one layer each. One Llama-3-8B block at R = 320 (11 MiB of Grams) is one chunk, the whole
-8B adapter set eleven; at K = 20, r = 64 (R = 1280, 25 MiB of Grams a layer) a chunk is one
-layer. Without it every layer's Grams and R × R work were alive at once: ``flexlora`` grew by
-3.4× its input on one 8B block at K = 100, r = 16 and 3.9× at K = 20, r = 64."""
+least one layer each, counting the extra R × R of each side split in halves. One Llama-3-8B
+block at R = 320 (13 MiB of Grams) is one chunk, the whole 8B adapter set fourteen; at K = 20,
+r = 64 (R = 1280, 25 MiB of Grams a layer, 38 MiB for an MLP layer) a chunk is one layer.
+Without it every layer's Grams and R × R work were alive at once: ``flexlora`` grew by 3.4×
+its input on one 8B block at K = 100, r = 16 and 3.9× at K = 20, r = 64."""
 
 
 class Slice(NamedTuple):
@@ -148,7 +174,8 @@ class Slice(NamedTuple):
 
 def chunks(groups: Sequence[Sequence[Layer]]) -> list[list[Slice]]:
     """``groups`` (each same-shaped) cut into chunks of at most ``GRAM_BYTES`` of Grams
-    (``2 · 8 R²`` bytes a layer), in order, at least one layer each. Unlike
+    (``(2 + s) · 8 R²`` bytes a layer, s of its sides split by :func:`_halves`), in order, at
+    least one layer each. Unlike
     :func:`lorafair._validate.chunked`, which batches one group, a chunk packs several groups
     up to the budget, so the workers of :func:`grams` get layers of every shape side by side
     (one Llama-3-8B block: its four groups in one chunk)."""
@@ -156,7 +183,8 @@ def chunks(groups: Sequence[Sequence[Layer]]) -> list[list[Slice]]:
     now: list[Slice] = []
     used = 0
     for index, group in enumerate(groups):
-        per = 16 * sum(group[0].ranks) ** 2  # the two float64 R × R Grams
+        # the two float64 R × R Grams, and one more per side split in halves
+        per = 8 * (2 + _split_sides(group[0])) * sum(group[0].ranks) ** 2
         start = 0
         while start < len(group):
             if used and used + per > GRAM_BYTES:
@@ -174,20 +202,26 @@ def chunks(groups: Sequence[Sequence[Layer]]) -> list[list[Slice]]:
 def grams(groups: Sequence[Sequence[Layer]]) -> list[tuple[Tensor, Tensor]]:
     """Per group of same-shaped CPU layers, ``M_A = A_u A_uᵀ`` and ``M_B = B_sᵀ B_s`` (L, R, R),
     float64, every group's layers in one :func:`~lorafair._threads.split_map` list. A side
-    wider than :func:`columns` is summed over its column blocks' Grams. Cost: ``(d_in + d_out) R²``
-    flops per layer (the symmetric products) and one cast-copy of each input."""
+    wider than :func:`columns` is summed over its column blocks' Grams, as two items of half
+    its blocks each (:func:`_halves`). Cost: ``(d_in + d_out) R²`` flops per layer (the
+    symmetric products), one cast-copy of each input, and one more R × R per side split."""
     out: list[tuple[Tensor, Tensor]] = []
     items: list[_Gram] = []
     for layers in groups:
         R = sum(layers[0].ranks)
         MA, MB = np.empty((len(layers), R, R)), np.empty((len(layers), R, R))
         for i, layer in enumerate(layers):
-            items += [_Gram(layer, "A", MA[i]), _Gram(layer, "B", MB[i])]
+            sides: tuple[tuple[Side, npt.NDArray[np.float64]], ...] = (("A", MA[i]), ("B", MB[i]))
+            for side, M in sides:
+                halves = _halves(layer, side)
+                items.append(_Gram(layer, side, *halves[0], M))
+                if len(halves) == 2:
+                    items.append(_Gram(layer, side, *halves[1], np.empty((R, R)), into=M))
         out.append((torch.from_numpy(MA), torch.from_numpy(MB)))
 
     def gram(host: _HostBuffer, it: _Gram) -> None:
-        for start, stop in _blocks(width(it.layer, it.side), it.out.shape[0]):  # mostly one
-            x = _stacked_columns(it.layer, it.side, host, start, stop)
+        for start, stop in _blocks(it.stop - it.start, it.out.shape[0]):  # mostly one
+            x = _stacked_columns(it.layer, it.side, host, it.start + start, it.start + stop)
             if start == 0:
                 np.matmul(x, x.T, out=it.out)
             else:
@@ -196,6 +230,9 @@ def grams(groups: Sequence[Sequence[Layer]]) -> list[tuple[Tensor, Tensor]]:
                 np.add(it.out, block, out=it.out)
 
     _run(gram, items)
+    for it in items:
+        if it.into is not None:
+            np.add(it.into, it.out, out=it.into)
     return out
 
 

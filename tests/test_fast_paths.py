@@ -519,6 +519,98 @@ def test_gram_chunks_cover_every_layer_once_in_order_within_the_budget(budget, m
         assert len(chunks) == 7
 
 
+def _narrow_columns(monkeypatch):
+    """Column blocks of 64 (at least 16) instead of 4096, so the sides of small test layers
+    (200–300 columns) span several blocks and split in halves."""
+    monkeypatch.setattr(_stacks, "_COLUMNS", 64)
+    monkeypatch.setattr(_stacks, "_BUFFER", 20 * 64)
+    monkeypatch.setattr(_stacks, "_MIN_COLUMNS", 16)
+
+
+def test_wide_sides_split_in_halves_at_a_block_boundary(monkeypatch):
+    """A side of two or more column blocks becomes two items that cover it once, split where a
+    block starts, the first holding the extra block; a one-block side stays whole."""
+    _narrow_columns(monkeypatch)
+    prep = _validate.prepare(
+        _narrow_clients(2), None, equal_ranks=False, check_finite=False, allow_excess_rank=False
+    )
+    for layer in prep.layers.values():
+        for side in ("A", "B"):
+            d = _stacks.width(layer, side)
+            blocks = _stacks._blocks(d, sum(layer.ranks))
+            halves = _stacks._halves(layer, side)
+            assert len(blocks) >= 2
+            assert len(halves) == 2
+            assert halves[0][0] == 0
+            assert halves[1][1] == d
+            assert halves[0][1] == halves[1][0]
+            assert halves[0][1] in [start for start, _ in blocks]
+            first = sum(1 for start, _ in blocks if start < halves[0][1])
+            assert first == len(blocks) - len(blocks) // 2
+    monkeypatch.setattr(_stacks, "_COLUMNS", 4096)
+    monkeypatch.setattr(_stacks, "_BUFFER", 320 * 4096)
+    layer = next(iter(prep.layers.values()))
+    assert _stacks._halves(layer, "A") == [(0, layer.d_in)]
+    assert _stacks._split_sides(layer) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grams_of_split_sides_match_the_float64_stacks(dtype, monkeypatch):
+    """Grams summed over halves of column blocks equal those of the whole float64 stacks."""
+    _narrow_columns(monkeypatch)
+    prep = _validate.prepare(
+        _narrow_clients(3, dtype),
+        None,
+        equal_ranks=False,
+        check_finite=False,
+        allow_excess_rank=False,
+    )
+    groups = _validate.group_by_shape(list(prep.layers.values()))
+    for group, (MA, MB) in zip(groups, _stacks.grams(groups), strict=True):
+        for i, layer in enumerate(group):
+            A_u = torch.cat([a.double() for a in layer.As])
+            B_s = torch.cat([b.double() for b in layer.Bs], dim=1)
+            torch.testing.assert_close(MA[i], A_u @ A_u.T, rtol=1e-13, atol=1e-13)
+            torch.testing.assert_close(MB[i], B_s.T @ B_s, rtol=1e-13, atol=1e-13)
+
+
+def test_gram_chunks_count_the_halves_extra_gram(monkeypatch):
+    """With split sides a layer holds (2 + s) R × R float64: a budget of exactly one such layer
+    gives one layer a chunk, and of two, two."""
+    _narrow_columns(monkeypatch)
+    prep = _validate.prepare(
+        _narrow_clients(4), None, equal_ranks=False, check_finite=False, allow_excess_rank=False
+    )
+    groups = _validate.group_by_shape(list(prep.layers.values()))
+    per = 8 * (2 + 2) * 20**2  # R = 20, both sides split
+    assert _stacks._split_sides(groups[0][0]) == 2
+    for layers_per_chunk in (1, 2):
+        monkeypatch.setattr(_stacks, "GRAM_BYTES", layers_per_chunk * per)
+        chunks = _stacks.chunks(groups)
+        assert all(sum(len(part.layers) for part in chunk) == layers_per_chunk for chunk in chunks)
+
+
+@pytest.mark.parametrize("method", ["lora_fair", "flexlora"])
+def test_gram_methods_with_split_sides_give_the_same_bits_on_two_threads(method, monkeypatch):
+    """The halves are fixed by the shape, not by the workers: on two worker threads (the
+    items side by side) the factors equal the one-thread factors to the bit."""
+    _narrow_columns(monkeypatch)
+    monkeypatch.setattr(_threads, "_free_cores", lambda: 2.0)
+    monkeypatch.setattr(_threads, "_FLOPS_PER_THREAD", 1.0)
+    monkeypatch.setattr(_threads, "_BYTES_PER_THREAD", 1.0)
+    workers = []
+    real = _threads.split_map
+
+    def spy(fn, items, **kwargs):
+        workers.append(_threads.threads_for(kwargs.get("flops", 0.0) * len(items)))
+        return real(fn, items, **kwargs)
+
+    monkeypatch.setattr(_stacks, "split_map", spy)
+    one, two = _on_one_then_two_threads(getattr(agg, method), _narrow_clients(6))
+    assert 2 in workers  # the Grams' items really ran on two workers
+    _assert_same_bits(one, two)
+
+
 @pytest.mark.parametrize("method", ["lora_fair", "flexlora"])
 def test_gram_methods_in_chunks_of_one_layer_give_the_one_chunk_result(method, monkeypatch):
     """Bounded memory does not change the answer: one layer per chunk gives the factors of
