@@ -160,7 +160,8 @@ GRAM_BYTES = 1 << 25
 a few times as much while it runs): its layers go through in :func:`chunks` within this, at
 least one layer each, counting the extra R × R of each side split in halves. One Llama-3-8B
 block at R = 320 (13 MiB of Grams) is one chunk, the whole 8B adapter set fourteen; at K = 20,
-r = 64 (R = 1280, 25 MiB of Grams a layer, 38 MiB for an MLP layer) a chunk is one layer.
+r = 64 (R = 1280: 12.5 MiB an R × R, three or four a layer with the halves) a chunk is one
+layer.
 Without it every layer's Grams and R × R work were alive at once: ``flexlora`` grew by 3.4×
 its input on one 8B block at K = 100, r = 16 and 3.9× at K = 20, r = 64."""
 

@@ -27,7 +27,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Literal, NamedTuple
 
 import numpy as np
-import numpy.typing as npt
 import torch
 from torch import Tensor
 
@@ -397,8 +396,9 @@ def _route(d_out: int, d_in: int, R: int, dtype: torch.dtype, rank: int | None) 
 
 class _Pending(NamedTuple):
     """One batch whose result waits for the call's single host check: per layer ``A[j]`` and
-    ``B[j]`` (one batched tensor, or a list where ranks differ between layers) and, where every
-    σ was computed, its singular values ``S[j]`` (for :func:`flexlora_report`)."""
+    ``B[j]`` (one batched float64 tensor, or, from :func:`_gram_route_host`, a list already in
+    the layer's dtype) and, where every σ was computed, its singular values ``S[j]`` (for
+    :func:`flexlora_report`)."""
 
     layers: list[Layer]
     A: Tensor | list[Tensor]
@@ -454,6 +454,12 @@ def _gram_route(
     return _GramSolved(core._replace(Vh_core=core.Vh_core * d), bad, gram_ok)
 
 
+_CORE_BYTES = 1 << 22
+"""The Grams of one :class:`_CoreJob` (4 MiB, at least one layer): a chunk's groups are cut
+into jobs this size, so that the R × R work alive at once, a few times its Grams per worker,
+stays a fraction of the chunk's, and the workers get several jobs even from one group."""
+
+
 class _CoreJob(NamedTuple):
     """One group's R × R core on :func:`_gram_route_host`: its layers, the top triplets it
     computes (0: every one) and its Grams."""
@@ -482,12 +488,52 @@ class _CoreDone(NamedTuple):
     cores: list[_linalg.SplitCores]
 
 
-class _Factors64(NamedTuple):
-    """One group's float64 results on :func:`_gram_route_host`, filled by the products: per
-    layer ``A`` (k × d_in) and ``Bᵀ`` (k × d_out, the long dimension last)."""
+class _LayerCores(NamedTuple):
+    """One layer's products on :func:`_gram_route_host`: its split cores, and the rank its
+    result is zero-padded to."""
 
-    A: list[npt.NDArray[np.float64]]
-    B_t: list[npt.NDArray[np.float64]]
+    layer: Layer
+    cores: _linalg.SplitCores
+    rank: int
+
+    @property
+    def nbytes(self) -> int:
+        """Its float64 results: ``A`` (k × d_in) and ``Bᵀ`` (k × d_out)."""
+        return 8 * int(self.cores.a_core.shape[-2]) * (self.layer.d_in + self.layer.d_out)
+
+
+def _host_factors(todo: list[_LayerCores]) -> list[LoRAFactors]:
+    """Per layer ``B = B_s b_core`` and ``A = a_core Â`` in the layer's dtype, padded to its
+    rank, from :func:`lorafair._stacks.products`: in order, in batches of at most
+    ``_stacks.GRAM_BYTES`` of float64 results (at least one layer), each batch's layers side
+    by side. The bound matters where the rank kept nears R (an :class:`EnergyThreshold`): then
+    the float64 results weigh as much as float64 stacks of the input. Cost ``2 k R d`` flops
+    per side and layer."""
+    out: list[LoRAFactors] = []
+    start = 0
+    while start < len(todo):
+        stop, used = start + 1, todo[start].nbytes
+        while stop < len(todo) and used + todo[stop].nbytes <= _stacks.GRAM_BYTES:
+            used += todo[stop].nbytes
+            stop += 1
+        items: list[_stacks.Product] = []
+        for t in todo[start:stop]:
+            k = t.cores.a_core.shape[-2]
+            B_t = np.empty((k, t.layer.d_out))  # Bᵀ: the long dimension last
+            A = np.empty((k, t.layer.d_in))
+            items.append(_stacks.Product(t.layer, "B", t.cores.b_core.mT.numpy(), B_t))
+            items.append(_stacks.Product(t.layer, "A", t.cores.a_core.numpy(), A))
+        _stacks.products(items)
+        for j, t in enumerate(todo[start:stop]):
+            B_t, A = items[2 * j].out, items[2 * j + 1].out
+            out.append(
+                LoRAFactors(
+                    _output(_linalg.pad(torch.from_numpy(A), -2, t.rank), t.layer.dtype),
+                    _output(_linalg.pad(torch.from_numpy(B_t).mT, -1, t.rank), t.layer.dtype),
+                )
+            )
+        start = stop
+    return out
 
 
 _KeptRank = Callable[[Layer, Tensor], int]
@@ -507,12 +553,18 @@ def _gram_route_host(
     one for 0), then per layer the rank ``kept_rank`` keeps, ``B = B_s b_core`` and
     ``A = a_core Â`` from :func:`lorafair._stacks.products` (again all layers side by side).
     Casts each input twice (Grams, products) into small per-worker buffers, so the call holds
-    no d × R float64 stack. A layer's rank may come from its σ (:class:`EnergyThreshold`):
-    they are on the host already, so it costs no round trip."""
-    jobs = [
-        _CoreJob(batch, rank, M_a, G_b)
-        for batch, rank, (M_a, G_b) in zip(groups, ranks, _stacks.grams(groups), strict=True)
-    ]
+    no d × R float64 stack, and returns the factors in the layers' dtype (:func:`_host_factors`:
+    at most 32 MiB of float64 results at a time; a layer that fails its check is redone from
+    its clients). The cores run in jobs of at most ``_CORE_BYTES`` of Grams side by side. A
+    layer's rank may come from its σ (:class:`EnergyThreshold`): they are on the host already,
+    so it costs no round trip."""
+    jobs: list[_CoreJob] = []
+    for batch, rank, (M_a, G_b) in zip(groups, ranks, _stacks.grams(groups), strict=True):
+        n = max(1, _CORE_BYTES // (16 * M_a.shape[-1] ** 2))  # layers a job
+        jobs += [
+            _CoreJob(batch[i : i + n], rank, M_a[i : i + n], G_b[i : i + n])
+            for i in range(0, len(batch), n)
+        ]
 
     def core(_: None, job: _CoreJob) -> _CoreDone:
         sol = _gram_route(job.batch, p, job.M_a, job.G_b, job.rank)  # overwrites the Grams
@@ -528,41 +580,23 @@ def _gram_route_host(
             ]
         return _CoreDone(sol.ok, sol.bad, c.S, ks, cores)  # not the core: its R × R factors go now
 
-    # the thread policy: the groups' R × R cores side by side (one Llama-3-8B block, bf16,
-    # K = 20, r = 16: four groups; flexlora 166-169 → 149-152 ms, `python -m
+    # the thread policy: the jobs' R × R cores side by side (one Llama-3-8B block, bf16,
+    # K = 20, r = 16, one job per group: flexlora 166-169 → 149-152 ms, `python -m
     # benchmarks.against --commit 904877c --methods flexlora`)
     work = sum(job.flops for job in jobs) / max(1, len(jobs))
     results = split_map(core, jobs, scratch=lambda: None, flops=work)
-    items: list[_stacks.Product] = []
-    outs: list[_Factors64] = []
-    for job, done in zip(jobs, results, strict=True):
-        res = _Factors64([], [])
-        for layer, cores in zip(job.batch, done.cores, strict=True):
-            k = cores.a_core.shape[-2]
-            res.A.append(np.empty((k, layer.d_in)))
-            res.B_t.append(np.empty((k, layer.d_out)))
-            items.append(_stacks.Product(layer, "B", cores.b_core.mT.numpy(), res.B_t[-1]))
-            items.append(_stacks.Product(layer, "A", cores.a_core.numpy(), res.A[-1]))
-        outs.append(res)
-    _stacks.products(items)
-    return [
-        _Pending(
-            job.batch,
-            [
-                _linalg.pad(torch.from_numpy(A), -2, k)
-                for A, k in zip(res.A, done.ranks, strict=True)
-            ],
-            [
-                _linalg.pad(torch.from_numpy(B_t).mT, -1, k)
-                for B_t, k in zip(res.B_t, done.ranks, strict=True)
-            ],
-            "gram",
-            done.ok,
-            done.bad,
-            done.S,
-        )
-        for job, done, res in zip(jobs, results, outs, strict=True)
+    todo = [
+        _LayerCores(layer, cores, k)
+        for job, done in zip(jobs, results, strict=True)
+        for layer, cores, k in zip(job.batch, done.cores, done.ranks, strict=True)
     ]
+    factors = iter(_host_factors(todo))
+    pending = []
+    for job, done in zip(jobs, results, strict=True):
+        mine = [next(factors) for _ in job.batch]
+        A, B = [f.A for f in mine], [f.B for f in mine]
+        pending.append(_Pending(job.batch, A, B, "gram", done.ok, done.bad, done.S))
+    return pending
 
 
 def _flexlora_svd(
@@ -758,8 +792,9 @@ def _flexlora(
     )
     p = prep.weights
     left_power = 0.5 if split == "balanced" else 1.0
-    # A rank chosen per layer (energy) or reported needs every σ on the host: one round trip per
-    # batch there; the plain fixed-rank call makes one for the whole call.
+    # A rank chosen per layer (energy) or reported needs every σ on the host: off the CPU's
+    # Gram route (whose σ are on the host already) one round trip per batch; otherwise one for
+    # the whole call.
     per_layer = report or isinstance(rank, EnergyThreshold)
     out: dict[str, LoRAFactors] = {}
     chosen: dict[str, RankChoice] = {}

@@ -519,6 +519,30 @@ def test_gram_chunks_cover_every_layer_once_in_order_within_the_budget(budget, m
         assert len(chunks) == 7
 
 
+@pytest.mark.parametrize("what", ["jobs", "results"])
+@pytest.mark.parametrize("rank", [3, agg.EnergyThreshold(0.9)])
+def test_flexlora_host_route_in_small_jobs_and_result_batches_gives_the_same_bits(
+    what, rank, monkeypatch
+):
+    """One layer per R × R core job (``_CORE_BYTES``), or per batch of float64 results
+    (``_host_factors`` within ``GRAM_BYTES``, the Grams' chunk kept whole): the same factors,
+    ranks and energies to the bit."""
+    clients = _narrow_clients(6)
+    whole = agg.flexlora_report(clients, rank=rank)
+    if what == "jobs":
+        monkeypatch.setattr(agg, "_CORE_BYTES", 1)
+    else:
+        monkeypatch.setattr(
+            _stacks,
+            "chunks",
+            lambda groups: [[_stacks.Slice(i, list(g)) for i, g in enumerate(groups)]],
+        )
+        monkeypatch.setattr(_stacks, "GRAM_BYTES", 1)
+    small = agg.flexlora_report(clients, rank=rank)
+    assert small.ranks == whole.ranks
+    _assert_same_bits(whole.adapters, small.adapters)
+
+
 def _narrow_columns(monkeypatch):
     """Column blocks of 64 (at least 16) instead of 4096, so the sides of small test layers
     (200–300 columns) span several blocks and split in halves."""
