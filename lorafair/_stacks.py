@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from lorafair._threads import split_map
-from lorafair._validate import Layer
+from lorafair._validate import Layer, packed
 
 __all__ = ["GRAM_BYTES", "Product", "Slice", "chunks", "grams", "products"]
 
@@ -176,27 +176,22 @@ class Slice(NamedTuple):
 def chunks(groups: Sequence[Sequence[Layer]]) -> list[list[Slice]]:
     """``groups`` (each same-shaped) cut into chunks of at most ``GRAM_BYTES`` of Grams
     (``(2 + s) · 8 R²`` bytes a layer, s of its sides split by :func:`_halves`), in order, at
-    least one layer each. Unlike
+    least one layer each (:func:`lorafair._validate.packed`). Unlike
     :func:`lorafair._validate.chunked`, which batches one group, a chunk packs several groups
     up to the budget, so the workers of :func:`grams` get layers of every shape side by side
     (one Llama-3-8B block: its four groups in one chunk)."""
+    # the two float64 R × R Grams, and one more per side split in halves
+    per = [8 * (2 + _split_sides(group[0])) * sum(group[0].ranks) ** 2 for group in groups]
+    layers = [(index, layer) for index, group in enumerate(groups) for layer in group]
     out: list[list[Slice]] = []
-    now: list[Slice] = []
-    used = 0
-    for index, group in enumerate(groups):
-        # the two float64 R × R Grams, and one more per side split in halves
-        per = 8 * (2 + _split_sides(group[0])) * sum(group[0].ranks) ** 2
-        start = 0
-        while start < len(group):
-            if used and used + per > GRAM_BYTES:
-                out.append(now)
-                now, used = [], 0
-            part = list(group[start : start + max(1, (GRAM_BYTES - used) // per)])
-            now.append(Slice(index, part))
-            used += per * len(part)
-            start += len(part)
-    if now:
-        out.append(now)
+    for span in packed([per[index] for index, _ in layers], GRAM_BYTES):
+        chunk: list[Slice] = []
+        for index, layer in layers[span.start : span.stop]:
+            if chunk and chunk[-1].group == index:
+                chunk[-1].layers.append(layer)
+            else:
+                chunk.append(Slice(index, [layer]))
+        out.append(chunk)
     return out
 
 

@@ -399,14 +399,28 @@ def stacked_batch(
     return LoRAFactors(A_s, B_s)
 
 
+def packed(sizes: Sequence[int], budget: int) -> list[range]:
+    """Consecutive items in batches of at most ``budget`` in all (greedy, in order; at least
+    one item each, so one item above the budget is a batch of its own): their index ranges."""
+    out: list[range] = []
+    start, used = 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and used + size > budget:
+            out.append(range(start, i))
+            start, used = i, 0
+        used += size
+    if start < len(sizes):
+        out.append(range(start, len(sizes)))
+    return out
+
+
 def chunked(layers: Sequence[Layer], bytes_per_layer: int, budget: int) -> list[list[Layer]]:
     """Split same-shaped layers into batches whose working set stays within ``budget`` bytes.
 
     Batching amortises per-call overhead; bounding it keeps peak memory at a fixed budget
     instead of a multiple of all layers' factors (always at least one layer per batch).
     """
-    size = max(1, budget // max(1, bytes_per_layer))
-    return [list(layers[i : i + size]) for i in range(0, len(layers), size)]
+    return [list(layers[r.start : r.stop]) for r in packed([bytes_per_layer] * len(layers), budget)]
 
 
 def group_by_shape(layers: Sequence[Layer]) -> list[list[Layer]]:

@@ -54,6 +54,7 @@ from lorafair._validate import (
     Layer,
     chunked,
     group_by_shape,
+    packed,
     prepare,
     raise_if_nonfinite,
     stacked_batch,
@@ -510,21 +511,17 @@ def _host_factors(todo: list[_LayerCores]) -> list[LoRAFactors]:
     the float64 results weigh as much as float64 stacks of the input. Cost ``2 k R d`` flops
     per side and layer."""
     out: list[LoRAFactors] = []
-    start = 0
-    while start < len(todo):
-        stop, used = start + 1, todo[start].nbytes
-        while stop < len(todo) and used + todo[stop].nbytes <= _stacks.GRAM_BYTES:
-            used += todo[stop].nbytes
-            stop += 1
+    for span in packed([t.nbytes for t in todo], _stacks.GRAM_BYTES):
+        batch = todo[span.start : span.stop]
         items: list[_stacks.Product] = []
-        for t in todo[start:stop]:
+        for t in batch:
             k = t.cores.a_core.shape[-2]
             B_t = np.empty((k, t.layer.d_out))  # Bᵀ: the long dimension last
             A = np.empty((k, t.layer.d_in))
             items.append(_stacks.Product(t.layer, "B", t.cores.b_core.mT.numpy(), B_t))
             items.append(_stacks.Product(t.layer, "A", t.cores.a_core.numpy(), A))
         _stacks.products(items)
-        for j, t in enumerate(todo[start:stop]):
+        for j, t in enumerate(batch):
             B_t, A = items[2 * j].out, items[2 * j + 1].out
             out.append(
                 LoRAFactors(
@@ -532,7 +529,6 @@ def _host_factors(todo: list[_LayerCores]) -> list[LoRAFactors]:
                     _output(_linalg.pad(torch.from_numpy(B_t).mT, -1, t.rank), t.layer.dtype),
                 )
             )
-        start = stop
     return out
 
 
@@ -800,11 +796,13 @@ def _flexlora(
     chosen: dict[str, RankChoice] = {}
     pending: list[_Pending] = []
 
+    def fixed(layer: Layer) -> int:
+        """The rank kept for ``layer`` where it does not depend on σ."""
+        return rank if isinstance(rank, int) else max(layer.ranks)
+
     def kept_rank(layer: Layer, S: Tensor) -> int:
         """The rank kept for ``layer``, given its descending singular values ``S``."""
-        if isinstance(rank, EnergyThreshold):
-            return choose_rank(rank, S)
-        return rank if isinstance(rank, int) else max(layer.ranks)
+        return choose_rank(rank, S) if isinstance(rank, EnergyThreshold) else fixed(layer)
 
     def finish(layer: Layer, svd: _linalg.FactoredSVD) -> None:
         k = kept_rank(layer, svd.S)
@@ -831,9 +829,7 @@ def _flexlora(
 
     def kept(layer: Layer) -> int | None:
         """The fixed number of triplets kept, or None when every σ is needed."""
-        if per_layer:
-            return None
-        return rank if isinstance(rank, int) else max(layer.ranks)
+        return None if per_layer else fixed(layer)
 
     groups = group_by_shape(list(prep.layers.values()))
     routes = [

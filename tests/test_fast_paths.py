@@ -486,6 +486,24 @@ def test_threaded_memory_passes_give_the_same_bits_as_one_thread(method, dtype, 
     _assert_same_bits(one, two)
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(min_value=0, max_value=50), max_size=30),
+    st.integers(min_value=0, max_value=120),
+)
+def test_packed_batches_are_greedy_in_order_and_within_the_budget(sizes, budget):
+    """Every item once, in order; a batch of two or more fits the budget, and the next item
+    would not have fitted in it (greedy)."""
+    spans = _validate.packed(sizes, budget)
+    assert [i for span in spans for i in span] == list(range(len(sizes)))
+    for span in spans:
+        assert len(span) > 0
+        total = sum(sizes[i] for i in span)
+        assert total <= budget or len(span) == 1
+        if span.stop < len(sizes):
+            assert total + sizes[span.stop] > budget
+
+
 def _narrow_clients(n_layers, dtype=torch.bfloat16, k=5, r=4):
     g = torch.Generator().manual_seed(4)
     return [
