@@ -21,7 +21,7 @@ import tarfile
 import tempfile
 
 from lorafair import registry
-from lorafair.bench.cli import add_methods_argument
+from lorafair.bench.cli import add_cell_arguments, add_methods_argument
 
 _CHILD = """
 import statistics, sys, time
@@ -76,11 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--commit", required=True, help="the earlier commit (any git revision)")
     gram = [s.name for s in registry.specs() if s.floor == "gram"]
     add_methods_argument(ap, default=gram, what="registered methods to time")
-    ap.add_argument("--preset", default="llama3_8b")
-    ap.add_argument("--blocks", type=int, default=1)
-    ap.add_argument("-K", type=int, default=20)
-    ap.add_argument("-r", type=int, default=16)
-    ap.add_argument("--dtype", default="bfloat16")
+    add_cell_arguments(ap)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args(argv)

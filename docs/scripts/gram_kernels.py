@@ -31,6 +31,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from lorafair.bench import preset
+from lorafair.bench.cli import add_cell_arguments
 
 
 def _timed(fn: Callable[[], object], repeats: int) -> list[float]:
@@ -44,11 +45,7 @@ def _timed(fn: Callable[[], object], repeats: int) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--preset", default="llama3_8b")
-    ap.add_argument("--blocks", type=int, default=1)
-    ap.add_argument("-K", type=int, default=20)
-    ap.add_argument("-r", type=int, default=16)
-    ap.add_argument("--dtype", default="bfloat16")
+    add_cell_arguments(ap)
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
     R = args.K * args.r

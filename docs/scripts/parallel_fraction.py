@@ -22,6 +22,7 @@ import torch
 
 import lorafair
 from lorafair.bench.cells import make_inputs
+from lorafair.bench.cli import add_cell_arguments
 from lorafair.bench.shapes import preset
 
 SPLIT = {
@@ -36,11 +37,7 @@ none calls another."""
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--preset", default="llama3_8b")
-    ap.add_argument("--blocks", type=int, default=1)
-    ap.add_argument("-K", type=int, default=20)
-    ap.add_argument("-r", type=int, default=16)
-    ap.add_argument("--dtype", default="bfloat16")
+    add_cell_arguments(ap)
     ap.add_argument("--methods", nargs="+", default=["lora_fair", "flexlora"])
     args = ap.parse_args()
     torch.set_num_threads(1)

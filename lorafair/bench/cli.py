@@ -35,6 +35,7 @@ __all__ = [
     "GRIDS",
     "Grid",
     "add_arguments",
+    "add_cell_arguments",
     "add_methods_argument",
     "main",
     "register",
@@ -82,6 +83,16 @@ def add_methods_argument(
         metavar="NAME",
         help=f"{what} (default: {shown})",
     )
+
+
+def add_cell_arguments(p: argparse.ArgumentParser) -> None:
+    """One cell for scripts that time a single one: ``--preset``, ``--blocks``, ``-K``, ``-r``,
+    ``--dtype`` (default: the first block of Llama-3-8B, K = 20, r = 16, bfloat16)."""
+    p.add_argument("--preset", default="llama3_8b")
+    p.add_argument("--blocks", type=int, default=1)
+    p.add_argument("-K", type=int, default=20)
+    p.add_argument("-r", type=int, default=16)
+    p.add_argument("--dtype", default="bfloat16")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
