@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lorafair import _average, _linalg, _stacks
+from lorafair import _average, _heap, _linalg, _stacks
 from lorafair._exact import fedex_lora, fedsvd
 from lorafair._fair import (
     AdaptersAndSolutions,
@@ -854,6 +854,8 @@ def _flexlora(
         )
     groups = [g for i, g in enumerate(groups) if i not in host]
     routes = [r for i, r in enumerate(routes) if i not in host]
+    if host and groups:  # the workers' freed Gram-route memory, before the stacks (_heap)
+        _heap.release()
     for group, route in zip(groups, routes, strict=True):
         first = group[0]
         R = sum(first.ranks)

@@ -3,10 +3,12 @@ float64."""
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
-from lorafair import LoRAFactors, _linalg, errors
+from lorafair import LoRAFactors, _heap, _linalg, errors
 from lorafair import aggregate as agg
 from lorafair._threads import torch_single_threaded
 from lorafair.aggregate import flexlora
@@ -454,3 +456,48 @@ def test_dense_top_does_not_certify_clients_that_cancel_beyond_float64_forming()
     assert not bool(_linalg.dense_top_svd(B, A, 4, 2.0**-24).certified[0])
     # the same clients without the cancellation are certified
     assert bool(_linalg.dense_top_svd(B.abs(), A, 4, 2.0**-24).certified[0])
+
+
+def test_flexlora_returns_the_gram_route_s_freed_memory_before_the_stacked_routes(monkeypatch):
+    """A call with CPU layers on the Gram route and on a stacked route (here dense) hands the
+    memory its Gram phase freed back to the system between the two (``_heap.release``), once,
+    and its result is the same to the bit as without it."""
+    g = torch.Generator().manual_seed(5)
+    clients = [
+        {
+            "long": LoRAFactors(torch.randn(3, 30, generator=g), torch.randn(40, 3, generator=g)),
+            "tiny": LoRAFactors(torch.randn(3, 8, generator=g), torch.randn(8, 3, generator=g)),
+        }
+        for _ in range(4)
+    ]
+    clients = [
+        {n: LoRAFactors(f.A.bfloat16(), f.B.bfloat16()) for n, f in c.items()} for c in clients
+    ]
+    assert agg._route(40, 30, 12, torch.bfloat16, 3) == "gram"
+    assert agg._route(8, 8, 12, torch.bfloat16, 3) in ("dense", "dense_top")
+    events = []
+    for name in ("_gram_route_host", "_flexlora_svd"):
+        inner = getattr(agg, name)
+
+        def logged(*a, _inner=inner, _name=name, **k):
+            events.append(_name)
+            return _inner(*a, **k)
+
+        monkeypatch.setattr(agg, name, logged)
+    monkeypatch.setattr(_heap, "release", lambda: events.append("release"))
+    out = flexlora(clients, rank=3)
+    assert events == ["_gram_route_host", "release", "_flexlora_svd"]
+    monkeypatch.undo()
+    _assert_same(out, flexlora(clients, rank=3))
+
+
+def _assert_same(one, two):
+    for name in one:
+        assert torch.equal(one[name].A, two[name].A)
+        assert torch.equal(one[name].B, two[name].B)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_heap_release_finds_glibc_s_malloc_trim():
+    assert _heap._malloc_trim() is not None
+    _heap.release()
