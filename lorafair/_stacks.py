@@ -15,7 +15,7 @@ call are one list (a side of two column blocks or more as two items, its halves)
 first, so the workers run kernels side by side and finish together, and no threaded BLAS call
 runs (its workers spin after it and slow torch's next pass: on one Llama-3-8B block, bf16,
 FedIT's sums inside ``lora_fair`` took 50 ms after such a call against 22 ms on one thread).
-Memory: per worker ``R × min(d, columns(R))`` float64 (at most 10.5 MB up to R = 2560) plus
+Memory: per worker ``R × min(d, columns(R))`` float64 (at most 21 MB up to R = 5120) plus
 one R × R block, and one R × R per split side, whatever the model's size. Every result is
 what one thread computes: the split never changes a bit.
 """
@@ -38,24 +38,32 @@ __all__ = ["GRAM_BYTES", "Product", "Slice", "chunks", "grams", "products"]
 Side = Literal["A", "B"]
 
 _COLUMNS = 4096
-"""Columns of a layer's stack cast into a worker's float64 buffer at a time, at R ≤ 320: the
-buffer is ``R × 4096`` (10.5 MB at R = 320) whatever the layer's width, so a call's fixed
+"""Columns of a layer's stack cast into a worker's float64 buffer at a time, at R ≤ 640: the
+buffer is ``R × 4096`` (21 MB at R = 640) whatever the layer's width, so a call's fixed
 memory stays small beside its input. A longer side is done in column blocks: its Gram as a sum
 of the blocks' ``syrk`` in float64, its product block by block. No ViT-B/16 layer (d ≤ 3072)
 is split. On one Llama-3-8B block (bf16, K = 20, r = 16) ``lora_fair`` ran as fast as with
 whole-width buffers or faster (131–146 ms against 146–159 ms); 1024 columns were slower
-(170–190 ms). Beyond R = 320 the block narrows (:func:`columns`) to keep the buffer's size."""
+(170–190 ms). Beyond R = 640 the block narrows (:func:`columns`) to keep the buffer's size."""
 
-_BUFFER = 320 * _COLUMNS
-"""Float64 elements of a worker's stack buffer (10.5 MB), whatever R."""
+_BUFFER = 640 * _COLUMNS
+"""Float64 elements of a worker's stack buffer (21 MB), whatever R. With half of it (10.5 MB:
+819 columns at R = 1600, 1024 at R = 1280) each wide side takes more, narrower blocks: a
+narrower ``syrk`` (55 against 61 GFLOP/s at 819 and 2048 columns, R = 1600, one thread) and
+one more R × R sum (20 MB at R = 1600) into its side's Gram per block. On one Llama-3-8B
+block, bf16, ``lora_fair`` then took 1.07–1.16× as long at K = 50 and 100, r = 16, and
+1.04–1.26× at K = 20, r = 64; ``flexlora`` 1.00–1.12× (``python -m benchmarks.against
+--commit 98a04a6 --methods lora_fair flexlora``, three rounds each). Each worker holds up to
+10.5 MB more than with the half, from R = 320 on, where one Llama-3-8B block's bf16 input is
+52 MB or more."""
 
 _MIN_COLUMNS = 512
 
 
 def columns(rows: int) -> int:
-    """Columns per block for a stack of ``rows`` = R rows: ``_COLUMNS`` up to R = 320, then
-    ``_BUFFER / R`` (at least ``_MIN_COLUMNS``): 1024 at R = 1280 (K = 20, r = 64), where
-    whole 4096-column blocks cost 42 MB per worker on top of the R × R work."""
+    """Columns per block for a stack of ``rows`` = R rows: ``_COLUMNS`` up to R = 640, then
+    ``_BUFFER / R`` (at least ``_MIN_COLUMNS``): 2048 at R = 1280 (K = 20, r = 64), where
+    whole 4096-column blocks would cost 42 MB per worker on top of the R × R work."""
     return max(_MIN_COLUMNS, min(_COLUMNS, _BUFFER // max(1, rows)))
 
 
