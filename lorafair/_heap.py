@@ -10,9 +10,10 @@ arenas, where the caller's thread cannot reuse it; the next phase, on the caller
 set on top. On one Llama-3-8B block, bf16, K = 50, r = 16, ``flexlora``'s peak growth was
 1.35–1.53× its input (six runs), and 0.88–0.93× (three) with :func:`release` between the two
 phases, each call in a fresh process as ``python -m lorafair.bench --preset llama3_8b
---blocks 1 -K 50 -r 16 --dtype bfloat16 --methods flexlora --memory`` measures it. ``malloc_trim(0)`` returns every arena's free pages; it took
-under a millisecond here, after 400 MB had been freed. Dask's workers call it for the same
-reason. Elsewhere (no glibc) :func:`release` does nothing.
+--blocks 1 -K 50 -r 16 --dtype bfloat16 --methods flexlora --memory`` measures it.
+``malloc_trim(0)`` returns every arena's free pages; it took under a millisecond here, after
+400 MB had been freed. Dask's workers call it for the same reason. Elsewhere (no glibc)
+:func:`release` does nothing.
 """
 
 from __future__ import annotations
