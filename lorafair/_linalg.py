@@ -122,6 +122,65 @@ def _gram_host(X: Tensor, left: bool) -> Tensor:
     return batch.out
 
 
+_SPLIT_FLOPS = float(1 << 29)
+"""One matrix's product flops (``2mkn``) from which :func:`matmul` splits it in halves on
+NumPy (about 8 ms of one core: R ≥ 645 for an R × R product). Below, torch's product: split
+at R = 320 (K = 20, r = 16), ``flexlora`` took 171–190 ms against 167–180 ms on one
+Llama-3-8B block, bf16, in five alternating rounds, as NumPy's one-thread ``gemm`` is slower
+than torch's here and its halves narrower."""
+
+
+class _Half(NamedTuple):
+    """Columns of one matrix's product for :func:`matmul`: ``out = x @ y``, ``y`` and ``out``
+    the same column range of the whole."""
+
+    x: npt.NDArray[np.float64]
+    y: npt.NDArray[np.float64]
+    out: npt.NDArray[np.float64]
+
+
+def matmul(x: Tensor, y: Tensor) -> Tensor:
+    """``x @ y``; for CPU float64 (…, m, k) @ (…, k, n) of at least ``_SPLIT_FLOPS`` a matrix,
+    each matrix's product in two column halves (split at ``⌈n/2⌉``, by the shape alone), NumPy
+    ``gemm`` calls into one result, side by side on :func:`lorafair._threads.split_map`'s
+    threads, one thread each.
+
+    For FlexLoRA's two R × R products of :func:`gram_core` (``2R³`` flops each) and the dense
+    ΔW of :func:`dense_top_svd`: where a chunk holds one layer (R ≥ 1280 on a Llama-3-8B
+    block) its core runs alone, and the halves keep a second core busy, where torch's product
+    ran on one thread (torch's R × R algebra stays on one: MKL's results change with its thread
+    count). The split depends on the shape alone, and each half is one single-threaded call:
+    the same bits on any number of threads. On one Llama-3-8B block, bf16, ``flexlora`` took
+    4142–4365 ms against 4712–4978 ms at K = 100, r = 16, and 3395–3590 against
+    3711–3998 ms at K = 20, r = 64 (``python -m benchmarks.against --commit d8805bd
+    --methods flexlora``, three rounds). Elsewhere (accelerators, other dtypes) torch's
+    product, as for smaller products. Cost ``2mkn`` flops per matrix. Non-finite entries
+    propagate silently, as in torch's product (the callers read them off traces).
+    """
+    cpu64 = x.device.type == y.device.type == "cpu" and x.dtype == y.dtype == torch.float64
+    if not cpu64 or 2.0 * x.shape[-2] * x.shape[-1] * y.shape[-1] < _SPLIT_FLOPS:
+        return x @ y
+    a, b = x.detach().numpy(), y.detach().numpy()
+    shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a = np.broadcast_to(a, (*shape, *a.shape[-2:]))
+    b = np.broadcast_to(b, (*shape, *b.shape[-2:]))
+    out = np.empty((*shape, a.shape[-2], b.shape[-1]))
+    n = b.shape[-1]
+    cuts = [(0, n)] if n < 2 else [(0, (n + 1) // 2), ((n + 1) // 2, n)]
+    items = [
+        _Half(a[i], b[i][:, lo:hi], out[i][:, lo:hi]) for i in np.ndindex(*shape) for lo, hi in cuts
+    ]
+
+    def half(_: None, it: _Half) -> None:
+        with np.errstate(all="ignore"):  # NaN/Inf pass through, as in torch's product
+            np.matmul(it.x, it.y, out=it.out)
+
+    # the thread policy: the halves side by side, one half's gemm each
+    flops = 2.0 * a.shape[-2] * a.shape[-1] * n / len(cuts)
+    split_map(half, items, scratch=lambda: None, flops=flops)
+    return torch.from_numpy(out)
+
+
 def grams(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
     """The two R × R Grams ``G_a = A Aᵀ`` and ``G_b = Bᵀ B``: O((d_in + d_out) R²).
 
@@ -200,8 +259,8 @@ def gram_core(G_a: Tensor, G_b: Tensor, rank: int = 0, unit_roundoff: float = 0.
     R = G_a.shape[-1]
     rel = R * _EPS64
     P = _gram_root(G_a, rel)
-    PtGb = P.mT @ G_b
-    C = PtGb @ P
+    PtGb = matmul(P.mT, G_b)  # the two R³ products: on the CPU, halves side by side
+    C = matmul(PtGb, P)
     C = (C + C.mT).mul_(0.5)
     certified: Tensor | None = None
     if rank > 0 and _TOP_GRAM_MIN * top_block(rank) <= R:
@@ -388,7 +447,7 @@ def dense_top_svd(B: Tensor, A: Tensor, rank: int, unit_roundoff: float) -> TopS
     O(mnk) for the products; memory: ΔW and a few n × n buffers.
     No host synchronisation: ``certified`` and ``finite`` (…,) are tensors.
     """
-    dw = B @ A
+    dw = matmul(B, A)
     left = dw.shape[-2] < dw.shape[-1]  # Gram on the smaller side
     X = dw.mT if left else dw  # (…, m, n), n ≤ m, G = Xᵀ X
     m = X.shape[-2]

@@ -37,8 +37,9 @@ The threads are spent in one of two ways, and only on work whose result does not
 how it is split, so every result is the same to the bit whatever the pool or the load:
 
 - :func:`split_map`: independent compute-bound items (the layers of a batch: their
-  cast-copies and Grams, their ``P_u coef``) on that many worker threads, each on one thread of
-  every pool; the threads are counted on all the items' work. Kernels side by side use the
+  cast-copies and Grams, their ``P_u coef``; the two column halves of each of FlexLoRA's
+  R × R products, :func:`lorafair._linalg.matmul`) on that many worker threads, each on one
+  thread of every pool; the threads are counted on all the items' work. Kernels side by side use the
   cores better than one kernel split across them, and a torch copy on 2 threads between
   2-thread OpenBLAS calls competes with OpenBLAS's workers, which spin for a while after each
   call (``lora_fair`` on one Llama-3-8B block ran 2.2× as fast as the code before, which ran
@@ -102,6 +103,9 @@ _BYTES_PER_THREAD = float(1 << 20)
 
 _pool = [0]
 """The process's pool size at the start of the outermost pinned call (0: no call running)."""
+
+_inside = threading.local()
+"""``item``: this thread is one of :func:`split_map`'s workers."""
 
 
 @cache
@@ -277,11 +281,15 @@ def split_map(
     ``scratch()`` makes one worker's reusable state (buffers), once per worker per call.
 
     Every item's result is what ``fn`` computes alone: the split never changes a bit. Outside
-    an aggregator call (no pin) the items run one at a time in the caller. An exception in an
-    item propagates (the other items finish first).
+    an aggregator call (no pin), and in one of its own workers (a ``split_map`` inside an item:
+    waiting there on the busy workers could deadlock), the items run one at a time where
+    called. A lone item run by the caller may split its own work (FlexLoRA's R × R products of
+    one large layer: :func:`lorafair._linalg.matmul`). An exception in an item propagates (the
+    other items finish first).
     """
     total = len(items)
-    n = threads_for(flops * total, nbytes=nbytes * total) if _pool[0] else 1
+    nested = getattr(_inside, "item", False)
+    n = threads_for(flops * total, nbytes=nbytes * total) if _pool[0] and not nested else 1
     if n == 1 or total == 0:
         state = scratch()
         return [fn(state, x) for x in items]
@@ -295,6 +303,7 @@ def split_map(
 
     def worker() -> None:
         torch.set_num_threads(1)  # torch's pool size is per thread: this worker's own
+        _inside.item = True  # a split_map inside an item runs there: no wait on a busy pool
         state = scratch()
         while True:
             with lock:
@@ -303,9 +312,14 @@ def split_map(
                 return
             out[i] = fn(state, items[i])
 
-    futures = [_workers(n).submit(worker) for _ in range(n)]
-    for f in futures:
-        f.result()
+    blas = _blas_threads()  # a lone item's pool_for may have lifted them: one thread a worker
+    _set_blas([1] * len(blas))
+    try:
+        futures = [_workers(n).submit(worker) for _ in range(n)]
+        for f in futures:
+            f.result()
+    finally:
+        _set_blas(blas)
     return out
 
 

@@ -146,22 +146,25 @@ def test_thread_rule_gives_no_more_threads_than_free_cores(monkeypatch):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("layers", [9, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", ["lora_fair", "flexlora"])
-def test_threaded_kernels_give_the_same_bits_as_one_thread(method, dtype, monkeypatch):
+def test_threaded_kernels_give_the_same_bits_as_one_thread(method, dtype, layers, monkeypatch):
     """With every kernel large enough for the pool (threshold 1 flop, two free cores), the
     result equals the one-thread result to the bit: the policy only threads kernels whose
-    result does not depend on the thread count."""
+    result does not depend on the thread count. Nine layers of three shapes split over the
+    workers; one layer runs its R × R core alone, its products in halves on the workers."""
     monkeypatch.setattr(_threads, "_free_cores", lambda: 2.0)
     monkeypatch.setattr(_threads, "_FLOPS_PER_THREAD", 1.0)
+    monkeypatch.setattr(_linalg, "_SPLIT_FLOPS", 0.0)
     g = torch.Generator().manual_seed(3)
     clients = [
         {
-            f"l{i}": LoRAFactors(  # three shapes, three layers each: split over workers
+            f"l{i}": LoRAFactors(
                 torch.randn(4, 300, generator=g).to(dtype),
                 torch.randn(200 + 40 * (i % 3), 4, generator=g).to(dtype),
             )
-            for i in range(9)
+            for i in range(layers)
         }
         for _ in range(5)
     ]
@@ -271,6 +274,101 @@ def test_split_map_raises_an_item_s_error(monkeypatch):
             _threads.split_map(job, list(range(9)), scratch=lambda: None, flops=2**26)
     finally:
         torch.set_num_threads(before)
+
+
+def _pinned_on_two_cores(monkeypatch, fn):
+    """``fn()`` inside a pinned call on an idle 2-core machine (torch's pool at two)."""
+    monkeypatch.setattr(_threads, "_free_cores", lambda: 2.0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with _threads.single_threaded():
+            return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_split_map_inside_a_worker_runs_its_items_there(monkeypatch):
+    """An item that splits its own work, run by a worker, runs the inner items itself, one at
+    a time with the worker's one BLAS thread (waiting on the busy workers could deadlock); a
+    lone item, run by the caller with the BLAS pool lifted, hands its inner items to the
+    workers, each on one BLAS thread."""
+    seen: list[tuple[int, int, list[int]]] = []
+
+    def inner(_: None, x: int) -> int:
+        seen.append((x, threading.get_ident(), _blas_threads()))
+        time.sleep(0.002)
+        return -x
+
+    def outer(_: None, x: int) -> tuple[int, list[int]]:
+        items = [100 * (x + 1) + i for i in range(4)]  # apart from the outer items' own
+        got = _threads.split_map(inner, items, scratch=lambda: None, flops=2**30)
+        seen.append((x, threading.get_ident(), _blas_threads()))
+        return threading.get_ident(), got
+
+    many = _pinned_on_two_cores(
+        monkeypatch,
+        lambda: _threads.split_map(outer, list(range(6)), scratch=lambda: None, flops=2**30),
+    )
+    by_item = {x: tid for x, tid, _ in seen}
+    for x, (tid, got) in enumerate(many):
+        assert got == [-(100 * (x + 1) + i) for i in range(4)]
+        assert all(by_item[100 * (x + 1) + i] == tid for i in range(4))  # in the outer's worker
+    assert threading.get_ident() not in by_item.values()
+    assert all(set(blas) == {1} for _, _, blas in seen)
+
+    seen.clear()
+    [(tid, got)], after = _pinned_on_two_cores(
+        monkeypatch,
+        lambda: (
+            _threads.split_map(outer, [7], scratch=lambda: None, flops=2**30),
+            _blas_threads(),
+        ),
+    )
+    assert tid == threading.get_ident()  # the lone item: in the caller
+    assert got == [-(800 + i) for i in range(4)]
+    inner_threads = {t for x, t, _ in seen if x >= 800}
+    assert len(inner_threads) == 2
+    assert tid not in inner_threads
+    assert all(set(blas) == {1} for x, _, blas in seen if x >= 800)
+    assert set(after) == {1}  # back to the call's pin after the lone item
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "y_shape", "halves"),
+    [
+        ((3, 50, 40), (3, 40, 31), 6),
+        ((50, 40), (2, 40, 31), 4),
+        ((7, 5), (5, 1), 1),
+        ((6, 0), (0, 4), 2),
+    ],
+)
+def test_matmul_in_column_halves_matches_torch_s_product(x_shape, y_shape, halves, monkeypatch):
+    """``_linalg.matmul`` (CPU float64: NumPy gemm in two column halves) is the product, to
+    float64 rounding, on one thread and on two, where it gives the same bits; also for a
+    transposed view; other dtypes are torch's own product."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*x_shape, generator=g, dtype=torch.float64)
+    y = torch.randn(*y_shape, generator=g, dtype=torch.float64)
+    want = x @ y
+    monkeypatch.setattr(_linalg, "_SPLIT_FLOPS", 0.0)  # split these small products too
+    splits = []
+    inner = _linalg.split_map
+    monkeypatch.setattr(
+        _linalg,
+        "split_map",
+        lambda fn, items, **k: splits.append(len(items)) or inner(fn, items, **k),
+    )
+    one = _linalg.matmul(x, y)
+    assert splits == [halves]  # per matrix two column halves (one for a single column)
+    monkeypatch.setattr(_threads, "_FLOPS_PER_THREAD", 1.0)
+    two = _pinned_on_two_cores(monkeypatch, lambda: _linalg.matmul(x, y))
+    assert one.shape == two.shape == want.shape
+    assert torch.allclose(one, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(one, two)
+    xt = x.mT.contiguous().mT  # the same values, column-major
+    assert torch.allclose(_linalg.matmul(xt, y), want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(_linalg.matmul(x.float(), y.float()), x.float() @ y.float())
 
 
 def test_free_cores_reads_the_machine():
