@@ -40,7 +40,7 @@ from lorafair._fair import (
     solve_residual,
 )
 from lorafair._fit import fits_dtype
-from lorafair._frozen import check_factor, check_tolerances, shared_factor
+from lorafair._frozen import check_factor, check_tolerances, same_bits, shared_factor
 from lorafair._hetero import hetlora, hetlora_truncate
 from lorafair._personal import fedsa_lora
 from lorafair._rank import EnergyThreshold, check_policy, choose_rank, energy_kept
@@ -188,19 +188,17 @@ def ffa_lora(
     )
     kept = [xs[0].clone() for xs in copies]
     # the layers whose frozen copies may differ (or hold NaN); the exact test (shared_factor,
-    # torch.allclose) then decides for those layers only. On the CPU, torch.equal reads each copy
-    # once with no temporary and answers on the host at no cost: bit-equal copies (FFA-LoRA's
-    # normal case) pass whatever the tolerances. Elsewhere the drift ``max |X_k − X_0|`` of all
-    # layers comes back with the call's single host check; a drift ≤ atol passes.
+    # torch.allclose) then decides for those layers only. On the CPU, same_bits compares each
+    # copy's bytes with client 0's (one memcmp) and answers on the host at no cost: bit-equal
+    # copies (FFA-LoRA's normal case) pass whatever the tolerances. Elsewhere the drift
+    # ``max |X_k − X_0|`` of all layers comes back with the call's single host check; a drift
+    # ≤ atol passes.
     on_cpu = all(la.device.type == "cpu" for la in layers)
     suspects: list[int] = []
     if on_cpu:
-
-        def differs(xs: Sequence[Tensor]) -> bool:
-            with torch_pool_for(_average.item_bytes(xs)):  # the thread policy: its bytes
-                return not all(torch.equal(x, xs[0]) for x in xs[1:])
-
-        suspects = [j for j, xs in enumerate(copies) if differs(xs)]
+        suspects = [
+            j for j, xs in enumerate(copies) if not all(same_bits(x, xs[0]) for x in xs[1:])
+        ]
     drift = _max_drift(copies) if len(prep.weights) > 1 and not on_cpu else []
     beyond = [~(d <= atol) for d in drift]
     host = _average.check(

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lorafair import LoRAFactors, _linalg, _stacks, _threads, _validate, registry
+from lorafair import LoRAFactors, _frozen, _linalg, _stacks, _threads, _validate, registry
 from lorafair import aggregate as agg
 from lorafair.errors import FrozenAMismatchError, LoRAFairError, NonFiniteError
 from tests import reference as ref
@@ -529,6 +529,68 @@ def test_ffa_lora_cpu_copy_check_matches_the_tolerances():
     clients[1] = {"fc": LoRAFactors(nan, clients[1]["fc"].B)}
     with pytest.raises(NonFiniteError, match=r"client 1 has NaN or Inf in A"):
         agg.ffa_lora(clients)
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    """The tensor's elements' bytes in row-major order (an independent reference)."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.contiguous().view(ints).numpy().tobytes()
+
+
+@pytest.mark.parametrize("memcmp", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@given(
+    shape=st.tuples(st.integers(1, 5), st.integers(1, 40)),
+    flip=st.integers(0, 10**6),
+    transposed=st.booleans(),
+)
+@settings(max_examples=30, deadline=None)
+def test_same_bits_is_byte_equality(memcmp, dtype, shape, flip, transposed):
+    """``same_bits`` against the bytes themselves: a clone matches, one flipped bit anywhere
+    (the last byte included) does not, on the memcmp path and on the fallback, contiguous or
+    not."""
+    with pytest.MonkeyPatch.context() as mp:
+        if not memcmp:
+            mp.setattr(_frozen, "_memcmp", lambda: None)
+        _same_bits_cases(dtype, shape, flip, transposed)
+
+
+def _same_bits_cases(dtype, shape, flip, transposed):
+    g = torch.Generator().manual_seed(flip)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    if transposed:
+        x = x.mT
+    y = x.clone()
+    assert _frozen.same_bits(x, y) and _bytes(x) == _bytes(y)
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+    z = x.contiguous().clone()
+    flat = z.view(-1).view(ints)
+    i = flip % flat.numel()
+    flat[i] ^= 1 << (flip % (8 * x.element_size() - 1))
+    assert _bytes(z) != _bytes(x)
+    assert not _frozen.same_bits(x, z)
+    assert not _frozen.same_bits(z, x)
+
+
+def test_same_bits_tells_signed_zeros_apart_and_matches_a_nan():
+    zero = torch.zeros(3)
+    assert not _frozen.same_bits(zero, -zero)
+    assert torch.equal(zero, -zero)  # which is why the tolerance test runs after a False
+    nan = torch.tensor([1.0, float("nan")])
+    assert _frozen.same_bits(nan, nan.clone())
+    assert not _frozen.same_bits(torch.zeros(3), torch.zeros(4))
+    assert not _frozen.same_bits(torch.zeros(3), torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", ["ffa_lora", "fedsvd"])
+def test_a_nan_shared_by_every_frozen_copy_is_reported_as_non_finite(method):
+    """Bit-equal copies skip the tolerance test; the NaN they share is still named."""
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(2, 6, generator=g)
+    A[1, 3] = float("nan")
+    clients = [{"fc": LoRAFactors(A.clone(), torch.randn(5, 2, generator=g))} for _ in range(3)]
+    with pytest.raises(NonFiniteError, match=r"layer 'fc'.*client 0 has NaN or Inf in A"):
+        getattr(agg, method)(clients)
 
 
 def test_torch_pool_for_lifts_and_restores_torch_s_pool(monkeypatch):
