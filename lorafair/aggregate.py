@@ -265,7 +265,7 @@ def rolora(
 
 
 @torch_single_threaded
-@fits_dtype(bounded=True)
+@fits_dtype(copies=True)
 def flora(
     clients: _Clients,
     weights: Sequence[float] | None = None,

@@ -215,6 +215,33 @@ def test_averages_at_the_dtype_limit_stay_finite(
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("weights", [[0.1, 5.0, 0.7], [1e-6, 1.0, 9.0], [0.0, 0.0, 1.0], None])
+def test_flora_s_stacks_always_fit(dtype: torch.dtype, weights: list[float] | None) -> None:
+    """FLoRA declares its outputs need no check (``fits_dtype(copies=True)``): every entry is an
+    input entry times a normalised weight. At the dtype's largest values every stacked entry is
+    finite and within the dtype's rounding of that product (float64 reference)."""
+    top = torch.finfo(dtype).max
+    hi, lo = torch.tensor(top, dtype=dtype), torch.tensor(-top, dtype=dtype)
+    g = torch.Generator().manual_seed(3)
+    clients = []
+    for _ in range(3):
+        A = torch.where(torch.rand(2, 5, generator=g) < 0.5, hi, lo)
+        B = torch.where(torch.rand(4, 2, generator=g) < 0.5, hi, lo)
+        clients.append({"l0": LoRAFactors(A, B)})
+    w = torch.tensor(weights if weights is not None else [1.0] * 3, dtype=torch.float64)
+    p = w / w.sum()
+    A, B = lorafair.flora(clients, weights)["l0"]
+    assert A.dtype == B.dtype == dtype
+    assert bool(torch.isfinite(A).all())
+    assert bool(torch.isfinite(B).all())
+    eps = float(torch.finfo(dtype).eps)
+    for k, c in enumerate(clients):
+        want = c["l0"].A.double() * p[k]
+        torch.testing.assert_close(A[2 * k : 2 * k + 2].double(), want, rtol=eps, atol=0.0)
+        assert torch.equal(B[:, 2 * k : 2 * k + 2], c["l0"].B)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_the_result_checks_flag_reads_every_nan_and_inf(dtype: torch.dtype, bad: float) -> None:
     """The flag the result check reads (one per output tensor) is not finite when one entry
