@@ -20,11 +20,11 @@ import torch
 from torch import Tensor
 
 from lorafair import _linalg, _stacks
-from lorafair._average import item_bytes
+from lorafair._average import accumulate, item_bytes
 from lorafair._fair import _tolerances as _tol
 from lorafair._fair._options import _Options
 from lorafair._threads import torch_pool_for
-from lorafair._validate import Layer, accumulation_dtype, weighted_sum
+from lorafair._validate import Layer
 
 _F64 = torch.float64
 
@@ -99,28 +99,26 @@ class _Group:
     @cached_property
     def A_acc(self) -> Tensor:
         """(L, r, d_in) FedIT's ``Ā`` in the accumulation dtype, exactly as :func:`fedit` sums."""
-        acc = accumulation_dtype(self.dtype)
-        return torch.stack(_layer_sums(self, lambda ly: [_pad_rows(a, self.r) for a in ly.As], acc))
+        return torch.stack(_layer_sums(self, lambda ly: [_pad_rows(a, self.r) for a in ly.As]))
 
     @cached_property
     def B_acc(self) -> Tensor:
         """(L, d_out, r) FedIT's ``B̄`` in the accumulation dtype, exactly as :func:`fedit` sums."""
-        acc = accumulation_dtype(self.dtype)
         return torch.stack(
-            _layer_sums(self, lambda ly: [_pad_rows(b.mT, self.r).mT for b in ly.Bs], acc)
+            _layer_sums(self, lambda ly: [_pad_rows(b.mT, self.r).mT for b in ly.Bs])
         )
 
 
-def _layer_sums(
-    grp: _Group, factors: Callable[[Layer], list[Tensor]], acc: torch.dtype
-) -> list[Tensor]:
-    """Each layer's ``weighted_sum`` of ``factors(layer)``, on the threads the thread policy
-    gives its input bytes (:func:`lorafair._threads.torch_pool_for`; the same bits)."""
+def _layer_sums(grp: _Group, factors: Callable[[Layer], list[Tensor]]) -> list[Tensor]:
+    """Each layer's FedIT sum of ``factors(layer)`` in the accumulation dtype, by FedIT's own
+    code (:func:`lorafair._average.accumulate`: the same bits as :func:`fedit`), on the
+    threads the thread policy gives its input bytes (:func:`lorafair._threads.torch_pool_for`;
+    the same bits on any number)."""
     out = []
     for ly in grp.layers:
         ts = factors(ly)
         with torch_pool_for(item_bytes(ts)):
-            out.append(weighted_sum(ts, grp.p, acc))
+            out.append(accumulate(ts, grp.p))
     return out
 
 
