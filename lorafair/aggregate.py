@@ -319,8 +319,23 @@ Route = Literal["gram", "qr", "dense", "dense_top"]
 # and taking its full SVD wins only from about twice the flop crossover d_in d_out / (d_in + d_out).
 _GRAM_MAX_R = 512
 _DENSE_OVER_CROSSOVER = 2.0
-_LARGE_CORE = 18.0
-"""Beyond R = 512, the Gram route's R³ term's weight in the cost model (see :func:`_route`)."""
+_LARGE_CORE = 8.0
+"""Beyond R = 512, the Gram route's R³ term's weight in the cost model (see :func:`_route`;
+measured with ``python docs/scripts/flexlora_routes.py crossover``)."""
+
+
+_RETAINED = 0.5
+"""On the Gram route, the call's resident growth, in input bytes, beyond which the memory freed
+by earlier chunks is handed back where the cores change thread (:mod:`lorafair._heap`). On one
+Llama-3-8B block, bf16, K = 50, r = 16 (every layer on the Gram route, the cores of the
+1024 × 4096 layers on the workers and the others alone on the caller's thread), the peak
+growth was 1.32–1.44× the input without it and 0.89–1.03× with it (fresh processes, ``python
+-m lorafair.bench --preset llama3_8b --blocks 1 -K 50 -r 16 --dtype bfloat16 --methods flexlora
+--memory``); with 1.0 instead of 0.5 it came too late (1.38–1.42×, in-process samples)."""
+
+
+def _layer_bytes(layer: Layer) -> int:
+    return _average.item_bytes(layer.As) + _average.item_bytes(layer.Bs)
 
 
 def _unit_roundoff(dtype: torch.dtype) -> float:
@@ -367,9 +382,16 @@ def _route(d_out: int, d_in: int, R: int, dtype: torch.dtype, rank: int | None) 
       route's ``(d_in + d_out)R² + c R³``, else Gram when ``R > 512``. Up to R = 512,
       ``c = 13/3`` (the core ``PᵀG_bP``, two R³ products, and the Cholesky of G_a; consistent
       with the measured times at R = 288 and 480 on ViT-B/16 shapes, where the Gram route is
-      2–4× faster); beyond, ``c = 18``, the weight that puts the crossover at the R ≈ 512
-      measured on a 2304 × 768 layer (the large core's eigensolves run far below the GEMM
-      rate). Before, every R > 512 took dense_top: on Llama-3-8B's 14336 × 4096 layers at
+      2–4× faster); beyond, ``c = 8`` (the large core's eigensolves run below the GEMM rate),
+      which picks the faster of the two routes at each of 24 measured points (Llama-3-8B's
+      1024 × 4096 and three ViT-B/16 shapes, R = 480–1600, ranks 16 and 64; the one tie,
+      1024 × 4096 at R = 1024, 181 against 182 ms, it gives to dense_top): ``python
+      docs/scripts/flexlora_routes.py crossover``. ``c = 18``, calibrated when the core ran
+      full eigensolves, sent the 1024 × 4096 layers to dense_top at R = 800 (171 ms against
+      92 on the Gram route), and the 2304 × 768 and 3072 × 768 layers at R = 640 (86 and 91
+      against 60); ``c = 13/3`` sent 1024 × 4096 at R = 1280, rank 64, and those two at
+      R = 800 to the Gram route (349 against 241; 154 and 160 against 84 and 111 ms).
+      Before, every R > 512 took dense_top: on Llama-3-8B's 14336 × 4096 layers at
       R = 800 that formed ΔW and its 4096² Gram, 24× the Gram route's flops (one block at
       K = 50, r = 16, bfloat16: ``python -m lorafair.bench --preset llama3_8b --blocks 1
       -K 50 -r 16 --dtype bfloat16 --methods flexlora``, 14× faster than before);
@@ -534,6 +556,19 @@ _KeptRank = Callable[[Layer, Tensor], int]
 """The rank kept for a layer, given its descending singular values."""
 
 
+def _job_layers(R: int) -> int:
+    """Layers of rank sum R in one core job of :func:`_gram_route_host` (``_CORE_BYTES`` of
+    Grams, at least one)."""
+    return max(1, _CORE_BYTES // (16 * R * R))
+
+
+def _core_jobs(chunk: Sequence[_stacks.Slice], groups: Sequence[Sequence[Layer]]) -> int:
+    """How many core jobs :func:`_gram_route_host` makes of ``chunk``."""
+    return sum(
+        -(-len(part.layers) // _job_layers(sum(groups[part.group][0].ranks))) for part in chunk
+    )
+
+
 def _gram_route_host(
     groups: list[list[Layer]],
     ranks: list[int],
@@ -554,7 +589,7 @@ def _gram_route_host(
     so it costs no round trip."""
     jobs: list[_CoreJob] = []
     for batch, rank, (M_a, G_b) in zip(groups, ranks, _stacks.grams(groups), strict=True):
-        n = max(1, _CORE_BYTES // (16 * M_a.shape[-1] ** 2))  # layers a job
+        n = _job_layers(M_a.shape[-1])
         jobs += [
             _CoreJob(batch[i : i + n], rank, M_a[i : i + n], G_b[i : i + n])
             for i in range(0, len(batch), n)
@@ -842,7 +877,18 @@ def _flexlora(
         if route == "gram" and g[0].device.type == "cpu"
     ]
     targets = [kept(groups[i][0]) or 0 for i in host]
-    for chunk in _stacks.chunks([groups[i] for i in host]):  # bounded memory
+    # the memory earlier chunks freed but their threads' allocator arenas keep (_heap) goes
+    # back where the cores change thread (one job: the caller's; several: the workers'), once
+    # the call has grown by _RETAINED times its input
+    start = _heap.resident()
+    limit = start + _RETAINED * sum(map(_layer_bytes, prep.layers.values()))
+    hosted = [groups[i] for i in host]
+    alone: bool | None = None  # the previous chunk's cores ran alone on the caller's thread
+    for chunk in _stacks.chunks(hosted):  # bounded memory
+        lone = _core_jobs(chunk, hosted) == 1
+        if start and alone is not None and lone != alone:
+            _heap.release_beyond(int(limit))
+        alone = lone
         pending += _gram_route_host(
             [part.layers for part in chunk],
             [targets[part.group] for part in chunk],

@@ -114,6 +114,15 @@ def test_cost_model_follows_its_stated_rule():
         assert agg._route(14336, 4096, R, torch.bfloat16, 16) == "gram"
         assert agg._route(4096, 4096, R, torch.bfloat16, 16) == "gram"
     assert agg._route(14336, 4096, 6400, torch.bfloat16, 16) == "dense_top"
+    # beyond R = 512 the core weighs c = 8 R³ (docs/scripts/flexlora_routes.py crossover): the
+    # faster route at each measured point, where 18 and 13/3 each missed some
+    assert agg._route(1024, 4096, 800, torch.bfloat16, 16) == "gram"  # 92 against 171 ms
+    assert agg._route(1024, 4096, 1280, torch.bfloat16, 64) == "dense_top"  # 241 against 349
+    assert agg._route(1024, 4096, 1600, torch.bfloat16, 16) == "dense_top"  # 214 against 403
+    for d_out in (2304, 3072):
+        assert agg._route(d_out, 768, 640, torch.bfloat16, 16) == "gram"  # 60 against 86, 91
+        assert agg._route(d_out, 768, 800, torch.bfloat16, 16) == "dense_top"  # 84, 111: 154, 160
+    assert agg._route(768, 768, 640, torch.bfloat16, 16) == "dense_top"  # 39 against 42
 
 
 def test_long_layers_beyond_r_512_take_the_gram_route_and_stay_optimal():
@@ -501,3 +510,59 @@ def _assert_same(one, two):
 def test_heap_release_finds_glibc_s_malloc_trim():
     assert _heap._malloc_trim() is not None
     _heap.release()
+
+
+def test_gram_route_hands_memory_back_only_where_the_cores_change_thread(monkeypatch):
+    """Five same-shaped layers in chunks of two (a chunk of two: two core jobs, on the workers;
+    the last chunk of one: one job, on the caller's thread): ``release_beyond`` runs once,
+    before the last chunk, with the call's start plus ``_RETAINED`` times its input; the result
+    is the same to the bit as without it."""
+    g = torch.Generator().manual_seed(6)
+    names = [f"l{i}" for i in range(5)]
+    clients = [
+        {
+            n: LoRAFactors(torch.randn(4, 48, generator=g), torch.randn(64, 4, generator=g))
+            for n in names
+        }
+        for _ in range(4)
+    ]
+    R = 16
+    assert agg._route(64, 48, R, torch.float32, 4) == "gram"
+    monkeypatch.setattr(agg._stacks, "GRAM_BYTES", 2 * 2 * 8 * R * R)  # two layers a chunk
+    monkeypatch.setattr(agg, "_CORE_BYTES", 16 * R * R)  # one layer a job
+    monkeypatch.setattr(_heap, "resident", lambda: 1 << 30)
+    events = []
+    inner = agg._gram_route_host
+
+    def logged(groups, *a, **k):
+        events.append(sum(len(layers) for layers in groups))
+        return inner(groups, *a, **k)
+
+    monkeypatch.setattr(agg, "_gram_route_host", logged)
+    monkeypatch.setattr(_heap, "release_beyond", lambda limit: events.append(("release", limit)))
+    out = flexlora(clients, rank=4)
+    input_bytes = 5 * 4 * (4 * 48 + 64 * 4) * 4
+    assert events == [2, 2, ("release", (1 << 30) + int(agg._RETAINED * input_bytes)), 1]
+    monkeypatch.setattr(_heap, "release_beyond", lambda limit: False)
+    _assert_same(out, flexlora(clients, rank=4))
+
+
+def test_release_beyond_trims_only_above_its_limit(monkeypatch):
+    trims = []
+    monkeypatch.setattr(_heap, "release", lambda: trims.append(1))
+    monkeypatch.setattr(_heap, "resident", lambda: 1000)
+    assert not _heap.release_beyond(1000)
+    assert trims == []
+    assert _heap.release_beyond(999)
+    assert trims == [1]
+    monkeypatch.setattr(_heap, "resident", lambda: 0)  # unknown: never
+    assert not _heap.release_beyond(-1)
+    assert trims == [1]
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="/proc/self/statm is Linux's")
+def test_resident_reads_this_process_s_memory():
+    before = _heap.resident()
+    block = torch.ones(64 << 18)  # 64 MiB, written
+    assert _heap.resident() - before >= 48 << 20
+    del block

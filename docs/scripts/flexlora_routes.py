@@ -7,12 +7,18 @@ Run from the repository root, one thread (as the documented runs)::
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 \\
         python docs/scripts/flexlora_routes.py certified
 
+    python docs/scripts/flexlora_routes.py crossover     # the process's default threads
+
 ``routes``: ``flexlora(rank=16)`` on one ViT-B/16 layer of ``lorafair.bench.make_clients``,
 once per route with the cost model (``lorafair.aggregate._route``) forced to it; ms per call,
 "–" where the route refuses the layer. ``certified``: ``flexlora`` (fixed rank 16) on the first
 12 ViT-B/16 layers at each K; counts the layers whose route's own check failed (they are redone
 by the next route: "fell back"), by wrapping ``lorafair._average.check``, the one host read of
-every route's checks (a redone layer's own check is counted as one more). Both patch
+every route's checks (a redone layer's own check is counted as one more). ``crossover``:
+``flexlora`` (rank = r) on one layer of each ``--shapes`` (d_out × d_in) at each ``--cells``
+K:r, with the Gram and dense_top routes forced in turn, twice, on the process's default
+threads (as the LLM grid runs), in ``--dtype``; the faster of the two medians of 3 calls per
+route, and the route the cost model picks: the measurements behind ``_LARGE_CORE``. Both patch
 private functions of lorafair for the duration of the script; they measure the library, not an
 API.
 """
@@ -97,19 +103,62 @@ def certified(rank: int, Ks: list[int]) -> None:
         aggregate._average.check = real  # type: ignore[assignment]
 
 
+CROSSOVER_SHAPES = ("1024x4096", "2304x768", "768x768", "3072x768")
+CROSSOVER_CELLS = ("30:16", "40:16", "50:16", "64:16", "100:16", "20:64")
+
+
+def crossover(shapes: list[str], cells: list[str], dtype: torch.dtype) -> None:
+    from lorafair.bench.shapes import LayerShape
+
+    real = aggregate._route
+    print("| layer | K | r | R | gram, ms | dense_top, ms | faster | the model picks |")
+    print("|---" * 8 + "|")
+    for text in shapes:
+        d_out, d_in = (int(x) for x in text.split("x"))
+        for cell in cells:
+            K, r = (int(x) for x in cell.split(":"))
+            clients = make_clients([LayerShape("layer", d_out, d_in)], K, r, dtype=dtype)
+            best: dict[str, float] = {}
+            try:
+                for route in ("gram", "dense_top") * 2:
+                    aggregate._route = lambda *a, _r=route, **k: _r
+                    aggregate.flexlora(clients, rank=r)
+                    times = []
+                    for _ in range(3):
+                        t0 = time.perf_counter()
+                        aggregate.flexlora(clients, rank=r)
+                        times.append(time.perf_counter() - t0)
+                    best[route] = min(best.get(route, float("inf")), sorted(times)[1])
+            finally:
+                aggregate._route = real
+            picks = real(d_out, d_in, K * r, dtype, r)
+            gram, dense = 1000 * best["gram"], 1000 * best["dense_top"]
+            faster = "gram" if gram < dense else "dense_top"
+            print(
+                f"| {d_out} × {d_in} | {K} | {r} | {K * r} | {gram:.0f} | {dense:.0f} | "
+                f"{faster} | {picks} |"
+            )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["routes", "certified"])
+    p.add_argument("what", choices=["routes", "certified", "crossover"])
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--clients", type=int, nargs="+", default=[6, 18, 30, 60, 100])
+    p.add_argument("--shapes", nargs="+", default=list(CROSSOVER_SHAPES))
+    p.add_argument("--cells", nargs="+", default=list(CROSSOVER_CELLS), help="K:r")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = p.parse_args()
-    torch.set_num_threads(1)
+    if args.what != "crossover":
+        torch.set_num_threads(1)
     print(
-        f"torch {torch.__version__}, one thread, OMP_NUM_THREADS="
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), OMP_NUM_THREADS="
         f"{os.environ.get('OMP_NUM_THREADS', 'unset')}; load {os.getloadavg()[0]:.2f}"
     )
     if args.what == "routes":
         routes(args.rank)
+    elif args.what == "crossover":
+        crossover(args.shapes, args.cells, getattr(torch, args.dtype))
     else:
         certified(args.rank, args.clients)
     print(f"load average after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
