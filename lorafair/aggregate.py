@@ -328,10 +328,12 @@ _RETAINED = 0.5
 """On the Gram route, the call's resident growth, in input bytes, beyond which the memory freed
 by earlier chunks is handed back where the cores change thread (:mod:`lorafair._heap`). On one
 Llama-3-8B block, bf16, K = 50, r = 16 (every layer on the Gram route, the cores of the
-1024 × 4096 layers on the workers and the others alone on the caller's thread), the peak
-growth was 1.32–1.44× the input without it and 0.89–1.03× with it (fresh processes, ``python
--m lorafair.bench --preset llama3_8b --blocks 1 -K 50 -r 16 --dtype bfloat16 --methods flexlora
---memory``); with 1.0 instead of 0.5 it came too late (1.38–1.42×, in-process samples)."""
+1024 × 4096 layers on the workers and the others alone on the caller's thread), ``python -m
+lorafair.bench --preset llama3_8b --blocks 1 -K 50 -r 16 --dtype bfloat16 --methods flexlora
+--memory`` gave a peak growth of 0.53–0.79× the input in three fresh-process runs; without
+the hand-back (this constant set to infinity), 1.32 and 1.39× in two. A larger share comes
+too late: the chunk of the two 1024 × 4096 layers adds about half the input on
+top of what the earlier chunks left."""
 
 
 def _layer_bytes(layer: Layer) -> int:
