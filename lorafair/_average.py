@@ -49,9 +49,10 @@ def weighted_sums(items: Sequence[Sequence[Tensor]], p: Sequence[float]) -> list
 def accumulate(ts: Sequence[Tensor], p: Sequence[float]) -> Tensor:
     """``Σ_k p_k T_k`` of one item, a fresh tensor in its accumulation dtype (float32 for
     float32, float16 and bfloat16 inputs; float64 for float64): FedIT's average before it is
-    rounded to the inputs' dtype. One kernel per input tensor, each reading it once (a narrow
-    input is converted inside the kernel, with no temporary); on the threads of the caller's
-    torch pool (:func:`weighted_sums` sets them)."""
+    rounded to the inputs' dtype. One kernel per input tensor, each reading it once (after the
+    first, converted to the accumulator's dtype, a narrow input is converted inside its kernel,
+    with no temporary); on the threads of the caller's torch pool (:func:`weighted_sums` sets
+    them)."""
     acc = torch.mul(ts[0].to(accumulation_dtype(ts[0].dtype)), p[0])
     for t, w in zip(ts[1:], p[1:], strict=True):
         acc.add_(t, alpha=w)

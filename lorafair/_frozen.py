@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import sys
 from collections.abc import Callable
 from functools import cache
 from typing import Literal
@@ -11,6 +10,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lorafair._clib import function
 from lorafair._validate import Layer
 from lorafair.errors import FrozenAMismatchError, FrozenBMismatchError, LoRAFairError
 
@@ -35,15 +35,7 @@ def check_factor(factor: object) -> Factor:
 @cache
 def _memcmp() -> Callable[[int, int, int], int] | None:
     """The C library's ``memcmp``, or None where ctypes cannot find it."""
-    try:
-        lib = ctypes.cdll.msvcrt if sys.platform == "win32" else ctypes.CDLL(None)
-        fn = lib.memcmp
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-    fn.restype = ctypes.c_int
-    cmp: Callable[[int, int, int], int] = fn
-    return cmp
+    return function("memcmp", [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int)
 
 
 _INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

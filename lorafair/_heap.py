@@ -28,26 +28,18 @@ from __future__ import annotations
 
 import ctypes
 import os
-import sys
 from collections.abc import Callable
 from functools import cache
+
+from lorafair._clib import function
 
 __all__ = ["release", "release_beyond", "resident"]
 
 
 @cache
 def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None where the C library has none (not Linux, musl)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None).malloc_trim  # the process's own C library
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_size_t]
-    fn.restype = ctypes.c_int
-    trim: Callable[[int], int] = fn
-    return trim
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS, Windows)."""
+    return function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
 
 
 def release() -> None:

@@ -564,11 +564,9 @@ def _job_layers(R: int) -> int:
     return max(1, _CORE_BYTES // (16 * R * R))
 
 
-def _core_jobs(chunk: Sequence[_stacks.Slice], groups: Sequence[Sequence[Layer]]) -> int:
+def _core_jobs(chunk: Sequence[_stacks.Slice]) -> int:
     """How many core jobs :func:`_gram_route_host` makes of ``chunk``."""
-    return sum(
-        -(-len(part.layers) // _job_layers(sum(groups[part.group][0].ranks))) for part in chunk
-    )
+    return sum(-(-len(part.layers) // _job_layers(sum(part.layers[0].ranks))) for part in chunk)
 
 
 def _gram_route_host(
@@ -882,12 +880,11 @@ def _flexlora(
     # the memory earlier chunks freed but their threads' allocator arenas keep (_heap) goes
     # back where the cores change thread (one job: the caller's; several: the workers'), once
     # the call has grown by _RETAINED times its input
-    start = _heap.resident()
-    limit = start + _RETAINED * sum(map(_layer_bytes, prep.layers.values()))
-    hosted = [groups[i] for i in host]
+    start = _heap.resident() if host else 0
+    limit = start + _RETAINED * sum(map(_layer_bytes, prep.layers.values())) if start else 0
     alone: bool | None = None  # the previous chunk's cores ran alone on the caller's thread
-    for chunk in _stacks.chunks(hosted):  # bounded memory
-        lone = _core_jobs(chunk, hosted) == 1
+    for chunk in _stacks.chunks([groups[i] for i in host]):  # bounded memory
+        lone = _core_jobs(chunk) == 1
         if start and alone is not None and lone != alone:
             _heap.release_beyond(int(limit))
         alone = lone

@@ -531,10 +531,12 @@ def test_ffa_lora_cpu_copy_check_matches_the_tolerances():
         agg.ffa_lora(clients)
 
 
+_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _bytes(t: torch.Tensor) -> bytes:
     """The tensor's elements' bytes in row-major order (an independent reference)."""
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
-    return t.contiguous().view(ints).numpy().tobytes()
+    return t.contiguous().view(_INTS[t.element_size()]).numpy().tobytes()
 
 
 @pytest.mark.parametrize("memcmp", [True, False])
@@ -563,9 +565,8 @@ def _same_bits_cases(dtype, shape, flip, transposed):
     y = x.clone()
     assert _frozen.same_bits(x, y)
     assert _bytes(x) == _bytes(y)
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
     z = x.contiguous().clone()
-    flat = z.view(-1).view(ints)
+    flat = z.view(-1).view(_INTS[x.element_size()])
     i = flip % flat.numel()
     flat[i] ^= 1 << (flip % (8 * x.element_size() - 1))
     assert _bytes(z) != _bytes(x)

@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lorafair import aggregate
-from lorafair.bench import PRESETS, make_clients, preset
+from lorafair.bench import PRESETS, LayerShape, make_clients, preset
 
 SHAPE_SETS = {name: list(preset(name).layers) for name in PRESETS}
 
@@ -108,8 +108,6 @@ CROSSOVER_CELLS = ("30:16", "40:16", "50:16", "64:16", "100:16", "20:64")
 
 
 def crossover(shapes: list[str], cells: list[str], dtype: torch.dtype) -> None:
-    from lorafair.bench.shapes import LayerShape
-
     real = aggregate._route
     print("| layer | K | r | R | gram, ms | dense_top, ms | faster | the model picks |")
     print("|---" * 8 + "|")
