@@ -9,9 +9,9 @@ probe and every method once; medians over ``--repeats`` rounds, so all see the s
   contiguous buffer as large as the input, on all of torch's threads and on one (the faster;
   on a busy machine a pool that waits for cores is the slower);
 - **compute floor** = the two float64 R × R Grams per layer, ``(d_in + d_out) R²`` flops (the
-  symmetric products they are, R = K r), at the dgemm rate of one general NumPy product
-  ``X Yᵀ`` (X, Y of R × 14336 float64, ``2 R² d`` flops) on all of NumPy's BLAS threads or on
-  one, the faster (both printed, and the scaling from one to all);
+  symmetric products they are, R = K r), at the dgemm rate of one general product ``X Yᵀ``
+  (X, Y of R × 14336 float64, ``2 R² d`` flops), the fastest of torch's (MKL) and NumPy's
+  (OpenBLAS) on all threads or on one (all printed, and each one's scaling from one to all);
 - each of ``--methods`` (registry names, default every registered method; ``--only`` is the
   same option), called with the registry's defaults on clients that share ``A`` where the
   registry says ``shared_A``: its ratio to the memory floor, or to the compute floor where the
@@ -42,6 +42,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ from lorafair import registry
 from lorafair.bench.cli import add_methods_argument
 from lorafair.types import LoRAFactors
 
-__all__ = ["LLAMA3_8B_BLOCK", "make_cell", "measure_floors"]
+__all__ = ["LLAMA3_8B_BLOCK", "dgemm_rate", "make_cell", "measure_floors"]
 
 LLAMA3_8B_BLOCK = [
     ("self_attn.q_proj", 4096, 4096),
@@ -65,6 +66,7 @@ LLAMA3_8B_BLOCK = [
 """One Llama-3-8B decoder block's linears: (name, d_out, d_in)."""
 
 Clients = list[dict[str, LoRAFactors]]
+_R = TypeVar("_R")
 
 
 def make_cell(
@@ -97,39 +99,93 @@ def gram_flops(clients: Clients) -> float:
     return float(sum((f.A.shape[1] + f.B.shape[0]) * R * R for f in clients[0].values()))
 
 
+_REST = 0.3
+"""Seconds the NumPy probe rests after its call on all threads, untimed: OpenBLAS's workers
+spin for a while after a threaded call (2²⁸ cycles by default, about 0.1 s here), and a torch
+kernel on two threads right after it competes with them: ``fedit`` on one Llama-3-8B block
+took 1.8–10.8× its time after a pause (``python docs/scripts/dgemm_probe.py``)."""
+
+
 def measure_floors(n_bytes: int, R: int) -> dict[str, Callable[[], float]]:
-    """Probes returning a rate: read bandwidth (bytes/s) and the dgemm rate (flop/s) of a
-    general float64 product ``X Yᵀ`` (R × 14336 each, ``2 R² d`` flops): the rate the Grams'
-    essential ``R² d`` flops each are counted at (a ``syrk`` runs them at a lower rate)."""
+    """Probes returning a rate: read bandwidth (bytes/s, ``read…``) and the dgemm rate
+    (flop/s, ``dgemm…``) of a general float64 product ``X Yᵀ`` (R × 14336 each, ``2 R² d``
+    flops): the rate the Grams' essential ``R² d`` flops each are counted at (a ``syrk`` runs
+    them at a lower rate). Each on all threads and on one.
+
+    The product both ways this process can run it: torch's (MKL in the x86 wheels, as
+    :mod:`lorafair.bench.floors` times it) and NumPy's (OpenBLAS), the faster of which is the
+    floor (:func:`dgemm_rate`). Neither is the faster everywhere here: torch's at R = 320 and
+    1280 (NumPy's ran 0.78–0.85× as fast on all threads), NumPy's at R = 160 (1.25–1.36×;
+    ``python docs/scripts/dgemm_probe.py``). NumPy's probe on all threads rests ``_REST``
+    after its call."""
     buf = torch.ones(n_bytes // 4, dtype=torch.float32)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((R, 14336))
-    y = rng.standard_normal((R, 14336))
-    out = np.empty((R, R))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(R, 14336, dtype=torch.float64, generator=g)
+    y = torch.randn(R, 14336, dtype=torch.float64, generator=g)
+    out = torch.empty(R, R, dtype=torch.float64)
+    flops = float(2 * R * R * x.shape[1])
 
     def read() -> float:
         t = time.perf_counter()
         buf.sum()
         return n_bytes / (time.perf_counter() - t)
 
-    def dgemm() -> float:
+    def torch_dgemm() -> float:
         t = time.perf_counter()
-        np.matmul(x, y.T, out=out)  # a general product (two buffers): gemm, 2 R² d flops
-        return float(2 * R * R * x.shape[1]) / (time.perf_counter() - t)
+        torch.matmul(x, y.mT, out=out)  # a general product (two buffers): gemm, 2 R² d flops
+        return flops / (time.perf_counter() - t)
 
-    def dgemm1() -> float:  # the same on one BLAS thread: the 1 → pool scaling
+    def numpy_dgemm() -> float:
+        t = time.perf_counter()
+        np.matmul(x.numpy(), y.numpy().T, out=out.numpy())
+        return flops / (time.perf_counter() - t)
+
+    def numpy_dgemm_rested() -> float:
+        rate = numpy_dgemm()
+        time.sleep(_REST)
+        return rate
+
+    def numpy_one_thread() -> float:
         with threadpool_limits(limits=1, user_api="blas"):
-            return dgemm()
+            return numpy_dgemm()
 
-    def read1() -> float:
+    return {
+        "read": read,
+        "read 1 thread": _one_thread(read),
+        "dgemm torch": torch_dgemm,
+        "dgemm torch 1 thread": _one_thread(torch_dgemm),
+        "dgemm numpy": numpy_dgemm_rested,
+        "dgemm numpy 1 thread": numpy_one_thread,
+    }
+
+
+class Rate(NamedTuple):
+    """A probe's rate (flop/s) and the probe's name."""
+
+    probe: str
+    per_second: float
+
+
+def dgemm_rate(rates: dict[str, float]) -> Rate:
+    """The fastest of the ``dgemm…`` probes' rates: the floor's dgemm rate."""
+    return max(
+        (Rate(k, v) for k, v in rates.items() if k.startswith("dgemm")), key=lambda r: r.per_second
+    )
+
+
+def _one_thread(fn: Callable[[], _R]) -> Callable[[], _R]:
+    """``fn`` with torch's pool, hence the thread policy's pool, at one thread (restored
+    after)."""
+
+    def run() -> _R:
         before = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return read()
+            return fn()
         finally:
             torch.set_num_threads(before)
 
-    return {"read": read, "read 1 thread": read1, "dgemm": dgemm, "dgemm 1 thread": dgemm1}
+    return run
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -171,19 +227,6 @@ def _methods(free: Clients, shared: Clients, names: list[str]) -> dict[str, Call
         clients = shared if spec.shared_A else free
         out[name] = functools.partial(spec.fn, clients, **spec.defaults)
     return out
-
-
-def _pinned(fn: Callable[[], object], pool: int) -> Callable[[], object]:
-    """``fn`` run with torch's pool, hence the thread policy's pool, at one thread."""
-
-    def run() -> object:
-        torch.set_num_threads(1)
-        try:
-            return fn()
-        finally:
-            torch.set_num_threads(pool)
-
-    return run
 
 
 def _vm(key: str) -> int:
@@ -244,9 +287,8 @@ def main() -> None:
     methods = {**_methods(free, shared, a.methods), **_conversions(free)}
     floor_of = {k: registry.get(k).floor if k in a.methods else "memory" for k in methods}
     if a.pinned_too:  # each method also with the process pinned, alternating in this run
-        pool = torch.get_num_threads()
         for k in list(methods):
-            methods[f"{k} pinned"] = _pinned(methods[k], pool)
+            methods[f"{k} pinned"] = _one_thread(methods[k])
             floor_of[f"{k} pinned"] = floor_of[k]
     for fn in methods.values():
         fn()  # warm-up
@@ -259,18 +301,21 @@ def main() -> None:
             times[k].append(_timed(fn))
     # a floor is the fastest the machine measured: all threads, or one where a busy machine
     # makes the pool wait for cores
-    bw = max(statistics.median(rates["read"]), statistics.median(rates["read 1 thread"]))
-    rate = max(statistics.median(rates["dgemm"]), statistics.median(rates["dgemm 1 thread"]))
+    medians = {k: statistics.median(v) for k, v in rates.items()}
+    bw = max(medians["read"], medians["read 1 thread"])
+    fastest, rate = dgemm_rate(medians)
     mem_floor = n / bw
     comp_floor = gram_flops(free) / rate
-    rate1 = statistics.median(rates["dgemm 1 thread"])
-    rate_all = statistics.median(rates["dgemm"])
     print(
         f"read {bw / 1e9:.1f} GB/s → memory floor {mem_floor * 1e3:.1f} ms; "
-        f"dgemm {rate / 1e9:.1f} GFLOP/s → compute floor {comp_floor * 1e3:.0f} ms "
-        f"(one thread {rate1 / 1e9:.1f} GFLOP/s, {blas} BLAS threads {rate_all / 1e9:.1f}: "
-        f"{rate_all / rate1:.2f}×)"
+        f"dgemm {rate / 1e9:.1f} GFLOP/s ({fastest}) → compute floor {comp_floor * 1e3:.0f} ms"
     )
+    for lib in ("torch", "numpy"):
+        one, pool = medians[f"dgemm {lib} 1 thread"], medians[f"dgemm {lib}"]
+        print(
+            f"  dgemm {lib}: one thread {one / 1e9:.1f} GFLOP/s, all "
+            f"{pool / 1e9:.1f} ({pool / one:.2f}×)"
+        )
     med = {k: statistics.median(ts) for k, ts in times.items()}
     for k, t in med.items():
         compute = floor_of[k] == "gram"
