@@ -52,7 +52,7 @@ from lorafair import registry
 from lorafair.bench.cli import add_methods_argument
 from lorafair.types import LoRAFactors
 
-__all__ = ["LLAMA3_8B_BLOCK", "dgemm_rate", "make_cell", "measure_floors"]
+__all__ = ["LLAMA3_8B_BLOCK", "Rate", "dgemm_rate", "make_cell", "measure_floors", "one_thread"]
 
 LLAMA3_8B_BLOCK = [
     ("self_attn.q_proj", 4096, 4096),
@@ -114,9 +114,9 @@ def measure_floors(n_bytes: int, R: int) -> dict[str, Callable[[], float]]:
 
     The product both ways this process can run it: torch's (MKL in the x86 wheels, as
     :mod:`lorafair.bench.floors` times it) and NumPy's (OpenBLAS), the faster of which is the
-    floor (:func:`dgemm_rate`). Neither is the faster everywhere here: torch's at R = 320 and
-    1280 (NumPy's ran 0.78–0.85× as fast on all threads), NumPy's at R = 160 (1.25–1.36×;
-    ``python docs/scripts/dgemm_probe.py``). NumPy's probe on all threads rests ``_REST``
+    floor (:func:`dgemm_rate`). torch's was the faster at R = 320 and 1280 (NumPy's ran
+    0.78–0.85× as fast on all threads); at R = 160 either, from run to run (NumPy's 0.93–1.36×
+    torch's; ``python docs/scripts/dgemm_probe.py``). NumPy's probe on all threads rests ``_REST``
     after its call."""
     buf = torch.ones(n_bytes // 4, dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
@@ -151,9 +151,9 @@ def measure_floors(n_bytes: int, R: int) -> dict[str, Callable[[], float]]:
 
     return {
         "read": read,
-        "read 1 thread": _one_thread(read),
+        "read 1 thread": one_thread(read),
         "dgemm torch": torch_dgemm,
-        "dgemm torch 1 thread": _one_thread(torch_dgemm),
+        "dgemm torch 1 thread": one_thread(torch_dgemm),
         "dgemm numpy": numpy_dgemm_rested,
         "dgemm numpy 1 thread": numpy_one_thread,
     }
@@ -173,7 +173,7 @@ def dgemm_rate(rates: dict[str, float]) -> Rate:
     )
 
 
-def _one_thread(fn: Callable[[], _R]) -> Callable[[], _R]:
+def one_thread(fn: Callable[[], _R]) -> Callable[[], _R]:
     """``fn`` with torch's pool, hence the thread policy's pool, at one thread (restored
     after)."""
 
@@ -288,7 +288,7 @@ def main() -> None:
     floor_of = {k: registry.get(k).floor if k in a.methods else "memory" for k in methods}
     if a.pinned_too:  # each method also with the process pinned, alternating in this run
         for k in list(methods):
-            methods[f"{k} pinned"] = _one_thread(methods[k])
+            methods[f"{k} pinned"] = one_thread(methods[k])
             floor_of[f"{k} pinned"] = floor_of[k]
     for fn in methods.values():
         fn()  # warm-up

@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from benchmarks.llm_cells import make_cell
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.llm_cells import make_cell, one_thread
 from lorafair import aggregate
 
 _PAUSE = 0.3
@@ -38,18 +42,6 @@ def _timed(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
-
-
-def _one_thread_torch(fn: Callable[[], object]) -> Callable[[], object]:
-    def run() -> object:
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return fn()
-        finally:
-            torch.set_num_threads(before)
-
-    return run
 
 
 def _one_thread_numpy(fn: Callable[[], object]) -> Callable[[], object]:
@@ -75,7 +67,7 @@ def rates(R: int, repeats: int) -> None:
 
     probes = {
         "torch, all threads": torch_all,
-        "torch, one thread": _one_thread_torch(torch_all),
+        "torch, one thread": one_thread(torch_all),
         "numpy, all threads": numpy_all,
         "numpy, one thread": _one_thread_numpy(numpy_all),
     }
