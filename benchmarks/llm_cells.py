@@ -9,9 +9,10 @@ probe and every method once; medians over ``--repeats`` rounds, so all see the s
   contiguous buffer as large as the input, on all of torch's threads and on one (the faster;
   on a busy machine a pool that waits for cores is the slower);
 - **compute floor** = the two float64 R × R Grams per layer, ``(d_in + d_out) R²`` flops (the
-  symmetric products they are, R = K r), at the dgemm rate of one general product ``X Yᵀ``
-  (X, Y of R × 14336 float64, ``2 R² d`` flops), the fastest of torch's (MKL) and NumPy's
-  (OpenBLAS) on all threads or on one (all printed, and each one's scaling from one to all);
+  symmetric products they are, R = K r), at the dgemm rate of one general torch product
+  ``X Yᵀ`` (X, Y of R × 14336 float64, ``2 R² d`` flops; MKL here, as in
+  :mod:`lorafair.bench.floors`) on all of torch's threads or on one, the faster (both printed,
+  and the scaling from one to all);
 - each of ``--methods`` (registry names, default every registered method; ``--only`` is the
   same option), called with the registry's defaults on clients that share ``A`` where the
   registry says ``shared_A``: its ratio to the memory floor, or to the compute floor where the
@@ -42,17 +43,16 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from typing import NamedTuple, TypeVar
+from typing import TypeVar
 
-import numpy as np
 import torch
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import threadpool_info
 
 from lorafair import registry
 from lorafair.bench.cli import add_methods_argument
 from lorafair.types import LoRAFactors
 
-__all__ = ["LLAMA3_8B_BLOCK", "Rate", "dgemm_rate", "make_cell", "measure_floors", "one_thread"]
+__all__ = ["LLAMA3_8B_BLOCK", "make_cell", "measure_floors", "one_thread"]
 
 LLAMA3_8B_BLOCK = [
     ("self_attn.q_proj", 4096, 4096),
@@ -99,78 +99,42 @@ def gram_flops(clients: Clients) -> float:
     return float(sum((f.A.shape[1] + f.B.shape[0]) * R * R for f in clients[0].values()))
 
 
-_REST = 0.3
-"""Seconds the NumPy probe rests after its call on all threads, untimed: OpenBLAS's workers
-spin for a while after a threaded call (2²⁸ cycles by default, about 0.1 s here), and a torch
-kernel on two threads right after it competes with them: ``fedit`` on one Llama-3-8B block
-took 1.8–10.8× its time after a pause (``python docs/scripts/dgemm_probe.py``)."""
-
-
 def measure_floors(n_bytes: int, R: int) -> dict[str, Callable[[], float]]:
-    """Probes returning a rate: read bandwidth (bytes/s, ``read…``) and the dgemm rate
-    (flop/s, ``dgemm…``) of a general float64 product ``X Yᵀ`` (R × 14336 each, ``2 R² d``
-    flops): the rate the Grams' essential ``R² d`` flops each are counted at (a ``syrk`` runs
-    them at a lower rate). Each on all threads and on one.
+    """Probes returning a rate: read bandwidth (bytes/s) and the dgemm rate (flop/s) of a
+    general float64 product ``X Yᵀ`` (R × 14336 each, ``2 R² d`` flops): the rate the Grams'
+    essential ``R² d`` flops each are counted at (a ``syrk`` runs them at a lower rate). Each
+    on all of torch's threads and on one.
 
-    The product both ways this process can run it: torch's (MKL in the x86 wheels, as
-    :mod:`lorafair.bench.floors` times it) and NumPy's (OpenBLAS), the faster of which is the
-    floor (:func:`dgemm_rate`). torch's was the faster at R = 320 and 1280 (NumPy's ran
-    0.78–0.85× as fast on all threads); at R = 160 either, from run to run (NumPy's 0.93–1.36×
-    torch's; ``python docs/scripts/dgemm_probe.py``). NumPy's probe on all threads rests ``_REST``
-    after its call."""
+    The product is torch's (MKL in the x86 wheels), as :mod:`lorafair.bench.floors` times it.
+    NumPy's (OpenBLAS) was the slower here: 0.55–0.82× as fast at R = 160 to 1280 with its
+    columns split side by side over worker threads, one BLAS thread each, and 0.78–0.88× at
+    R = 320 and 1280 on OpenBLAS's own threads (at R = 160 it was the faster in two runs of
+    four, 1.25–1.36×; ``python docs/scripts/dgemm_probe.py``). Until commit d2c48e7 this was
+    NumPy's product on OpenBLAS's threads, whose workers then spin for a while (about 0.1 s
+    here): a torch kernel on two threads right after it competes with them, and ``fedit``
+    on one Llama-3-8B block took 1.8–10.8× its time after a pause."""
     buf = torch.ones(n_bytes // 4, dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(R, 14336, dtype=torch.float64, generator=g)
     y = torch.randn(R, 14336, dtype=torch.float64, generator=g)
     out = torch.empty(R, R, dtype=torch.float64)
-    flops = float(2 * R * R * x.shape[1])
 
     def read() -> float:
         t = time.perf_counter()
         buf.sum()
         return n_bytes / (time.perf_counter() - t)
 
-    def torch_dgemm() -> float:
+    def dgemm() -> float:
         t = time.perf_counter()
         torch.matmul(x, y.mT, out=out)  # a general product (two buffers): gemm, 2 R² d flops
-        return flops / (time.perf_counter() - t)
-
-    def numpy_dgemm() -> float:
-        t = time.perf_counter()
-        np.matmul(x.numpy(), y.numpy().T, out=out.numpy())
-        return flops / (time.perf_counter() - t)
-
-    def numpy_dgemm_rested() -> float:
-        rate = numpy_dgemm()
-        time.sleep(_REST)
-        return rate
-
-    def numpy_one_thread() -> float:
-        with threadpool_limits(limits=1, user_api="blas"):
-            return numpy_dgemm()
+        return float(2 * R * R * x.shape[1]) / (time.perf_counter() - t)
 
     return {
         "read": read,
         "read 1 thread": one_thread(read),
-        "dgemm torch": torch_dgemm,
-        "dgemm torch 1 thread": one_thread(torch_dgemm),
-        "dgemm numpy": numpy_dgemm_rested,
-        "dgemm numpy 1 thread": numpy_one_thread,
+        "dgemm": dgemm,
+        "dgemm 1 thread": one_thread(dgemm),  # the 1 → pool scaling
     }
-
-
-class Rate(NamedTuple):
-    """A probe's rate (flop/s) and the probe's name."""
-
-    probe: str
-    per_second: float
-
-
-def dgemm_rate(rates: dict[str, float]) -> Rate:
-    """The fastest of the ``dgemm…`` probes' rates: the floor's dgemm rate."""
-    return max(
-        (Rate(k, v) for k, v in rates.items() if k.startswith("dgemm")), key=lambda r: r.per_second
-    )
 
 
 def one_thread(fn: Callable[[], _R]) -> Callable[[], _R]:
@@ -303,19 +267,16 @@ def main() -> None:
     # makes the pool wait for cores
     medians = {k: statistics.median(v) for k, v in rates.items()}
     bw = max(medians["read"], medians["read 1 thread"])
-    fastest, rate = dgemm_rate(medians)
+    rate = max(medians["dgemm"], medians["dgemm 1 thread"])
     mem_floor = n / bw
     comp_floor = gram_flops(free) / rate
+    one, pool = medians["dgemm 1 thread"], medians["dgemm"]
     print(
         f"read {bw / 1e9:.1f} GB/s → memory floor {mem_floor * 1e3:.1f} ms; "
-        f"dgemm {rate / 1e9:.1f} GFLOP/s ({fastest}) → compute floor {comp_floor * 1e3:.0f} ms"
+        f"dgemm {rate / 1e9:.1f} GFLOP/s → compute floor {comp_floor * 1e3:.0f} ms "
+        f"(torch's product: one thread {one / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} "
+        f"threads {pool / 1e9:.1f}: {pool / one:.2f}×)"
     )
-    for lib in ("torch", "numpy"):
-        one, pool = medians[f"dgemm {lib} 1 thread"], medians[f"dgemm {lib}"]
-        print(
-            f"  dgemm {lib}: one thread {one / 1e9:.1f} GFLOP/s, all "
-            f"{pool / 1e9:.1f} ({pool / one:.2f}×)"
-        )
     med = {k: statistics.median(ts) for k, ts in times.items()}
     for k, t in med.items():
         compute = floor_of[k] == "gram"

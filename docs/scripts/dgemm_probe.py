@@ -4,8 +4,11 @@ Its floor is the Grams' essential flops at the machine's dgemm rate on all of th
 threads. This script times, in one run, alternating, on ``X Yᵀ`` with X, Y of R × 14336
 float64 (``2 R² d`` flops, the probe's shape), each after a pause:
 
-- ``torch``: torch's product (MKL in the x86 wheels), on one and on all of torch's threads;
-- ``numpy``: NumPy's product (OpenBLAS), on one and on all of its BLAS threads;
+- ``torch``: torch's product (MKL in the x86 wheels), on all of torch's threads and on one
+  (``llm_cells``' probes);
+- ``numpy``: NumPy's (OpenBLAS) on OpenBLAS's own threads, with the product's columns in one
+  block per thread side by side on worker threads (one BLAS thread each, as lorafair runs its
+  NumPy kernels), and on one thread;
 
 and then what each all-thread product leaves behind: ``fedit`` on one Llama-3-8B block (bf16,
 K = 20, r = 16; its weighted sums run on torch's threads) timed right after it, and after a
@@ -22,6 +25,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +34,7 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.llm_cells import make_cell, one_thread
+from benchmarks.llm_cells import make_cell, measure_floors
 from lorafair import aggregate
 
 _PAUSE = 0.3
@@ -44,45 +48,50 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
-def _one_thread_numpy(fn: Callable[[], object]) -> Callable[[], object]:
-    def run() -> object:
-        with threadpool_limits(limits=1, user_api="blas"):
-            return fn()
-
-    return run
-
-
 def rates(R: int, repeats: int) -> None:
+    """``benchmarks/llm_cells.py``'s dgemm probes (torch's product on all threads and on one)
+    and NumPy's product three ways, each after a pause, in GFLOP/s."""
+    probes = {f"torch {k[6:] or 'all'}": p for k, p in measure_floors(4, R).items() if "dgemm" in k}
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(R, 14336, dtype=torch.float64, generator=g)
-    y = torch.randn(R, 14336, dtype=torch.float64, generator=g)
-    out = torch.empty(R, R, dtype=torch.float64)
-    xn, yn, on = x.numpy(), y.numpy(), out.numpy()
-
-    def torch_all() -> object:
-        return torch.matmul(x, y.mT, out=out)
-
-    def numpy_all() -> object:
-        return np.matmul(xn, yn.T, out=on)
-
-    probes = {
-        "torch, all threads": torch_all,
-        "torch, one thread": one_thread(torch_all),
-        "numpy, all threads": numpy_all,
-        "numpy, one thread": _one_thread_numpy(numpy_all),
-    }
-    for fn in probes.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in probes}
-    for _ in range(repeats):
-        for k, fn in probes.items():
-            time.sleep(_PAUSE)  # no BLAS worker of the probe before still spinning
-            times[k].append(_timed(fn))
+    x = torch.randn(R, 14336, dtype=torch.float64, generator=g).numpy()
+    y = torch.randn(R, 14336, dtype=torch.float64, generator=g).numpy()
+    out = np.empty((R, R))
     flops = 2.0 * R * R * x.shape[1]
-    rate = {k: flops / statistics.median(v) / 1e9 for k, v in times.items()}
-    line = "  ".join(f"{k} {v:6.1f}" for k, v in rate.items())
-    numpy_over_torch = rate["numpy, all threads"] / rate["torch, all threads"]
-    print(f"R = {R:5d}, GFLOP/s: {line}  (numpy / torch, all threads: {numpy_over_torch:.2f})")
+    n = torch.get_num_threads()
+    cuts = [(R * i // n, R * (i + 1) // n) for i in range(n)]
+    workers = ThreadPoolExecutor(max_workers=n)
+
+    def columns(cut: tuple[int, int]) -> None:
+        np.matmul(x, y[cut[0] : cut[1]].T, out=out[:, cut[0] : cut[1]])
+
+    def threaded() -> float:
+        t = time.perf_counter()
+        np.matmul(x, y.T, out=out)
+        return flops / (time.perf_counter() - t)
+
+    def side_by_side() -> float:
+        with threadpool_limits(limits=1, user_api="blas"):
+            t = time.perf_counter()
+            list(workers.map(columns, cuts))
+            return flops / (time.perf_counter() - t)
+
+    def one() -> float:
+        with threadpool_limits(limits=1, user_api="blas"):
+            return threaded()
+
+    probes["numpy, OpenBLAS's threads"] = threaded
+    probes["numpy, side by side"] = side_by_side
+    probes["numpy, 1 thread"] = one
+    for probe in probes.values():
+        probe()
+    got: dict[str, list[float]] = {k: [] for k in probes}
+    for _ in range(repeats):
+        for k, probe in probes.items():
+            time.sleep(_PAUSE)  # no BLAS worker of the probe before still spinning
+            got[k].append(probe())
+    workers.shutdown()
+    rate = {k: statistics.median(v) / 1e9 for k, v in got.items()}
+    print(f"R = {R:5d}, GFLOP/s: " + "  ".join(f"{k} {v:6.1f}" for k, v in rate.items()))
 
 
 def after(repeats: int) -> None:
