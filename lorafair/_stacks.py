@@ -7,16 +7,18 @@ and FlexLoRA's Gram route need, for narrow input dtypes on the CPU, float64 prod
 - the two Grams ``A_u A_uᵀ`` and ``B_sᵀ B_s`` (R × R, :func:`grams`), and
 - thin products ``C A_u`` and ``C B_sᵀ`` with a small ``C`` (k × R, :func:`products`).
 
-Each worker thread of :func:`lorafair._threads.split_map` casts a layer's stack into its own
-float64 buffer :func:`columns` columns at a time (one exact torch cast-copy per client) and runs
-the block's BLAS call on one thread: a ``syrk`` for a Gram (NumPy's matmul hands ``X Xᵀ`` to
-it: half the flops of the general product) or a ``gemm`` for a product. All the layers of a
-call are one list (a side of two column blocks or more as two items, its halves), largest
-first, so the workers run kernels side by side and finish together, and no threaded BLAS call
-runs (its workers spin after it and slow torch's next pass: on one Llama-3-8B block, bf16,
-FedIT's sums inside ``lora_fair`` took 50 ms after such a call against 22 ms on one thread).
+Each worker thread of :func:`lorafair._threads.split_map` casts into its own float64 buffer
+(exact torch cast-copies) and runs one-thread kernels: for a Gram, a layer's stack
+:func:`columns` columns at a time (one cast-copy per client) and a ``syrk`` per block (NumPy's
+matmul hands ``X Xᵀ`` to it: half the flops of the general product); for a product, each
+client's factor whole and one ``addmm`` per client. All the layers of a call are one list (a
+Gram side of two column blocks or more as two items, its halves), largest first, so the workers
+run kernels side by side and finish together, and no threaded BLAS call runs (its workers spin
+after it and slow torch's next pass: on one Llama-3-8B block, bf16, FedIT's sums inside
+``lora_fair`` took 50 ms after such a call against 22 ms on one thread).
 Memory: per worker ``R × min(d, columns(R))`` float64 (at most 21 MB up to R = 5120) plus
-one R × R block, and one R × R per split side, whatever the model's size. Every result is
+one R × R block, and one R × R per split side, or for products one client's ``r_k × d``
+(7.3 MB at r = 64 on a Llama-3-8B MLP layer), whatever the model's size. Every result is
 what one thread computes: the split never changes a bit.
 """
 
@@ -73,9 +75,10 @@ def width(layer: Layer, side: Side) -> int:
 
 
 class _HostBuffer:
-    """One worker's reusable float64 buffers: a layer's stack, :func:`columns` columns at a
-    time (``flat`` elements, the largest ``R × min(d, columns(R))`` of the call), and an R × R
-    Gram of one block (``block`` rows, 0 when no side is split)."""
+    """One worker's reusable float64 buffers: ``flat`` elements for what it casts (for
+    :func:`grams` a layer's stack, :func:`columns` columns at a time, the largest
+    ``R × min(d, columns(R))`` of the call; for :func:`products` one client's factor), and an
+    R × R Gram of one block (``block`` rows, 0 when no side is split)."""
 
     def __init__(self, flat: int, block: int) -> None:
         self.flat = np.empty(flat)
@@ -233,7 +236,11 @@ def grams(groups: Sequence[Sequence[Layer]]) -> list[tuple[Tensor, Tensor]]:
                 np.matmul(x, x.T, out=block)
                 np.add(it.out, block, out=it.out)
 
-    _run(gram, items)
+    # per worker the largest stack block, and one block's R × R where a side is split
+    shapes = [(sum(it.layer.ranks), width(it.layer, it.side)) for it in items]
+    flat = max((R * min(d, columns(R)) for R, d in shapes), default=0)
+    block = max((R for R, d in shapes if d > columns(R)), default=0)
+    _run(gram, items, flat, block)
     for it in items:
         if it.into is not None:
             np.add(it.into, it.out, out=it.into)
@@ -241,31 +248,50 @@ def grams(groups: Sequence[Sequence[Layer]]) -> list[tuple[Tensor, Tensor]]:
 
 
 def products(items: list[Product]) -> None:
-    """Fill every item's ``out = coef_t @ X`` (k × d), column block by column block, all the
-    items in one :func:`~lorafair._threads.split_map` list. Computed with the long dimension
-    last: BLAS runs the tall-skinny product about twice as fast that way. Cost: ``2 k R d``
-    flops and one cast-copy of the stack per item."""
+    """Fill every item's ``out = coef_t @ X`` (k × d), all the items in one
+    :func:`~lorafair._threads.split_map` list, client by client: ``out += coef_t[:, rows_k]
+    @ X_k`` with ``X_k`` the client's ``A_k`` (r_k × d_in) or ``B_kᵀ`` (r_k × d_out), its factor
+    cast whole into the worker's float64 buffer (one contiguous cast-copy, no transpose) and one
+    single-thread torch product (``addmm``), the long dimension last. Against casting the stack
+    in column blocks (a transposing copy for B) and one NumPy ``gemm`` per block, on one
+    Llama-3-8B MLP layer (14336 wide, one thread): 1.27–1.65× as fast in bf16 at K = 20,
+    r = 8 to 64 and K = 50, r = 16, and 1.25–1.56× in float32, either side (``python
+    docs/scripts/products.py``, and ``--dtype float32``). Cost: ``2 k R d`` flops and
+    one cast-copy of each client's factor per item; the sum runs over the clients in order, the
+    same bits on any number of threads."""
 
     def times(host: _HostBuffer, it: Product) -> None:
-        for start, stop in _blocks(it.out.shape[1], it.coef_t.shape[1]):
-            x = _stacked_columns(it.layer, it.side, host, start, stop)
-            np.matmul(it.coef_t, x, out=it.out[:, start:stop])
+        out = torch.from_numpy(it.out)
+        coef_t = torch.from_numpy(it.coef_t)
+        d = it.out.shape[1]
+        row = 0
+        for k, (A, B) in enumerate(zip(it.layer.As, it.layer.Bs, strict=True)):
+            rk = A.shape[0]
+            if it.side == "A":
+                x = torch.from_numpy(host.view(rk, d)).copy_(A.detach())
+            else:  # B_k (d × r_k) as it is laid out, then its transpose as a view
+                x = torch.from_numpy(host.view(d, rk)).copy_(B.detach()).mT
+            if k == 0:
+                torch.matmul(coef_t[:, row : row + rk], x, out=out)
+            else:
+                out.addmm_(coef_t[:, row : row + rk], x)
+            row += rk
 
-    _run(times, items)
+    # per worker one client's factor: the largest r_k × d of the items
+    _run(times, items, max((max(it.layer.ranks) * it.out.shape[1] for it in items), default=0), 0)
 
 
 _Item = TypeVar("_Item", _Gram, Product)
 
 
-def _run(fn: Callable[[_HostBuffer, _Item], None], items: Sequence[_Item]) -> None:
+def _run(
+    fn: Callable[[_HostBuffer, _Item], None], items: Sequence[_Item], flat: int, block: int
+) -> None:
     """``fn`` over ``items`` on :func:`~lorafair._threads.split_map`, largest first, each worker
-    with one :class:`_HostBuffer` sized for the largest stack."""
+    with one :class:`_HostBuffer` of ``flat`` and ``block`` (see there)."""
     if not items:
         return
     order = sorted(items, key=lambda it: -it.flops)  # largest first: the workers end together
-    shapes = [(sum(it.layer.ranks), width(it.layer, it.side)) for it in order]
-    flat = max(R * min(d, columns(R)) for R, d in shapes)
-    block = max((R for R, d in shapes if d > columns(R)), default=0)
     # the thread policy: the items' kernels side by side, each on one thread
     split_map(
         fn,
