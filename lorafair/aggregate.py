@@ -757,8 +757,9 @@ def flexlora(
 
     Layers are processed in float64 batches whose working set is capped at 256 MiB (one layer
     per batch on the dense route). On the CPU the Gram route never stacks a layer: each worker
-    casts a layer's factors into its own float64 buffer a column block at a time for the
-    Grams (BLAS ``syrk``) and the output products (:mod:`lorafair._stacks`), and the layers go
+    casts a layer's factors into its own float64 buffer, a column block at a time for the
+    Grams (BLAS ``syrk``) and one client's factor at a time for the output products
+    (:mod:`lorafair._stacks`), and the layers go
     through in chunks of at most 32 MiB of Grams. So peak memory does not grow with the number
     of layers; NaN/Inf are read off the Grams' traces (or the stacks) and a fixed-rank call
     synchronises with the host once. The call runs on one thread of torch's and NumPy's pools,

@@ -3,8 +3,9 @@
 Same-shaped layers travel together as one :class:`_Group` (a leading dimension ``L``). Every
 product with the clients' stacked factors (the two ``R × R`` Grams, ``P_u @ coef``, the
 corrected factor returned in the inputs' dtype, and how that dtype rounds it) is computed here.
-On CPU the Grams and ``P_u @ coef`` go through :mod:`lorafair._stacks` (float64 column blocks,
-one single-thread kernel per worker); elsewhere one layer at a time through torch.
+On CPU the Grams and ``P_u @ coef`` go through :mod:`lorafair._stacks` (float64 column blocks
+for the Grams, one client's factor at a time for the products, one single-thread kernel per
+worker); elsewhere one layer at a time through torch.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ class _Group:
     """Same-shaped layers batched along a leading dimension ``L`` (R = Σ r_k).
 
     The float64 stacks ``A_u`` (L, R, d_in) and ``B_s`` (L, d_out, R) are built on first use;
-    the Gram and product paths never build them (they convert column blocks into reused
-    buffers, see :func:`_grams`).
+    the Gram and product paths never build them (they convert column blocks, or one client's
+    factor, into reused buffers, see :func:`_grams`).
     """
 
     layers: list[Layer]
