@@ -296,8 +296,7 @@ def flora(
     out: dict[str, LoRAFactors] = {}
     sums: list[Tensor] = []
     for name, layer in prep.layers.items():
-        nbytes = _average.item_bytes(layer.As) + _average.item_bytes(layer.Bs)
-        with torch_pool_for(nbytes):  # the thread policy: the layer's bytes its work
+        with torch_pool_for(_layer_bytes(layer)):  # the thread policy: the layer's bytes its work
             A_s = torch.empty(sum(layer.ranks), layer.d_in, dtype=layer.dtype, device=layer.device)
             start = 0
             for A, w in zip(layer.As, p, strict=True):
@@ -337,6 +336,7 @@ top of what the earlier chunks left."""
 
 
 def _layer_bytes(layer: Layer) -> int:
+    """The input bytes of one layer: every client's ``A_k`` and ``B_k``."""
     return _average.item_bytes(layer.As) + _average.item_bytes(layer.Bs)
 
 
@@ -755,21 +755,21 @@ def flexlora(
       (measured; 1152 for a 2304 × 768 layer). Between R = 512 and that point the QR route is
       taken (the Gram route's R × R eigensolves cost more there).
 
-    Layers are processed in float64 batches whose working set is capped at 256 MiB (one layer
-    per batch on the dense route). On the CPU the Gram route never stacks a layer: each worker
-    casts a layer's factors into its own float64 buffer, a column block at a time for the
-    Grams (BLAS ``syrk``) and one client's factor at a time for the output products
-    (:mod:`lorafair._stacks`), and the layers go
-    through in chunks of at most 32 MiB of Grams. So peak memory does not grow with the number
-    of layers; NaN/Inf are read off the Grams' traces (or the stacks) and a fixed-rank call
-    synchronises with the host once. The call runs on one thread of torch's and NumPy's pools,
-    except the Gram route's cast-copies, Grams, R × R cores and products on the CPU, which run
-    layers side by side on the threads the thread policy gives them (:mod:`lorafair._threads`:
-    a thread per millisecond of work, e.g. at LLM scale; the result is the same to the bit on
-    any number of threads). Cost: O((d_out + d_in) R² + R³) flops per layer on the factored
-    routes, with O(R²) memory per layer on the CPU's Gram route (plus a worker's buffer) and
-    O((d_out + d_in) R) on the others; O(d_out d_in (R + min(d_out, d_in))) flops and one
-    d_out × d_in buffer (plus a few n × n on dense_top) on the dense ones.
+    Layers are processed in float64 batches whose working set is capped at 256 MiB
+    (one layer per batch on the dense route). On the CPU the Gram route never stacks a layer:
+    each worker casts a layer's factors into its own float64 buffer, a column block at a time
+    for the Grams (BLAS ``syrk``) and one client's factor at a time for the output products
+    (:mod:`lorafair._stacks`), and the layers go through in chunks of at most 32 MiB of Grams.
+    So peak memory does not grow with the number of layers; NaN/Inf are read off the Grams'
+    traces (or the stacks) and a fixed-rank call synchronises with the host once. The call runs
+    on one thread of torch's and NumPy's pools, except the Gram route's cast-copies, Grams,
+    R × R cores and products on the CPU, which run layers side by side on the threads the thread
+    policy gives them (:mod:`lorafair._threads`: a thread per millisecond of work, e.g. at LLM
+    scale; the result is the same to the bit on any number of threads). Cost:
+    O((d_out + d_in) R² + R³) flops per layer on the factored routes, with O(R²) memory per
+    layer on the CPU's Gram route (plus a worker's buffer) and O((d_out + d_in) R) on the
+    others; O(d_out d_in (R + min(d_out, d_in))) flops and one d_out × d_in buffer (plus a few
+    n × n on dense_top) on the dense ones.
     :func:`flexlora_report` and ``EnergyThreshold`` ranks need every σ and never take
     dense_top.
     Download: rank·(d_in + d_out) per layer.
