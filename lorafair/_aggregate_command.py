@@ -12,17 +12,21 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from lorafair import registry
-from lorafair.errors import AdapterFolderError, InvalidWeightsError
+from lorafair.errors import AdapterFolderError, InvalidWeightsError, LoRAShapeError
+from lorafair.types import LoRAFactors
 
 __all__ = ["register", "run"]
 
 _MAX_LAYER_LINES = 12
 """Up to this many layers, one line each; beyond, a summary (min, mean, worst layer)."""
+
+_EXCESS_RANK_OPTION = "--option allow_excess_rank=True"
+"""How this command passes the aggregators' ``allow_excess_rank=True``."""
 
 _DESCRIPTION = """\
 Aggregate K peft LoRA adapter folders (as save_pretrained writes them) with one lorafair
@@ -46,10 +50,8 @@ def _epilog() -> str:
         lines.append(f"  {spec.name:<16} {spec.summary}")
         lines.append(f"  {'':<16} writes {WRITES[spec.output]}")
         if spec.shared_A:
-            lines.append(
-                f"  {'':<16} needs every client to share the frozen factor (A; under rolora, "
-                "the one not trained)"
-            )
+            shared = _frozen(opts)
+            lines.append(f"  {'':<16} needs every client to share the frozen factor ({shared})")
         if opts:
             defaults = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
             extra = f" (defaults: {defaults})" if defaults else ""
@@ -76,6 +78,15 @@ def _epilog() -> str:
         "written); 1 internal error.",
     ]
     return "\n".join(lines)
+
+
+def _frozen(options: Sequence[str]) -> str:
+    """Which factor a shared-A method's clients share, from its options."""
+    if "frozen" in options:
+        return "the one frozen=A|B names, A by default"
+    if "trained" in options:
+        return "the one not trained: A when trained=B, the default"
+    return "A"
 
 
 def register(subparsers: Any) -> None:
@@ -153,6 +164,10 @@ def _progress(total: int) -> Iterator[_Progress]:
         bar.close()
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _same(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
@@ -164,32 +179,30 @@ def _report(
     *,
     padded: bool,
 ) -> list[str]:
+    """``cos(BA, ΔW)`` per layer (or its min and mean over many layers), one column per table
+    given: the method's (None for a personalised method) and FedIT's (None for FedIT itself,
+    whose column would repeat the method's)."""
     from lorafair.interop.peft import _module_key
 
-    if cosine is None and fedit_cosine is None:
+    columns = [(label, t) for label, t in ((method, cosine), ("fedit", fedit_cosine)) if t]
+    if not columns:
         return []
-    names = list(cosine or fedit_cosine or {})
-
-    def fmt(table: dict[str, float] | None, name: str) -> str:
-        return "n/a" if table is None else f"{table[name]:.6f}"
-
-    head = f"cos(BA, ΔW): {method} vs FedIT"
-    if padded:
+    names = list(columns[0][1])
+    head = f"cos(BA, ΔW): {method}" + (" vs FedIT" if fedit_cosine and method != "fedit" else "")
+    if padded and fedit_cosine:
         head += " (FedIT on clients zero-padded to the largest rank)"
     if cosine is None:
         head += f" ({method} is personalised: no global update)"
     if len(names) <= _MAX_LAYER_LINES:
         width = max(len(_module_key(n)) for n in names)
-        lines = [head, f"  {'layer':<{width}}  {method:>12}  {'fedit':>12}"]
+        lines = [head, f"  {'layer':<{width}}" + "".join(f"  {lb:>12}" for lb, _ in columns)]
         lines += [
-            f"  {_module_key(n):<{width}}  {fmt(cosine, n):>12}  {fmt(fedit_cosine, n):>12}"
+            f"  {_module_key(n):<{width}}" + "".join(f"  {t[n]:>12.6f}" for _, t in columns)
             for n in names
         ]
         return lines
     lines = [head + f", over {len(names)} layers:"]
-    for label, table in ((method, cosine), ("fedit", fedit_cosine)):
-        if table is None:
-            continue
+    for label, table in columns:
         worst = min(table, key=lambda n: table[n])
         lines.append(
             f"  {label:<12} min {table[worst]:.6f}  mean {statistics.fmean(table.values()):.6f}"
@@ -198,9 +211,32 @@ def _report(
     return lines
 
 
+def _excess_rank_note(adapters: Sequence[Mapping[str, LoRAFactors]]) -> str | None:
+    """A note when some written layer's rank exceeds both its d_in and d_out (a FlexLoRA
+    ``rank`` above a small layer's size, or clients that already had such a rank): reading the
+    folder back as a client refuses that rank unless told."""
+    from lorafair.interop.peft import _module_key
+
+    wide = [
+        (name, A.shape[0], A.shape[1], B.shape[0])
+        for written in adapters
+        for name, (A, B) in written.items()
+        if A.shape[0] > A.shape[1] and A.shape[0] > B.shape[0]
+    ]
+    if not wide:
+        return None
+    name, r, d_in, d_out = wide[0]
+    return (
+        f"note: {_count(len(wide), 'layer')} written with a rank above both d_in and d_out "
+        f"({_module_key(name)}: rank {r}, d_in {d_in}, d_out {d_out}); to aggregate the "
+        f"output again as a client, pass {_EXCESS_RANK_OPTION}"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """Read, aggregate, write, report. Raises :class:`~lorafair.errors.LoRAFairError` on bad
     input, before anything is written."""
+    from lorafair._validate import EXCESS_RANK_HINT
     from lorafair.interop.peft import _check_output_folder, read_adapter
     from lorafair.interop.peft_aggregate import (
         WRITES,
@@ -215,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
     for folder in folders:
         if _same(folder, out):
             raise AdapterFolderError(f"--out {out} is also an input folder")
-    _check_output_folder(out, force=args.force)
+    _check_output_folder(out, force=args.force, hint="pass --force")
     weights = _weights(args.weights, len(folders))
     options = dict(parse_option(args.method, item) for item in args.option)
     with _progress(len(folders) + 2) as bar:
@@ -225,7 +261,13 @@ def run(args: argparse.Namespace) -> int:
             bar.step(f"read client {k}")
         read_s = time.perf_counter() - start
         t = time.perf_counter()
-        result = aggregate_adapters(adapters, method=args.method, weights=weights, options=options)
+        try:
+            result = aggregate_adapters(
+                adapters, method=args.method, weights=weights, options=options
+            )
+        except LoRAShapeError as exc:  # the hint as this command's option
+            hint = f"If this rank is on purpose, pass {_EXCESS_RANK_OPTION}"
+            raise type(exc)(str(exc).replace(EXCESS_RANK_HINT, hint)) from None
         bar.step(args.method)
         agg_s = time.perf_counter() - t
         t = time.perf_counter()
@@ -238,17 +280,21 @@ def run(args: argparse.Namespace) -> int:
     spec = registry.get(args.method)
     layers = len(adapters[0].factors)
     print(
-        f"{args.method}: {len(adapters)} clients, {layers} layers, {adapters[0].dtype}"
-        + ("; scalings differ, folded into B first" if result.folded else "")
+        f"{args.method}: {_count(len(adapters), 'client')}, {_count(layers, 'layer')}, "
+        f"{adapters[0].dtype}" + ("; scalings differ, folded into B first" if result.folded else "")
     )
     padded = any(len({a.factors[n].A.shape[0] for a in adapters}) > 1 for n in adapters[0].factors)
-    for line in _report(args.method, result.cosine, result.fedit_cosine, padded=padded):
+    fedit_cosine = None if args.method == "fedit" else result.fedit_cosine
+    for line in _report(args.method, result.cosine, fedit_cosine, padded=padded):
         print(line)
     total = time.perf_counter() - start
     print(
         f"wrote {WRITES[spec.output]}: {', '.join(written)}"
         + (" (+ residual file)" if result.residual is not None else "")
     )
+    note = _excess_rank_note(result.adapters)
+    if note is not None:
+        print(note)
     print(
         f"time: {total:.2f} s (read {read_s:.2f} s, aggregate and cos {agg_s:.2f} s, "
         f"write {write_s:.2f} s)"

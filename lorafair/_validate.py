@@ -128,6 +128,10 @@ def _reject_peft_state_dict(client: Mapping[str, object], k: int) -> None:
             )
 
 
+EXCESS_RANK_HINT = "If this rank is on purpose, pass allow_excess_rank=True"
+"""The end of the excess-rank error, which ``lorafair aggregate`` words as its own option."""
+
+
 def _check_rank(name: str, k: int, A: Tensor, B: Tensor) -> None:
     r, d_in, d_out = int(A.shape[0]), int(A.shape[1]), int(B.shape[0])
     if r > d_in and r > d_out:
@@ -135,8 +139,7 @@ def _check_rank(name: str, k: int, A: Tensor, B: Tensor) -> None:
             f"layer {name!r}: client {k} has A of shape {tuple(A.shape)} and B of shape "
             f"{tuple(B.shape)}: rank {r} exceeds both d_in = {d_in} and d_out = {d_out}. "
             "A and B look swapped: A must be (r, d_in) and B (d_out, r), as peft's "
-            "lora_A.weight and lora_B.weight. If this rank is on purpose, pass "
-            "allow_excess_rank=True"
+            f"lora_A.weight and lora_B.weight. {EXCESS_RANK_HINT}"
         )
 
 

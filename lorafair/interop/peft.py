@@ -670,14 +670,17 @@ def _is_nonempty_dir(path: str) -> bool:
         return any(True for _ in entries)
 
 
-def _check_output_folder(path: str | os.PathLike[str], *, force: bool = False) -> None:
+def _check_output_folder(
+    path: str | os.PathLike[str], *, force: bool = False, hint: str = "pass force=True"
+) -> None:
     """Raise :class:`AdapterFolderError` unless ``path`` may be written: absent, an empty
-    folder, or (with ``force``) a folder to replace. A file in its place is always refused."""
+    folder, or (with ``force``) a folder to replace. A file in its place is always refused.
+    ``hint``: how the caller's user replaces a folder (``lorafair aggregate``: ``--force``)."""
     folder = os.fspath(path)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise AdapterFolderError(f"{folder}: exists and is not a folder")
     if _is_nonempty_dir(folder) and not force:
-        raise AdapterFolderError(f"{folder}: folder is not empty (pass force=True / --force)")
+        raise AdapterFolderError(f"{folder}: folder is not empty ({hint} to replace it)")
 
 
 def _write_folder(

@@ -464,6 +464,41 @@ def test_many_layers_are_summarised(
     assert "fedit        min " in text
 
 
+def test_fedit_reports_one_column(
+    equal_clients: list[Client], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli("aggregate", "--method", "fedit", "--out", tmp_path / "out",
+               *(c.path for c in equal_clients[:1])) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "fedit: 1 client, 4 layers," in text
+    assert "cos(BA, ΔW): fedit\n" in text  # no "vs FedIT" beside itself
+    lines = [ln.split() for ln in text.splitlines() if "self_attn" in ln]
+    assert len(lines) == 4
+    assert all(len(parts) == 2 and float(parts[1]) == pytest.approx(1.0) for parts in lines)
+
+
+def test_rank_above_the_layer_size_round_trips_with_the_option(
+    equal_clients: list[Client], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """FlexLoRA at a rank above a layer's d_in and d_out writes it (zero-padded, as the
+    library returns it) and says so; that folder as a client is refused with this command's
+    option named, then accepted with it, the FedIT baseline of the report included."""
+    wide = tmp_path / "wide"
+    assert cli("aggregate", "--method", "flexlora", "--option", "rank=40", "--out", wide,
+               *(c.path for c in equal_clients)) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "note: 4 layers written with a rank above both d_in and d_out" in text
+    assert "rank 40, d_in 32, d_out 32" in text
+    assert "pass --option allow_excess_rank=True" in text
+    inputs = (wide, equal_clients[0].path)
+    err = _fail(capsys, tmp_path / "again", "--method", "flexlora", *inputs)
+    assert f"client 0 ({wide})" in err
+    assert err.rstrip().endswith("If this rank is on purpose, pass --option allow_excess_rank=True")
+    assert cli("aggregate", "--method", "flexlora", "--option", "allow_excess_rank=True",
+               "--out", tmp_path / "again", *inputs) == 0  # fmt: skip
+    assert "fedit" in capsys.readouterr().out  # the FedIT baseline ran on the padded clients
+
+
 def test_python_dash_m_runs(equal_clients: list[Client], tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.run(
