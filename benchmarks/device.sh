@@ -5,16 +5,22 @@
 #   - a 7B model's q/v attention, K=18, r=16, float32 and bfloat16;
 #   - Llama-3-8B, all 7 linears of its 32 blocks (224 layers), K=20, r=16, bfloat16.
 # Every registered aggregator and variant runs; the dense references (minutes each) do not.
-# Writes results.{json,md} under $OUT_DIR (default benchmarks/results/gpu) and a summary to
-# $OUT_DIR/device.log. On a machine without CUDA it says so and exits 0 without running anything.
+# Writes results.{json,md} under $OUT_DIR (default benchmarks/results/gpu, to commit with the
+# README's numbers) and a summary to $OUT_DIR/device.log. On a machine without CUDA it says so
+# and exits 0 without running anything.
 #
 #   bash benchmarks/device.sh           # PYTHON=... OUT_DIR=... REPEATS=... CELL_TIMEOUT=... to override
 #   bash benchmarks/device.sh --cpu     # check the script itself on a CPU: the same cells on the
-#                                       # first two layers only, one timed call each
+#                                       # first two layers only, one timed call each, written
+#                                       # under runs/device-cpu (ignored by git) unless OUT_DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
-OUT_DIR="${OUT_DIR:-benchmarks/results/gpu}"
+if [ "${1:-}" = "--cpu" ]; then
+    OUT_DIR="${OUT_DIR:-runs/device-cpu}"  # a check of the script, not results to keep
+else
+    OUT_DIR="${OUT_DIR:-benchmarks/results/gpu}"
+fi
 REPEATS="${REPEATS:-11}"
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/device.log"

@@ -116,8 +116,12 @@ def _floor_line(v: dict[str, Any]) -> str:
             if "gram" in t
             else ""
         )
-        + (f", dense ΔW {fmt_time(t['dense'])}" if "dense" in t else "")
-        + (f", cheaper route {fmt_time(t['route'])}" if "route" in t else "")
+        + (f", dense ΔW {fmt_time(t['dense'])} (the shapes where probed)" if "dense" in t else "")
+        + (
+            f", compute floor {fmt_time(t['route'])} (per shape the cheaper)"
+            if "route" in t
+            else ""
+        )
     )
 
 
