@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -71,16 +72,31 @@ class Prepared:
 
 
 def normalise_weights(weights: Sequence[float] | None, n_clients: int) -> tuple[float, ...]:
-    """Return ``p_k = w_k / Σ w_j`` as Python floats; ``None`` gives ``1 / K`` each."""
+    """Return ``p_k = w_k / Σ w_j`` as Python floats; ``None`` gives ``1 / K`` each.
+
+    Weights are real numbers (Python or NumPy numbers, or a 1-D tensor), finite and ``≥ 0``,
+    not all zero; text and booleans are refused. Where their sum overflows they are scaled by
+    their largest first, so the result depends only on their ratios (``[1e308] * 3`` gives
+    ``1/3`` each)."""
     if weights is None:
         return tuple(1.0 / n_clients for _ in range(n_clients))
     source: object = weights
     if isinstance(source, Tensor):  # accepted too: a 1-D tensor of weights
         source = source.detach().reshape(-1).cpu().tolist()
     try:
-        values = [float(w) for w in source]  # type: ignore[attr-defined]
-    except (TypeError, ValueError) as err:
-        raise InvalidWeightsError(f"weights must be a sequence of numbers: {err}") from None
+        items = list(source)  # type: ignore[call-overload]
+    except TypeError:
+        raise InvalidWeightsError(
+            f"weights must be a sequence of numbers, got {type(source).__name__}"
+        ) from None
+    for k, w in enumerate(items):
+        if isinstance(w, Tensor) and w.numel() == 1 and w.dtype != torch.bool:
+            continue  # a one-element tensor of a number
+        if isinstance(w, (str, bytes, bool)) or not isinstance(w, numbers.Real):
+            raise InvalidWeightsError(
+                f"weights must be a sequence of numbers; client {k}'s is {w!r} ({type(w).__name__})"
+            )
+    values = [float(w) for w in items]
     if len(values) != n_clients:
         raise InvalidWeightsError(f"got {len(values)} weights for {n_clients} clients")
     for k, w in enumerate(values):
@@ -88,9 +104,16 @@ def normalise_weights(weights: Sequence[float] | None, n_clients: int) -> tuple[
             raise InvalidWeightsError(f"weight of client {k} is {w}; weights must be finite")
         if w < 0:
             raise InvalidWeightsError(f"weight of client {k} is {w}; weights must be >= 0")
-    total = math.fsum(values)
-    if total <= 0:
+    top = max(values)
+    if top <= 0:
         raise InvalidWeightsError("all weights are zero; at least one must be positive")
+    try:
+        total = math.fsum(values)
+    except OverflowError:  # an intermediate sum of finite weights above the float range
+        total = math.inf
+    if math.isinf(total):  # scaled into [0, 1] first, the sum cannot overflow
+        values = [w / top for w in values]
+        total = math.fsum(values)
     return tuple(w / total for w in values)
 
 
@@ -174,6 +197,11 @@ def _check_layer(
                     f"layer {name!r}: client {k} has {label} on {t.device} "
                     f"but client 0 has A on {A0.device}"
                 )
+            if t.device.type == "meta":
+                raise DeviceMismatchError(
+                    f"layer {name!r}: client {k} has {label} on the meta device, which holds "
+                    "shapes but no values; load the weights before aggregating"
+                )
         if A.shape[0] != B.shape[1]:
             raise LoRAShapeError(
                 f"layer {name!r}: client {k} has A of shape {tuple(A.shape)} and B of shape "
@@ -214,6 +242,19 @@ def _pairs(values: Sequence[object]) -> list[tuple[Tensor, Tensor]] | None:
     return out
 
 
+def _plain(t: Tensor) -> bool:
+    """A factor taken as it is: contiguous and not requiring grad."""
+    return not t.requires_grad and t.is_contiguous()
+
+
+def _as_plain(t: Tensor) -> Tensor:
+    """A factor as the aggregators take it: detached (a model's parameters: the server step is
+    not differentiated, so no result carries an autograd graph; a view, no copy) and
+    contiguous (a transposed or sliced factor is copied once, so every result is laid out,
+    and computed to the bit, as for contiguous input, and can be saved as it is)."""
+    return t.detach().contiguous()
+
+
 def _layer_ok(
     As: Sequence[Tensor], Bs: Sequence[Tensor], *, equal_ranks: bool, allow_excess_rank: bool
 ) -> bool:
@@ -223,7 +264,7 @@ def _layer_ok(
     A0, B0 = As[0], Bs[0]
     dtype, device = A0.dtype, A0.device
     sa0, sb0 = A0.shape, B0.shape
-    if dtype not in _FLOAT_DTYPES or len(sa0) != 2 or len(sb0) != 2:
+    if dtype not in _FLOAT_DTYPES or len(sa0) != 2 or len(sb0) != 2 or device.type == "meta":
         return False
     r0, d_in = sa0
     d_out = sb0[0]
@@ -316,10 +357,12 @@ def prepare(
     within a layer all factors share dtype and device, ``A_k.shape[0] == B_k.shape[1]``, and
     ``d_in``/``d_out`` agree across clients (and ranks too when ``equal_ranks``); weights as in
     :func:`normalise_weights`; a rank above both ``d_in`` and ``d_out`` (almost always A and B
-    swapped) unless ``allow_excess_rank``; a peft state dict passed as a client is named as
-    such. Nothing is copied or mutated. ``check_finite=False`` leaves the
-    NaN/Inf check to a caller that gets it for free from its own arithmetic (and then calls
-    :func:`raise_if_nonfinite` to name the culprit).
+    swapped) unless ``allow_excess_rank``; no factor on the ``meta`` device (no values); a peft
+    state dict passed as a client is named as such. Nothing is mutated; a factor that requires
+    grad or is not contiguous is taken as :func:`_as_plain` makes it (a detached view; a
+    contiguous copy), so no result carries an autograd graph or an input's strides.
+    ``check_finite=False`` leaves the NaN/Inf check to a caller that gets it for free from its
+    own arithmetic (and then calls :func:`raise_if_nonfinite` to name the culprit).
     """
     if isinstance(clients, Mapping):
         raise EmptyClientsError(
@@ -349,6 +392,8 @@ def prepare(
         Bs = [b for _, b in pairs]
         if not _layer_ok(As, Bs, equal_ranks=equal_ranks, allow_excess_rank=allow_excess_rank):
             _check_layer(name, As, Bs, equal_ranks=equal_ranks, allow_excess_rank=allow_excess_rank)
+        if not all(_plain(t) for t in As) or not all(_plain(t) for t in Bs):
+            As, Bs = [_as_plain(a) for a in As], [_as_plain(b) for b in Bs]
         layers[name] = Layer(name, tuple(As), tuple(Bs))
     if check_finite:
         raise_if_nonfinite(layers)

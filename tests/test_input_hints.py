@@ -91,3 +91,77 @@ def test_layer_keys_that_differ_name_both_sides(spec) -> None:
     msg = str(info.value)
     assert "client 2 is missing layer 'k' (client 0 has it)" in msg
     assert "client 2 has layers 'blocks.0.v', 'blocks.0.o' that client 0 does not have" in msg
+
+
+def _leaves(x: object) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _leaves(v)]
+    if hasattr(x, "_asdict"):
+        return [t for v in x._asdict().values() for t in _leaves(v)]
+    if isinstance(x, (tuple, list)):
+        return [t for v in x for t in _leaves(v)]
+    return []
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_parameters_that_require_grad_give_results_without_a_graph(spec) -> None:
+    """A model's parameters passed as they are: the result is the plain one, with no graph."""
+    plain = _clients(spec, 10, 12, 4)
+    params = [
+        {n: LoRAFactors(*(torch.nn.Parameter(t.clone()) for t in f)) for n, f in c.items()}
+        for c in plain
+    ]
+    got, want = _leaves(spec.fn(params, **spec.defaults)), _leaves(spec.fn(plain, **spec.defaults))
+    assert got
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert not g.requires_grad
+        assert g.grad_fn is None
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_transposed_inputs_give_the_same_bits_contiguous(spec) -> None:
+    """Factors laid out transposed (``x.mT.contiguous().mT``): the same bits as contiguous
+    input, and every result contiguous (``safetensors`` saves only contiguous tensors)."""
+    plain = _clients(spec, 10, 12, 4)
+    strided = [
+        {n: LoRAFactors(*(t.mT.contiguous().mT for t in f)) for n, f in c.items()} for c in plain
+    ]
+    assert not strided[0]["q"].A.is_contiguous()
+    got, want = _leaves(spec.fn(strided, **spec.defaults)), _leaves(spec.fn(plain, **spec.defaults))
+    assert got
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.is_contiguous()
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_meta_tensors_are_named_not_a_raw_error(spec) -> None:
+    meta = [
+        {n: LoRAFactors(*(t.to("meta") for t in f)) for n, f in c.items()}
+        for c in _clients(spec, 10, 12, 4)
+    ]
+    with pytest.raises(errors.DeviceMismatchError, match=r"layer 'q': client 0 has A on the meta"):
+        spec.fn(meta, **spec.defaults)
+
+
+def test_weights_whose_sum_overflows_are_their_ratios() -> None:
+    spec = registry.get("fedit")
+    clients = _clients(spec, 10, 12, 4)
+    for got, want in zip(
+        _leaves(spec.fn(clients, [1e308, 1e308, 5e307])),
+        _leaves(spec.fn(clients, [2.0, 2.0, 1.0])),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("weights", [["1", "2", "3"], [True, True, False], [1.0, None, 1.0]])
+def test_weights_that_are_not_numbers_are_refused(weights: list[object]) -> None:
+    spec = registry.get("fedit")
+    with pytest.raises(errors.InvalidWeightsError, match="sequence of numbers"):
+        spec.fn(_clients(spec, 10, 12, 4), weights)
