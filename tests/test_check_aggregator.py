@@ -160,6 +160,96 @@ def test_catches_an_aggregator_that_mutates_its_input():
     assert "client 0's A was modified" in failed("no_mutation", excinfo)
 
 
+def aliases_one_client(clients, weights=None):
+    """FedIT, except that one client gets its own tensors back."""
+    out = fedit(clients, weights)  # validates the input
+    if len(clients) == 1:
+        return {n: tuple(f) for n, f in clients[0].items()}
+    return out
+
+
+def aliases_the_only_weighted_client(clients, weights=None):
+    """FedIT, except that a single positive weight gets that client's tensors back."""
+    out = fedit(clients, weights)  # validates the input
+    positive = [k for k, w in enumerate(weights or [1.0] * len(clients)) if w > 0]
+    if len(positive) == 1:
+        return {n: tuple(f) for n, f in clients[positive[0]].items()}
+    return out
+
+
+def appends_a_client(clients, weights=None):
+    out = fedit(clients, weights)
+    clients.append(clients[0])
+    return out
+
+
+def adds_a_layer(clients, weights=None):
+    out = fedit(clients, weights)
+    clients[0]["head"] = next(iter(clients[0].values()))
+    return out
+
+
+def mutates_without_weights(clients, weights=None):
+    out = fedit(clients, weights)
+    if weights is None:
+        next(iter(clients[0].values()))[1].zero_()
+    return out
+
+
+def mutates_the_property_inputs(clients, weights=None):
+    """Only the properties' inputs have a layer named 'layer0'."""
+    out = fedit(clients, weights)
+    if "layer0" in clients[0]:
+        clients[0]["layer0"][0].add_(1.0)
+    return out
+
+
+@pytest.mark.parametrize("fn", [aliases_one_client, aliases_the_only_weighted_client])
+def test_catches_an_aggregator_that_returns_its_input(fn):
+    with pytest.raises(AssertionError) as excinfo:
+        check_aggregator(fn, equal_ranks=True, max_examples=FEW)
+    message = failed("no_aliasing", excinfo)
+    assert "shares memory with client" in message
+    assert ("1 clients, weights None" if fn is aliases_one_client else "[0.0, 1.0, 0.0]") in message
+
+
+@pytest.mark.parametrize(
+    ("fn", "change"),
+    [
+        (appends_a_client, "the clients changed length: 3 → 4"),
+        (adds_a_layer, "client 0 changed keys: ['blocks.0.attn.qkv', 'blocks.0.mlp.fc1'] → "),
+        (
+            mutates_without_weights,
+            "during check 'no_aliasing': layer 'blocks.0.attn.qkv': client 0's B was modified",
+        ),
+        (mutates_the_property_inputs, "during property 'permutation_invariance': "),
+    ],
+)
+def test_catches_a_mutation_during_any_call(fn, change):
+    with pytest.raises(AssertionError) as excinfo:
+        check_aggregator(fn, equal_ranks=True, max_examples=FEW)
+    assert change in failed("no_mutation", excinfo)
+
+
+def rewrites_the_weights(clients, weights=None):
+    """FedIT, then each weight replaced by an equal float: a change, but a harmless one."""
+    out = fedit(clients, weights)
+    if isinstance(weights, list):
+        weights[:] = [float(w) + 0.0 for w in weights]
+    return out
+
+
+def test_skipping_no_mutation_stops_watching_the_inputs():
+    with pytest.raises(AssertionError) as excinfo:
+        check_aggregator(rewrites_the_weights, equal_ranks=True, max_examples=2)
+    assert "weight 0 was replaced by another object" in failed("no_mutation", excinfo)
+    report = check_aggregator(
+        rewrites_the_weights, equal_ranks=True, skip=("no_mutation",), max_examples=2
+    )
+    assert "no_mutation" in report.skipped
+    assert "permutation_invariance" in report.checked
+
+
 def test_catches_an_aggregator_that_depends_on_client_order():
     with pytest.raises(AssertionError) as excinfo:
         check_aggregator(depends_on_client_order, equal_ranks=True, max_examples=FEW)

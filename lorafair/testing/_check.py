@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 from lorafair.registry import AggregatorSpec
 from lorafair.testing._conformance import CHECKS
 from lorafair.testing._reference import Objective
-from lorafair.testing._target import Claims, Target, Update
+from lorafair.testing._target import Claims, InputMutated, Target, Update
 
 __all__ = ["CheckReport", "check_aggregator", "check_names"]
 
@@ -110,7 +110,13 @@ def check_aggregator(
 
     Conformance checks, on fixed inputs: ``dtype_device`` (float16/bfloat16/float32/float64
     on the CPU, and CUDA if present, give finite results of the same dtype and device),
-    ``no_mutation``, ``no_aliasing``, ``deterministic``, ``plain_tuples``,
+    ``no_mutation`` (no call changes its inputs: list lengths, dict keys, which object sits
+    where, tensor shapes, dtypes, devices and values are compared before and after every call
+    of every check and property, and a change fails as ``no_mutation``, naming the check or
+    property during which it happened; skipping ``no_mutation`` switches this off),
+    ``no_aliasing`` (no result tensor's storage overlaps an input tensor's, for three clients
+    with weights ``[1, 0, 2]`` and ``[0, 1, 0]``, and for one client), ``deterministic``,
+    ``plain_tuples``,
     ``zero_update`` (ΔW = 0 gives a finite zero update), ``one_client`` (gets its update back;
     for an ``optimal`` method, its best approximation at the result's rank), ``zero_weight``
     (a zero-weight client is ignored), ``shared_A`` and ``equal_ranks`` (rejected with a
@@ -136,8 +142,8 @@ def check_aggregator(
     ``skip`` switches checks off by name (:func:`check_names`; ``"bad_input"`` for all of its
     cases). ``max_examples`` per property defaults to the loaded Hypothesis profile's, capped
     at 20; other settings (``derandomize``) come from the profile. Hypothesis (the ``test``
-    extra) is imported only when a property runs. Cost: about 40 calls of ``fn`` on tiny
-    inputs, plus 1–2 calls per example per property.
+    extra) is imported only when a property runs. Cost: about 45 calls of ``fn`` on tiny
+    inputs, plus 1–2 calls per example per property, each with a copy of its input tensors.
 
     Raises ``AssertionError`` naming the first check or property that fails, what it saw, and
     for a property the smallest counterexample Hypothesis found (the seed of
@@ -175,8 +181,10 @@ def check_aggregator(
             getattr(fn, "__name__", None) or getattr(getattr(fn, "func", fn), "__name__", "fn")
         )
         call = fn
-    target = Target(name, call, claims, update, objective or _objective(spec))
     skip_set = _selected(skip)
+    target = Target(
+        name, call, claims, update, objective or _objective(spec), "no_mutation" not in skip_set
+    )
     checked: list[str] = []
     skipped: list[str] = []
     for check_name, check in CHECKS.items():
@@ -185,6 +193,8 @@ def check_aggregator(
             continue
         try:
             check.run(target)
+        except InputMutated as exc:
+            raise _mutated(name, "check", check_name, exc) from exc
         except AssertionError as exc:
             raise AssertionError(
                 f"check_aggregator({name}): check {check_name!r} failed ({check.doc}): {exc}"
@@ -206,6 +216,8 @@ def check_aggregator(
                 continue
             try:
                 properties.run_property(prop, target, examples)
+            except InputMutated as exc:
+                raise _mutated(name, "property", prop_name, exc) from exc
             except properties.PropertyFailure as exc:
                 raise AssertionError(
                     f"check_aggregator({name}): property {prop_name!r} failed ({prop.doc}): "
@@ -213,6 +225,14 @@ def check_aggregator(
                 ) from exc
             checked.append(prop_name)
     return CheckReport(name, tuple(checked), tuple(skipped), tuple(not_claimed), examples)
+
+
+def _mutated(name: str, kind: str, during: str, exc: InputMutated) -> AssertionError:
+    where = "" if during == "no_mutation" else f"during {kind} {during!r}: "
+    return AssertionError(
+        f"check_aggregator({name}): check 'no_mutation' failed ({CHECKS['no_mutation'].doc}): "
+        f"{where}{exc}"
+    )
 
 
 def _import_properties() -> Any:

@@ -26,6 +26,7 @@ from lorafair.testing._target import (
     OBJECTIVE_SLACK,
     RTOL,
     Claims,
+    InputMutated,
     Target,
     describe,
     fits,
@@ -74,6 +75,8 @@ def examples(draw: st.DrawFn, /, claims: Claims, dtypes: Sequence[torch.dtype]) 
 def _call(target: Target, clients: Sequence[Any], weights: Sequence[float] | None) -> _Adapters:
     try:
         result = run(target, clients, weights)
+    except InputMutated:
+        raise
     except Exception as exc:
         raise AssertionError(f"raised {type(exc).__name__} on a valid input: {exc}") from exc
     return fits(clients, updates(target, result))
@@ -185,6 +188,8 @@ def never_worse_than_fedit(target: Target, ex: Example) -> None:
 def finite_output(target: Target, ex: Example) -> None:
     try:
         result = run(target, ex.clients, ex.weights)
+    except InputMutated:
+        raise
     except LoRAFairError as exc:
         if may_overflow(ex.clients, ex.weights):
             return  # the honest alternative to a result that overflows the dtype
@@ -297,5 +302,7 @@ def run_property(prop: Property, target: Target, max_examples: int) -> None:
 
     try:
         body()
+    except InputMutated as exc:
+        raise InputMutated(f"{exc} (on {last[0]})") from exc
     except Exception as exc:
         raise PropertyFailure(f"{type(exc).__name__}: {exc}".strip(), last[0]) from exc

@@ -58,6 +58,8 @@ class Target(NamedTuple):
     claims: Claims
     update: Update | None
     objective: Objective
+    watch_inputs: bool = True
+    """Whether :func:`run` raises :class:`InputMutated` when a call changes its inputs."""
 
 
 def tensors(x: object) -> Iterator[Tensor]:
@@ -136,9 +138,108 @@ def may_overflow(clients: Sequence[Adapter], weights: Sequence[float] | None) ->
     return any(input_scale(clients, weights, name) > limit for name in clients[0])
 
 
+class InputMutated(AssertionError):
+    """A call of the function changed its inputs (raised by :func:`run`, even when the call
+    itself raised, which is then the ``__context__``); the message says what changed."""
+
+
+def _where(path: tuple[object, ...]) -> str:
+    root, *rest = path
+    if root == "weights":
+        return "the weights" if not rest else f"weight {rest[0]!r}"
+    if not rest:
+        return "the clients"
+    if len(rest) == 1:
+        return f"client {rest[0]!r}"
+    if len(rest) == 2:
+        return f"client {rest[0]!r}'s layer {rest[1]!r}"
+    if len(rest) == 3 and rest[2] in (0, 1):
+        return f"layer {rest[1]!r}: client {rest[0]!r}'s {'A' if rest[2] == 0 else 'B'}"
+    return "the clients" + "".join(f"[{p!r}]" for p in rest)
+
+
+class _Node(NamedTuple):
+    """What one input object was before the call: a tensor's metadata and a copy of its
+    values (``None`` on the meta device), or a container's children (key, object, node)."""
+
+    meta: tuple[object, ...] | None
+    values: Tensor | None
+    children: tuple[tuple[object, object, _Node], ...] | None
+
+
+def _snapshot(x: object) -> _Node:
+    if isinstance(x, Tensor):
+        meta = (tuple(x.shape), x.dtype, x.device)
+        return _Node(meta, None if x.is_meta else x.detach().clone(), None)
+    if isinstance(x, Mapping):
+        return _Node(None, None, tuple((k, v, _snapshot(v)) for k, v in x.items()))
+    if isinstance(x, list | tuple):
+        return _Node(None, None, tuple((i, v, _snapshot(v)) for i, v in enumerate(x)))
+    return _Node(None, None, None)  # a leaf (a number): its identity is checked by its parent
+
+
+def _equal(a: Tensor, b: Tensor) -> bool:
+    """Elementwise equal, NaN equal to NaN."""
+    same = a == b
+    if a.is_floating_point() or a.is_complex():
+        same |= a.isnan() & b.isnan()
+    return bool(same.all())
+
+
+def _changed(node: _Node, x: object, path: tuple[object, ...]) -> str | None:
+    """What changed in ``x`` since ``node`` was taken of it, or ``None``."""
+    where = _where(path)
+    if isinstance(x, Tensor):
+        if node.meta != (tuple(x.shape), x.dtype, x.device):
+            return (
+                f"{where} was changed in place: {node.meta} → {(tuple(x.shape), x.dtype, x.device)}"
+            )
+        if node.values is not None and not _equal(node.values, x.detach()):
+            return f"{where} was modified (its values changed in place)"
+        return None
+    if node.children is None:
+        return None
+    items: list[tuple[object, object]]
+    if isinstance(x, Mapping):
+        items = list(x.items())
+    elif isinstance(x, list | tuple):
+        items = list(enumerate(x))
+    else:  # unreachable: the parent checks that the same object sits here
+        return f"{where} is no longer a container"
+    before = [k for k, _, _ in node.children]
+    if isinstance(x, Mapping) and before != [k for k, _ in items]:
+        return f"{where} changed keys: {before} → {[k for k, _ in items]}"
+    if len(items) != len(before):
+        return f"{where} changed length: {len(before)} → {len(items)}"
+    for (key, obj, child), (_, now) in zip(node.children, items, strict=True):
+        if now is not obj:
+            return f"{_where((*path, key))} was replaced by another object"
+        change = _changed(child, now, (*path, key))
+        if change is not None:
+            return change
+    return None
+
+
 def run(target: Target, clients: Sequence[Adapter], weights: Sequence[float] | None) -> Any:
-    """``fn(clients, weights)``."""
-    return target.fn(clients, weights)
+    """``fn(clients, weights)``, the one way the checks and properties call the function.
+
+    Unless ``target.watch_inputs`` is false, the inputs' structure (list lengths, dict keys,
+    which object sits where) and tensors (shape, dtype, device and values; metadata only on
+    the meta device) are copied before the call and compared after it, also when it raises:
+    any change raises :class:`InputMutated` saying what changed. This costs a copy of the
+    input tensors per call.
+    """
+    if not target.watch_inputs:
+        return target.fn(clients, weights)
+    before = _snapshot(clients), _snapshot(weights)
+    try:
+        return target.fn(clients, weights)
+    finally:
+        change = _changed(before[0], clients, ("clients",)) or _changed(
+            before[1], weights, ("weights",)
+        )
+        if change is not None:
+            raise InputMutated(change)
 
 
 def describe(clients: Sequence[Adapter], weights: Sequence[float] | None) -> str:
