@@ -12,8 +12,13 @@ Two key formats exist, and both are read:
 
 The layer name is the module path before ``.lora_A`` / ``.lora_B``
 (``base_model.model.fc1`` above), the same in both formats. Every other key (heads,
-``modules_to_save``, biases, frozen base weights, other adapters, DoRA magnitudes) is returned
-in :attr:`PeftSplit.others`, never dropped; :func:`fedavg_others` averages those.
+``modules_to_save``, biases, frozen base weights, other adapters) is returned in
+:attr:`PeftSplit.others`, never dropped; :func:`fedavg_others` averages those. Keys of LoRA
+variants whose update is not ``s · B @ A`` (DoRA's ``lora_magnitude_vector``, embedding
+LoRA's ``lora_embedding_A`` / ``lora_embedding_B``, LoRA biases ``lora_A.bias`` /
+``lora_B.bias``, in either format and of any adapter) are refused by name, by
+:func:`from_peft_state_dict`, :func:`fedavg_others` and :func:`read_adapter` alike, with the
+same rule as ``lorafair aggregate``: averaging them would silently give a wrong model.
 
 Scaling. Aggregators see the factors as given. When clients' ranks or alphas differ, fold each
 client's ``s`` into ``B`` first (:func:`fold_scaling`, so ``B @ A`` is the update the model
@@ -52,6 +57,7 @@ from torch import Tensor
 from lorafair._validate import normalise_weights, same_keys, weighted_sum
 from lorafair.errors import (
     AdapterFolderError,
+    AdapterFormatError,
     DtypeMismatchError,
     EmptyClientsError,
     LayerKeyError,
@@ -78,6 +84,38 @@ __all__ = [
 ]
 
 _FACTOR_NAMES = ("lora_A", "lora_B")
+# Key parts of LoRA variants whose update is not ``s · B @ A``, or that lorafair cannot aggregate.
+_REFUSED_PARTS = {
+    "lora_magnitude_vector": "DoRA magnitudes (use_dora=True): DoRA's update is not s·B@A",
+    "lora_embedding_A": "embedding LoRA",
+    "lora_embedding_B": "embedding LoRA",
+}
+
+
+def _unsupported(key: str) -> str | None:
+    """What ``key`` is, if it belongs to a LoRA variant lorafair refuses; else ``None``.
+
+    The one rule behind every refusal (:func:`from_peft_state_dict`, :func:`fedavg_others`,
+    :func:`read_adapter` and ``lorafair aggregate``): a dotted part ``lora_magnitude_vector``
+    (DoRA), ``lora_embedding_A`` / ``lora_embedding_B`` (embedding LoRA), or a key ending in
+    ``bias`` below a ``lora_A`` / ``lora_B`` part (a LoRA bias). Saved keys
+    (``m.lora_B.bias``) and module keys (``m.lora_B.default.bias``) of any adapter alike.
+    """
+    parts = str(key).split(".")
+    for part in parts:
+        if part in _REFUSED_PARTS:
+            return _REFUSED_PARTS[part]
+    if parts[-1] == "bias" and any(p in _FACTOR_NAMES for p in parts[:-1]):
+        return "a LoRA bias (lora_bias=True)"
+    return None
+
+
+def _refuse_unsupported(key: str, where: str, error: type[LoRAFairError]) -> None:
+    """Raise ``error`` naming ``key`` (after ``where``, e.g. ``"client 1: "``) if
+    :func:`_unsupported` refuses it."""
+    what = _unsupported(key)
+    if what is not None:
+        raise error(f"{where}key {key!r} is {what}; lorafair does not aggregate it")
 
 
 class PeftSplit(NamedTuple):
@@ -122,7 +160,7 @@ def _key(layer: str, which: Literal["A", "B"], adapter: str | None) -> str:
 
 
 def from_peft_state_dict(
-    state_dict: Mapping[str, Tensor], *, adapter_name: str = "default"
+    state_dict: Mapping[str, Tensor], *, adapter_name: str = "default", client: int | None = None
 ) -> PeftSplit:
     """Split a peft state dict into ``{layer: LoRAFactors(A, B)}`` and the other keys.
 
@@ -130,7 +168,11 @@ def from_peft_state_dict(
     (``<layer>.lora_A.<adapter_name>.weight``); a dict mixing the two is an error. Keys of
     other adapters go to ``others``. Each layer needs both factors, 2-D, with
     ``A.shape[0] == B.shape[1]`` (only ``nn.Linear``-style LoRA; peft's Conv and Embedding
-    LoRA layers use other shapes and are rejected). Cost: one pass over the keys; no copies.
+    LoRA layers use other shapes and are rejected). Keys of DoRA (``lora_magnitude_vector``),
+    embedding LoRA (``lora_embedding_A`` / ``lora_embedding_B``) and LoRA biases are refused
+    with an :class:`~lorafair.errors.AdapterFormatError` naming the key, whichever adapter they
+    belong to (the rule of ``lorafair aggregate``). ``client`` (optional) is named in every
+    error, e.g. ``client 1: key '...'``. Cost: one pass over the keys; no copies.
 
     >>> import torch
     >>> sd = {"m.fc.lora_A.weight": torch.zeros(2, 3), "m.fc.lora_B.weight": torch.zeros(4, 2),
@@ -139,12 +181,23 @@ def from_peft_state_dict(
     >>> list(split.factors), list(split.others), split.adapter_name
     (['m.fc'], ['m.head.weight'], None)
     """
+    who = "" if client is None else f"client {client}: "
+    try:
+        return _split(state_dict, adapter_name)
+    except LoRAFairError as exc:
+        if not who:
+            raise
+        raise type(exc)(f"{who}{exc}") from None
+
+
+def _split(state_dict: Mapping[str, Tensor], adapter_name: str) -> PeftSplit:
     if not isinstance(state_dict, Mapping):
         raise LayerKeyError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
     found: dict[str, dict[str, Tensor]] = {}
     others: dict[str, Tensor] = {}
     formats: dict[str | None, str] = {}
     for key, value in state_dict.items():
+        _refuse_unsupported(str(key), "", AdapterFormatError)
         parsed = _parse(str(key), adapter_name)
         if parsed is None:
             others[key] = value
@@ -185,6 +238,7 @@ def to_peft_state_dict(
     like: Mapping[str, Tensor] | PeftSplit,
     others: Mapping[str, Tensor] | None = None,
     adapter_name: str = "default",
+    same_rank: bool = False,
 ) -> dict[str, Tensor]:
     """Build a peft state dict holding ``factors``, in the key format and order of ``like``.
 
@@ -192,11 +246,23 @@ def to_peft_state_dict(
     client's upload or ``get_peft_model_state_dict(model)``; its format (saved or module) is
     reproduced, so the result loads with ``set_peft_model_state_dict`` (saved format) or
     ``model.load_state_dict(..., strict=False)`` (module format). ``factors`` must have exactly
-    ``like``'s layers (shapes may differ, e.g. FLoRA's rank Σ r_k); ``adapter_name`` is used to
-    read a module-format ``like`` as in :func:`from_peft_state_dict`. ``others`` (optional) are
-    placed at their position in ``like``, new keys after. Tensors are not copied, so
-    ``to_peft_state_dict(s.factors, like=sd, others=s.others)`` with ``s =
-    from_peft_state_dict(sd)`` returns ``sd``'s keys, order and tensors exactly.
+    ``like``'s layers; ``adapter_name`` is used to read a module-format ``like`` as in
+    :func:`from_peft_state_dict`. ``others`` (optional) are placed at their position in
+    ``like``, new keys after.
+
+    Shapes. Each ``factors[layer]`` must be a pair of 2-D tensors ``A`` (r, d_in) and ``B``
+    (d_out, r) with ``like``'s ``d_in`` and ``d_out`` for that layer; otherwise a
+    :class:`~lorafair.errors.LoRAShapeError` names the layer and both shapes. The rank ``r``
+    may differ from ``like``'s by default, because ``like`` often only supplies the key layout:
+    FLoRA's stacked rank ``Σ r_k``, FlexLoRA's or HetLoRA's ranks, a client truncating a larger
+    global rank, or FedEx-LoRA's residual are all written against an adapter of another rank.
+    Such a result loads only into a peft model built with that rank (``r`` /
+    ``rank_pattern``); ``set_peft_model_state_dict`` of a model of ``like``'s rank fails with
+    peft's "size mismatch". Pass ``same_rank=True`` to refuse a rank different from ``like``'s
+    here instead (a :class:`~lorafair.errors.LoRAShapeError` naming the layer and both
+    shapes) when the result must load into the model ``like`` was taken from. Tensors are not
+    copied, so ``to_peft_state_dict(s.factors, like=sd, others=s.others)`` with
+    ``s = from_peft_state_dict(sd)`` returns ``sd``'s keys, order and tensors exactly.
     """
     split = like if isinstance(like, PeftSplit) else None
     if split is None:
@@ -218,12 +284,23 @@ def to_peft_state_dict(
         raise LayerKeyError(f"factors have layer {extra[0]!r} that `like` does not have")
     adapter = split.adapter_name
     by_key: dict[str, Tensor] = {}
-    for name in split.factors:
+    for name, (A0, B0) in split.factors.items():
         value = factors[name]
         if isinstance(value, Tensor) or not isinstance(value, Sequence) or len(value) != 2:
             raise LoRAShapeError(f"layer {name!r}: expected a pair (A, B)")
-        by_key[_key(name, "A", adapter)] = value[0]
-        by_key[_key(name, "B", adapter)] = value[1]
+        A, B = value[0], value[1]
+        if not isinstance(A, Tensor) or not isinstance(B, Tensor) or A.ndim != 2 or B.ndim != 2:
+            raise LoRAShapeError(f"layer {name!r}: A and B must be 2-D tensors")
+        fits = A.shape[1] == A0.shape[1] and B.shape[0] == B0.shape[0]
+        if not fits or A.shape[0] != B.shape[1] or (same_rank and A.shape[0] != A0.shape[0]):
+            need = "(r, d_in) and (d_out, r)" if not same_rank else "the same shapes"
+            raise LoRAShapeError(
+                f"layer {name!r}: A {tuple(A.shape)} and B {tuple(B.shape)} do not fit `like`'s "
+                f"A {tuple(A0.shape)} and B {tuple(B0.shape)} (expected {need} with d_out = "
+                f"{B0.shape[0]}, d_in = {A0.shape[1]})"
+            )
+        by_key[_key(name, "A", adapter)] = A
+        by_key[_key(name, "B", adapter)] = B
     out: dict[str, Tensor] = {}
     rest = dict(others) if others is not None else {}
     for key in order:
@@ -251,7 +328,11 @@ def fedavg_others(
     tensors (e.g. BatchNorm's ``num_batches_tracked``) cannot be averaged: ``nonfloat="equal"``
     requires them equal across clients (else an error naming key and client), ``"first"``
     takes client 0's. Every client must have the same keys, shapes and dtypes; non-finite
-    values are an error. Cost: O(K · numel) flops, one float64 buffer per key.
+    values are an error. Keys of DoRA (``lora_magnitude_vector``), embedding LoRA
+    (``lora_embedding_A`` / ``lora_embedding_B``) and LoRA biases are refused, as by
+    :func:`from_peft_state_dict` and ``lorafair aggregate``: an
+    :class:`~lorafair.errors.AdapterFormatError` naming the key and the first client that has
+    it. Cost: O(K · numel) flops, one float64 buffer per key.
     """
     if nonfloat not in ("equal", "first"):
         raise LoRAFairError(f"nonfloat must be 'equal' or 'first', got {nonfloat!r}")
@@ -260,6 +341,10 @@ def fedavg_others(
     others = list(others)
     if not others:
         raise EmptyClientsError("no clients to average")
+    for k, client in enumerate(others):
+        if isinstance(client, Mapping):
+            for key in client:
+                _refuse_unsupported(str(key), f"client {k}: ", AdapterFormatError)
     p = normalise_weights(weights, len(others))
     names = same_keys(others, noun="key")
     out: dict[str, Tensor] = {}
@@ -382,14 +467,6 @@ _MODEL_PREFIX = "base_model.model."
 # peft's LoraConfig defaults for the fields that set the scaling.
 _DEFAULT_R = 8
 _DEFAULT_ALPHA = 8
-# Keys of LoRA variants whose update is not ``s · B @ A``, or that lorafair cannot aggregate.
-_REFUSED_KEYS = (
-    ("lora_magnitude_vector", "DoRA magnitudes (use_dora=True): DoRA's update is not s·B@A"),
-    ("lora_embedding_A", "embedding LoRA"),
-    ("lora_embedding_B", "embedding LoRA"),
-    ("lora_A.bias", "a LoRA bias (lora_bias=True)"),
-    ("lora_B.bias", "a LoRA bias (lora_bias=True)"),
-)
 
 
 class PeftAdapter(NamedTuple):
@@ -541,11 +618,7 @@ def read_adapter(path: str | os.PathLike[str], *, client: int | None = None) -> 
     for key, value in state.items():
         if not isinstance(value, Tensor):
             raise AdapterFolderError(f"{where}: key {key!r} holds a {type(value).__name__}")
-        for marker, what in _REFUSED_KEYS:
-            if marker in str(key):
-                raise AdapterFolderError(
-                    f"{where}: key {key!r} is {what}; lorafair does not aggregate it"
-                )
+        _refuse_unsupported(str(key), f"{where}: ", AdapterFolderError)
     try:
         split = from_peft_state_dict(state)
     except LoRAFairError as exc:

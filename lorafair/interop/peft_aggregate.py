@@ -26,8 +26,10 @@ Rules, stated once:
 * **Other keys.** ``modules_to_save`` copies (full trained weights) are FedAvg'd with the
   clients' weights, ``Σ p_k T_k`` in float64, for methods with one global adapter; a
   personalised method (FedSA-LoRA) leaves each client its own. Any other non-LoRA key is
-  refused with an error naming it (DoRA, embedding LoRA and LoRA biases are already refused by
-  :func:`~lorafair.interop.peft.read_adapter`).
+  refused with an error naming it; DoRA, embedding LoRA and LoRA biases are refused by name
+  with one rule shared with :func:`~lorafair.interop.peft.read_adapter`,
+  :func:`~lorafair.interop.peft.from_peft_state_dict` and
+  :func:`~lorafair.interop.peft.fedavg_others`.
 * **What is written** (``AggregatorSpec.output``): one adapter folder (``adapters``);
   FedEx-LoRA's adapter folder plus ``fedex_residual.safetensors``, the residual to fold into
   the base weights (``adapters+residual``, see :data:`RESIDUAL_FILE`); FedSA-LoRA's one folder
@@ -62,6 +64,7 @@ from lorafair.interop.peft import (
     PeftAdapter,
     _adapter_files,
     _module_key,
+    _refuse_unsupported,
     _write_folder,
     fedavg_others,
 )
@@ -197,6 +200,8 @@ def _check_others(adapters: Sequence[PeftAdapter]) -> None:
     for k, adapter in enumerate(adapters):
         names = adapter.config.get("modules_to_save") or []
         for key in adapter.others:
+            # DoRA, embedding LoRA, LoRA biases: the rule of read_adapter and fedavg_others
+            _refuse_unsupported(str(key), f"client {k} ({adapter.path}): ", AdapterFolderError)
             if not _is_module_to_save(str(key), names):
                 raise AdapterFolderError(
                     f"client {k} ({adapter.path}): key {key!r} is neither lora_A/lora_B nor a "

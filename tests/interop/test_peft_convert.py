@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 
 from lorafair.errors import (
+    AdapterFolderError,
+    AdapterFormatError,
     DtypeMismatchError,
     EmptyClientsError,
     InvalidWeightsError,
@@ -18,6 +20,7 @@ from lorafair.errors import (
     NonFiniteError,
 )
 from lorafair.interop.peft import (
+    PeftAdapter,
     PeftSplit,
     fedavg_others,
     fold_scaling,
@@ -26,6 +29,8 @@ from lorafair.interop.peft import (
     to_peft_state_dict,
     unfold_scaling,
 )
+from lorafair.interop.peft_aggregate import aggregate_adapters
+from lorafair.types import LoRAFactors
 
 P = "base_model.model."
 
@@ -164,6 +169,89 @@ def test_to_peft_layer_mismatch_errors() -> None:
         )
 
 
+_VARIANT_KEYS = [
+    f"{P}enc.fc1.lora_magnitude_vector",  # DoRA, saved format
+    f"{P}emb.lora_embedding_A",  # embedding LoRA, saved format
+    f"{P}emb.lora_embedding_B",
+    f"{P}enc.fc1.lora_B.bias",  # LoRA bias, saved format
+]
+
+
+def _variant(sd: dict[str, Tensor], key: str) -> dict[str, Tensor]:
+    return dict(sd, **{key: torch.ones(5)})
+
+
+@pytest.mark.parametrize("key", _VARIANT_KEYS)
+def test_from_peft_refuses_lora_variants_by_name(key: str) -> None:
+    with pytest.raises(AdapterFormatError, match=rf"^key '{key}' is "):
+        from_peft_state_dict(_variant(_saved(), key))
+    with pytest.raises(AdapterFormatError, match=rf"^client 2: key '{key}' is "):
+        from_peft_state_dict(_variant(_saved(), key), client=2)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        f"{P}enc.fc1.lora_magnitude_vector.default.weight",
+        f"{P}emb.lora_embedding_A.default",
+        f"{P}enc.fc1.lora_A.default.bias",
+        f"{P}enc.fc1.lora_magnitude_vector.other.weight",  # another adapter's DoRA too
+    ],
+)
+def test_from_peft_refuses_lora_variants_in_module_format(key: str) -> None:
+    sd = _variant(_module_format(_saved(), "default"), key)
+    with pytest.raises(AdapterFormatError, match=rf"key '{key}'"):
+        from_peft_state_dict(sd)
+
+
+@pytest.mark.parametrize("key", _VARIANT_KEYS)
+def test_fedavg_others_refuses_lora_variants_naming_key_and_client(key: str) -> None:
+    plain = {f"{P}head.weight": torch.ones(2)}
+    odd = dict(plain, **{key: torch.ones(5)})
+    with pytest.raises(AdapterFormatError, match=rf"^client 1: key '{key}' is "):
+        fedavg_others([plain, odd, odd])
+    with pytest.raises(AdapterFormatError, match=rf"^client 0: key '{key}' is "):
+        fedavg_others([odd, odd])  # same keys everywhere: still refused, not averaged
+
+
+def test_plain_others_and_other_adapters_still_split_and_averaged() -> None:
+    # not refused: heads, biases of ordinary modules, other adapters' lora_A/lora_B weights
+    sd = _module_format(_saved(), "default")
+    sd[f"{P}enc.fc1.lora_A.other.weight"] = torch.randn(4, 6)
+    sd[f"{P}enc.fc1.base_layer.bias"] = torch.randn(5)
+    split = from_peft_state_dict(sd, client=0)
+    out = fedavg_others([split.others, split.others])
+    assert set(out) == set(split.others)
+
+
+def test_to_peft_refuses_wrong_d_in_or_d_out_naming_layer_and_shapes() -> None:
+    sd = _saved(r=2)
+    split = from_peft_state_dict(sd)
+    A, B = split.factors[f"{P}enc.fc1"]  # A (2, 6), B (5, 2)
+    for bad in ((torch.zeros(2, 7), B), (A, torch.zeros(4, 2)), (A, torch.zeros(5, 3))):
+        factors = dict(split.factors, **{f"{P}enc.fc1": bad})
+        with pytest.raises(LoRAShapeError, match=r"layer '.*enc\.fc1'.*\(2, 6\).*\(5, 2\)"):
+            to_peft_state_dict(factors, like=sd)
+    for bad_pair in ((A[None], B), (A, B.flatten())):
+        factors = dict(split.factors, **{f"{P}enc.fc1": bad_pair})
+        with pytest.raises(LoRAShapeError, match=r"enc\.fc1.*2-D"):
+            to_peft_state_dict(factors, like=split)
+
+
+def test_to_peft_other_rank_allowed_unless_same_rank() -> None:
+    sd = _saved(r=8)
+    split = from_peft_state_dict(sd)
+    rank4 = {n: LoRAFactors(A[:4], B[:, :4]) for n, (A, B) in split.factors.items()}
+    out = to_peft_state_dict(rank4, like=sd)  # by design: like gives the layout, not the rank
+    assert out[f"{P}enc.fc1.lora_A.weight"].shape == (4, 6)
+    with pytest.raises(
+        LoRAShapeError, match=r"layer '.*enc\.fc1': A \(4, 6\) and B \(5, 4\).*A \(8, 6\)"
+    ):
+        to_peft_state_dict(rank4, like=sd, same_rank=True)
+    same = to_peft_state_dict(split.factors, like=split, same_rank=True)
+    assert same[f"{P}enc.fc2.lora_B.weight"] is sd[f"{P}enc.fc2.lora_B.weight"]
+
+
 def test_fedavg_others_against_plain_reference() -> None:
     g = torch.Generator().manual_seed(3)
     others = [
@@ -241,3 +329,16 @@ def test_split_is_a_namedtuple() -> None:
     assert adapter is None
     assert len(factors) == 2
     assert len(others) == 2
+
+
+def test_cli_check_shares_the_rule_and_names_the_client() -> None:
+    def adapter(path: str, others: dict[str, Tensor]) -> PeftAdapter:
+        split = from_peft_state_dict(_saved())
+        scalings = dict.fromkeys(split.factors, 1.0)
+        config = {"r": 2, "lora_alpha": 2, "modules_to_save": ["head"]}
+        return PeftAdapter(path, config, split.factors, scalings, others, torch.float32)
+
+    key = f"{P}enc.fc1.lora_magnitude_vector"
+    clients = [adapter("c0", {}), adapter("c1", {key: torch.ones(5)})]
+    with pytest.raises(AdapterFolderError, match=rf"^client 1 \(c1\): key '{key}' is DoRA"):
+        aggregate_adapters(clients, method="fedit", report=False)
