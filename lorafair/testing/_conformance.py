@@ -18,13 +18,13 @@ from torch import Tensor
 from lorafair.errors import LoRAFairError
 from lorafair.testing._reference import product, singular_tail
 from lorafair.testing._target import (
-    Adapter,
     InputMutated,
     Target,
     close,
     fits,
     may_overflow,
     run,
+    run_valid,
     tensors,
     updates,
 )
@@ -77,16 +77,6 @@ def _with_layer(
     A0, B0 = out[k][name]
     out[k][name] = (A0 if A is None else A, B0 if B is None else B)
     return out
-
-
-def _call(target: Target, clients: Sequence[Adapter], weights: Sequence[float] | None) -> Any:
-    """Run on a valid input: raising is a failure, reported with the input."""
-    try:
-        return run(target, clients, weights)
-    except InputMutated:
-        raise
-    except Exception as exc:
-        raise AssertionError(f"raised {type(exc).__name__} on a valid input: {exc}") from exc
 
 
 def _finite(result: object) -> None:
@@ -144,7 +134,7 @@ def dtype_device(target: Target) -> None:
 def no_mutation(target: Target) -> None:
     """One call on three clients; :func:`run` compares the inputs before and after it (as it
     does for every call of the suite, which reports a change under this check's name)."""
-    _call(target, _base(target), [1.0, 0.0, 2.0])
+    run_valid(target, _base(target), [1.0, 0.0, 2.0])
 
 
 def _storage(t: Tensor) -> tuple[int, int]:
@@ -157,7 +147,7 @@ def no_aliasing(target: Target) -> None:
     ``[1, 0, 2]`` and ``[0, 1, 0]`` (one positive weight) and on one client."""
     for k, weights in ((3, [1.0, 0.0, 2.0]), (3, [0.0, 1.0, 0.0]), (1, None)):
         clients = _base(target, k=k)
-        result = _call(target, clients, weights)
+        result = run_valid(target, clients, weights)
         inputs = [
             (_storage(t), (i, name, label))
             for i, c in enumerate(clients)
@@ -177,8 +167,8 @@ def no_aliasing(target: Target) -> None:
 
 def deterministic(target: Target) -> None:
     clients = _base(target, seed=3)
-    first = list(tensors(_call(target, clients, [3.0, 1.0, 1.0])))
-    second = list(tensors(_call(target, clients, [3.0, 1.0, 1.0])))
+    first = list(tensors(run_valid(target, clients, [3.0, 1.0, 1.0])))
+    second = list(tensors(run_valid(target, clients, [3.0, 1.0, 1.0])))
     if len(first) != len(second):
         raise AssertionError(f"two calls gave {len(first)} and {len(second)} tensors")
     for a, b in zip(first, second, strict=True):
@@ -190,12 +180,12 @@ def deterministic(target: Target) -> None:
 
 def plain_tuples(target: Target) -> None:
     clients = tuple({n: (f.A, f.B) for n, f in c.items()} for c in _base(target))
-    fits(list(clients), updates(target, _call(target, clients, None)))
+    fits(list(clients), updates(target, run_valid(target, clients, None)))
 
 
 def zero_update(target: Target) -> None:
     clients = _base(target, zero_B=True)
-    result = _call(target, clients, None)
+    result = run_valid(target, clients, None)
     _finite(result)
     for adapter in fits(clients, updates(target, result)):
         for name, (A, B) in adapter.items():
@@ -205,7 +195,7 @@ def zero_update(target: Target) -> None:
 
 def one_client(target: Target) -> None:
     clients = _base(target, k=1)
-    for adapter in fits(clients, updates(target, _call(target, clients, None))):
+    for adapter in fits(clients, updates(target, run_valid(target, clients, None))):
         for name, (A, B) in adapter.items():
             P, Q = product(A, B), product(*clients[0][name])
             err = float((P - Q).norm())
@@ -220,8 +210,8 @@ def one_client(target: Target) -> None:
 
 def zero_weight(target: Target) -> None:
     clients = _base(target, seed=5)
-    with_zero = fits(clients, updates(target, _call(target, clients, [1.0, 0.0, 1.0])))
-    without = updates(target, _call(target, [clients[0], clients[2]], [1.0, 1.0]))
+    with_zero = fits(clients, updates(target, run_valid(target, clients, [1.0, 0.0, 1.0])))
+    without = updates(target, run_valid(target, [clients[0], clients[2]], [1.0, 1.0]))
     if target.claims.personalised:  # the zero-weight client still gets an adapter; drop it
         with_zero = [with_zero[0], with_zero[2]]
     _same_products(with_zero, without, "weights [1, 0, 1] against the client dropped")
@@ -232,7 +222,7 @@ def shared_A(target: Target) -> None:
     if target.claims.shared_A:
         _raises(target, clients, None, FC1, 2)
     else:
-        fits(clients, updates(target, _call(target, clients, None)))
+        fits(clients, updates(target, run_valid(target, clients, None)))
 
 
 def equal_ranks(target: Target) -> None:
@@ -242,7 +232,7 @@ def equal_ranks(target: Target) -> None:
     if target.claims.equal_ranks:
         _raises(target, clients, None, QKV, 1)
     else:
-        fits(clients, updates(target, _call(target, clients, None)))
+        fits(clients, updates(target, run_valid(target, clients, None)))
 
 
 # ---- bad input: a ValueError that names the layer, and the client where there is one ----

@@ -242,6 +242,17 @@ def run(target: Target, clients: Sequence[Adapter], weights: Sequence[float] | N
             raise InputMutated(change)
 
 
+def run_valid(target: Target, clients: Sequence[Adapter], weights: Sequence[float] | None) -> Any:
+    """:func:`run` on a valid input: raising is a failure (an ``AssertionError`` naming the
+    exception), except :class:`InputMutated`, which passes through to be reported as such."""
+    try:
+        return run(target, clients, weights)
+    except InputMutated:
+        raise
+    except Exception as exc:
+        raise AssertionError(f"raised {type(exc).__name__} on a valid input: {exc}") from exc
+
+
 def describe(clients: Sequence[Adapter], weights: Sequence[float] | None) -> str:
     """Shapes and ranks of an input, layer by layer: ``'fc' (d_out, d_in) ranks [r_0, …]``."""
     if not clients:
