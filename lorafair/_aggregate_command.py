@@ -188,7 +188,7 @@ def _report(
     if not columns:
         return []
     names = list(columns[0][1])
-    head = f"cos(BA, ΔW): {method}" + (" vs FedIT" if fedit_cosine and method != "fedit" else "")
+    head = f"cos(BA, ΔW): {method}" + (" vs FedIT" if fedit_cosine else "")
     if padded and fedit_cosine:
         head += " (FedIT on clients zero-padded to the largest rank)"
     if cosine is None:
@@ -266,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
                 adapters, method=args.method, weights=weights, options=options
             )
         except LoRAShapeError as exc:  # the hint as this command's option
-            hint = f"If this rank is on purpose, pass {_EXCESS_RANK_OPTION}"
+            hint = EXCESS_RANK_HINT.replace("allow_excess_rank=True", _EXCESS_RANK_OPTION)
             raise type(exc)(str(exc).replace(EXCESS_RANK_HINT, hint)) from None
         bar.step(args.method)
         agg_s = time.perf_counter() - t

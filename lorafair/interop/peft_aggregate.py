@@ -336,9 +336,11 @@ def aggregate_adapters(
     if report:
         if spec.update_factors is not None:
             cosine = _cosines(clients, spec.update_factors(result), weights)
-        # the baseline of inputs the method accepted (a rank above d_in and d_out included)
-        baseline = fedit(_zero_padded(clients), weights, allow_excess_rank=True)
-        fedit_cosine = _cosines(clients, baseline, weights)
+        if spec.name == "fedit":  # its own result is the baseline
+            fedit_cosine = cosine
+        else:  # the baseline of inputs the method accepted (a rank above d_in, d_out included)
+            baseline = fedit(_zero_padded(clients), weights, allow_excess_rank=True)
+            fedit_cosine = _cosines(clients, baseline, weights)
     return AggregatedAdapters(
         method,
         spec.output,
