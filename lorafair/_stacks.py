@@ -42,11 +42,12 @@ Side = Literal["A", "B"]
 _COLUMNS = 4096
 """Columns of a layer's stack cast into a worker's float64 buffer at a time, at R ≤ 640: the
 buffer is ``R × 4096`` (21 MB at R = 640) whatever the layer's width, so a call's fixed
-memory stays small beside its input. A longer side is done in column blocks: its Gram as a sum
-of the blocks' ``syrk`` in float64, its product block by block. No ViT-B/16 layer (d ≤ 3072)
-is split. On one Llama-3-8B block (bf16, K = 20, r = 16) ``lora_fair`` ran as fast as with
-whole-width buffers or faster (131–146 ms against 146–159 ms); 1024 columns were slower
-(170–190 ms). Beyond R = 640 the block narrows (:func:`columns`) to keep the buffer's size."""
+memory stays small beside its input. A longer side's Gram is done in column blocks, as a sum
+of the blocks' ``syrk`` in float64 (:func:`products` casts one client's factor whole
+instead). No ViT-B/16 layer (d ≤ 3072) is split. On one Llama-3-8B block (bf16, K = 20,
+r = 16) ``lora_fair`` ran as fast as with whole-width buffers or faster (131–146 ms against
+146–159 ms); 1024 columns were slower (170–190 ms). Beyond R = 640 the block narrows
+(:func:`columns`) to keep the buffer's size."""
 
 _BUFFER = 640 * _COLUMNS
 """Float64 elements of a worker's stack buffer (21 MB), whatever R. With half of it (10.5 MB:
